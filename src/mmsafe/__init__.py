@@ -1,0 +1,3 @@
+"""mmsafe: audit and harden multimodal foundation models."""
+
+__version__ = "0.1.0"

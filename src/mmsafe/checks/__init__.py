@@ -1,0 +1,28 @@
+"""Checks: the contract, the registry and the built-in checks (imported here to register)."""
+
+from mmsafe.checks.base import PILLARS, AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.calibration import CalibrationCheck
+from mmsafe.checks.performance import PerformanceCheck
+from mmsafe.checks.registry import (
+    CheckSelectionError,
+    get_check,
+    list_checks,
+    register_check,
+    select_checks,
+)
+
+__all__ = [
+    "PILLARS",
+    "AuditContext",
+    "CalibrationCheck",
+    "Check",
+    "CheckResult",
+    "CheckSelectionError",
+    "Finding",
+    "Metric",
+    "PerformanceCheck",
+    "get_check",
+    "list_checks",
+    "register_check",
+    "select_checks",
+]

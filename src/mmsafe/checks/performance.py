@@ -1,0 +1,141 @@
+"""``performance``: accuracy, macro-F1, per-class accuracy, and retrieval recall@K."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.registry import register_check
+from mmsafe.metrics import (
+    accuracy,
+    best_positive_rank,
+    bootstrap_ci,
+    macro_f1,
+    mean_ci,
+    per_class_accuracy,
+)
+
+RECALL_KS = (1, 5, 10)
+
+
+@register_check
+class PerformanceCheck(Check):
+    """How well the model does its task on the evaluation rows, with bootstrap 95% CIs."""
+
+    name = "performance"
+    pillar = "performance"
+    description = "accuracy, macro-F1 and per-class accuracy; retrieval R@1/5/10"
+    higher_is_better = {"accuracy": True, "macro_f1": True}
+
+    def __init__(self, n_boot: int = 1000) -> None:
+        self.n_boot = n_boot
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
+        reason = super().skip_reason(ctx)
+        if reason is None and ctx.task.kind == "classification" and not ctx.data.labelled.any():
+            return "needs labels"
+        return reason
+
+    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        if ctx.task.kind == "retrieval":
+            return self._retrieval(ctx)
+        return self._classification(ctx)
+
+    def _classification(self, ctx: AuditContext) -> CheckResult:
+        out, classes, seed = ctx.outputs, ctx.data.classes, ctx.seed
+        keep = out.labels >= 0
+        preds, target = out.preds[keep], out.labels[keep]
+        n_classes = len(classes)
+        correct = (preds == target).astype(float)
+        metrics = {
+            "accuracy": Metric(accuracy(preds, target), mean_ci(correct, self.n_boot, seed=seed)),
+            "macro_f1": Metric(
+                macro_f1(preds, target, n_classes),
+                bootstrap_ci(
+                    lambda p, t: macro_f1(p, t, n_classes),
+                    preds,
+                    target,
+                    n_boot=min(self.n_boot, 200),
+                    seed=seed,
+                ),
+            ),
+        }
+        per_class = per_class_accuracy(preds, target, n_classes)
+        for c, name in enumerate(classes):
+            rows = correct[target == c]
+            if len(rows):
+                ci = mean_ci(rows, self.n_boot, seed=seed)
+                metrics[f"class_accuracy/{name}"] = Metric(float(per_class[c]), ci)
+
+        findings = []
+        n_excluded = int((~keep).sum())
+        if n_excluded:
+            findings.append(
+                Finding(
+                    "info",
+                    f"{n_excluded} of {len(keep)} evaluation rows carry no known label "
+                    "(unlabelled or out-of-distribution) and are left out of these metrics.",
+                    {"excluded_rows": n_excluded},
+                )
+            )
+        chance = 1.0 / max(n_classes, 1)
+        acc = metrics["accuracy"]
+        if acc.ci is not None and acc.ci[0] <= chance:
+            findings.append(
+                Finding(
+                    "high",
+                    f"Accuracy {acc.value:.3f} is not distinguishable from chance ({chance:.3f}).",
+                    {"accuracy": acc.value, "chance": chance},
+                    "Check the class names and prompt templates, or fine-tune the model.",
+                )
+            )
+        worst = [
+            (name, float(per_class[c]))
+            for c, name in enumerate(classes)
+            if np.isfinite(per_class[c]) and per_class[c] < acc.value - 0.15
+        ]
+        if worst:
+            findings.append(
+                Finding(
+                    "medium",
+                    "Some classes lag overall accuracy by more than 15 points: "
+                    + ", ".join(f"{n} ({a:.2f})" for n, a in sorted(worst, key=lambda x: x[1])),
+                    {"overall": acc.value, "worst_classes": dict(worst)},
+                    "Inspect these classes' prompts and data; consider more training data for "
+                    "them or class-specific prompt engineering.",
+                )
+            )
+        plots = {
+            "per_class_accuracy": {
+                "kind": "bar",
+                "title": "Accuracy per class",
+                "labels": list(classes),
+                "values": [None if not np.isfinite(v) else float(v) for v in per_class],
+                "reference": acc.value,
+                "reference_label": "overall",
+                "ylim": [0.0, 1.0],
+            }
+        }
+        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+
+    def _retrieval(self, ctx: AuditContext) -> CheckResult:
+        out = ctx.outputs
+        sim = out.logits.double().numpy()
+        pos = out.positives if out.positives is not None else np.eye(len(sim), dtype=bool)
+        metrics = {}
+        for direction, s, p in (("i2t", sim, pos), ("t2i", sim.T, pos.T)):
+            rank = best_positive_rank(s, p)
+            for k in RECALL_KS:
+                hits = (rank < k).astype(float)
+                ci = mean_ci(hits, self.n_boot, seed=ctx.seed)
+                metrics[f"{direction}_R@{k}"] = Metric(float(hits.mean()), ci)
+        plots = {
+            "recall_at_k": {
+                "kind": "bar",
+                "title": "Recall@K",
+                "labels": list(metrics),
+                "values": [m.value for m in metrics.values()],
+                "ylim": [0.0, 1.0],
+            }
+        }
+        return self.result(metrics=metrics, plots=plots)

@@ -1,0 +1,318 @@
+"""The ``mmsafe`` command line: ``demo``, ``audit``, ``list-checks``, ``list-models``.
+
+Exit codes of ``audit`` and ``demo``: 0 ok; 1 a ``--fail-on`` gate failed; 2 user error (bad
+input, bad flag); 3 internal error, with a pointer to the log file.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmsafe import __version__
+
+app = typer.Typer(
+    name="mmsafe",
+    help="Audit multimodal models (CLIP/SigLIP-style) and write a safety card: HTML + JSON + "
+    "CI gates. Start with `mmsafe demo`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+QUICK_WORLD = "shapes:n=900"
+
+
+def _user_error(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    return typer.Exit(2)
+
+
+def _internal_error(exc: BaseException, out: Path) -> typer.Exit:
+    log = out / "mmsafe.log"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with log.open("a", encoding="utf-8") as fh:
+            fh.write("".join(traceback.format_exception(exc)))
+        where = f"The traceback is in {log}."
+    except OSError:
+        where = "The log could not be written; the traceback follows.\n" + "".join(
+            traceback.format_exception(exc)
+        )
+    err_console.print(
+        f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc}\n{where} Please "
+        "report it with that file.",
+        highlight=False,
+    )
+    return typer.Exit(3)
+
+
+def _summary(card: dict, out: Path | None) -> None:
+    table = Table(title=f"mmsafe safety card — {card['model']['name']} on {card['data']['name']}")
+    table.add_column("check")
+    table.add_column("pillar")
+    table.add_column("status")
+    table.add_column("metrics")
+    table.add_column("findings", justify="right")
+    colour = {"ok": "green", "skipped": "yellow", "failed": "red"}
+    for name, c in card["checks"].items():
+        metrics = ", ".join(
+            f"{k} {v['value']:.3f}" + (f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else "")
+            for k, v in list(c["metrics"].items())[:3]
+            if v["value"] is not None
+        )
+        serious = sum(f["severity"] in ("high", "medium") for f in c["findings"])
+        table.add_row(
+            name,
+            c["pillar"],
+            f"[{colour[c['status']]}]{c['status']}[/]",
+            metrics if c["status"] == "ok" else (c["reason"] or ""),
+            f"{len(c['findings'])} ({serious} serious)" if c["findings"] else "0",
+        )
+    out_console.print(table)
+    for c_name, c in card["checks"].items():
+        for f in c["findings"]:
+            if f["severity"] in ("high", "medium"):
+                out_console.print(f"[bold]{f['severity']}[/bold] {c_name}: {f['message']}")
+    skipped = card["data"]["skipped"]["count"]
+    if skipped:
+        out_console.print(f"[yellow]{skipped} invalid rows were skipped (listed in the card).")
+    for g in card.get("gates", []):
+        style = "red" if g["failed"] else "green"
+        out_console.print(f"[{style}]gate {g['message']}[/{style}]")
+    if out is not None:
+        out_console.print(f"Report: {out / 'index.html'}   JSON: {out / 'card.json'}")
+
+
+def _audit(
+    *,
+    model: str,
+    data: str,
+    task: str,
+    checks: str,
+    out: Path,
+    fail_on: list[str],
+    skip_invalid: bool,
+    device: str,
+    batch_size: int,
+    seed: int,
+    quick: bool,
+    resume: bool,
+    cache_dir: Path | None,
+    classes: list[str] | None,
+) -> None:
+    from mmsafe.audit import run_audit
+    from mmsafe.checks import CheckSelectionError, select_checks
+    from mmsafe.engine import DeviceError, Engine, default_cache_dir
+    from mmsafe.loading import USER_ERRORS, load_data, load_model
+    from mmsafe.report.gates import GateSyntaxError, parse_gate
+    from mmsafe.tasks.base import TaskError, create_task
+
+    user_errors = (*USER_ERRORS, GateSyntaxError, CheckSelectionError, TaskError, DeviceError)
+    try:
+        gates = [parse_gate(g) for g in fail_on]
+        names = select_checks(checks)
+        task_obj = create_task(task)
+        dataset = load_data(data, skip_invalid=skip_invalid, classes=classes)
+        cache = cache_dir or default_cache_dir()
+        engine = Engine(device=device, batch_size=batch_size, cache_dir=cache, seed=seed)
+        encoder = load_model(
+            model,
+            data=dataset,
+            quick=quick,
+            seed=seed,
+            device=str(engine.device),
+            cache_dir=cache,
+        )
+        result = run_audit(
+            encoder,
+            dataset,
+            task=task_obj,
+            checks=names,
+            out=out,
+            engine=engine,
+            seed=seed,
+            gates=gates,
+            resume=resume,
+            console=out_console,
+        )
+    except user_errors as exc:
+        raise _user_error(str(exc)) from None
+    except KeyboardInterrupt:
+        err_console.print(
+            "[yellow]interrupted.[/yellow] Finished checks are saved; run the same command "
+            "again to resume."
+        )
+        raise typer.Exit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into exit 3
+        raise _internal_error(exc, out) from None
+    _summary(result.card, out)
+    if result.exit_code == 3:
+        err_console.print(f"[red]Some checks failed internally; see {out / 'mmsafe.log'}.")
+    raise typer.Exit(result.exit_code)
+
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="tiny-clip, tiny-clip-xs, hf:<id-or-path>, ...")
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data", "-d", help="A manifest (.jsonl/.csv) or a built-in world: 'shapes[:knob=v,...]'."
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report folder.")]
+ChecksOpt = Annotated[
+    str, typer.Option("--checks", "-c", help="Comma-separated globs, e.g. 'monitoring.*'; 'all'.")
+]
+FailOnOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fail-on",
+        help="Gate '<check>.<metric><op><value>'; exit 1 when it holds. Repeatable.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")]
+BatchOpt = Annotated[int, typer.Option(help="Rows per forward pass.", min=1)]
+SeedOpt = Annotated[int, typer.Option(help="Seeds the world, training and every check.")]
+QuickOpt = Annotated[bool, typer.Option(help="Small world and short training (for tests).")]
+ResumeOpt = Annotated[
+    bool, typer.Option(help="Reuse checks already finished by an interrupted run of this audit.")
+]
+CacheOpt = Annotated[
+    Path | None,
+    typer.Option(help="Cache folder (default: $MMSAFE_CACHE_DIR or the user cache dir)."),
+]
+
+
+@app.command()
+def audit(
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    task: Annotated[str, typer.Option(help="zero_shot, retrieval or fusion.")] = "zero_shot",
+    checks: ChecksOpt = "all",
+    out: OutOpt = Path("mmsafe-report"),
+    fail_on: FailOnOpt = None,
+    skip_invalid: Annotated[
+        bool, typer.Option(help="Drop invalid manifest rows (recorded in the card).")
+    ] = False,
+    classes: Annotated[
+        str | None, typer.Option(help="Comma-separated class list (else the manifest's).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 256,
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    resume: ResumeOpt = True,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Audit a model on a labelled multimodal dataset and write the safety card."""
+    _audit(
+        model=model,
+        data=data,
+        task=task,
+        checks=checks,
+        out=out,
+        fail_on=fail_on or [],
+        skip_invalid=skip_invalid,
+        device=device,
+        batch_size=batch_size,
+        seed=seed,
+        quick=quick,
+        resume=resume,
+        cache_dir=cache_dir,
+        classes=None if classes is None else [c.strip() for c in classes.split(",")],
+    )
+
+
+@app.command()
+def demo(
+    out: OutOpt = Path("mmsafe-report"),
+    quick: QuickOpt = False,
+    fail_on: FailOnOpt = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """The full audit of the embedded default: tiny-clip on the planted-flaw shapes world.
+
+    Equals `mmsafe audit --model tiny-clip --data shapes --checks all --out DIR`.
+    """
+    _audit(
+        model="tiny-clip",
+        data=QUICK_WORLD if quick else "shapes",
+        task="zero_shot",
+        checks="all",
+        out=out,
+        fail_on=fail_on or [],
+        skip_invalid=False,
+        device=device,
+        batch_size=256,
+        seed=seed,
+        quick=quick,
+        resume=True,
+        cache_dir=cache_dir,
+        classes=None,
+    )
+
+
+@app.command("list-checks")
+def list_checks_cmd(
+    pattern: Annotated[str, typer.Argument(help="Glob over check names.")] = "*",
+) -> None:
+    """List the registered checks with their pillar and what they need."""
+    from mmsafe.checks import get_check, list_checks
+
+    table = Table(title="checks")
+    for col in ("name", "pillar", "tasks", "requires", "what it measures"):
+        table.add_column(col)
+    for name in list_checks(pattern):
+        cls = get_check(name)
+        table.add_row(
+            name, cls.pillar, ", ".join(cls.tasks), ", ".join(cls.requires), cls.description
+        )
+    out_console.print(table)
+
+
+@app.command("list-models")
+def list_models_cmd(
+    pattern: Annotated[str, typer.Argument(help="Glob over model names.")] = "*",
+) -> None:
+    """List the registered models (a name ending in ':' takes an id or path after it)."""
+    import mmsafe.models  # noqa: F401 - registers the built-in models
+    from mmsafe.models.base import list_models, model_descriptions
+
+    table = Table(title="models")
+    table.add_column("name")
+    table.add_column("description")
+    desc = model_descriptions()
+    for name in list_models(pattern):
+        table.add_row(name + ("<id-or-path>" if name.endswith(":") else ""), desc[name])
+    out_console.print(table)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"mmsafe {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show version.")
+    ] = False,
+) -> None:
+    """Audit and harden multimodal foundation models."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

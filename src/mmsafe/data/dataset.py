@@ -1,0 +1,159 @@
+"""The in-memory dataset every part of mmsafe shares.
+
+Rows are ``{id, <modality>: value, label, group?, split?, meta}``. Modalities are named columns
+(``image``, ``text``; later ``audio`` and more), so a new modality adds a column, not a code path.
+Storage is columnar: one list per modality, one array of labels.
+
+Conventions:
+    * ``image`` values are ``uint8`` arrays of shape ``(H, W, 3)``.
+    * ``text`` values are ``str``.
+    * ``labels[i] == -1`` means the row carries no label (unlabelled, or an OOD item whose class
+      is outside ``classes``); checks that need labels use only labelled rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+UNLABELLED = -1
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row left out by ``--skip-invalid``, with why.
+
+    Attributes:
+        row: 1-based row number in the manifest (the header of a CSV is row 0).
+        field: the offending field.
+        reason: what is wrong with it.
+        id: the row's id where it had one.
+    """
+
+    row: int
+    field: str
+    reason: str
+    id: str | None = None
+
+
+@dataclass
+class Dataset:
+    """A labelled multimodal dataset held column-wise in memory.
+
+    Attributes:
+        name: a short name, shown in the card (e.g. ``shapes`` or the manifest's file name).
+        ids: one unique string id per row.
+        modalities: ``{modality: list of values}``, each list as long as ``ids``.
+        labels: ``int64`` class index per row, ``-1`` where unlabelled.
+        classes: class names; ``labels`` index into it.
+        groups: an optional group attribute per row (for fairness and slices).
+        splits: an optional split name per row (``train`` / ``calibration`` / ``test``).
+        meta: one dict per row with anything else (planted-flaw ground truth lives here).
+        skipped: rows that were dropped on load, with the reason.
+        source: where the data came from (a manifest path or a world spec string).
+
+    Example:
+        >>> import numpy as np
+        >>> ds = Dataset(name="toy", ids=["a", "b"], modalities={"text": ["x", "y"]},
+        ...              labels=np.array([0, 1]), classes=["no", "yes"])
+        >>> len(ds), ds.subset([1]).ids
+        (2, ['b'])
+    """
+
+    name: str
+    ids: list[str]
+    modalities: dict[str, list[Any]]
+    labels: np.ndarray
+    classes: list[str]
+    groups: list[str] | None = None
+    splits: list[str] | None = None
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not self.meta:
+            self.meta = [{} for _ in range(n)]
+        lengths = {"labels": len(self.labels), "meta": len(self.meta)}
+        lengths |= {f"modality {k!r}": len(v) for k, v in self.modalities.items()}
+        if self.groups is not None:
+            lengths["groups"] = len(self.groups)
+        if self.splits is not None:
+            lengths["splits"] = len(self.splits)
+        bad = {k: v for k, v in lengths.items() if v != n}
+        if bad:
+            raise ValueError(f"Dataset {self.name!r}: {n} ids but lengths {bad}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        """The modalities present, in column order."""
+        return tuple(self.modalities)
+
+    @property
+    def labelled(self) -> np.ndarray:
+        """Boolean mask of rows that carry a label."""
+        return self.labels >= 0
+
+    def subset(self, index: Sequence[int] | np.ndarray, name: str | None = None) -> Dataset:
+        """Rows at ``index`` (integer positions or a boolean mask), as a new Dataset."""
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64)
+        pick = [int(i) for i in idx]
+        return Dataset(
+            name=name or self.name,
+            ids=[self.ids[i] for i in pick],
+            modalities={k: [v[i] for i in pick] for k, v in self.modalities.items()},
+            labels=self.labels[idx],
+            classes=list(self.classes),
+            groups=None if self.groups is None else [self.groups[i] for i in pick],
+            splits=None if self.splits is None else [self.splits[i] for i in pick],
+            meta=[self.meta[i] for i in pick],
+            skipped=list(self.skipped),
+            source=self.source,
+        )
+
+    def split(self, name: str) -> Dataset:
+        """Rows whose split is ``name``; raises ``KeyError`` when there are none."""
+        if self.splits is None:
+            raise KeyError(f"{self.name!r} has no split column")
+        mask = np.array([s == name for s in self.splits], dtype=bool)
+        if not mask.any():
+            raise KeyError(f"{self.name!r} has no rows in split {name!r}")
+        return self.subset(mask, name=f"{self.name}[{name}]")
+
+    def has_split(self, name: str) -> bool:
+        """Whether any row belongs to split ``name``."""
+        return self.splits is not None and name in set(self.splits)
+
+    def fingerprint(self) -> str:
+        """A content hash of ids, modality values, labels, classes, groups and splits.
+
+        Two datasets with the same fingerprint give the same model outputs, so the engine keys
+        its cache on it.
+        """
+        h = hashlib.sha256()
+        h.update(repr((self.classes, self.modality_names)).encode())
+        h.update("\x1f".join(self.ids).encode())
+        h.update(self.labels.tobytes())
+        h.update(repr((self.groups, self.splits)).encode())
+        for name, values in self.modalities.items():
+            h.update(name.encode())
+            for v in values:
+                if isinstance(v, np.ndarray):
+                    h.update(repr((v.shape, v.dtype.str)).encode())
+                    h.update(np.ascontiguousarray(v).tobytes())
+                else:
+                    h.update(str(v).encode())
+                    h.update(b"\x1e")
+        return h.hexdigest()[:16]

@@ -1,0 +1,108 @@
+"""An on-disk cache of tensors and JSON with atomic writes.
+
+Every write goes to a temporary file in the same folder and is moved into place with
+``os.replace``, so a crash or Ctrl-C never leaves a half-written entry: a reader sees either the
+old file or the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def default_cache_dir() -> Path:
+    """``$MMSAFE_CACHE_DIR``, else the user cache dir (XDG on Linux) ``.../mmsafe``."""
+    env = os.environ.get("MMSAFE_CACHE_DIR")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("mmsafe"))
+
+
+def stable_hash(*parts: Any) -> str:
+    """A short sha256 of the JSON encoding of ``parts`` (keys sorted).
+
+    Example:
+        >>> stable_hash({"b": 1, "a": 2}) == stable_hash({"a": 2, "b": 1})
+        True
+    """
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False))
+
+
+class TensorCache:
+    """Named groups of tensors stored as safetensors files under one folder.
+
+    Args:
+        root: the folder; ``None`` keeps everything in memory only.
+
+    Example:
+        >>> import torch
+        >>> c = TensorCache(None)
+        >>> c.put("k", {"x": torch.ones(2)})
+        >>> c.get("k")["x"].tolist()
+        [1.0, 1.0]
+    """
+
+    def __init__(self, root: Path | None) -> None:
+        self.root = None if root is None else Path(root)
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _path(self, key: str) -> Path:
+        assert self.root is not None
+        return self.root / f"{key}.safetensors"
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The tensors stored under ``key``, or ``None``."""
+        if key in self._memory:
+            return self._memory[key]
+        if self.root is not None and self._path(key).exists():
+            try:
+                tensors = load_file(str(self._path(key)))
+            except Exception:  # a corrupt entry is a miss, never a crash
+                return None
+            self._memory[key] = tensors
+            return tensors
+        return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Store ``tensors`` under ``key`` (in memory and, when rooted, on disk atomically)."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        self._memory[key] = tensors
+        if self.root is not None:
+            atomic_write(self._path(key), lambda tmp: save_file(tensors, str(tmp)))

@@ -1,0 +1,40 @@
+"""Pure metric functions: numpy (or array-like / CPU torch tensor) in, Python floats out."""
+
+from mmsafe.metrics.bootstrap import bootstrap_ci, mean_ci
+from mmsafe.metrics.calibration import (
+    ReliabilityDiagram,
+    brier_score,
+    expected_calibration_error,
+    maximum_calibration_error,
+    negative_log_likelihood,
+    reliability_diagram,
+    root_mean_square_calibration_error,
+    uncertainty_calibration_error,
+)
+from mmsafe.metrics.classification import (
+    accuracy,
+    confusion_matrix,
+    macro_f1,
+    per_class_accuracy,
+)
+from mmsafe.metrics.retrieval import best_positive_rank, recall_at_k, retrieval_recalls
+
+__all__ = [
+    "ReliabilityDiagram",
+    "accuracy",
+    "best_positive_rank",
+    "bootstrap_ci",
+    "brier_score",
+    "confusion_matrix",
+    "expected_calibration_error",
+    "macro_f1",
+    "maximum_calibration_error",
+    "mean_ci",
+    "negative_log_likelihood",
+    "per_class_accuracy",
+    "recall_at_k",
+    "reliability_diagram",
+    "retrieval_recalls",
+    "root_mean_square_calibration_error",
+    "uncertainty_calibration_error",
+]

@@ -1,0 +1,24 @@
+"""Models: the encoder protocol, the registry, and the built-in adapters (imported to register)."""
+
+from mmsafe.models import hf, tiny_clip
+from mmsafe.models.base import (
+    Batch,
+    EncoderModel,
+    ModelError,
+    create_model,
+    images_to_tensor,
+    list_models,
+    register_model,
+)
+
+__all__ = [
+    "Batch",
+    "EncoderModel",
+    "ModelError",
+    "create_model",
+    "hf",
+    "images_to_tensor",
+    "list_models",
+    "register_model",
+    "tiny_clip",
+]

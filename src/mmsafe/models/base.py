@@ -1,0 +1,161 @@
+"""The model protocol every adapter implements, and the registry that builds them by name.
+
+An :class:`EncoderModel` turns a batch of raw values per modality into L2-normalised embeddings
+in one shared space::
+
+    batch = {m: model.preprocess(m, values) for m, values in raw.items()}
+    emb = model.encode(batch)            # {"image": (B, D), "text": (B, D)}, unit norm
+    logits = model.logit_scale * emb["image"] @ emb["text"].T
+
+Images are preprocessed to float pixels in ``[0, 1]`` of shape ``(B, 3, S, S)``; normalisation
+by the tower's mean and std happens inside ``encode``, so attacks and corruptions work in pixel
+space. Text is preprocessed to ``{"input_ids", "attention_mask"}``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+Batch = Tensor | dict[str, Tensor]
+"""A preprocessed batch of one modality: a tensor, or a dict of tensors (text ids + mask)."""
+
+
+class ModelError(ValueError):
+    """A model cannot be built or loaded; the message says what to do."""
+
+
+class EncoderModel(nn.Module, ABC):
+    """A dual (or multi) encoder mapping each modality into one shared embedding space.
+
+    Subclasses set ``name``, ``modalities`` and ``embed_dim`` and implement ``preprocess``,
+    ``encode_modality`` and ``config``.
+    """
+
+    name: str = "encoder"
+    modalities: tuple[str, ...] = ("image", "text")
+    embed_dim: int = 0
+
+    @abstractmethod
+    def preprocess(self, modality: str, values: Sequence[Any]) -> Batch:
+        """Turn raw values (uint8 ``(H, W, 3)`` images, strings) into a CPU batch."""
+
+    @abstractmethod
+    def encode_modality(self, modality: str, batch: Batch) -> Tensor:
+        """Unnormalised embeddings ``(B, D)`` of one modality."""
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """A JSON-able description: enough to rebuild the architecture and to show in a card."""
+
+    @property
+    def logit_scale(self) -> float:
+        """The temperature that turns cosine similarities into logits."""
+        return 100.0
+
+    def encode(self, inputs: Mapping[str, Batch]) -> dict[str, Tensor]:
+        """L2-normalised embeddings for every modality in ``inputs``."""
+        return {
+            m: nn.functional.normalize(self.encode_modality(m, b).float(), dim=-1)
+            for m, b in inputs.items()
+        }
+
+    def hidden_states(self, modality: str, batch: Batch) -> list[Tensor]:
+        """Per-layer hidden states of one tower (for side adapters); optional."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose hidden states")
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the first parameter (CPU when there are none)."""
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def fingerprint(self) -> str:
+        """A hash of the config and every weight; the engine keys cached outputs on it."""
+        cached = getattr(self, "_fingerprint_cache", None)
+        if cached is not None:
+            return cached
+        h = hashlib.sha256(json.dumps(self.config(), sort_keys=True, default=str).encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        fp = h.hexdigest()[:16]
+        object.__setattr__(self, "_fingerprint_cache", fp)
+        return fp
+
+    def invalidate_fingerprint(self) -> None:
+        """Forget the cached fingerprint (call after changing weights, e.g. in a hardener)."""
+        object.__setattr__(self, "_fingerprint_cache", None)
+
+
+def images_to_tensor(images: Sequence[np.ndarray], size: int) -> Tensor:
+    """Stack uint8 ``(H, W, 3)`` images into float ``(B, 3, size, size)`` pixels in ``[0, 1]``.
+
+    Images of another size are resized bilinearly (with antialiasing when shrinking).
+
+    Example:
+        >>> import numpy as np
+        >>> images_to_tensor([np.zeros((8, 8, 3), np.uint8)], 4).shape
+        torch.Size([1, 3, 4, 4])
+    """
+    out = []
+    for img in images:
+        arr = np.asarray(img)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=-1)
+        t = torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).float() / 255.0
+        if t.shape[-2:] != (size, size):
+            t = nn.functional.interpolate(
+                t[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+            )[0]
+        out.append(t)
+    return torch.stack(out) if out else torch.zeros(0, 3, size, size)
+
+
+# --------------------------------------------------------------------------- registry
+
+ModelBuilder = Callable[..., EncoderModel]
+_REGISTRY: dict[str, tuple[ModelBuilder, str]] = {}
+
+
+def register_model(name: str, description: str = "") -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder under ``name``.
+
+    A name ending in ``:`` is a prefix: ``hf:`` builds ``hf:<id-or-path>`` and receives the part
+    after the colon as its first argument.
+    """
+
+    def deco(fn: ModelBuilder) -> ModelBuilder:
+        _REGISTRY[name] = (fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return deco
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a glob pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def model_descriptions() -> dict[str, str]:
+    """``{name: one-line description}`` for ``mmsafe list-models``."""
+    return {n: d for n, (_, d) in sorted(_REGISTRY.items())}
+
+
+def create_model(name: str, **kwargs: Any) -> EncoderModel:
+    """Build a registered model by name (``tiny-clip``, ``hf:<id-or-path>``, ...)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name][0](**kwargs)
+    prefix, sep, rest = name.partition(":")
+    if sep and f"{prefix}:" in _REGISTRY:
+        return _REGISTRY[f"{prefix}:"][0](rest, **kwargs)
+    known = ", ".join(list_models()) or "(none)"
+    raise ModelError(f"Unknown model {name!r}. Known models: {known}. See `mmsafe list-models`.")

@@ -1,0 +1,405 @@
+"""A small fusion head trained on frozen, precomputed embeddings of several modalities.
+
+``fit_fusion_head`` takes ``{modality: (N, D_m)}`` embeddings (e.g. from
+:meth:`~mmsafe.models.base.EncoderModel.encode`) and labels, and trains a :class:`FusionHead`
+with AdamW and cross-entropy; the encoders are never touched::
+
+    head = fit_fusion_head({"image": img, "text": txt}, labels, mode="gated")
+    logits = head({"image": img_test, "text": txt_test})
+
+Two fusion modes:
+
+* ``"concat"``: concatenate the modalities, then a linear layer (``hidden=None``) or a one
+  hidden layer MLP.
+* ``"gated"``: project each modality to a common width, weight the projections by a per-sample
+  softmax gate over modalities (computed from all inputs), sum, then the classifier.
+
+Each modality is centred on its training mean and scaled to unit RMS inside the head. The
+training mean is kept as the modality's *null embedding*: a modality missing from the inputs at
+call time is replaced by it (it maps to exactly zero after centring), so a head can still answer
+when, say, the text is absent, and a check can measure how much each modality matters.
+
+Heads are saved as ``head.safetensors`` (weights) + ``head.json`` (config) in a directory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmsafe.models.base import ModelError
+
+FUSION_MODES = ("concat", "gated")
+"""The fusion modes :class:`FusionHead` supports."""
+FORMAT_VERSION = 1
+"""Version of the ``head.json`` layout."""
+WEIGHTS_FILE = "head.safetensors"
+CONFIG_FILE = "head.json"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Everything needed to rebuild a :class:`FusionHead`'s architecture.
+
+    Attributes:
+        modalities: Modality names, in the order they are fused.
+        dims: Embedding width of each modality (same order).
+        num_classes: Number of output logits.
+        mode: ``"concat"`` or ``"gated"``.
+        hidden: Width of the classifier's hidden layer; ``None`` for a linear classifier.
+        width: Common projection width of the ``"gated"`` mode (unused by ``"concat"``).
+        classes: Optional class names, kept for display.
+    """
+
+    modalities: tuple[str, ...]
+    dims: tuple[int, ...]
+    num_classes: int
+    mode: str = "concat"
+    hidden: int | None = None
+    width: int = 0
+    classes: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.mode not in FUSION_MODES:
+            raise ValueError(f"Unknown fusion mode {self.mode!r}; use one of {FUSION_MODES}.")
+        if not self.modalities or len(self.modalities) != len(self.dims):
+            raise ValueError("A fusion head needs one embedding width per modality (at least one).")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ValueError(f"Duplicate modality names in {self.modalities}.")
+        if any(not m.isidentifier() for m in self.modalities):
+            raise ValueError(f"Modality names must be identifiers, got {self.modalities}.")
+        if any(d <= 0 for d in self.dims) or self.num_classes < 2:
+            raise ValueError(
+                f"Need positive widths and at least 2 classes, got dims={self.dims}, "
+                f"num_classes={self.num_classes}."
+            )
+        if self.hidden is not None and self.hidden <= 0:
+            raise ValueError(f"hidden must be a positive width or None, got {self.hidden}.")
+        if self.mode == "gated" and self.width <= 0:
+            raise ValueError(f"The gated mode needs a positive width, got {self.width}.")
+        if self.classes and len(self.classes) != self.num_classes:
+            raise ValueError(f"{len(self.classes)} class names for {self.num_classes} classes.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> FusionConfig:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            modalities=tuple(data["modalities"]),
+            dims=tuple(int(d) for d in data["dims"]),
+            num_classes=int(data["num_classes"]),
+            mode=str(data.get("mode", "concat")),
+            hidden=None if data.get("hidden") is None else int(data["hidden"]),
+            width=int(data.get("width", 0)),
+            classes=tuple(data.get("classes", ())),
+        )
+
+
+def _classifier(width: int, hidden: int | None, num_classes: int) -> nn.Module:
+    if hidden is None:
+        return nn.Linear(width, num_classes)
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+
+
+class FusionHead(nn.Module):
+    """Logits ``(B, C)`` from a dict of per-modality embeddings ``(B, D_m)``.
+
+    Missing modalities are replaced by their null embedding (the training mean); see the module
+    docstring. Buffers ``null_<modality>`` and ``scale_<modality>`` hold the per-modality centre
+    and RMS scale recorded by :func:`fit_fusion_head`.
+
+    Example:
+        >>> import torch
+        >>> head = FusionHead(FusionConfig(("image", "text"), (4, 3), num_classes=2))
+        >>> head({"image": torch.zeros(5, 4), "text": torch.zeros(5, 3)}).shape
+        torch.Size([5, 2])
+        >>> head({"image": torch.zeros(5, 4)}).shape  # text replaced by its null embedding
+        torch.Size([5, 2])
+    """
+
+    def __init__(self, config: FusionConfig) -> None:
+        super().__init__()
+        self.cfg = config
+        self.fit_info: dict[str, Any] = {}
+        for m, d in zip(config.modalities, config.dims, strict=True):
+            self.register_buffer(f"null_{m}", torch.zeros(d))
+            self.register_buffer(f"scale_{m}", torch.ones(()))
+        total = sum(config.dims)
+        if config.mode == "concat":
+            self.proj = nn.ModuleDict()
+            self.gate = None
+            self.classifier = _classifier(total, config.hidden, config.num_classes)
+        else:
+            self.proj = nn.ModuleDict(
+                {
+                    m: nn.Linear(d, config.width)
+                    for m, d in zip(config.modalities, config.dims, strict=True)
+                }
+            )
+            self.gate = nn.Linear(total, len(config.modalities))
+            self.classifier = _classifier(config.width, config.hidden, config.num_classes)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modality names, in fusion order."""
+        return self.cfg.modalities
+
+    @property
+    def null_embeddings(self) -> dict[str, Tensor]:
+        """``{modality: (D_m,)}`` training-mean embeddings, substituted for missing modalities."""
+        return {m: getattr(self, f"null_{m}") for m in self.cfg.modalities}
+
+    def set_statistics(self, null: Mapping[str, Tensor], scale: Mapping[str, float]) -> None:
+        """Set the per-modality centre (null embedding) and RMS scale."""
+        with torch.no_grad():
+            for m in self.cfg.modalities:
+                getattr(self, f"null_{m}").copy_(null[m].reshape(-1))
+                getattr(self, f"scale_{m}").fill_(float(scale[m]))
+
+    def _standardised(self, inputs: Mapping[str, Tensor]) -> list[Tensor]:
+        extra = sorted(set(inputs) - set(self.cfg.modalities))
+        if extra:
+            raise ValueError(
+                f"The fusion head was trained on {list(self.cfg.modalities)}, not {extra}."
+            )
+        present = [inputs[m] for m in self.cfg.modalities if m in inputs]
+        if not present:
+            raise ValueError(f"Pass at least one of {list(self.cfg.modalities)}.")
+        n = present[0].shape[0]
+        ref = getattr(self, f"null_{self.cfg.modalities[0]}")
+        out = []
+        for m, d in zip(self.cfg.modalities, self.cfg.dims, strict=True):
+            null = getattr(self, f"null_{m}")
+            x = inputs.get(m)
+            if x is None:
+                x = null.expand(n, d)
+            elif x.ndim != 2 or x.shape[1] != d or x.shape[0] != n:
+                raise ValueError(f"Embeddings of {m!r} must be ({n}, {d}), got {tuple(x.shape)}.")
+            x = x.to(ref.device, ref.dtype)
+            out.append((x - null) / getattr(self, f"scale_{m}"))
+        return out
+
+    def gates(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Per-sample modality weights ``(B, M)`` (rows sum to 1) of the ``"gated"`` mode."""
+        if self.gate is None:
+            raise ValueError("Only a 'gated' fusion head has gates.")
+        return torch.softmax(self.gate(torch.cat(self._standardised(inputs), dim=-1)), dim=-1)
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Logits ``(B, num_classes)``; missing modalities take their null embedding."""
+        xs = self._standardised(inputs)
+        if self.gate is None:
+            return self.classifier(torch.cat(xs, dim=-1))
+        weights = torch.softmax(self.gate(torch.cat(xs, dim=-1)), dim=-1)
+        mods = self.cfg.modalities
+        projected = torch.stack([self.proj[m](x) for m, x in zip(mods, xs, strict=True)], dim=1)
+        return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
+
+    def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write ``head.safetensors`` and ``head.json`` into directory ``path`` (created).
+
+        Args:
+            path: Target directory.
+            extra: JSON-able metadata stored beside the config (e.g. training settings).
+
+        Returns:
+            The directory.
+        """
+        from safetensors.torch import save_file
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict()}
+        meta["extra"] = dict(extra if extra is not None else self.fit_info)
+        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> FusionHead:
+        """Read a head written by :meth:`save`.
+
+        Raises:
+            ModelError: The directory or one of its two files is missing or unreadable.
+        """
+        from safetensors.torch import load_file
+
+        root = Path(path)
+        missing = [f for f in (WEIGHTS_FILE, CONFIG_FILE) if not (root / f).is_file()]
+        if missing:
+            raise ModelError(
+                f"{str(root)!r} is not a saved fusion head: {', '.join(missing)} missing "
+                "(FusionHead.save(path) writes both)."
+            )
+        try:
+            meta = json.loads((root / CONFIG_FILE).read_text())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"format_version {meta.get('format_version')!r} is not supported")
+            head = cls(FusionConfig.from_dict(meta["config"]))
+            head.load_state_dict(load_file(str(root / WEIGHTS_FILE)), strict=True)
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+            raise ModelError(f"Could not load the fusion head in {str(root)!r}: {err}") from err
+        head.fit_info = dict(meta.get("extra") or {})
+        return head.eval()
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _check_inputs(
+    embeddings: Mapping[str, Tensor], labels: Tensor
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Validate shapes and drop rows labelled -1 (returns float embeddings, long labels)."""
+    if not embeddings:
+        raise ValueError("fit_fusion_head needs at least one modality of embeddings.")
+    y = torch.as_tensor(labels)
+    if y.ndim != 1 or y.dtype.is_floating_point or y.dtype == torch.bool:
+        raise ValueError(f"labels must be a 1-D integer tensor, got {y.dtype} {tuple(y.shape)}.")
+    y = y.long()
+    embs = {}
+    for m, e in embeddings.items():
+        x = torch.as_tensor(e)
+        if x.ndim != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(
+                f"Embeddings of {m!r} must be (N, D) with N = {y.shape[0]} labels, "
+                f"got {tuple(x.shape)}."
+            )
+        embs[m] = x.detach().float().cpu()
+    if (y < -1).any():
+        raise ValueError("labels must be class indices >= 0, or -1 for unlabelled rows.")
+    keep = y >= 0
+    if not keep.any():
+        raise ValueError("Every row is unlabelled (-1); a fusion head needs labelled rows.")
+    return {m: x[keep] for m, x in embs.items()}, y.cpu()[keep]
+
+
+def fit_fusion_head(
+    embeddings: Mapping[str, Tensor],
+    labels: Tensor,
+    *,
+    mode: str = "concat",
+    hidden: int | None = None,
+    width: int | None = None,
+    num_classes: int | None = None,
+    classes: tuple[str, ...] = (),
+    epochs: int = 60,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    batch_size: int = 256,
+    modality_dropout: float = 0.0,
+    progress: bool = False,
+) -> FusionHead:
+    """Train a :class:`FusionHead` on frozen embeddings with AdamW and cross-entropy.
+
+    Rows labelled ``-1`` are dropped before anything else (they affect neither the weights nor
+    the recorded statistics). Deterministic for a given ``seed`` (it uses its own generator and
+    leaves the global RNG alone).
+
+    Args:
+        embeddings: ``{modality: (N, D_m)}`` precomputed embeddings.
+        labels: ``(N,)`` class indices, ``-1`` = unlabelled.
+        mode: ``"concat"`` or ``"gated"``.
+        hidden: Hidden width of the classifier MLP; ``None`` for a linear classifier.
+        width: Projection width of the gated mode (default ``hidden`` or the largest ``D_m``).
+        num_classes: Number of classes (default ``max(label) + 1``, at least 2).
+        classes: Optional class names stored in the config.
+        epochs: Passes over the labelled rows.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        seed: Seeds initialisation, shuffling and modality dropout.
+        batch_size: Rows per step.
+        modality_dropout: Probability of replacing each modality of a training row by its null
+            embedding, so the head learns to answer with a modality missing.
+        progress: Show a progress bar over epochs.
+
+    Returns:
+        The trained head in eval mode, with ``fit_info`` (settings, training accuracy).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
+        >>> y = torch.tensor([0, 1]).repeat(8)
+        >>> head = fit_fusion_head({"image": x}, y, epochs=20)
+        >>> head({"image": x}).argmax(-1).eq(y).float().mean().item()
+        1.0
+    """
+    embs, y = _check_inputs(embeddings, labels)
+    if not 0.0 <= modality_dropout < 1.0:
+        raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}.")
+    if epochs < 1 or batch_size < 1 or lr <= 0:
+        raise ValueError(
+            f"Need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}."
+        )
+    n_cls = int(num_classes) if num_classes is not None else max(int(y.max()) + 1, 2)
+    if int(y.max()) >= n_cls:
+        raise ValueError(f"Label {int(y.max())} is out of range for {n_cls} classes.")
+    mods = tuple(embs)
+    dims = tuple(int(embs[m].shape[1]) for m in mods)
+    cfg = FusionConfig(
+        modalities=mods,
+        dims=dims,
+        num_classes=n_cls,
+        mode=mode,
+        hidden=hidden,
+        width=int(width or hidden or max(dims)) if mode == "gated" else 0,
+        classes=tuple(classes),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = FusionHead(cfg)
+    null = {m: x.mean(0) for m, x in embs.items()}
+    scale = {
+        m: float((x - null[m]).pow(2).sum(1).mean().sqrt().clamp_min(1e-6)) for m, x in embs.items()
+    }
+    head.set_statistics(null, scale)
+
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    n = y.shape[0]
+    epoch_iter: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_iter = tqdm(epoch_iter, desc="fusion head", unit="epoch")
+    head.train()
+    for _ in epoch_iter:
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            batch = {m: x[idx] for m, x in embs.items()}
+            if modality_dropout > 0:
+                for m in mods:
+                    drop = torch.rand(len(idx), generator=gen) < modality_dropout
+                    batch[m] = torch.where(drop[:, None], null[m].expand_as(batch[m]), batch[m])
+            loss = nn.functional.cross_entropy(head(batch), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head.eval()
+    with torch.no_grad():
+        train_acc = float(head(embs).argmax(-1).eq(y).float().mean())
+    head.fit_info = {
+        "epochs": epochs,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "seed": seed,
+        "batch_size": batch_size,
+        "modality_dropout": modality_dropout,
+        "n_train": int(n),
+        "train_accuracy": train_acc,
+    }
+    return head
+
+
+__all__ = ["FUSION_MODES", "FusionConfig", "FusionHead", "fit_fusion_head"]

@@ -1,0 +1,22 @@
+"""The AuditCard: JSON, HTML, plots and CI gates."""
+
+from mmsafe.report.card import SCHEMA_VERSION, build_card, card_schema, load_card, validate_card
+from mmsafe.report.gates import Gate, GateOutcome, GateSyntaxError, evaluate_gates, parse_gate
+from mmsafe.report.html import render_html, write_html
+from mmsafe.report.plots import render_plot
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Gate",
+    "GateOutcome",
+    "GateSyntaxError",
+    "build_card",
+    "card_schema",
+    "evaluate_gates",
+    "load_card",
+    "parse_gate",
+    "render_html",
+    "render_plot",
+    "validate_card",
+    "write_html",
+]

@@ -1,0 +1,213 @@
+"""Plot specs -> small inline SVG, with every label escaped.
+
+Checks describe plots as JSON-able dicts (``{"kind": "bar", ...}``) so the card keeps the data
+and any front end can redraw it. This module draws them as self-contained SVG without a plotting
+library: it is fast (the report adds milliseconds to an audit) and safe, since every string that
+reaches the SVG passes through :func:`html.escape`.
+
+Kinds: ``reliability``, ``bar``, ``heatmap``, ``line``.
+
+Example:
+    >>> svg = render_plot({"kind": "bar", "title": "<b>", "labels": ["a"], "values": [0.5]})
+    >>> "<b>" in svg, "&lt;b&gt;" in svg
+    (False, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from html import escape
+from typing import Any
+
+W, H = 420, 300
+LEFT, RIGHT, TOP, BOTTOM = 50, 15, 30, 55
+ACCENT, MUTED, BAD = "#3465a4", "#888", "#cc3333"
+
+
+def _e(x: Any) -> str:
+    return escape(str(x), quote=True)
+
+
+def _svg(body: list[str], title: str, width: int = W, height: int = H) -> str:
+    head = (
+        f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
+        f'width="{width}" height="{height}" role="img" aria-label="{_e(title)}" '
+        'font-family="sans-serif" font-size="11">'
+        f'<text x="{width / 2}" y="16" text-anchor="middle" font-size="13">{_e(title)}</text>'
+    )
+    return head + "".join(body) + "</svg>"
+
+
+def _axes(y0: float, y1: float, ylabel: str = "", xlabel: str = "") -> list[str]:
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+    out = [
+        f'<line x1="{LEFT}" y1="{TOP + ph}" x2="{LEFT + pw}" y2="{TOP + ph}" stroke="#333"/>',
+        f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + ph}" stroke="#333"/>',
+    ]
+    for i in range(6):
+        v = y0 + (y1 - y0) * i / 5
+        y = TOP + ph - ph * i / 5
+        out.append(f'<text x="{LEFT - 4}" y="{y + 4}" text-anchor="end">{v:.2g}</text>')
+        out.append(f'<line x1="{LEFT}" y1="{y}" x2="{LEFT + pw}" y2="{y}" stroke="#eee"/>')
+    if ylabel:
+        out.append(
+            f'<text transform="translate(12,{TOP + ph / 2}) rotate(-90)" '
+            f'text-anchor="middle">{_e(ylabel)}</text>'
+        )
+    if xlabel:
+        out.append(
+            f'<text x="{LEFT + pw / 2}" y="{H - 6}" text-anchor="middle">{_e(xlabel)}</text>'
+        )
+    return out
+
+
+def _scale(v: float, lo: float, hi: float, length: float) -> float:
+    return 0.0 if hi == lo else (v - lo) / (hi - lo) * length
+
+
+def reliability_svg(spec: Mapping[str, Any]) -> str:
+    """Accuracy per confidence bin against the diagonal, with bin counts as a shaded strip."""
+    edges = spec["bin_edges"]
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+    body = _axes(0.0, 1.0, "accuracy", "confidence")
+    body.append(
+        f'<line x1="{LEFT}" y1="{TOP + ph}" x2="{LEFT + pw}" y2="{TOP}" '
+        f'stroke="{MUTED}" stroke-dasharray="4 3"/>'
+    )
+    counts = spec.get("count") or [0] * (len(edges) - 1)
+    top = max(counts) or 1
+    for i, (acc, conf) in enumerate(zip(spec["accuracy"], spec["confidence"], strict=True)):
+        x = LEFT + edges[i] * pw
+        bw = (edges[i + 1] - edges[i]) * pw
+        if counts[i]:
+            shade = 0.15 + 0.5 * counts[i] / top
+            body.append(
+                f'<rect x="{x:.1f}" y="{TOP + ph + 4}" width="{bw:.1f}" height="8" '
+                f'fill="{ACCENT}" opacity="{shade:.2f}"><title>{counts[i]} rows</title></rect>'
+            )
+        if acc is None or conf is None:
+            continue
+        ya, yc = TOP + ph - acc * ph, TOP + ph - conf * ph
+        body.append(
+            f'<rect x="{x + 1:.1f}" y="{ya:.1f}" width="{max(bw - 2, 1):.1f}" '
+            f'height="{ph - acc * ph:.1f}" fill="{ACCENT}" opacity="0.8">'
+            f"<title>acc {acc:.3f}, conf {conf:.3f}, n {counts[i]}</title></rect>"
+        )
+        gap_top, gap_h = min(ya, yc), abs(ya - yc)
+        body.append(
+            f'<rect x="{x + 1:.1f}" y="{gap_top:.1f}" width="{max(bw - 2, 1):.1f}" '
+            f'height="{gap_h:.1f}" fill="{BAD}" opacity="0.35"/>'
+        )
+    return _svg(body, spec.get("title", "Reliability diagram"))
+
+
+def bar_svg(spec: Mapping[str, Any]) -> str:
+    """Vertical bars, one per label, with an optional horizontal reference line."""
+    labels: Sequence[Any] = spec["labels"]
+    values = [math.nan if v is None else float(v) for v in spec["values"]]
+    finite = [v for v in values if math.isfinite(v)] or [0.0]
+    lo, hi = spec.get("ylim") or [min(0.0, *finite), max(finite) * 1.1 or 1.0]
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+    body = _axes(lo, hi, spec.get("ylabel", ""), spec.get("xlabel", ""))
+    n = max(len(labels), 1)
+    bw = pw / n
+    for i, (label, v) in enumerate(zip(labels, values, strict=True)):
+        x = LEFT + i * bw
+        name = _e(label)
+        body.append(
+            f'<text transform="translate({x + bw / 2:.1f},{TOP + ph + 12}) rotate(30)" '
+            f'font-size="10">{name[:24]}</text>'
+        )
+        if not math.isfinite(v):
+            continue
+        h = _scale(v, lo, hi, ph)
+        body.append(
+            f'<rect x="{x + bw * 0.15:.1f}" y="{TOP + ph - h:.1f}" width="{bw * 0.7:.1f}" '
+            f'height="{h:.1f}" fill="{ACCENT}"><title>{name}: {v:.4g}</title></rect>'
+        )
+    ref = spec.get("reference")
+    if ref is not None and math.isfinite(ref):
+        y = TOP + ph - _scale(ref, lo, hi, ph)
+        body.append(
+            f'<line x1="{LEFT}" y1="{y:.1f}" x2="{LEFT + pw}" y2="{y:.1f}" stroke="{BAD}" '
+            f'stroke-dasharray="5 3"><title>{_e(spec.get("reference_label", ""))}: '
+            f"{ref:.4g}</title></line>"
+        )
+    return _svg(body, spec.get("title", ""))
+
+
+def heatmap_svg(spec: Mapping[str, Any]) -> str:
+    """A matrix of values (rows x columns) as coloured cells with their numbers."""
+    rows, cols, values = spec["rows"], spec["columns"], spec["values"]
+    flat = [v for r in values for v in r if v is not None and math.isfinite(v)] or [0.0]
+    lo, hi = spec.get("vlim") or [min(flat), max(flat)]
+    left, top = 110, 30
+    cw = max(24, min(60, (W - left - 10) // max(len(cols), 1)))
+    ch = 18
+    width, height = left + cw * len(cols) + 10, top + ch * len(rows) + 30
+    body = []
+    for j, c in enumerate(cols):
+        body.append(
+            f'<text x="{left + j * cw + cw / 2}" y="{top - 4}" text-anchor="middle">{_e(c)}</text>'
+        )
+    for i, r in enumerate(rows):
+        y = top + i * ch
+        body.append(f'<text x="{left - 4}" y="{y + 13}" text-anchor="end">{_e(r)}</text>')
+        for j, v in enumerate(values[i]):
+            if v is None or not math.isfinite(v):
+                continue
+            t = 0.0 if hi == lo else (v - lo) / (hi - lo)
+            color = f"rgb({int(255 - 200 * t)},{int(255 - 140 * t)},255)"
+            body.append(
+                f'<rect x="{left + j * cw}" y="{y}" width="{cw - 1}" height="{ch - 1}" '
+                f'fill="{color}"><title>{_e(r)} / {_e(cols[j])}: {v:.4g}</title></rect>'
+                f'<text x="{left + j * cw + cw / 2}" y="{y + 13}" text-anchor="middle" '
+                f'font-size="10">{v:.2f}</text>'
+            )
+    return _svg(body, spec.get("title", ""), width, height)
+
+
+def line_svg(spec: Mapping[str, Any]) -> str:
+    """One or more series ``{"name", "x", "y"}`` on shared axes."""
+    series = spec["series"]
+    xs = [x for s in series for x in s["x"]] or [0.0, 1.0]
+    ys = [y for s in series for y in s["y"] if y is not None] or [0.0, 1.0]
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = spec.get("ylim") or [min(ys), max(ys)]
+    pw, ph = W - LEFT - RIGHT, H - TOP - BOTTOM
+    body = _axes(y0, y1, spec.get("ylabel", ""), spec.get("xlabel", ""))
+    palette = [ACCENT, BAD, "#4e9a06", "#c4a000", "#75507b", "#ce5c00"]
+    for k, s in enumerate(series):
+        pts = [
+            f"{LEFT + _scale(x, x0, x1, pw):.1f},{TOP + ph - _scale(y, y0, y1, ph):.1f}"
+            for x, y in zip(s["x"], s["y"], strict=True)
+            if y is not None
+        ]
+        color = palette[k % len(palette)]
+        body.append(
+            f'<polyline points="{" ".join(pts)}" fill="none" stroke="{color}" stroke-width="2">'
+            f"<title>{_e(s.get('name', ''))}</title></polyline>"
+        )
+        body.append(
+            f'<text x="{LEFT + pw - 4}" y="{TOP + 12 + 13 * k}" text-anchor="end" '
+            f'fill="{color}">{_e(s.get("name", ""))}</text>'
+        )
+    return _svg(body, spec.get("title", ""))
+
+
+RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "reliability": reliability_svg,
+    "bar": bar_svg,
+    "heatmap": heatmap_svg,
+    "line": line_svg,
+}
+
+
+def render_plot(spec: Mapping[str, Any]) -> str:
+    """Draw a plot spec as an SVG string; an unknown kind draws a note instead of failing."""
+    kind = spec.get("kind")
+    renderer = RENDERERS.get(str(kind))
+    if renderer is None:
+        return _svg([f'<text x="10" y="40">no renderer for plot kind {_e(kind)}</text>'], "")
+    return renderer(spec)

@@ -1,0 +1,21 @@
+"""Tasks: zero-shot classification, retrieval and fusion classification."""
+
+from mmsafe.tasks.base import Outputs, Task, TaskError, create_task, list_tasks, register_task
+from mmsafe.tasks.fusion import FusionTask
+from mmsafe.tasks.retrieval import RetrievalTask, caption_positives
+from mmsafe.tasks.zero_shot import DEFAULT_TEMPLATES, ZeroShotTask, build_prompts
+
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "FusionTask",
+    "Outputs",
+    "RetrievalTask",
+    "Task",
+    "TaskError",
+    "ZeroShotTask",
+    "build_prompts",
+    "caption_positives",
+    "create_task",
+    "list_tasks",
+    "register_task",
+]

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import accuracy_score
+
+from mmsafe.audit import run_audit
+from mmsafe.checks import (
+    CalibrationCheck,
+    CheckResult,
+    PerformanceCheck,
+    list_checks,
+    select_checks,
+)
+from mmsafe.checks.base import AuditContext
+from mmsafe.engine import Engine
+from mmsafe.report import card_schema, parse_gate
+from mmsafe.tasks import ZeroShotTask
+from tests.conftest import make_colour_data
+
+
+def test_card_validates_and_numbers_match_references(toy_model, colour_data, tmp_path):
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="all")
+    card = json.loads((tmp_path / "card.json").read_text())
+    import jsonschema
+
+    jsonschema.validate(card, card_schema())
+    assert set(card["checks"]) == set(list_checks())
+    test = colour_data.split("test")
+    preds = result.results["performance"]  # the audit evaluates the test split
+    engine = Engine(progress=False)
+    task = ZeroShotTask()
+    task.prepare(toy_model, engine, colour_data.classes)
+    ref = accuracy_score(test.labels, engine.outputs(toy_model, task, test).preds)
+    assert preds.metrics["accuracy"].value == pytest.approx(ref)
+    lo, hi = preds.metrics["accuracy"].ci
+    assert lo <= ref <= hi
+    assert card["data"]["n_evaluated"] == len(test)
+    assert "<svg" in (tmp_path / "index.html").read_text()
+
+
+def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypatch):
+    calls: list[str] = []
+    original_perf, original_cal = PerformanceCheck.run, CalibrationCheck.run
+
+    def perf(self, ctx):
+        calls.append("performance")
+        return original_perf(self, ctx)
+
+    def interrupted(self, ctx):
+        calls.append("calibration")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PerformanceCheck, "run", perf)
+    monkeypatch.setattr(CalibrationCheck, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_audit(toy_model, colour_data, out=tmp_path, checks="performance,calibration")
+    assert calls == ["performance", "calibration"]
+    assert not (tmp_path / "card.json").exists()
+
+    def cal(self, ctx):
+        calls.append("calibration")
+        return original_cal(self, ctx)
+
+    monkeypatch.setattr(CalibrationCheck, "run", cal)
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance,calibration")
+    assert calls == ["performance", "calibration", "calibration"]
+    assert result.resumed == ["performance"]
+    assert result.results["performance"].status == "ok"
+    assert (tmp_path / "card.json").exists()
+
+    # a different seed is a different audit: nothing is reused
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
+    assert result.resumed == []
+
+
+def test_a_crashing_check_is_recorded_and_logged(toy_model, colour_data, tmp_path, monkeypatch):
+    def boom(self, ctx):
+        raise RuntimeError("kaboom")
+
+    monkeypatch.setattr(CalibrationCheck, "run", boom)
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="all")
+    assert result.results["calibration"].status == "failed"
+    assert "kaboom" in result.results["calibration"].reason
+    assert result.results["performance"].status == "ok"
+    assert "RuntimeError: kaboom" in (tmp_path / "mmsafe.log").read_text()
+    assert result.exit_code == 3
+
+
+def test_gates_set_the_exit_code(toy_model, colour_data):
+    ok = run_audit(toy_model, colour_data, gates=[parse_gate("performance.accuracy<0.1")])
+    assert ok.exit_code == 0 and not ok.gates[0].failed
+    bad = run_audit(toy_model, colour_data, gates=[parse_gate("performance.accuracy>0.1")])
+    assert bad.exit_code == 1 and bad.gates[0].failed
+    assert bad.card["gates"][0]["failed"] is True
+
+
+def test_unlabelled_data_skips_label_checks_with_reason(toy_model):
+    data = make_colour_data()
+    data.labels = np.full(len(data), -1)
+    result = run_audit(toy_model, data, task="retrieval", checks="all")
+    assert result.results["calibration"].status == "skipped"
+    assert "zero_shot" in result.results["calibration"].reason
+    perf = result.results["performance"]
+    assert perf.status == "ok" and "i2t_R@1" in perf.metrics
+
+
+def test_label_check_says_needs_labels(toy_model, colour_data):
+    engine = Engine(progress=False)
+    task = ZeroShotTask()
+    task.prepare(toy_model, engine, colour_data.classes)
+    data = colour_data.subset(range(20))
+    out = engine.outputs(toy_model, task, data)
+    data.labels[:] = -1
+    ctx = AuditContext(toy_model, task, data, out, engine)
+    assert CalibrationCheck().skip_reason(ctx) == "needs labels"
+
+
+def test_check_result_round_trips_through_json(toy_model, colour_data):
+    result = run_audit(toy_model, colour_data, checks="calibration").results["calibration"]
+    again = CheckResult.from_dict("calibration", json.loads(json.dumps(result.to_dict())))
+    assert again.to_dict() == result.to_dict()
+
+
+def test_glob_selection():
+    assert select_checks("all") == list_checks()
+    assert select_checks("calib*,performance") == ["calibration", "performance"]
+    from mmsafe.checks import CheckSelectionError
+
+    with pytest.raises(CheckSelectionError, match="Known checks"):
+        select_checks("robustness.*")

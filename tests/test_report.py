@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import re
+
+import jsonschema
+import pytest
+
+from mmsafe.report import (
+    GateSyntaxError,
+    card_schema,
+    evaluate_gates,
+    parse_gate,
+    render_html,
+    render_plot,
+)
+
+
+def _card(**checks):
+    return {
+        "schema_version": "1.0",
+        "created": "2026-11-22T00:00:00+00:00",
+        "model": {"name": "m", "fingerprint": "f", "config": {}, "parameters": 1},
+        "data": {
+            "name": "d",
+            "source": "s",
+            "fingerprint": "f",
+            "n_rows": 1,
+            "n_evaluated": 1,
+            "splits": {},
+            "modalities": [],
+            "classes": [],
+            "skipped": {"count": 0, "rows": []},
+        },
+        "task": {"name": "zero_shot"},
+        "environment": {"mmsafe": "0", "python": "3", "torch": "2"},
+        "seed": 0,
+        "checks": checks,
+        "gates": [],
+    }
+
+
+def _check(status="ok", **metrics):
+    return {
+        "status": status,
+        "reason": None if status == "ok" else "needs labels",
+        "pillar": "monitoring",
+        "metrics": {k: {"value": v, "ci": None} for k, v in metrics.items()},
+        "findings": [],
+        "plots": {},
+    }
+
+
+@pytest.mark.parametrize(
+    ("expr", "value", "failed"),
+    [
+        ("calibration.ece>0.05", 0.06, True),
+        ("calibration.ece>0.05", 0.05, False),
+        ("calibration.ece>=0.05", 0.05, True),
+        ("calibration.ece<0.05", 0.01, True),
+        ("calibration.ece<=0.01", 0.02, False),
+        ("calibration.ece==0.5", 0.5, True),
+        ("calibration.ece!=0.5", 0.5, False),
+    ],
+)
+def test_gate_operators(expr, value, failed):
+    (outcome,) = evaluate_gates([parse_gate(expr)], _card(calibration=_check(ece=value)))
+    assert outcome.failed is failed and outcome.value == value
+
+
+def test_gate_with_dotted_check_name_and_slash_metric():
+    card = _card(**{"monitoring.ood": _check(**{"auroc": 0.7, "class_accuracy/a b": 0.2})})
+    (o1, o2) = evaluate_gates(
+        [
+            parse_gate("monitoring.ood.auroc<0.8"),
+            parse_gate("monitoring.ood.class_accuracy/a b<0.5"),
+        ],
+        card,
+    )
+    assert o1.failed and o2.failed
+
+
+@pytest.mark.parametrize(
+    ("expr", "needle"),
+    [("nope.ece>0", "no check"), ("calibration.xyz>0", "no finite metric")],
+)
+def test_gate_on_missing_target_fails_loudly(expr, needle):
+    (outcome,) = evaluate_gates([parse_gate(expr)], _card(calibration=_check(ece=0.1)))
+    assert outcome.failed and needle in outcome.message
+
+
+def test_gate_on_skipped_check_fails():
+    (outcome,) = evaluate_gates(
+        [parse_gate("calibration.ece>0.5")], _card(calibration=_check("skipped"))
+    )
+    assert outcome.failed and "skipped" in outcome.message
+
+
+@pytest.mark.parametrize("bad", ["ece>0.05", "calibration.ece>>1", "calibration.ece>abc", "x"])
+def test_bad_gate_syntax(bad):
+    with pytest.raises(GateSyntaxError):
+        parse_gate(bad)
+
+
+def test_schema_accepts_a_minimal_card_and_rejects_a_bad_status():
+    card = _card(calibration=_check(ece=0.1))
+    jsonschema.validate(card, card_schema())
+    card["checks"]["calibration"]["status"] = "great"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(card, card_schema())
+
+
+def test_html_escapes_every_user_string():
+    evil = "<script>alert(1)</script>"
+    card = _card(**{"calibration": _check(ece=0.1)})
+    card["data"]["classes"] = [evil]
+    card["data"]["source"] = evil
+    card["model"]["name"] = evil
+    card["checks"]["calibration"]["findings"] = [
+        {"severity": "high", "message": evil, "evidence": {}, "remediation": evil}
+    ]
+    card["checks"]["calibration"]["plots"] = {
+        "p": {"kind": "bar", "title": evil, "labels": [evil], "values": [0.5]}
+    }
+    card["data"]["skipped"] = {
+        "count": 1,
+        "rows": [{"row": 3, "id": evil, "field": "text", "reason": evil}],
+    }
+    html = render_html(card)
+    assert "<script>" not in html
+    assert html.count("&lt;script&gt;") >= 8
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {
+            "kind": "reliability",
+            "bin_edges": [0, 0.5, 1],
+            "confidence": [0.3, None],
+            "accuracy": [0.2, None],
+            "count": [4, 0],
+        },
+        {"kind": "bar", "labels": ["a", "b"], "values": [0.1, None], "reference": 0.5},
+        {"kind": "heatmap", "rows": ["r"], "columns": ["c1", "c2"], "values": [[0.1, 0.9]]},
+        {"kind": "line", "series": [{"name": "s", "x": [0, 1], "y": [0.2, 0.4]}]},
+        {"kind": "unknown"},
+    ],
+)
+def test_plots_render_valid_svg(spec):
+    svg = render_plot(spec)
+    assert svg.startswith("<svg") and svg.endswith("</svg>")
+    assert "nan" not in re.sub(r"<title>.*?</title>", "", svg).lower()
