@@ -269,7 +269,7 @@ def test_nonexistent_path(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist") as info:
         create_model(f"hf:{missing}")
     assert str(missing) in str(info.value)
-    assert "huggingface-cli download" in str(info.value)
+    assert "hf download" in str(info.value)
 
 
 def test_dir_without_config(tmp_path: Path) -> None:
@@ -305,7 +305,7 @@ def test_hub_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         create_model("hf:mmsafe-test-org/no-such-clip")
     message = str(info.value)
     assert "network" in message and "HF_HUB_OFFLINE" in message
-    assert "huggingface-cli download mmsafe-test-org/no-such-clip --local-dir" in message
+    assert "hf download mmsafe-test-org/no-such-clip --local-dir" in message
 
 
 def test_empty_reference() -> None:

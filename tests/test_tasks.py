@@ -21,7 +21,7 @@ def test_class_embeddings_average_then_renormalise():
     # two classes x two templates; hand-computed means of unit vectors
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
     ce = class_embeddings(e, 2)
-    s = 1 / np.sqrt(2)
+    s = float(1 / np.sqrt(2))
     torch.testing.assert_close(ce, torch.tensor([[s, s], [1.0, 0.0]]))
 
 

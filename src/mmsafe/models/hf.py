@@ -183,8 +183,8 @@ def download_hint(ref: str) -> str:
     """How to get a hub checkpoint onto an offline machine."""
     name = ref.rstrip("/").split("/")[-1] or "model"
     return (
-        f"On a machine with network run `huggingface-cli download {ref} --local-dir {name}` "
-        f"(or `hf download {ref} --local-dir {name}`), copy the folder here and pass "
+        f"On a machine with network run `hf download {ref} --local-dir {name}` "
+        f"(`huggingface-cli download` with huggingface_hub < 1.0), copy the folder here and pass "
         f"`--model hf:/path/to/{name}`; or fill the Hugging Face cache (HF_HOME) there and copy it."
     )
 
@@ -439,7 +439,7 @@ def _local_dir(ref: str) -> Path:
         raise ModelError(
             f"hf:{ref} exists but has no config.json, so it is not a Hugging Face checkpoint. "
             "Pass the folder that holds config.json, the weights and the tokenizer files (as "
-            "written by `huggingface-cli download <id> --local-dir DIR` or `save_pretrained`)."
+            "written by `hf download <id> --local-dir DIR` or `save_pretrained`)."
         )
     return path.resolve()
 
@@ -481,7 +481,7 @@ def build_hf(id_or_path: str = "", *, device: str = "cpu", **_: Any) -> HFClip:
             raise ModelError(
                 f"Could not load the checkpoint in {str(path)!r} ({_first_line(err)}). It needs "
                 "config.json, the weights (model.safetensors or pytorch_model.bin) and the "
-                "tokenizer files; re-download it with `huggingface-cli download <id> --local-dir "
+                "tokenizer files; re-download it with `hf download <id> --local-dir "
                 f"{str(path)!r}`."
             ) from err
         source = str(path)
@@ -489,7 +489,7 @@ def build_hf(id_or_path: str = "", *, device: str = "cpu", **_: Any) -> HFClip:
         raise ModelError(
             f"hf:{ref}: the path {ref!r} does not exist on this machine (and it is not a hub id "
             "of the form org/name). Check the path, or download the checkpoint on a machine with "
-            "network with `huggingface-cli download <org/name> --local-dir DIR` and pass "
+            "network with `hf download <org/name> --local-dir DIR` and pass "
             "`--model hf:DIR`."
         )
     else:

@@ -115,8 +115,8 @@ class TinyClipConfig:
 
     size: str = "s"
     image_size: int = 32
-    channels: tuple[int, ...] = (32, 64, 128)
-    convs_per_stage: int = 2
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    convs_per_stage: int = 1
     text_width: int = 64
     text_layers: int = 2
     text_heads: int = 4
@@ -145,11 +145,11 @@ class TinyClipConfig:
 
 
 SIZES: dict[str, dict[str, Any]] = {
-    "xs": {"channels": (16, 32, 64), "convs_per_stage": 1, "text_width": 32, "text_layers": 1,
+    "xs": {"channels": (8, 16, 32, 64), "convs_per_stage": 1, "text_width": 32, "text_layers": 1,
            "text_heads": 2},
-    "s": {"channels": (32, 64, 128), "convs_per_stage": 2, "text_width": 64, "text_layers": 2,
+    "s": {"channels": (16, 32, 64, 128), "convs_per_stage": 1, "text_width": 64, "text_layers": 2,
           "text_heads": 4},
-    "m": {"channels": (48, 96, 192), "convs_per_stage": 2, "text_width": 96, "text_layers": 3,
+    "m": {"channels": (24, 48, 96, 192), "convs_per_stage": 2, "text_width": 96, "text_layers": 3,
           "text_heads": 4},
 }  # fmt: skip
 """Widths and depths of each family member."""
@@ -157,12 +157,15 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def _conv(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.GroupNorm(8, c_out), nn.GELU()
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()
     )
 
 
 class ImageTower(nn.Module):
-    """A small CNN: stages of 3x3 convolutions with average pooling between them."""
+    """A small CNN: stages of 3x3 conv + batch norm + GELU, max pooling between stages.
+
+    The last stage is pooled globally (mean and max, concatenated) and projected.
+    """
 
     def __init__(self, cfg: TinyClipConfig) -> None:
         super().__init__()
@@ -170,13 +173,13 @@ class ImageTower(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         stages, c_prev = [], 3
         for i, c in enumerate(cfg.channels):
-            layers: list[nn.Module] = [nn.AvgPool2d(2)] if i > 0 else []
+            layers: list[nn.Module] = [nn.MaxPool2d(2)] if i > 0 else []
             for _ in range(cfg.convs_per_stage):
                 layers.append(_conv(c_prev, c))
                 c_prev = c
             stages.append(nn.Sequential(*layers))
         self.stages = nn.ModuleList(stages)
-        self.proj = nn.Linear(c_prev, cfg.embed_dim)
+        self.proj = nn.Linear(2 * c_prev, cfg.embed_dim)
 
     def blocks(self, pixels: Tensor) -> list[Tensor]:
         """Each stage's output ``(B, C_i, H_i, W_i)``, from pixels in ``[0, 1]``."""
@@ -189,7 +192,8 @@ class ImageTower(nn.Module):
 
     def forward(self, pixels: Tensor) -> Tensor:
         """Unnormalised embeddings ``(B, D)``."""
-        return self.proj(self.blocks(pixels)[-1].mean(dim=(2, 3)))
+        last = self.blocks(pixels)[-1]
+        return self.proj(torch.cat([last.mean(dim=(2, 3)), last.amax(dim=(2, 3))], dim=1))
 
 
 class _Block(nn.Module):
@@ -374,7 +378,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 50
-    prompt_prob: float = 0.3
+    prompt_prob: float = 0.5
     shift: int = 2
 
     @classmethod
@@ -444,6 +448,25 @@ def contrastive_loss(img: Tensor, txt: Tensor, scale: Tensor, texts: Sequence[st
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
+def encode_texts_bucketed(model: TinyClip, texts: Sequence[str], bucket: int = 32) -> Tensor:
+    """Text embeddings of ``texts``, encoding each distinct text once, in length-sorted buckets.
+
+    Same result as ``model.text`` on the whole padded batch (padding is masked out), with less
+    work spent on repeated prompts and padding.
+    """
+    unique = list(dict.fromkeys(texts))
+    lengths = [len(t.encode("utf-8")) for t in unique]
+    order = sorted(range(len(unique)), key=lambda i: lengths[i])
+    parts = []
+    for lo in range(0, len(order), bucket):
+        tok = tokenize([unique[i] for i in order[lo : lo + bucket]], model.cfg.max_length)
+        tok = {k: v.to(model.device) for k, v in tok.items()}
+        parts.append(model.text(tok["input_ids"], tok["attention_mask"]))
+    emb = torch.cat(parts)
+    rank = {unique[i]: r for r, i in enumerate(order)}
+    return emb[torch.tensor([rank[t] for t in texts], device=emb.device)]
+
+
 def train_tiny_clip(
     model: TinyClip,
     data: Dataset,
@@ -505,8 +528,7 @@ def train_tiny_clip(
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             img = F.normalize(model.image(images), dim=-1)
-            tok = tokenize(texts, model.cfg.max_length)
-            txt = F.normalize(model.text(tok["input_ids"].to(device), tok["attention_mask"].to(device)), dim=-1)
+            txt = F.normalize(encode_texts_bucketed(model, texts), dim=-1)
             scale = model.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
             loss = contrastive_loss(img, txt, scale, texts)
             opt.zero_grad(set_to_none=True)

@@ -1,0 +1,5 @@
+"""``python -m mmsafe`` runs the CLI."""
+
+from mmsafe.cli import main
+
+main()

@@ -1,0 +1,127 @@
+"""End-to-end CLI tests: the quick demo (tiny-clip on a small shapes world), gates, user errors.
+
+The quick demo trains tiny-clip once per session into a session cache; later tests reuse it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmsafe.cli import QUICK_WORLD, app
+from mmsafe.report import card_schema
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("mmsafe-cache")
+
+
+@pytest.fixture(scope="session")
+def demo_out(cache_dir, tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("demo")
+    result = runner.invoke(
+        app, ["demo", "--quick", "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu"]
+    )
+    return out, result
+
+
+def _mmsafe(*args: str, cache_dir: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MMSAFE_CACHE_DIR": str(cache_dir), "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "mmsafe", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_a_valid_card_with_real_accuracy(demo_out):
+    out, result = demo_out
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / "card.json").read_text())
+    jsonschema.validate(card, card_schema())
+    assert card["data"]["source"].startswith("shapes")
+    assert {"performance", "calibration"} <= set(card["checks"])
+    acc = card["checks"]["performance"]["metrics"]["accuracy"]["value"]
+    assert acc > 0.5  # 5 classes: chance is 0.2
+    html = (out / "index.html").read_text()
+    assert "Reliability diagram" in html and "<svg" in html
+    assert "safety card" in result.output  # the terminal summary table
+
+
+@pytest.mark.slow
+def test_fail_on_sets_exit_code_and_names_the_gate(demo_out, cache_dir, tmp_path):
+    out, _ = demo_out
+    args = ["audit", "--data", QUICK_WORLD, "--quick", "--out", str(out), "--device", "cpu"]
+    args += ["--cache-dir", str(cache_dir)]
+    failed = runner.invoke(app, [*args, "--fail-on", "performance.accuracy>0.1"])
+    assert failed.exit_code == 1
+    assert "performance.accuracy>0.1: FAILED" in failed.output
+    passed = runner.invoke(
+        app, [*args, "--fail-on", "performance.accuracy<0.1", "--fail-on", "calibration.ece>1"]
+    )
+    assert passed.exit_code == 0, passed.output
+    assert "reused" in passed.output  # the checks were resumed, not recomputed
+
+
+def test_bad_manifest_exits_2_naming_the_row_without_traceback(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    rows = [
+        {"id": "a", "image": "ok.png", "text": "a cat", "label": "cat"},
+        {"id": "b", "image": "missing.png", "text": "a dog", "label": "dog"},
+        {"id": "c", "image": "ok.png", "text": "", "label": "dog"},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    proc = _mmsafe("audit", "--data", str(tmp_path / "m.jsonl"), cache_dir=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert "row 2" in proc.stderr and "missing.png" in proc.stderr
+    assert "row 3" in proc.stderr and "--skip-invalid" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--data", "shapes:bogus=1"], "bogus"),
+        (["--data", "nothing-here"], "neither a built-in world"),
+        (["--fail-on", "ece>0.1"], "<check>.<metric>"),
+        (["--checks", "nope.*"], "matches no check"),
+        (["--model", "no-such-model"], "Unknown model"),
+        (["--model", "hf:/no/such/dir"], "/no/such/dir"),
+        (["--task", "nope"], "Unknown task"),
+    ],
+)
+def test_user_errors_exit_2_with_a_message(args, needle, tmp_path):
+    result = runner.invoke(app, ["audit", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output
+    assert "Traceback" not in result.output
+
+
+def test_list_commands():
+    checks = runner.invoke(app, ["list-checks"])
+    assert checks.exit_code == 0 and "calibration" in checks.output
+    models = runner.invoke(app, ["list-models"])
+    assert models.exit_code == 0
+    assert "tiny-clip" in models.output and "hf:" in models.output
+
+
+def test_help_is_useful():
+    result = runner.invoke(app, ["audit", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for flag in ("--model", "--data", "--task", "--fail-on", "--skip-invalid", "--checks"):
+        assert flag in result.output
