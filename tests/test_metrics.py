@@ -574,3 +574,34 @@ def test_bootstrap_rejects_bad_input() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             M.mean_ci(np.ones(3), **kwargs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_bins", [5, 15])
+def test_vectorised_calibration_bootstrap_equals_the_generic_bootstrap(seed, n_bins):
+    from mmsafe.metrics import (
+        bootstrap_ci,
+        brier_score,
+        calibration_bootstrap,
+        expected_calibration_error,
+        maximum_calibration_error,
+        negative_log_likelihood,
+        uncertainty_calibration_error,
+    )
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(300, 4)) * 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    p[:4] = np.eye(4)  # confidence exactly 1.0 (the extra torchmetrics bin)
+    y = rng.integers(0, 4, 300)
+    fast = calibration_bootstrap(p, y, n_bins=n_bins, n_boot=100, seed=seed)
+    fns = {
+        "ece": lambda a, b: expected_calibration_error(a, b, n_bins=n_bins),
+        "mce": lambda a, b: maximum_calibration_error(a, b, n_bins=n_bins),
+        "uce": lambda a, b: uncertainty_calibration_error(a, b, n_bins=n_bins),
+        "brier": brier_score,
+        "nll": negative_log_likelihood,
+    }
+    for name, fn in fns.items():
+        ref = bootstrap_ci(fn, p, y, n_boot=100, seed=seed)
+        np.testing.assert_allclose(fast[name], ref, atol=1e-12, err_msg=name)

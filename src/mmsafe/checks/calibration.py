@@ -7,8 +7,8 @@ import numpy as np
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.metrics import (
-    bootstrap_ci,
     brier_score,
+    calibration_bootstrap,
     expected_calibration_error,
     maximum_calibration_error,
     negative_log_likelihood,
@@ -50,13 +50,8 @@ class CalibrationCheck(Check):
             "brier": brier_score,
             "nll": negative_log_likelihood,
         }
-        metrics = {
-            name: Metric(
-                fn(probs, target),
-                bootstrap_ci(fn, probs, target, n_boot=self.n_boot, seed=ctx.seed),
-            )
-            for name, fn in fns.items()
-        }
+        cis = calibration_bootstrap(probs, target, n_bins=b, n_boot=self.n_boot, seed=ctx.seed)
+        metrics = {name: Metric(fn(probs, target), cis[name]) for name, fn in fns.items()}
         confidence = probs.max(axis=1)
         acc = float((probs.argmax(axis=1) == target).mean())
         metrics["mean_confidence"] = Metric(float(confidence.mean()))

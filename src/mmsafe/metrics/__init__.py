@@ -4,6 +4,7 @@ from mmsafe.metrics.bootstrap import bootstrap_ci, mean_ci
 from mmsafe.metrics.calibration import (
     ReliabilityDiagram,
     brier_score,
+    calibration_bootstrap,
     expected_calibration_error,
     maximum_calibration_error,
     negative_log_likelihood,
@@ -25,6 +26,7 @@ __all__ = [
     "best_positive_rank",
     "bootstrap_ci",
     "brier_score",
+    "calibration_bootstrap",
     "confusion_matrix",
     "expected_calibration_error",
     "macro_f1",

