@@ -31,7 +31,8 @@ def cache_dir(tmp_path_factory) -> Path:
 def demo_out(cache_dir, tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("demo")
     result = runner.invoke(
-        app, ["demo", "--quick", "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu"]
+        app,
+        ["demo", "--quick", "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu"],
     )
     return out, result
 

@@ -349,7 +349,8 @@ class TinyClip(EncoderModel):
         return model.to(device).eval()
 
 
-def _atomic_write(target: Path, write: Any) -> None:
+def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Write ``target`` through a temporary sibling file and ``os.replace`` (atomic on POSIX)."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

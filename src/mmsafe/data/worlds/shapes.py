@@ -396,6 +396,96 @@ def _pick(rng: np.random.Generator, rows: np.ndarray, fraction: float) -> np.nda
     return np.sort(rows[order[: int(round(fraction * len(rows)))]])
 
 
+def _plant_defects(
+    images: np.ndarray, rows: np.ndarray, tone: np.ndarray, c: ShapesConfig
+) -> tuple[list[str | None], list[np.ndarray | None]]:
+    """Draw scratches and holes into ``images`` (in place) on a fraction of ``rows``.
+
+    Returns the defect kind and the mask of changed pixels per image (None where clean).
+    """
+    n, size = len(images), c.image_size
+    d = _rng(c.seed, "defects")
+    kinds = d.integers(0, 2, n)
+    geometry = d.uniform(0.0, 1.0, (n, 5))
+    defect: list[str | None] = [None] * n
+    defect_mask: list[np.ndarray | None] = [None] * n
+    for i in _pick(d, rows, c.defects):
+        g = geometry[i]
+        if kinds[i] == 0:
+            p0 = g[:2] * size
+            angle, length = g[2] * 2 * np.pi, (0.5 + 0.4 * g[3]) * size
+            p1 = np.clip(p0 + length * np.array([np.cos(angle), np.sin(angle)]), 0, size)
+            drawn = _segment_mask(p0, p1, width=max(1.2, size / 24), size=size)
+        else:
+            centre = (0.15 + 0.7 * g[:2]) * size
+            drawn = _disc_mask(centre, radius=(1.5 + g[4]) * size / 32, size=size)
+        before = images[i].copy()
+        images[i][drawn] = np.uint8(255 if tone[i] == 0 else 0)  # off colour: white on dark
+        mask = (images[i] != before).any(axis=-1)
+        if mask.any():
+            defect[i], defect_mask[i] = ("scratch", "hole")[kinds[i]], mask
+    return defect, defect_mask
+
+
+def _render(
+    shapes: list[str], tone: np.ndarray, c: ShapesConfig
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Draw the attributes of every item and render the images ``(N, S, S, 3)`` uint8."""
+    n, size = len(shapes), c.image_size
+    a = _rng(c.seed, "attributes")
+    attrs = {
+        "colour": a.integers(0, len(COLOURS), n),
+        "size": a.integers(0, len(SIZES), n),
+        "position": a.integers(0, len(POSITIONS), n),
+    }
+    rel = np.where(attrs["size"] == 0, a.uniform(0.13, 0.17, n), a.uniform(0.24, 0.29, n))
+    radius = rel * size
+    jitter = a.uniform(-0.04, 0.04, (n, 2)) * size
+    colour_jitter = a.integers(-15, 16, (n, 3))
+    bg_level = np.where(tone == 0, a.uniform(25, 75, n), a.uniform(175, 230, n))
+    bg_tint = a.integers(-8, 9, (n, 3))
+    margin = radius * 1.05 + 1.0
+    span = size - 2 * margin
+    cx = margin + (attrs["position"] % 3) / 2 * span + jitter[:, 0]
+    cy = margin + (attrs["position"] // 3) / 2 * span + jitter[:, 1]
+
+    coverage = shape_coverage(shapes, cx, cy, radius, size)[..., None]
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    fg = np.clip(palette[attrs["colour"]] + colour_jitter, 0, 255).astype(np.float32)
+    bg = np.clip(bg_level[:, None] + bg_tint, 0, 255).astype(np.float32)
+    noise = _rng(c.seed, "pixels").normal(0.0, 1.0, (n, size, size, 3)).astype(np.float32)
+    pixels = bg[:, None, None, :] * (1 - coverage) + fg[:, None, None, :] * coverage
+    pixels += noise * np.float32(c.pixel_noise)
+    images = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+    return images, attrs | {"cx": cx, "cy": cy, "radius": radius}
+
+
+def _captions(
+    shapes: list[str], attrs: dict[str, np.ndarray], tone: np.ndarray, is_ood: np.ndarray,
+    c: ShapesConfig,
+) -> tuple[list[str], np.ndarray]:  # fmt: skip
+    """One caption per item, and whether it names the shape."""
+    n = len(shapes)
+    cap = _rng(c.seed, "captions")
+    u_name = cap.random(n)
+    template_idx = cap.integers(0, len(CAPTION_TEMPLATES), n)
+    generic = cap.integers(0, len(GENERIC_NOUNS), n)
+    names_label = (u_name < c.caption_label) | is_ood
+    colour_names = list(COLOURS)
+    captions = [
+        _caption(
+            CAPTION_TEMPLATES[template_idx[i]],
+            shapes[i] if names_label[i] else GENERIC_NOUNS[generic[i]],
+            colour_names[attrs["colour"][i]],
+            SIZES[attrs["size"][i]],
+            POSITIONS[attrs["position"][i]],
+            TONES[tone[i]],
+        )
+        for i in range(n)
+    ]
+    return captions, names_label
+
+
 def make_shapes(config: ShapesConfig | None = None, **knobs: Any) -> Dataset:
     """Generate the shapes world.
 
@@ -415,7 +505,7 @@ def make_shapes(config: ShapesConfig | None = None, **knobs: Any) -> Dataset:
     if unknown:
         raise WorldSpecError(f"Unknown knob(s) {', '.join(unknown)}. {knob_help()}")
     c = dataclasses.replace(config or ShapesConfig(), **knobs)
-    n, size, k = c.n, c.image_size, len(CLASSES)
+    n, k = c.n, len(CLASSES)
     split_idx = _assign_splits(c)
     train_rows, test_rows = np.flatnonzero(split_idx == 0), np.flatnonzero(split_idx == 2)
 
@@ -438,92 +528,29 @@ def make_shapes(config: ShapesConfig | None = None, **knobs: Any) -> Dataset:
     tone = np.where((split_idx == 0) & ~is_ood, tone, coin)
     aligned = ~is_ood & (tone == cls_major)
 
-    # Other attributes.
-    a = _rng(c.seed, "attributes")
-    colour_idx = a.integers(0, len(COLOURS), n)
-    size_idx = a.integers(0, len(SIZES), n)
-    pos_idx = a.integers(0, len(POSITIONS), n)
-    rel = np.where(size_idx == 0, a.uniform(0.13, 0.17, n), a.uniform(0.24, 0.29, n))
-    radius = rel * size
-    jitter = a.uniform(-0.04, 0.04, (n, 2)) * size
-    colour_jitter = a.integers(-15, 16, (n, 3))
-    bg_level = np.where(tone == 0, a.uniform(25, 75, n), a.uniform(175, 230, n))
-    bg_tint = a.integers(-8, 9, (n, 3))
-    margin = radius * 1.05 + 1.0
-    span = size - 2 * margin
-    cx = margin + (pos_idx % 3) / 2 * span + jitter[:, 0]
-    cy = margin + (pos_idx // 3) / 2 * span + jitter[:, 1]
+    images, attrs = _render(shapes, tone, c)
 
-    # Pixels.
-    coverage = shape_coverage(shapes, cx, cy, radius, size)[..., None]
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    fg = np.clip(palette[colour_idx] + colour_jitter, 0, 255).astype(np.float32)
-    bg = np.clip(bg_level[:, None] + bg_tint, 0, 255).astype(np.float32)
-    noise = _rng(c.seed, "pixels").normal(0.0, 1.0, (n, size, size, 3)).astype(np.float32)
-    pixels = bg[:, None, None, :] * (1 - coverage) + fg[:, None, None, :] * coverage
-    pixels += noise * np.float32(c.pixel_noise)
-    images = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
-
-    # Label noise (train only).
+    # Label noise (train only): shift the label by 1..k-1 classes.
     ln = _rng(c.seed, "label_noise")
     shift = ln.integers(1, k, n)
     noisy = np.zeros(n, dtype=bool)
     noisy[_pick(ln, train_rows, c.label_noise)] = True
     labels = np.where(noisy, (true_label + shift) % k, true_label)
 
-    # Pixel defects (calibration + test).
-    d = _rng(c.seed, "defects")
-    kinds = d.integers(0, 2, n)
-    geometry = d.uniform(0.0, 1.0, (n, 5))
-    defect: list[str | None] = [None] * n
-    defect_mask: list[np.ndarray | None] = [None] * n
-    for i in _pick(d, np.flatnonzero(split_idx > 0), c.defects):
-        g = geometry[i]
-        if kinds[i] == 0:
-            p0 = g[:2] * size
-            angle, length = g[2] * 2 * np.pi, (0.5 + 0.4 * g[3]) * size
-            p1 = np.clip(p0 + length * np.array([np.cos(angle), np.sin(angle)]), 0, size)
-            drawn = _segment_mask(p0, p1, width=max(1.2, size / 24), size=size)
-        else:
-            centre = (0.15 + 0.7 * g[:2]) * size
-            drawn = _disc_mask(centre, radius=(1.5 + g[4]) * size / 32, size=size)
-        off = np.uint8(255 if tone[i] == 0 else 0)
-        before = images[i].copy()
-        images[i][drawn] = off
-        mask = (images[i] != before).any(axis=-1)
-        if mask.any():
-            defect[i], defect_mask[i] = ("scratch", "hole")[kinds[i]], mask
+    defect, defect_mask = _plant_defects(images, np.flatnonzero(split_idx > 0), tone, c)
+    captions, names_label = _captions(shapes, attrs, tone, is_ood, c)
 
-    # Captions.
-    cap = _rng(c.seed, "captions")
-    u_name = cap.random(n)
-    template_idx = cap.integers(0, len(CAPTION_TEMPLATES), n)
-    generic = cap.integers(0, len(GENERIC_NOUNS), n)
-    names_label = (u_name < c.caption_label) | is_ood
     colour_names = list(COLOURS)
-    captions = [
-        _caption(
-            CAPTION_TEMPLATES[template_idx[i]],
-            shapes[i] if names_label[i] else GENERIC_NOUNS[generic[i]],
-            colour_names[colour_idx[i]],
-            SIZES[size_idx[i]],
-            POSITIONS[pos_idx[i]],
-            TONES[tone[i]],
-        )
-        for i in range(n)
-    ]
-
-    ids = [f"shapes-{i:06d}" for i in range(n)]
     meta: list[dict[str, Any]] = [
         {
             "true_shape": shapes[i],
             "true_label": int(true_label[i]),
-            "colour": colour_names[colour_idx[i]],
-            "size": SIZES[size_idx[i]],
-            "position": POSITIONS[pos_idx[i]],
+            "colour": colour_names[attrs["colour"][i]],
+            "size": SIZES[attrs["size"][i]],
+            "position": POSITIONS[attrs["position"][i]],
             "tone": TONES[tone[i]],
-            "center": (float(cx[i]), float(cy[i])),
-            "radius": float(radius[i]),
+            "center": (float(attrs["cx"][i]), float(attrs["cy"][i])),
+            "radius": float(attrs["radius"][i]),
             "spurious_aligned": bool(aligned[i]),
             "noisy_label": bool(noisy[i]),
             "ood": bool(is_ood[i]),
@@ -535,37 +562,42 @@ def make_shapes(config: ShapesConfig | None = None, **knobs: Any) -> Dataset:
         }
         for i in range(n)
     ]
-    image_list = list(images)
-    text_list = captions
-    label_list = [int(x) for x in labels]
-    split_list = [SPLITS[s] for s in split_idx]
+    rows = {
+        "ids": [f"shapes-{i:06d}" for i in range(n)],
+        "image": list(images),
+        "text": captions,
+        "label": [int(x) for x in labels],
+        "split": [SPLITS[s] for s in split_idx],
+        "meta": meta,
+    }
+    _append_duplicates(rows, train_rows, c)
+    return Dataset(
+        name=WORLD_NAME,
+        ids=rows["ids"],
+        modalities={"image": rows["image"], "text": rows["text"]},
+        labels=np.asarray(rows["label"], dtype=np.int64),
+        classes=list(CLASSES),
+        groups=[m["tone"] for m in rows["meta"]],
+        splits=rows["split"],
+        meta=rows["meta"],
+        source=c.spec,
+    )
 
-    # Duplicates: exact copies of train items, appended with new ids.
-    dup_rows = np.empty(0, dtype=np.int64)
-    if c.duplicates > 0 and c.n_duplicated > 0:
-        order = _rng(c.seed, "duplicates").permutation(len(train_rows))
-        dup_rows = np.sort(train_rows[order[: c.n_duplicated]])
-    for i in dup_rows:
+
+def _append_duplicates(rows: dict[str, list[Any]], train_rows: np.ndarray, c: ShapesConfig) -> None:
+    """Append ``duplicates`` exact copies of ``n_duplicated`` train items, with new ids."""
+    if c.duplicates <= 0 or c.n_duplicated <= 0:
+        return
+    order = _rng(c.seed, "duplicates").permutation(len(train_rows))
+    ids, meta = rows["ids"], rows["meta"]
+    for i in np.sort(train_rows[order[: c.n_duplicated]]):
         meta[i]["n_copies"] = c.duplicates + 1
         for _ in range(c.duplicates):
             ids.append(f"shapes-{len(ids):06d}")
-            image_list.append(image_list[i].copy())
-            text_list.append(text_list[i])
-            label_list.append(label_list[i])
-            split_list.append(split_list[i])
+            rows["image"].append(rows["image"][i].copy())
+            for key in ("text", "label", "split"):
+                rows[key].append(rows[key][i])
             meta.append(meta[i] | {"dup_of": ids[i]})
-
-    return Dataset(
-        name=WORLD_NAME,
-        ids=ids,
-        modalities={"image": image_list, "text": text_list},
-        labels=np.asarray(label_list, dtype=np.int64),
-        classes=list(CLASSES),
-        groups=[m["tone"] for m in meta],
-        splits=split_list,
-        meta=meta,
-        source=c.spec,
-    )
 
 
 def load_shapes(spec: str = WORLD_NAME) -> Dataset:
