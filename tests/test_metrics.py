@@ -605,3 +605,31 @@ def test_vectorised_calibration_bootstrap_equals_the_generic_bootstrap(seed, n_b
     for name, fn in fns.items():
         ref = bootstrap_ci(fn, p, y, n_boot=100, seed=seed)
         np.testing.assert_allclose(fast[name], ref, atol=1e-12, err_msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_classes", [2, 5])
+def test_vectorised_macro_f1_bootstrap_equals_the_generic_bootstrap(seed, n_classes):
+    from mmsafe.metrics import bootstrap_ci, macro_f1, macro_f1_bootstrap
+
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, n_classes, 80)
+    p = np.where(rng.random(80) < 0.6, t, rng.integers(0, n_classes, 80))
+    ref = bootstrap_ci(lambda a, b: macro_f1(a, b, n_classes), p, t, n_boot=300, seed=seed)
+    fast = macro_f1_bootstrap(p, t, n_classes, n_boot=300, seed=seed)
+    np.testing.assert_allclose(fast, ref, atol=1e-12)
+
+
+def test_grouped_mean_ci_overall_equals_mean_ci_and_groups_are_sensible():
+    from mmsafe.metrics import grouped_mean_ci, mean_ci
+
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 3, 400)
+    v = (rng.random(400) < np.array([0.9, 0.5, 0.2])[g]).astype(float)
+    overall, per = grouped_mean_ci(v, g, 4, n_boot=500, seed=7)
+    assert overall == pytest.approx(mean_ci(v, n_boot=500, seed=7), abs=1e-12)
+    for k in range(3):
+        lo, hi = per[k]
+        assert lo <= v[g == k].mean() <= hi
+        assert hi - lo < 0.25
+    assert all(math.isnan(x) for x in per[3])  # a group with no row

@@ -152,7 +152,8 @@ def run_audit(
         train=train,
         options=options,
     )
-    fingerprints = [model.fingerprint(), data.fingerprint(), task.fingerprint()]
+    data_fp = data.fingerprint()
+    fingerprints = [model.fingerprint(), data_fp, task.fingerprint()]
     results: dict[str, CheckResult] = {}
     resumed: list[str] = []
     for name in names:
@@ -179,6 +180,7 @@ def run_audit(
         results=results,
         seed=seed,
         device=str(engine.device),
+        data_fingerprint=data_fp,
     )
     outcomes = evaluate_gates(gates, card)
     card["gates"] = [

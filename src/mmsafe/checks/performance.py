@@ -9,8 +9,9 @@ from mmsafe.checks.registry import register_check
 from mmsafe.metrics import (
     accuracy,
     best_positive_rank,
-    bootstrap_ci,
+    grouped_mean_ci,
     macro_f1,
+    macro_f1_bootstrap,
     mean_ci,
     per_class_accuracy,
 )
@@ -47,25 +48,18 @@ class PerformanceCheck(Check):
         preds, target = out.preds[keep], out.labels[keep]
         n_classes = len(classes)
         correct = (preds == target).astype(float)
+        acc_ci, class_ci = grouped_mean_ci(correct, target, n_classes, self.n_boot, seed=seed)
         metrics = {
-            "accuracy": Metric(accuracy(preds, target), mean_ci(correct, self.n_boot, seed=seed)),
+            "accuracy": Metric(accuracy(preds, target), acc_ci),
             "macro_f1": Metric(
                 macro_f1(preds, target, n_classes),
-                bootstrap_ci(
-                    lambda p, t: macro_f1(p, t, n_classes),
-                    preds,
-                    target,
-                    n_boot=min(self.n_boot, 200),
-                    seed=seed,
-                ),
+                macro_f1_bootstrap(preds, target, n_classes, self.n_boot, seed=seed),
             ),
         }
         per_class = per_class_accuracy(preds, target, n_classes)
         for c, name in enumerate(classes):
-            rows = correct[target == c]
-            if len(rows):
-                ci = mean_ci(rows, self.n_boot, seed=seed)
-                metrics[f"class_accuracy/{name}"] = Metric(float(per_class[c]), ci)
+            if np.isfinite(per_class[c]):
+                metrics[f"class_accuracy/{name}"] = Metric(float(per_class[c]), class_ci[c])
 
         findings = []
         n_excluded = int((~keep).sum())

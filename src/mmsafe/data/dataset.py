@@ -74,6 +74,9 @@ class Dataset:
     meta: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[SkippedRow] = field(default_factory=list)
     source: str = ""
+    _digests: dict[str, tuple[list[Any], int, bytes]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -140,20 +143,31 @@ class Dataset:
         """A content hash of ids, modality values, labels, classes, groups and splits.
 
         Two datasets with the same fingerprint give the same model outputs, so the engine keys
-        its cache on it.
+        its cache on it. The digest of each modality column is memoised per list object: treat
+        modality values as immutable (build a new list to change them); labels, groups, splits
+        and ids are hashed afresh on every call.
         """
-        h = hashlib.sha256()
+        h = hashlib.blake2b(digest_size=16)
         h.update(repr((self.classes, self.modality_names)).encode())
         h.update("\x1f".join(self.ids).encode())
         h.update(self.labels.tobytes())
         h.update(repr((self.groups, self.splits)).encode())
         for name, values in self.modalities.items():
             h.update(name.encode())
-            for v in values:
-                if isinstance(v, np.ndarray):
-                    h.update(repr((v.shape, v.dtype.str)).encode())
-                    h.update(np.ascontiguousarray(v).tobytes())
-                else:
-                    h.update(str(v).encode())
-                    h.update(b"\x1e")
+            h.update(self._values_digest(name, values))
         return h.hexdigest()[:16]
+
+    def _values_digest(self, name: str, values: list[Any]) -> bytes:
+        memo = self._digests.get(name)
+        if memo is not None and memo[0] is values and memo[1] == len(values):
+            return memo[2]
+        h = hashlib.blake2b(digest_size=16)
+        arrays = [v for v in values if isinstance(v, np.ndarray)]
+        if len(arrays) == len(values):  # one update for all arrays: no per-row hashing
+            h.update(repr([(v.shape, v.dtype.str) for v in arrays]).encode())
+            if arrays:
+                h.update(np.concatenate([v.reshape(-1).view(np.uint8) for v in arrays]))
+        else:
+            h.update("\x1e".join(map(str, values)).encode())
+        self._digests[name] = (values, len(values), h.digest())
+        return h.digest()

@@ -120,9 +120,10 @@ class Engine:
         data: Dataset,
         modalities: Sequence[str] | None = None,
         desc: str = "",
+        data_fingerprint: str | None = None,
     ) -> dict[str, Tensor]:
         """Embeddings of ``data`` per modality, from the cache when they were computed before."""
-        data_fp = data.fingerprint()
+        data_fp = data_fingerprint or data.fingerprint()
         out: dict[str, Tensor] = {}
         for m in modalities or data.modality_names:
             key = stable_hash("embed", model.fingerprint(), data_fp, m)
@@ -138,9 +139,10 @@ class Engine:
     # ------------------------------------------------------------------ task outputs
     def outputs(self, model: EncoderModel, task: Task, data: Dataset) -> Outputs:
         """The task's clean outputs on ``data``, computed once per (model, data, task)."""
-        key = stable_hash("outputs", model.fingerprint(), data.fingerprint(), task.fingerprint())
+        data_fp = data.fingerprint()
+        key = stable_hash("outputs", model.fingerprint(), data_fp, task.fingerprint())
         if key not in self._outputs:
             task.check_data(data)
-            emb = self.embed(model, data, task.modalities)
+            emb = self.embed(model, data, task.modalities, data_fingerprint=data_fp)
             self._outputs[key] = task.outputs(emb, data)
         return self._outputs[key]

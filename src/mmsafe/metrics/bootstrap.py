@@ -153,3 +153,75 @@ def mean_ci(
         [v[idx].mean(axis=1) for idx in _index_chunks(v.shape[0], int(n_boot), seed)]
     )
     return _percentile_interval(means, level)
+
+
+def resample_counts(n: int, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """The resamples of :func:`bootstrap_ci` as ``(rows, n)`` float count matrices, in chunks.
+
+    Row ``b`` counts how often each original row appears in resample ``b``. Any statistic that
+    is a ratio of per-row sums (means, per-group means, binned calibration gaps, per-class
+    counts) is then one matrix product per chunk, for every resample at once.
+
+    Example:
+        >>> counts = np.concatenate(list(resample_counts(5, 3, seed=0)))
+        >>> counts.shape, counts.sum(axis=1).tolist()
+        ((3, 5), [5.0, 5.0, 5.0])
+    """
+    for idx in _index_chunks(n, n_boot, seed):
+        rows = idx.shape[0]
+        flat = (idx + n * np.arange(rows)[:, None]).ravel()
+        yield np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+def grouped_mean_ci(
+    values: Any,
+    groups: Any,
+    n_groups: int,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[tuple[float, float], list[tuple[float, float]]]:
+    """Bootstrap CIs of the overall mean and of the mean within each group, from one resample set.
+
+    Rows are resampled jointly (a plain, non-stratified bootstrap, the same resamples as
+    :func:`mean_ci` with the same seed, so the overall interval equals ``mean_ci``'s); a group's
+    mean in a resample is taken over the resampled rows of that group, and resamples without any
+    row of the group are ignored for it.
+
+    Args:
+        values: ``(N,)`` per-row numbers, e.g. correctness.
+        groups: ``(N,)`` integer group per row in ``[0, n_groups)``.
+        n_groups: number of groups.
+        n_boot: number of resamples.
+        level: confidence level.
+        seed: seed of the resamples.
+
+    Returns:
+        ``(overall (lo, hi), [(lo, hi) per group])``; ``(nan, nan)`` for an empty group.
+
+    Example:
+        >>> v = np.r_[np.ones(50), np.zeros(50)]; g = np.r_[np.zeros(50), np.ones(50)].astype(int)
+        >>> overall, per = grouped_mean_ci(v, g, 2, n_boot=200)
+        >>> per
+        [(1.0, 1.0), (0.0, 0.0)]
+    """
+    _check_options(n_boot, level, seed)
+    v = _as_numpy(values, "values").astype(np.float64)
+    g = _as_numpy(groups, "groups").astype(np.int64)
+    if v.ndim != 1 or v.shape != g.shape or v.size == 0:
+        raise ValueError("values and groups must be non-empty 1-D arrays of the same length.")
+    if g.min() < 0 or g.max() >= n_groups:
+        raise ValueError(f"groups must lie in [0, {n_groups}).")
+    onehot = np.eye(n_groups)[g]
+    design = np.column_stack([v, onehot * v[:, None], onehot])  # sums, group sums, group counts
+    overall, per = [], []
+    for counts in resample_counts(v.size, int(n_boot), seed):
+        sums = counts @ design
+        overall.append(sums[:, 0] / v.size)
+        total, count = sums[:, 1 : 1 + n_groups], sums[:, 1 + n_groups :]
+        per.append(np.where(count > 0, total / np.maximum(count, 1), np.nan))
+    per_all = np.concatenate(per)
+    return (
+        _percentile_interval(np.concatenate(overall), level),
+        [_percentile_interval(per_all[:, k], level) for k in range(n_groups)],
+    )

@@ -375,21 +375,6 @@ def reliability_diagram(probs: Any, target: Any, n_bins: int = 15) -> Reliabilit
     )
 
 
-def _binned_gap_stats(
-    bins: np.ndarray, value: np.ndarray, correct: np.ndarray, n_slots: int, err: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-resample per-bin ``|acc - value|`` gaps and counts for ``(B, N)`` bin-index rows."""
-    rows, n = bins.shape
-    flat = (bins + n_slots * np.arange(rows)[:, None]).ravel()
-    size = rows * n_slots
-    count = np.bincount(flat, minlength=size).reshape(rows, n_slots).astype(np.float64)
-    safe = np.maximum(count, 1.0)
-    mean_v = np.bincount(flat, weights=value.ravel(), minlength=size).reshape(rows, n_slots) / safe
-    acc = np.bincount(flat, weights=correct.ravel(), minlength=size).reshape(rows, n_slots) / safe
-    target = 1.0 - acc if err else acc
-    return np.where(count > 0, np.abs(target - mean_v), 0.0), count
-
-
 def calibration_bootstrap(
     probs: Any,
     target: Any,
@@ -415,26 +400,38 @@ def calibration_bootstrap(
         >>> np.allclose(calibration_bootstrap(p, y, n_boot=50)["ece"], ref)
         True
     """
-    from mmsafe.metrics.bootstrap import _check_options, _index_chunks, _percentile_interval
+    from mmsafe.metrics.bootstrap import _check_options, _percentile_interval, resample_counts
 
     n_bins = _check_n_bins(n_bins)
     _check_options(n_boot, level, seed)
     p, t = _check_inputs(probs, target)
     conf, correct = _top_label(p, t)
-    conf_bin = _confidence_bin_index(conf, n_bins)
+    conf_hot = np.eye(n_bins + 1)[_confidence_bin_index(conf, n_bins)]
     u = _normalised_entropy(p)
     u_edges = np.arange(n_bins + 1, dtype=np.float64) / n_bins
-    u_bin = np.clip(np.searchsorted(u_edges, u, side="right") - 1, 0, n_bins - 1)
+    u_hot = np.eye(n_bins)[np.clip(np.searchsorted(u_edges, u, side="right") - 1, 0, n_bins - 1)]
     brier = np.sum((p - np.eye(p.shape[1])[t]) ** 2, axis=1)
     nll = -np.log(np.clip(p[np.arange(len(t)), t], 1e-12, None))
+    blocks = [
+        conf_hot,
+        conf_hot * conf[:, None],
+        conf_hot * correct[:, None],
+        u_hot,
+        u_hot * u[:, None],
+        u_hot * (1.0 - correct)[:, None],
+        brier[:, None],
+        nll[:, None],
+    ]
+    design = np.column_stack(blocks)
+    cuts = np.cumsum([b.shape[1] for b in blocks])[:-1]
     n = len(t)
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("ece", "mce", "uce", "brier", "nll")}
-    for idx in _index_chunks(n, int(n_boot), seed):
-        gap, count = _binned_gap_stats(conf_bin[idx], conf[idx], correct[idx], n_bins + 1, False)
-        out["ece"].append(np.sum(gap * count, axis=1) / n)
-        out["mce"].append(np.where(count > 0, gap, -np.inf).max(axis=1))
-        gap, count = _binned_gap_stats(u_bin[idx], u[idx], correct[idx], n_bins, True)
-        out["uce"].append(np.sum(gap * count, axis=1) / n)
-        out["brier"].append(brier[idx].mean(axis=1))
-        out["nll"].append(nll[idx].mean(axis=1))
+    for counts in resample_counts(n, int(n_boot), seed):
+        c_n, c_conf, c_acc, u_n, u_val, u_err, b_sum, l_sum = np.split(counts @ design, cuts, 1)
+        gap = np.abs(c_acc - c_conf) / np.maximum(c_n, 1)  # |count*acc - count*conf| / count
+        out["ece"].append((gap * c_n).sum(axis=1) / n)
+        out["mce"].append(np.where(c_n > 0, gap, -np.inf).max(axis=1))
+        out["uce"].append(np.abs(u_err - u_val).sum(axis=1) / n)
+        out["brier"].append(b_sum[:, 0] / n)
+        out["nll"].append(l_sum[:, 0] / n)
     return {k: _percentile_interval(np.concatenate(v), level) for k, v in out.items()}

@@ -11,6 +11,7 @@ Layout (stable; extend, don't break)::
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
@@ -29,6 +30,16 @@ if TYPE_CHECKING:
     from mmsafe.tasks.base import Task
 
 SCHEMA_VERSION = "1.0"
+
+
+@functools.cache
+def _validator() -> Any:
+    import jsonschema
+
+    schema = card_schema()
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema)
 
 
 def card_schema() -> dict[str, Any]:
@@ -54,7 +65,7 @@ def environment_info(device: str) -> dict[str, Any]:
     }
 
 
-def data_info(data: Dataset, evaluated: Dataset) -> dict[str, Any]:
+def data_info(data: Dataset, evaluated: Dataset, fingerprint: str | None = None) -> dict[str, Any]:
     """The data section: name, source, fingerprint, sizes, classes and skipped rows."""
     splits: dict[str, int] = {}
     for s in data.splits or []:
@@ -62,7 +73,7 @@ def data_info(data: Dataset, evaluated: Dataset) -> dict[str, Any]:
     return {
         "name": data.name,
         "source": data.source,
-        "fingerprint": data.fingerprint(),
+        "fingerprint": fingerprint or data.fingerprint(),
         "n_rows": len(data),
         "n_evaluated": len(evaluated),
         "evaluated_split": evaluated.name,
@@ -99,13 +110,14 @@ def build_card(
     seed: int,
     device: str,
     gates: list[dict[str, Any]] | None = None,
+    data_fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Assemble the card dict (validate it with :func:`validate_card`)."""
     return {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model_info(model),
-        "data": data_info(data, evaluated),
+        "data": data_info(data, evaluated, data_fingerprint),
         "task": {"name": task.name, "kind": task.kind, "params": task.params()},
         "environment": environment_info(device),
         "seed": seed,
@@ -116,9 +128,7 @@ def build_card(
 
 def validate_card(card: Mapping[str, Any]) -> None:
     """Raise ``jsonschema.ValidationError`` when ``card`` breaks the schema."""
-    import jsonschema
-
-    jsonschema.validate(dict(card), card_schema())
+    _validator().validate(dict(card))
 
 
 def load_card(path: str | Path) -> dict[str, Any]:

@@ -6,13 +6,14 @@ names) is HTML-escaped; plots are drawn by :mod:`mmsafe.report.plots`, which esc
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader, Template, select_autoescape
 from markupsafe import Markup
 
 from mmsafe.checks.base import PILLARS
@@ -50,14 +51,18 @@ def _pillars(card: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
     return [(p, by[p]) for p in order]
 
 
-def render_html(card: Mapping[str, Any]) -> str:
-    """The card as an HTML string."""
+@functools.cache
+def _template() -> Template:
     env = Environment(
         loader=PackageLoader("mmsafe.report", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
     )
-    template = env.get_template("card.html")
-    return template.render(
+    return env.get_template("card.html")
+
+
+def render_html(card: Mapping[str, Any]) -> str:
+    """The card as an HTML string."""
+    return _template().render(
         card=card,
         pillars=_pillars(card),
         fmt=fmt,
