@@ -131,3 +131,19 @@ def test_glob_selection():
 
     with pytest.raises(CheckSelectionError, match="Known checks"):
         select_checks("robustness.*")
+
+
+def test_html_escapes_a_caption_containing_script(toy_model, tmp_path):
+    data = make_colour_data(n=150)
+    evil = "<script>alert('x')</script>"
+    data.modalities["text"] = [f"{evil} {t}" for t in data.modalities["text"]]
+    data.labels[::4] = (data.labels[::4] + 1) % 3  # label noise: confident errors exist
+    result = run_audit(toy_model, data, out=tmp_path, checks="performance")
+    table = result.results["performance"].plots["confident_errors"]
+    assert table["rows"] and all(evil in row[1] for row in table["rows"])
+    html = (tmp_path / "index.html").read_text()
+    assert "<script>" not in html
+    assert "    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in htmllt;script    assert "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in htmlgt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
+    # the most confident error comes first
+    confidences = [row[-1] for row in table["rows"]]
+    assert confidences == sorted(confidences, reverse=True)

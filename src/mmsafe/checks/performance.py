@@ -19,6 +19,28 @@ from mmsafe.metrics import (
 RECALL_KS = (1, 5, 10)
 
 
+def confident_errors(ctx: AuditContext, k: int) -> dict:
+    """A table spec of the ``k`` misclassified labelled rows the model was most sure about."""
+    out, data = ctx.outputs, ctx.data
+    probs = out.probs
+    conf = probs.max(axis=1)
+    wrong = np.flatnonzero((out.labels >= 0) & (out.preds != out.labels))
+    top = wrong[np.argsort(-conf[wrong], kind="stable")[:k]]
+    texts = data.modalities.get("text")
+    columns = ["id", *(["text"] if texts is not None else []), "label", "predicted", "confidence"]
+    rows = [
+        [
+            data.ids[i],
+            *([str(texts[i])] if texts is not None else []),
+            data.classes[out.labels[i]],
+            data.classes[out.preds[i]],
+            float(conf[i]),
+        ]
+        for i in top
+    ]
+    return {"kind": "table", "title": "Most confident errors", "columns": columns, "rows": rows}
+
+
 @register_check
 class PerformanceCheck(Check):
     """How well the model does its task on the evaluation rows, with bootstrap 95% CIs."""
@@ -28,8 +50,9 @@ class PerformanceCheck(Check):
     description = "accuracy, macro-F1 and per-class accuracy; retrieval R@1/5/10"
     higher_is_better = {"accuracy": True, "macro_f1": True}
 
-    def __init__(self, n_boot: int = 1000) -> None:
+    def __init__(self, n_boot: int = 1000, n_examples: int = 8) -> None:
         self.n_boot = n_boot
+        self.n_examples = n_examples
 
     def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
         reason = super().skip_reason(ctx)
@@ -100,6 +123,7 @@ class PerformanceCheck(Check):
                 )
             )
         plots = {
+            "confident_errors": confident_errors(ctx, self.n_examples),
             "per_class_accuracy": {
                 "kind": "bar",
                 "title": "Accuracy per class",
@@ -108,7 +132,7 @@ class PerformanceCheck(Check):
                 "reference": acc.value,
                 "reference_label": "overall",
                 "ylim": [0.0, 1.0],
-            }
+            },
         }
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
 

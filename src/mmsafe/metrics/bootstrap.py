@@ -14,6 +14,7 @@ rounding.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Iterator
@@ -167,10 +168,25 @@ def resample_counts(n: int, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
         >>> counts.shape, counts.sum(axis=1).tolist()
         ((3, 5), [5.0, 5.0, 5.0])
     """
+    if n * n_boot <= _CHUNK_ELEMENTS:  # small enough to keep: checks of one audit share it
+        yield from _cached_counts(n, n_boot, seed)
+    else:
+        yield from _counts(n, n_boot, seed)
+
+
+def _counts(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     for idx in _index_chunks(n, n_boot, seed):
         rows = idx.shape[0]
         flat = (idx + n * np.arange(rows)[:, None]).ravel()
         yield np.bincount(flat, minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_counts(n: int, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
+    chunks = tuple(_counts(n, n_boot, seed))
+    for c in chunks:
+        c.setflags(write=False)
+    return chunks
 
 
 def grouped_mean_ci(

@@ -5,7 +5,7 @@ and any front end can redraw it. This module draws them as self-contained SVG wi
 library: it is fast (the report adds milliseconds to an audit) and safe, since every string that
 reaches the SVG passes through :func:`html.escape`.
 
-Kinds: ``reliability``, ``bar``, ``heatmap``, ``line``.
+Kinds: ``reliability``, ``bar``, ``heatmap``, ``line``, and ``table`` (HTML, for example rows).
 
 Example:
     >>> svg = render_plot({"kind": "bar", "title": "<b>", "labels": ["a"], "values": [0.5]})
@@ -196,7 +196,22 @@ def line_svg(spec: Mapping[str, Any]) -> str:
     return _svg(body, spec.get("title", ""))
 
 
+def table_html(spec: Mapping[str, Any]) -> str:
+    """A small HTML table ``{"columns": [...], "rows": [[...], ...]}`` with every cell escaped."""
+    head = "".join(f"<th>{_e(c)}</th>" for c in spec["columns"])
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row) + "</tr>" for row in spec["rows"]
+    )
+    title = f"<caption>{_e(spec.get('title', ''))}</caption>" if spec.get("title") else ""
+    return f'<table class="examples">{title}<tr>{head}</tr>{body}</table>'
+
+
+def _cell(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "table": table_html,
     "reliability": reliability_svg,
     "bar": bar_svg,
     "heatmap": heatmap_svg,
