@@ -150,3 +150,25 @@ def test_plots_render_valid_svg(spec):
     svg = render_plot(spec)
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     assert "nan" not in re.sub(r"<title>.*?</title>", "", svg).lower()
+
+
+def test_reliability_bars_stand_on_the_axis():
+    svg = render_plot(
+        {
+            "kind": "reliability",
+            "bin_edges": [0, 0.5, 1],
+            "confidence": [0.25, 0.75],
+            "accuracy": [0.5, 1.0],
+            "count": [1, 1],
+        }
+    )
+    bars = re.findall(
+        r'<rect x="[^"]+" y="([^"]+)" width="[^"]+" height="([^"]+)" fill="#3465a4" '
+        r'opacity="0.8"',
+        svg,
+    )
+    assert len(bars) == 2
+    baselines = {round(float(y) + float(h), 1) for y, h in bars}
+    assert len(baselines) == 1  # every bar ends on the x axis
+    (y_half, h_half), (y_full, h_full) = ((float(y), float(h)) for y, h in bars)
+    assert h_full == pytest.approx(2 * h_half)

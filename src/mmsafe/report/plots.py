@@ -91,7 +91,7 @@ def reliability_svg(spec: Mapping[str, Any]) -> str:
         ya, yc = TOP + ph - acc * ph, TOP + ph - conf * ph
         body.append(
             f'<rect x="{x + 1:.1f}" y="{ya:.1f}" width="{max(bw - 2, 1):.1f}" '
-            f'height="{ph - acc * ph:.1f}" fill="{ACCENT}" opacity="0.8">'
+            f'height="{acc * ph:.1f}" fill="{ACCENT}" opacity="0.8">'
             f"<title>acc {acc:.3f}, conf {conf:.3f}, n {counts[i]}</title></rect>"
         )
         gap_top, gap_h = min(ya, yc), abs(ya - yc)
