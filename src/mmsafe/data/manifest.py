@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmsafe.data.dataset import UNLABELLED, Dataset, SkippedRow
+from mmsafe.engine.cache import atomic_write, atomic_write_text
 
 __all__ = [
     "MAX_LISTED_PROBLEMS",
@@ -270,7 +270,7 @@ def _write_image(value: Any, manifest_dir: Path, stem: str) -> str:
     target = manifest_dir / rel
     target.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(arr))
-    _atomic_write(target, lambda f: image.save(f, format="PNG"))
+    atomic_write(target, lambda p: image.save(p, format="PNG"))
     return rel
 
 
@@ -866,10 +866,10 @@ def write_manifest(dataset: Dataset, path: str | Path, image_dir: str = "images"
         )
     sidecar = _sidecar_paths(path)[0]
     if dataset.classes:
-        _atomic_write_text(sidecar, "".join(f"{c}\n" for c in dataset.classes))
+        atomic_write_text(sidecar, "".join(f"{c}\n" for c in dataset.classes))
     else:
         sidecar.unlink(missing_ok=True)  # a stale class list would relabel the rows
-    _atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
     return path
 
 
@@ -928,24 +928,3 @@ def _jsonable(value: Any, dropped: set[str], key: str) -> Any:
 
 
 _DROP = object()
-
-
-def _atomic_write(target: Path, write: Callable[[Any], None]) -> None:
-    """Write ``target`` through ``write(binary file)`` to a temp file, then ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(target: Path, text: str) -> None:
-    def write(f: Any) -> None:
-        f.write(text.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-
-    _atomic_write(target, write)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mmsafe.data.dataset import Dataset
+from mmsafe.engine.cache import atomic_write, default_cache_dir
 from mmsafe.models.base import Batch, EncoderModel, ModelError, images_to_tensor, register_model
 
 FORMAT = "mmsafe.tiny-clip/1"
@@ -313,10 +314,10 @@ class TinyClip(EncoderModel):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p)))
+        atomic_write(out / "model.safetensors", lambda p: save_file(state, str(p)))
         doc = {"format": FORMAT, "model": self.config(), "training": training or self.training_info}
         text = json.dumps(doc, indent=2, sort_keys=True, default=str)
-        _atomic_write(out / "config.json", lambda p: p.write_text(text, encoding="utf-8"))
+        atomic_write(out / "config.json", lambda p: p.write_text(text, encoding="utf-8"))
         return out
 
     @classmethod
@@ -347,17 +348,6 @@ class TinyClip(EncoderModel):
             raise ModelError(f"{weights} does not match its config.json: {err}") from err
         model.training_info = doc.get("training") or {}
         return model.to(device).eval()
-
-
-def _atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Write ``target`` through a temporary sibling file and ``os.replace`` (atomic on POSIX)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 # --------------------------------------------------------------------------- training
@@ -601,13 +591,7 @@ def heldout_zero_shot_accuracy(
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
     """``cache_dir``, else ``$MMSAFE_CACHE_DIR``, else the platform's user cache for mmsafe."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("MMSAFE_CACHE_DIR"):
-        return Path(os.environ["MMSAFE_CACHE_DIR"])
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("mmsafe"))
+    return Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
 
 def cache_key(cfg: TinyClipConfig, train: TrainConfig, seed: int, data_fingerprint: str) -> str:
