@@ -65,7 +65,7 @@ def _summary(card: dict, out: Path | None) -> None:
     for name, c in card["checks"].items():
         metrics = ", ".join(
             f"{k} {v['value']:.3f}" + (f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else "")
-            for k, v in list(c["metrics"].items())[:3]
+            for k, v in list(c["metrics"].items())[:2]
             if v["value"] is not None
         )
         serious = sum(f["severity"] in ("high", "medium") for f in c["findings"])
