@@ -88,3 +88,46 @@ def toy_model() -> ToyEncoder:
 @pytest.fixture
 def colour_data() -> Dataset:
     return make_colour_data()
+
+
+# --------------------------------------------------------------------------- trained tiny-clip
+QUICK_WORLD_SPEC = "shapes:n=900"
+
+
+@pytest.fixture(scope="session")
+def mmsafe_cache(tmp_path_factory) -> Any:
+    """One model/embedding cache for the whole session, so tiny-clip trains once."""
+    return tmp_path_factory.mktemp("mmsafe-cache")
+
+
+@pytest.fixture(scope="session")
+def shapes_quick(mmsafe_cache) -> Any:
+    """``(world, model)``: the quick shapes world and tiny-clip trained on its train split."""
+    from mmsafe.loading import load_data, load_model
+
+    world = load_data(QUICK_WORLD_SPEC)
+    model = load_model("tiny-clip", data=world, quick=True, cache_dir=mmsafe_cache, progress=False)
+    return world, model
+
+
+def audit_context(model: EncoderModel, data: Dataset, task: str = "zero_shot", **kw: Any) -> Any:
+    """A ready :class:`AuditContext` over the test split (for testing one check directly)."""
+    from mmsafe.audit import evaluation_splits
+    from mmsafe.checks import AuditContext
+    from mmsafe.engine import Engine
+    from mmsafe.tasks import create_task
+
+    evaluated, calibration, train = evaluation_splits(data)
+    engine = Engine(progress=False)
+    task_obj = create_task(task, **kw)
+    task_obj.prepare(model, engine, evaluated.classes, fit_data=train)
+    outputs = engine.outputs(model, task_obj, evaluated)
+    return AuditContext(
+        model=model,
+        task=task_obj,
+        data=evaluated,
+        outputs=outputs,
+        engine=engine,
+        calibration=calibration,
+        train=train,
+    )

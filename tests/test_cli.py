@@ -23,8 +23,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("mmsafe-cache")
+def cache_dir(mmsafe_cache) -> Path:
+    return mmsafe_cache
 
 
 @pytest.fixture(scope="session")
