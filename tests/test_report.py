@@ -172,3 +172,43 @@ def test_reliability_bars_stand_on_the_axis():
     assert len(baselines) == 1  # every bar ends on the x axis
     (y_half, h_half), (y_full, h_full) = ((float(y), float(h)) for y, h in bars)
     assert h_full == pytest.approx(2 * h_half)
+
+
+def test_compare_cards_uses_declared_directions():
+    from mmsafe.report import compare_cards
+
+    before = _card(
+        calibration=_check(ece=0.2, mean_confidence=0.9), performance=_check(accuracy=0.8)
+    )
+    after = _card(
+        calibration=_check(ece=0.05, mean_confidence=0.8),
+        performance=_check(accuracy=0.7),
+        other=_check(x=1.0),
+    )
+    deltas = {d.metric: d for d in compare_cards(before, after)}
+    assert deltas["calibration.ece"].improved is True
+    assert deltas["calibration.ece"].delta == pytest.approx(-0.15)
+    assert deltas["performance.accuracy"].improved is False
+    assert deltas["calibration.mean_confidence"].improved is None  # no declared direction
+    assert "other.x" not in deltas  # only in one card
+    skipped = _card(calibration=_check("skipped"))
+    assert compare_cards(before, skipped) == []
+
+
+def test_compare_command(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from mmsafe.cli import app
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "card.json").write_text(json.dumps(_card(calibration=_check(ece=0.2))))
+    (tmp_path / "b" / "card.json").write_text(json.dumps(_card(calibration=_check(ece=0.1))))
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b")])
+    assert (
+        result.exit_code == 0 and "calibration.ece" in result.output and "better" in result.output
+    )
+    missing = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "zzz")])
+    assert missing.exit_code == 2 and "cannot read" in missing.output

@@ -79,3 +79,19 @@ def test_task_errors_name_what_is_missing(colour_data):
 def test_caption_positives_groups_equal_captions():
     p = caption_positives(["x", "y", "x", "z"])
     assert p.sum() == 6 and p[0, 2] and not p[0, 1]
+
+
+def test_temperature_scaled_task_divides_logits(toy_model, colour_data):
+    from mmsafe.tasks import TemperatureScaledTask
+
+    engine = Engine(progress=False)
+    inner = ZeroShotTask(templates=["{}"])
+    inner.prepare(toy_model, engine, colour_data.classes)
+    scaled = TemperatureScaledTask(inner, 2.0)
+    base = engine.outputs(toy_model, inner, colour_data)
+    out = engine.outputs(toy_model, scaled, colour_data)
+    torch.testing.assert_close(out.logits, base.logits / 2.0)
+    assert scaled.name == "zero_shot" and scaled.fingerprint() != inner.fingerprint()
+    assert (out.preds == base.preds).all()  # temperature never changes the arg-max
+    with pytest.raises(ValueError):
+        TemperatureScaledTask(inner, 0.0)

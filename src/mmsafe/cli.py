@@ -298,6 +298,36 @@ def list_models_cmd(
     out_console.print(table)
 
 
+def _print_deltas(before: dict, after: dict, title: str) -> None:
+    from mmsafe.report.compare import compare_cards
+
+    table = Table(title=title)
+    for col in ("metric", "before", "after", "delta", ""):
+        table.add_column(col, justify="right" if col in ("before", "after", "delta") else "left")
+    for d in compare_cards(before, after):
+        mark = {True: "[green]better[/]", False: "[red]worse[/]", None: ""}[d.improved]
+        table.add_row(d.metric, f"{d.before:.4g}", f"{d.after:.4g}", f"{d.delta:+.4g}", mark)
+    out_console.print(table)
+
+
+@app.command()
+def compare(
+    before: Annotated[Path, typer.Argument(help="card.json of the baseline (or its folder).")],
+    after: Annotated[Path, typer.Argument(help="card.json to compare (or its folder).")],
+) -> None:
+    """Before/after deltas of every metric two cards share (e.g. after hardening)."""
+    from mmsafe.report.card import load_card
+
+    cards = []
+    for p in (before, after):
+        path = p / "card.json" if p.is_dir() else p
+        try:
+            cards.append(load_card(path))
+        except (OSError, ValueError) as exc:
+            raise _user_error(f"cannot read the card {path}: {exc}") from None
+    _print_deltas(cards[0], cards[1], f"{before} → {after}")
+
+
 def _version(value: bool) -> None:
     if value:
         out_console.print(f"mmsafe {__version__}")

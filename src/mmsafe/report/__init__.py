@@ -1,11 +1,14 @@
 """The AuditCard: JSON, HTML, plots and CI gates."""
 
 from mmsafe.report.card import SCHEMA_VERSION, build_card, card_schema, load_card, validate_card
+from mmsafe.report.compare import Delta, compare_cards
 from mmsafe.report.gates import Gate, GateOutcome, GateSyntaxError, evaluate_gates, parse_gate
 from mmsafe.report.html import render_html, write_html
 from mmsafe.report.plots import render_plot
 
 __all__ = [
+    "Delta",
+    "compare_cards",
     "SCHEMA_VERSION",
     "Gate",
     "GateOutcome",

@@ -1,6 +1,14 @@
 """Tasks: zero-shot classification, retrieval and fusion classification."""
 
-from mmsafe.tasks.base import Outputs, Task, TaskError, create_task, list_tasks, register_task
+from mmsafe.tasks.base import (
+    Outputs,
+    Task,
+    TaskError,
+    TemperatureScaledTask,
+    create_task,
+    list_tasks,
+    register_task,
+)
 from mmsafe.tasks.fusion import FusionTask
 from mmsafe.tasks.retrieval import RetrievalTask, caption_positives
 from mmsafe.tasks.zero_shot import DEFAULT_TEMPLATES, ZeroShotTask, build_prompts
@@ -12,6 +20,7 @@ __all__ = [
     "RetrievalTask",
     "Task",
     "TaskError",
+    "TemperatureScaledTask",
     "ZeroShotTask",
     "build_prompts",
     "caption_positives",

@@ -152,3 +152,46 @@ def create_task(name: str, **kwargs: Any) -> Task:
     if name not in _TASKS:
         raise TaskError(f"Unknown task {name!r}. Choose one of: {', '.join(list_tasks())}.")
     return _TASKS[name](**kwargs)
+
+
+class TemperatureScaledTask(Task):
+    """Another task's logits divided by a fitted temperature (calibration hardening).
+
+    Args:
+        inner: the prepared task to wrap.
+        temperature: ``T > 0``; ``T > 1`` softens overconfident predictions.
+    """
+
+    def __init__(self, inner: Task, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.inner = inner
+        self.temperature = float(temperature)
+        self.name = inner.name  # type: ignore[misc]  # checks select on the task name
+        self.kind = inner.kind  # type: ignore[misc]
+        self.modalities = inner.modalities  # type: ignore[misc]
+
+    def prepare(
+        self,
+        model: EncoderModel,
+        engine: Engine,
+        classes: Sequence[str],
+        fit_data: Dataset | None = None,
+    ) -> None:
+        """Prepare the wrapped task."""
+        self.inner.prepare(model, engine, classes, fit_data)
+
+    def logits(self, embeddings: Mapping[str, Tensor]) -> Tensor:
+        """The wrapped logits divided by the temperature."""
+        return self.inner.logits(embeddings) / self.temperature
+
+    def params(self) -> dict[str, Any]:  # noqa: D102
+        return {**self.inner.params(), "temperature": self.temperature}
+
+    def state_fingerprint(self) -> str:  # noqa: D102
+        return self.inner.state_fingerprint()
+
+    def outputs(self, embeddings: dict[str, Tensor], data: Dataset) -> Outputs:  # noqa: D102
+        out = self.inner.outputs(embeddings, data)
+        out.logits = out.logits / self.temperature
+        return out
