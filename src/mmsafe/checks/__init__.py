@@ -2,6 +2,7 @@
 
 from mmsafe.checks.base import PILLARS, AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.calibration import CalibrationCheck
+from mmsafe.checks.ood import OODCheck
 from mmsafe.checks.performance import PerformanceCheck
 from mmsafe.checks.registry import (
     CheckSelectionError,
@@ -10,6 +11,7 @@ from mmsafe.checks.registry import (
     register_check,
     select_checks,
 )
+from mmsafe.checks.slices import SlicesCheck
 
 __all__ = [
     "PILLARS",
@@ -20,7 +22,9 @@ __all__ = [
     "CheckSelectionError",
     "Finding",
     "Metric",
+    "OODCheck",
     "PerformanceCheck",
+    "SlicesCheck",
     "get_check",
     "list_checks",
     "register_check",

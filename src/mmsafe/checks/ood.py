@@ -1,0 +1,238 @@
+"""``monitoring.ood``: can the model's own outputs tell never-seen inputs from familiar ones?
+
+Rows whose ``meta`` has a truthy ``"ood"`` are out-of-distribution (OOD); labelled rows without
+that flag are in-distribution (ID). Each OOD score of :mod:`mmsafe.ood` (higher = ID) is turned
+into AUROC, AUPR-In, AUPR-Out and FPR@95TPR (:mod:`mmsafe.metrics.ood`), and the best score by
+AUROC is the headline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.registry import register_check
+from mmsafe.metrics.ood import (
+    aupr_in,
+    aupr_out,
+    auroc,
+    auroc_bootstrap_ci,
+    downsample_curve,
+    fpr_at_tpr,
+    roc_curve,
+)
+from mmsafe.ood import energy, knn_score, max_logit, mcm, msp
+
+NO_OOD_REASON = "needs rows marked meta.ood (e.g. the shapes world's never-seen shapes)"
+SCORES: tuple[str, ...] = ("msp", "max_logit", "energy", "mcm", "knn")
+
+
+def ood_masks(meta: Sequence[dict[str, Any]], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(is_ood, is_id)``: rows flagged ``meta["ood"]``, and labelled rows that are not.
+
+    Example:
+        >>> ood_masks([{"ood": True}, {}, {"ood": False}, {}], np.array([-1, 0, 1, -1]))
+        (array([ True, False, False, False]), array([False,  True,  True, False]))
+    """
+    is_ood = np.array([bool(m.get("ood")) for m in meta], dtype=bool)
+    return is_ood, (np.asarray(labels) >= 0) & ~is_ood
+
+
+def class_embeddings_of(task: Any) -> Tensor | None:
+    """The class-prompt embeddings of a (possibly wrapped) zero-shot task, else ``None``."""
+    while task is not None:
+        emb = getattr(task, "class_embeddings_", None)
+        if emb is not None:
+            return emb
+        task = getattr(task, "inner", None)
+    return None
+
+
+@register_check
+class OODCheck(Check):
+    """Semantic OOD detection with MSP, max-logit, energy, MCM and kNN scores.
+
+    Args:
+        n_boot: bootstrap resamples for the AUROC CIs (ID and OOD rows resampled separately).
+        k: the neighbour of the kNN score (distance to the k-th nearest train image).
+        temperature: the energy score's temperature.
+        mcm_tau: the MCM softmax temperature over cosine similarities.
+        auroc_threshold: a best AUROC below this raises a finding.
+        max_points: the most points drawn per ROC curve.
+    """
+
+    name = "monitoring.ood"
+    pillar = "monitoring"
+    tasks = ("zero_shot", "fusion")
+    description = "OOD detection (MSP, max-logit, energy, MCM, kNN): AUROC, AUPR, FPR@95TPR"
+    higher_is_better = {
+        "auroc": True,
+        "fpr95": False,
+        **{f"{s}/{m}": True for s in SCORES for m in ("auroc", "aupr_in", "aupr_out")},
+        **{f"{s}/fpr95": False for s in SCORES},
+    }
+
+    def __init__(
+        self,
+        n_boot: int = 200,
+        k: int = 10,
+        temperature: float = 1.0,
+        mcm_tau: float = 1.0,
+        auroc_threshold: float = 0.8,
+        max_points: int = 200,
+    ) -> None:
+        self.n_boot = n_boot
+        self.k = k
+        self.temperature = temperature
+        self.mcm_tau = mcm_tau
+        self.auroc_threshold = auroc_threshold
+        self.max_points = max_points
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
+        reason = super().skip_reason(ctx)
+        if reason is not None:
+            return reason
+        is_ood, is_id = ood_masks(ctx.data.meta, ctx.outputs.labels)
+        if not is_ood.any():
+            return NO_OOD_REASON
+        if not is_id.any():
+            return "needs labelled in-distribution rows (without meta.ood) to compare with"
+        return None
+
+    # ------------------------------------------------------------------ scores
+    def scores(self, ctx: AuditContext) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """``({score: (N,) values}, {score: why it was not computed})`` over ``ctx.data``."""
+        logits = ctx.outputs.logits
+        out = {
+            "msp": msp(logits),
+            "max_logit": max_logit(logits),
+            "energy": energy(logits, T=self.temperature),
+        }
+        missing: dict[str, str] = {}
+        image = ctx.outputs.embeddings.get("image")
+        class_emb = class_embeddings_of(ctx.task)
+        if image is None:
+            missing["mcm"] = "the task's outputs have no image embeddings"
+        elif class_emb is None:
+            missing["mcm"] = (
+                f"task {ctx.task.name!r} has no class-prompt embeddings (MCM needs zero_shot)"
+            )
+        else:
+            out["mcm"] = mcm(image, class_emb, tau=self.mcm_tau)
+        bank = self._bank(ctx)
+        if isinstance(bank, str):
+            missing["knn"] = bank
+        else:
+            assert image is not None
+            out["knn"] = knn_score(image, bank, k=self.k)
+        return {k: v.cpu().numpy() for k, v in out.items()}, missing
+
+    def _bank(self, ctx: AuditContext) -> Tensor | str:
+        """The in-distribution train image embeddings, or why there are none."""
+        if "image" not in ctx.outputs.embeddings:
+            return "the task's outputs have no image embeddings"
+        if ctx.train is None:
+            return "no 'train' split to use as the in-distribution bank"
+        if "image" not in ctx.train.modalities:
+            return "the 'train' split has no image column"
+        keep = ~ood_masks(ctx.train.meta, ctx.train.labels)[0]
+        if keep.sum() < self.k:
+            return f"the train split has {int(keep.sum())} in-distribution rows, fewer than k"
+        emb = ctx.engine.embed(ctx.model, ctx.train, ["image"])["image"]
+        return emb[torch.from_numpy(keep)]
+
+    # ------------------------------------------------------------------ run
+    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        is_ood, is_id = ood_masks(ctx.data.meta, ctx.outputs.labels)
+        scores, missing = self.scores(ctx)
+        metrics: dict[str, Metric] = {}
+        curves = {}
+        for name, s in scores.items():
+            s_in, s_out = s[is_id], s[is_ood]
+            ci = auroc_bootstrap_ci(s_in, s_out, n_boot=self.n_boot, seed=ctx.seed)
+            metrics[f"{name}/auroc"] = Metric(auroc(s_in, s_out), ci)
+            metrics[f"{name}/aupr_in"] = Metric(aupr_in(s_in, s_out))
+            metrics[f"{name}/aupr_out"] = Metric(aupr_out(s_in, s_out))
+            metrics[f"{name}/fpr95"] = Metric(fpr_at_tpr(s_in, s_out, 0.95))
+            curves[name] = roc_curve(s_in, s_out, drop_intermediate=True)
+        ranking = sorted(scores, key=lambda n: -metrics[f"{n}/auroc"].value)  # stable on ties
+        best = ranking[0]
+        metrics["auroc"] = metrics[f"{best}/auroc"]
+        metrics["fpr95"] = metrics[f"{best}/fpr95"]
+        n_in, n_out = int(is_id.sum()), int(is_ood.sum())
+
+        findings = []
+        best_auc = metrics["auroc"].value
+        if best_auc < self.auroc_threshold:
+            findings.append(
+                Finding(
+                    "medium",
+                    f"OOD inputs are hard to tell apart: the best score ({best}) reaches AUROC "
+                    f"{best_auc:.3f} < {self.auroc_threshold:.2f}, and at a threshold keeping "
+                    f"95% of in-distribution rows it still accepts "
+                    f"{metrics['fpr95'].value:.0%} of the OOD rows.",
+                    {"best_score": best, "auroc": best_auc, "fpr95": metrics["fpr95"].value},
+                    "Do not treat the model's confidence as a novelty detector. Deploy a "
+                    "dedicated OOD detector (e.g. kNN distance to the training embeddings) with a "
+                    "threshold set on held-out in-distribution data, route low-score inputs to "
+                    "abstention or human review, and add examples of the unseen categories to "
+                    "training (or to the label set) where they matter.",
+                )
+            )
+        findings.append(
+            Finding(
+                "info",
+                f"Best OOD score: {best} (AUROC {best_auc:.3f}, FPR@95TPR "
+                f"{metrics['fpr95'].value:.3f}) over {n_in} in-distribution and {n_out} OOD rows. "
+                "Ranking by AUROC: "
+                + ", ".join(f"{n} {metrics[f'{n}/auroc'].value:.3f}" for n in ranking)
+                + ".",
+                {
+                    "best_score": best,
+                    "ranking": {n: metrics[f"{n}/auroc"].value for n in ranking},
+                    "n_in": n_in,
+                    "n_ood": n_out,
+                },
+            )
+        )
+        if missing:
+            findings.append(
+                Finding(
+                    "info",
+                    "Not computed: "
+                    + "; ".join(f"{n} ({why})" for n, why in missing.items())
+                    + ".",
+                    {"not_computed": dict(missing)},
+                )
+            )
+
+        series = []
+        for name in ranking:
+            x, y = downsample_curve(curves[name].fpr, curves[name].tpr, self.max_points)
+            auc = metrics[f"{name}/auroc"].value
+            series.append({"name": f"{name} ({auc:.3f})", "x": x, "y": y})
+        plots = {
+            "roc": {
+                "kind": "line",
+                "title": "OOD detection ROC (in-distribution = positive)",
+                "xlabel": "FPR (OOD rows accepted)",
+                "ylabel": "TPR (in-distribution rows accepted)",
+                "ylim": [0.0, 1.0],
+                "series": series,
+            },
+            "auroc": {
+                "kind": "bar",
+                "title": "OOD detection AUROC per score",
+                "labels": list(ranking),
+                "values": [metrics[f"{n}/auroc"].value for n in ranking],
+                "reference": 0.5,
+                "reference_label": "chance",
+                "ylim": [0.0, 1.0],
+            },
+        }
+        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
