@@ -12,6 +12,7 @@ from mmsafe.checks.registry import (
     select_checks,
 )
 from mmsafe.checks.slices import SlicesCheck
+from mmsafe.checks.uncertainty import UncertaintyCheck
 
 __all__ = [
     "PILLARS",
@@ -25,6 +26,7 @@ __all__ = [
     "OODCheck",
     "PerformanceCheck",
     "SlicesCheck",
+    "UncertaintyCheck",
     "get_check",
     "list_checks",
     "register_check",
