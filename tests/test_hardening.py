@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mmsafe.harden.calibration import TemperatureScaler
+from mmsafe.hardening import HardenError, harden_temperature
+from tests.conftest import make_colour_data
+
+
+def test_harden_temperature_fits_on_calibration_and_reaudits(toy_model, tmp_path):
+    data = make_colour_data(n=300)
+    result = harden_temperature(toy_model, data, out=tmp_path)
+    saved = TemperatureScaler.load(tmp_path / "temperature.json")
+    assert saved.temperature_ == pytest.approx(result.summary["temperature"])
+    for side in ("before", "after"):
+        card = json.loads((tmp_path / side / "card.json").read_text())
+        assert card["checks"]["calibration"]["status"] == "ok"
+    deltas = {d.metric: d for d in result.deltas}
+    # a temperature never changes the predicted class, only the confidence
+    assert deltas["performance.accuracy"].delta == 0
+    nll = deltas["calibration.nll"]
+    assert nll.after <= nll.before + 1e-9  # T minimises NLL on calibration rows
+    assert result.after.card["task"]["params"]["temperature"] == saved.temperature_
+
+
+def test_harden_needs_a_calibration_split(toy_model, tmp_path):
+    data = make_colour_data(n=60)
+    data.splits = ["test"] * len(data)
+    with pytest.raises(HardenError, match="calibration"):
+        harden_temperature(toy_model, data, out=tmp_path)
+
+
+def test_temperature_is_fitted_on_calibration_rows_only(toy_model, tmp_path):
+    data = make_colour_data(n=300)
+    test_rows = np.array([s == "test" for s in data.splits])
+    data.labels[test_rows] = (data.labels[test_rows] + 1) % 3  # corrupt only the test labels
+    a = harden_temperature(toy_model, data, out=tmp_path / "a").summary["temperature"]
+    b = harden_temperature(toy_model, make_colour_data(n=300), out=tmp_path / "b")
+    assert a == pytest.approx(b.summary["temperature"])
