@@ -91,7 +91,7 @@ def colour_data() -> Dataset:
 
 
 # --------------------------------------------------------------------------- trained tiny-clip
-QUICK_WORLD_SPEC = "shapes:n=900"
+QUICK_WORLD_SPEC = "shapes:n=900,train_defects=0"
 
 
 @pytest.fixture(scope="session")

@@ -40,3 +40,22 @@ def test_temperature_is_fitted_on_calibration_rows_only(toy_model, tmp_path):
     a = harden_temperature(toy_model, data, out=tmp_path / "a").summary["temperature"]
     b = harden_temperature(toy_model, make_colour_data(n=300), out=tmp_path / "b")
     assert a == pytest.approx(b.summary["temperature"])
+
+
+def test_harden_conformal_exports_a_predictor_that_covers(toy_model, tmp_path):
+    from mmsafe.conformal import ConformalPredictor
+    from mmsafe.hardening import harden_conformal
+
+    data = make_colour_data(n=600, seed=1)
+    result = harden_conformal(toy_model, data, out=tmp_path, confidence_level=0.8, score="lac")
+    predictor = ConformalPredictor.load(result.artifact)
+    assert predictor.confidence_level == 0.8 and predictor.score == "lac"
+    meta = json.loads((tmp_path / "conformal.meta.json").read_text())
+    assert meta["model"] == toy_model.fingerprint() and meta["score"] == "lac"
+    card = json.loads((tmp_path / "after" / "card.json").read_text())
+    check = card["checks"]["monitoring.conformal"]
+    assert check["status"] == "ok"
+    # the re-audit used the exported settings, and the sets cover at about the target level
+    cov = check["metrics"]["lac/coverage"]["value"]
+    assert 0.7 < cov <= 1.0
+    assert "aps/coverage" not in check["metrics"]

@@ -212,3 +212,30 @@ def test_compare_command(tmp_path):
     )
     missing = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "zzz")])
     assert missing.exit_code == 2 and "cannot read" in missing.output
+
+
+def test_image_gallery_embeds_only_base64_png_and_escapes_captions():
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmsafe.report.plots import images_html, png_base64
+
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    encoded = png_base64(pixels, scale=2)
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))))
+    assert decoded.shape == (4, 6, 3) and np.array_equal(decoded[::2, ::2], pixels)
+    html = images_html(
+        {
+            "title": "<t>",
+            "items": [
+                {"png": encoded, "caption": "<script>x</script>"},
+                {"png": '"><script>alert(1)</script>', "caption": "bad"},
+            ],
+        }
+    )
+    assert f"data:image/png;base64,{encoded}" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert html.count("<img") == 1 and "(invalid image)" in html

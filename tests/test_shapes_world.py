@@ -199,11 +199,13 @@ def test_ood_only_in_test(world):
 
 
 def test_defects_mark_exactly_the_changed_pixels(world):
-    clean = make_shapes(defects=0)
+    clean = make_shapes(defects=0, train_defects=0)
     assert not any(m["defect"] for m in clean.meta)
     hit = [i for i, m in enumerate(world.meta) if m["defect"] is not None]
-    assert len(hit) == round(0.1 * 1200)
-    assert all(world.splits[i] != "train" for i in hit)
+    held_out = [i for i in hit if world.splits[i] != "train"]
+    assert len(held_out) == round(0.1 * 1200)
+    trained = [i for i in hit if world.splits[i] == "train" and world.meta[i]["dup_of"] is None]
+    assert len(trained) == round(0.1 * 1800)
     assert {world.meta[i]["defect"] for i in hit} == {"scratch", "hole"}
     for i, (a, b, m) in enumerate(
         zip(world.modalities["image"], clean.modalities["image"], world.meta, strict=True)
@@ -211,10 +213,16 @@ def test_defects_mark_exactly_the_changed_pixels(world):
         changed = (a != b).any(axis=-1)
         if m["defect"] is None:
             assert m["defect_mask"] is None and not changed.any()
+            assert world.modalities["text"][i] == clean.modalities["text"][i]
         else:
             mask = m["defect_mask"]
             assert mask.dtype == bool and mask.shape == (32, 32) and mask.any()
             assert np.array_equal(mask, changed), i
+            if world.splits[i] == "train":  # the caption says what the picture shows
+                assert world.modalities["text"][i] != clean.modalities["text"][i]
+                assert any(p in world.modalities["text"][i] for p in ("scratch", "hole", "damaged"))
+            else:
+                assert world.modalities["text"][i] == clean.modalities["text"][i]
     holes = [world.meta[i]["defect_mask"].sum() for i in hit if world.meta[i]["defect"] == "hole"]
     assert min(holes) >= 3 and max(holes) <= 40  # small discs
 

@@ -1,7 +1,9 @@
 """Checks: the contract, the registry and the built-in checks (imported here to register)."""
 
+from mmsafe.checks.anomaly import AnomalyCheck
 from mmsafe.checks.base import PILLARS, AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.calibration import CalibrationCheck
+from mmsafe.checks.conformal import ConformalCheck
 from mmsafe.checks.ood import OODCheck
 from mmsafe.checks.performance import PerformanceCheck
 from mmsafe.checks.registry import (
@@ -16,9 +18,11 @@ from mmsafe.checks.uncertainty import UncertaintyCheck
 
 __all__ = [
     "PILLARS",
+    "AnomalyCheck",
     "AuditContext",
     "CalibrationCheck",
     "Check",
+    "ConformalCheck",
     "CheckResult",
     "CheckSelectionError",
     "Finding",

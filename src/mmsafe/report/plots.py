@@ -5,7 +5,8 @@ and any front end can redraw it. This module draws them as self-contained SVG wi
 library: it is fast (the report adds milliseconds to an audit) and safe, since every string that
 reaches the SVG passes through :func:`html.escape`.
 
-Kinds: ``reliability``, ``bar``, ``heatmap``, ``line``, and ``table`` (HTML, for example rows).
+Kinds: ``reliability``, ``bar``, ``heatmap``, ``line``, and the HTML kinds ``table`` (example
+rows) and ``images`` (a gallery of small base64 PNGs, e.g. anomaly maps over images).
 
 Example:
     >>> svg = render_plot({"kind": "bar", "title": "<b>", "labels": ["a"], "values": [0.5]})
@@ -16,9 +17,12 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from html import escape
 from typing import Any
+
+import numpy as np
 
 W, H = 420, 300
 LEFT, RIGHT, TOP, BOTTOM = 50, 15, 30, 55
@@ -206,6 +210,54 @@ def table_html(spec: Mapping[str, Any]) -> str:
     return f'<table class="examples">{title}<tr>{head}</tr>{body}</table>'
 
 
+_BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
+
+
+def images_html(spec: Mapping[str, Any]) -> str:
+    """A gallery ``{"items": [{"png": <base64 PNG>, "caption": str}, ...]}`` of small pictures.
+
+    Only well-formed base64 is embedded (as a ``data:image/png`` URL); captions are escaped.
+
+    Example:
+        >>> html = images_html({"title": "t", "items": [{"png": "iVBO", "caption": "<x>"}]})
+        >>> "data:image/png;base64,iVBO" in html and "&lt;x&gt;" in html
+        True
+    """
+    figures = []
+    for item in spec.get("items", []):
+        png = str(item.get("png", ""))
+        img = (
+            f'<img alt="" src="data:image/png;base64,{png}" style="image-rendering:pixelated">'
+            if _BASE64.match(png)
+            else "<span>(invalid image)</span>"
+        )
+        figures.append(
+            f"<figure>{img}<figcaption>{_e(item.get('caption', ''))}</figcaption></figure>"
+        )
+    title = f"<h4>{_e(spec['title'])}</h4>" if spec.get("title") else ""
+    return f'<div class="gallery">{title}{"".join(figures)}</div>'
+
+
+def png_base64(pixels: np.ndarray, scale: int = 1) -> str:
+    """Encode an ``(H, W, 3)`` uint8 array as a base64 PNG, upscaled ``scale`` times (nearest).
+
+    Example:
+        >>> png_base64(np.zeros((2, 2, 3), dtype=np.uint8), scale=2)[:8]
+        'iVBORw0K'
+    """
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    if scale > 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _cell(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
@@ -216,6 +268,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "bar": bar_svg,
     "heatmap": heatmap_svg,
     "line": line_svg,
+    "images": images_html,
 }
 
 

@@ -60,6 +60,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (235, 130, 30),
 }
 SIZES: tuple[str, ...] = ("small", "large")
+DEFECT_PHRASES: dict[str, tuple[str, str]] = {
+    "scratch": (" with a scratch", ", scratched"),
+    "hole": (" with a hole", ", damaged"),
+}
+"""What a train caption adds for a planted defect (``train_defects``), two phrasings each."""
 TONES: tuple[str, ...] = ("dark", "light")
 POSITIONS: tuple[str, ...] = (
     "top left",
@@ -96,6 +101,7 @@ _STREAMS = {
     "defects": 8,
     "duplicates": 9,
     "captions": 10,
+    "train_defects": 11,
 }
 
 
@@ -117,6 +123,9 @@ class ShapesConfig:
         label_noise: fraction of train items whose label is flipped to another class.
         ood: fraction of the test split replaced by out-of-distribution shapes (label -1).
         defects: fraction of calibration + test images given a scratch or a hole.
+        train_defects: fraction of train images given a scratch or a hole *and a caption that
+            says so* ("... with a scratch"), so a contrastive model learns the defect words
+            that zero-shot anomaly prompts use (as web-trained CLIP does).
         duplicates: extra exact copies made of each duplicated train item (0 = off).
         n_duplicated: number of train items that are duplicated (0 = off).
         caption_label: probability that a caption names the shape (otherwise "an object", ...).
@@ -133,6 +142,7 @@ class ShapesConfig:
     label_noise: float = 0.1
     ood: float = 0.1
     defects: float = 0.1
+    train_defects: float = 0.1
     duplicates: int = 5
     n_duplicated: int = 20
     caption_label: float = 0.8
@@ -197,7 +207,9 @@ def _validate(c: ShapesConfig) -> list[str]:
         problems.append(f"image_size={c.image_size} must be in [16, 256]")
     if not (c.spurious == 0 or 0.5 <= c.spurious <= 1):
         problems.append(f"spurious={c.spurious} must be 0 (off) or in [0.5, 1]")
-    for name in ("label_noise", "ood", "defects", "caption_label", "pixel_noise"):
+    for name in (
+        "label_noise", "ood", "defects", "train_defects", "caption_label", "pixel_noise"
+    ):
         value = getattr(c, name)
         if value < 0 or (name != "pixel_noise" and value > 1):
             bound = ">= 0" if name == "pixel_noise" else "in [0, 1]"
@@ -397,19 +409,25 @@ def _pick(rng: np.random.Generator, rows: np.ndarray, fraction: float) -> np.nda
 
 
 def _plant_defects(
-    images: np.ndarray, rows: np.ndarray, tone: np.ndarray, c: ShapesConfig
+    images: np.ndarray,
+    rows: np.ndarray,
+    tone: np.ndarray,
+    c: ShapesConfig,
+    stream: str = "defects",
+    fraction: float | None = None,
+    out: tuple[list[str | None], list[np.ndarray | None]] | None = None,
 ) -> tuple[list[str | None], list[np.ndarray | None]]:
     """Draw scratches and holes into ``images`` (in place) on a fraction of ``rows``.
 
-    Returns the defect kind and the mask of changed pixels per image (None where clean).
+    Returns the defect kind and the mask of changed pixels per image (None where clean), filled
+    into ``out`` when given.
     """
     n, size = len(images), c.image_size
-    d = _rng(c.seed, "defects")
+    d = _rng(c.seed, stream)
     kinds = d.integers(0, 2, n)
     geometry = d.uniform(0.0, 1.0, (n, 5))
-    defect: list[str | None] = [None] * n
-    defect_mask: list[np.ndarray | None] = [None] * n
-    for i in _pick(d, rows, c.defects):
+    defect, defect_mask = out or ([None] * n, [None] * n)
+    for i in _pick(d, rows, c.defects if fraction is None else fraction):
         g = geometry[i]
         if kinds[i] == 0:
             p0 = g[:2] * size
@@ -538,7 +556,12 @@ def make_shapes(config: ShapesConfig | None = None, **knobs: Any) -> Dataset:
     labels = np.where(noisy, (true_label + shift) % k, true_label)
 
     defect, defect_mask = _plant_defects(images, np.flatnonzero(split_idx > 0), tone, c)
+    _plant_defects(images, train_rows, tone, c, "train_defects", c.train_defects,
+                   (defect, defect_mask))  # fmt: skip
     captions, names_label = _captions(shapes, attrs, tone, is_ood, c)
+    for i in train_rows:
+        if defect[i] is not None:
+            captions[i] += DEFECT_PHRASES[defect[i]][i % 2]
 
     colour_names = list(COLOURS)
     meta: list[dict[str, Any]] = [

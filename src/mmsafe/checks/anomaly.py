@@ -1,0 +1,372 @@
+"""``monitoring.anomaly``: can the model flag defective images zero-/few-shot (WinCLIP / WinCLIP+)?
+
+Rows carry defect ground truth in ``meta``: ``defect`` (``None`` = normal, a string = the defect
+kind) and, for pixel metrics, ``defect_mask`` (a boolean ``(H, W)`` array). The evaluated rows are
+``ctx.data`` (the test split) without OOD rows (``meta["ood"]`` truthy); at most ``max_normal``
+normal rows are kept (a seeded subsample) together with every defective row. Few-shot reference
+images are normal rows of the calibration split (else the train split). See ``docs/anomaly.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from mmsafe.anomaly import (
+    PROMPT_SETS,
+    AnomalyScores,
+    MemoryBank,
+    embed_windows,
+    few_shot_anomaly,
+    fuse,
+    normal_reference_order,
+    text_prototypes,
+    zero_shot_anomaly,
+)
+from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.registry import register_check
+from mmsafe.data.dataset import Dataset
+from mmsafe.metrics import bootstrap_ci
+from mmsafe.metrics.anomaly import aupro, auroc, average_precision, f1_max, pixel_auroc
+from mmsafe.report.plots import png_base64
+
+NO_GROUND_TRUTH = "needs rows with meta.defect ground truth (e.g. the shapes world's pixel defects)"
+
+
+def defect_rows(data: Dataset, max_normal: int, seed: int) -> np.ndarray:
+    """Evaluated row indices: every defective row and at most ``max_normal`` normal ones, no OOD.
+
+    Example:
+        >>> ds = Dataset("d", ["a", "b", "c", "d"], {"text": list("abcd")}, np.zeros(4), ["x"],
+        ...              meta=[{"defect": None}, {"defect": "hole"}, {}, {"defect": None,
+        ...                                                              "ood": True}])
+        >>> defect_rows(ds, max_normal=10, seed=0).tolist()
+        [0, 1]
+    """
+    normal, defective = [], []
+    for i, m in enumerate(data.meta):
+        if "defect" not in m or m.get("ood"):
+            continue
+        (normal if m["defect"] is None else defective).append(i)
+    if len(normal) > max_normal:
+        rng = np.random.default_rng(seed)
+        normal = sorted(rng.choice(normal, size=max_normal, replace=False).tolist())
+    return np.array(sorted(normal + defective), dtype=np.int64)
+
+
+def defect_masks(meta: Sequence[dict[str, Any]], shape: tuple[int, int]) -> np.ndarray | None:
+    """``(N, H, W)`` ground-truth masks (all-False on normal rows); ``None`` when one is missing."""
+    out = np.zeros((len(meta), *shape), dtype=bool)
+    for i, m in enumerate(meta):
+        if m["defect"] is None:
+            continue
+        mask = m.get("defect_mask")
+        if mask is None or np.shape(mask) != shape:
+            return None
+        out[i] = np.asarray(mask, dtype=bool)
+    return out
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The image and, beside it, the image blended with the anomaly map in red: ``(H, 2W, 3)``.
+
+    The map is scaled to ``[0, 1]`` by ``lo``/``hi`` (shared by every shown image, so colours
+    compare across images) and used as the red layer's opacity.
+
+    Example:
+        >>> img = np.zeros((2, 2, 3), dtype=np.uint8)
+        >>> out = overlay(img, np.array([[0.0, 1.0], [0.0, 0.0]]), 0.0, 1.0)
+        >>> out.shape, out[0, 3].tolist(), out[0, 2].tolist()
+        ((2, 4, 3), [255, 0, 0], [0, 0, 0])
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    alpha = np.clip((np.asarray(amap, dtype=np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
+    if alpha.shape != img.shape[:2]:
+        alpha = np.asarray(
+            F.interpolate(torch.from_numpy(alpha)[None, None], size=img.shape[:2], mode="nearest")[
+                0, 0
+            ]
+        )
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    blended = img * (1 - alpha[..., None]) + red * alpha[..., None]
+    return np.concatenate([img, blended], axis=1).round().astype(np.uint8)
+
+
+def method_metrics(
+    scores: AnomalyScores, is_defect: np.ndarray, masks: np.ndarray | None, fpr_limit: float
+) -> dict[str, float]:
+    """Image AUROC / AUPR / F1-max and, with masks, pixel AUROC and AUPRO of one method."""
+    img = scores.image.double().numpy()
+    out = {
+        "image_auroc": auroc(img, is_defect),
+        "image_aupr": average_precision(img, is_defect),
+        "f1_max": f1_max(img, is_defect),
+    }
+    if masks is not None:
+        maps = scores.maps.double().numpy()
+        out["pixel_auroc"] = pixel_auroc(maps, masks)
+        out["aupro"] = aupro(maps, masks, fpr_limit=fpr_limit)
+    return out
+
+
+@register_check
+class AnomalyCheck(Check):
+    """WinCLIP zero-shot and WinCLIP+ k-shot anomaly detection with pixel maps.
+
+    Args:
+        windows: window sizes in pixels of the image grid (small and mid scale).
+        stride: window stride in pixels.
+        shots: the ``k`` of each few-shot memory bank (nested: the 1-shot image is in the 2-shot).
+            ``few_shot_k{k}`` is WinCLIP+ (zero-shot and memory-bank scores averaged);
+            ``memory_k{k}`` is the memory-bank (vision) branch alone.
+        max_normal: cap on normal evaluated rows (every defective row is kept).
+        object_name: the object word of the prompts.
+        prompts: the state words: ``"default"`` (WinCLIP's without the negated states),
+            ``"winclip"`` (the paper's exact lists), or a ``(normal, anomalous)`` pair of lists
+            of ``"... {} ..."`` patterns.
+        fpr_limit: FPR limit of AUPRO.
+        auroc_threshold: best image AUROC below this raises a finding.
+        n_boot: bootstrap resamples for the image-AUROC intervals (0 = none).
+        n_examples: rows of the top-anomalies table.
+        seed: overrides the audit seed for the subsample and the references.
+        batch_size: crops per forward pass.
+    """
+
+    name = "monitoring.anomaly"
+    pillar = "monitoring"
+    description = "WinCLIP zero-/few-shot defect detection: image AUROC, pixel AUROC, AUPRO"
+    higher_is_better = {
+        "image_auroc": True,
+        "aupro": True,
+        **{
+            f"{m}/{k}": True
+            for m in (
+                "zero_shot",
+                *(f"{b}_k{k}" for b in ("few_shot", "memory") for k in (1, 2, 4)),
+            )
+            for k in ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "aupro")
+        },
+    }
+
+    def __init__(
+        self,
+        windows: Sequence[int] = (12, 20),
+        stride: int = 4,
+        shots: Sequence[int] = (1, 2, 4),
+        max_normal: int = 300,
+        object_name: str = "object",
+        prompts: str | tuple[Sequence[str], Sequence[str]] = "default",
+        fpr_limit: float = 0.3,
+        auroc_threshold: float = 0.8,
+        n_boot: int = 200,
+        n_examples: int = 10,
+        seed: int | None = None,
+        batch_size: int = 512,
+    ) -> None:
+        self.windows = tuple(int(w) for w in windows)
+        self.stride = int(stride)
+        self.shots = tuple(sorted(int(k) for k in shots))
+        self.max_normal = max_normal
+        self.object_name = object_name
+        if isinstance(prompts, str):
+            if prompts not in PROMPT_SETS:
+                raise ValueError(
+                    f"`prompts` must be one of {sorted(PROMPT_SETS)} or a pair of lists"
+                )
+            prompts = PROMPT_SETS[prompts]
+        self.normal_states, self.anomalous_states = (tuple(p) for p in prompts)
+        self.fpr_limit = fpr_limit
+        self.auroc_threshold = auroc_threshold
+        self.n_boot = n_boot
+        self.n_examples = n_examples
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
+        reason = super().skip_reason(ctx)
+        if reason is not None:
+            return reason
+        if "image" not in ctx.data.modalities:
+            return "needs the image modality"
+        if not any("defect" in m for m in ctx.data.meta):
+            return NO_GROUND_TRUTH
+        kinds = {ctx.data.meta[i]["defect"] is None for i in defect_rows(ctx.data, 1, 0)}
+        if kinds != {True, False}:
+            return "needs both defective and normal (meta.defect None) evaluation rows"
+        return None
+
+    def _references(self, ctx: AuditContext, seed: int) -> tuple[Dataset | None, np.ndarray]:
+        for split in (ctx.calibration, ctx.train):
+            if split is not None and "image" in split.modalities:
+                order = normal_reference_order(split.meta, seed, labels=split.labels)
+                if len(order):
+                    return split, order
+        return None, np.zeros(0, dtype=np.int64)
+
+    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        seed = ctx.seed if self.seed is None else self.seed
+        rows = defect_rows(ctx.data, self.max_normal, seed)
+        data = ctx.data.subset(rows)
+        images = data.modalities["image"]
+        is_defect = np.array([m["defect"] is not None for m in data.meta])
+        model = ctx.model.to(ctx.engine.device).eval()
+
+        emb = embed_windows(model, images, self.windows, self.stride, self.batch_size)
+        masks = defect_masks(data.meta, (emb.image_size, emb.image_size))
+        prototypes = text_prototypes(
+            model, self.object_name, self.normal_states, self.anomalous_states
+        )
+        methods: dict[str, AnomalyScores] = {
+            "zero_shot": zero_shot_anomaly(emb, prototypes, model.logit_scale)
+        }
+        ref_split, order = self._references(ctx, seed)
+        findings: list[Finding] = []
+        usable = [k for k in self.shots if k <= len(order)]
+        if usable and ref_split is not None:
+            refs = [ref_split.modalities["image"][i] for i in order[: max(usable)]]
+            ref_emb = embed_windows(
+                model, refs, self.windows, self.stride, self.batch_size, emb.image_size
+            )
+            for k in usable:
+                bank = MemoryBank.from_embeddings(ref_emb.subset(np.arange(k)))
+                vision = few_shot_anomaly(emb, bank)
+                methods[f"few_shot_k{k}"] = fuse(methods["zero_shot"], vision)
+                methods[f"memory_k{k}"] = vision
+        if len(usable) < len(self.shots):
+            findings.append(
+                Finding(
+                    "info",
+                    f"Few-shot banks for k={[k for k in self.shots if k not in usable]} were "
+                    f"skipped: only {len(order)} normal reference rows in calibration/train.",
+                    {"normal_references": len(order)},
+                )
+            )
+        if masks is None:
+            findings.append(
+                Finding(
+                    "info",
+                    "Pixel metrics were skipped: some defective rows carry no defect_mask of the "
+                    "image's size.",
+                )
+            )
+
+        metrics: dict[str, Metric] = {}
+        per_method = {
+            m: method_metrics(s, is_defect, masks, self.fpr_limit) for m, s in methods.items()
+        }
+        for m, values in per_method.items():
+            for key, v in values.items():
+                ci = None
+                if key == "image_auroc" and self.n_boot > 0:
+                    img = methods[m].image.double().numpy()
+                    ci = bootstrap_ci(auroc, img, is_defect, n_boot=self.n_boot, seed=seed)
+                metrics[f"{m}/{key}"] = Metric(float(v), ci)
+        best = max(per_method, key=lambda m: _nan_low(per_method[m]["image_auroc"]))
+        metrics["image_auroc"] = metrics[f"{best}/image_auroc"]
+        if masks is not None:
+            best_pro = max(per_method, key=lambda m: _nan_low(per_method[m]["aupro"]))
+            metrics["aupro"] = metrics[f"{best_pro}/aupro"]
+        metrics["n_defective"] = Metric(float(is_defect.sum()))
+        metrics["n_normal"] = Metric(float((~is_defect).sum()))
+
+        findings = self._findings(per_method, best) + findings
+        plots = self._plots(data, methods, per_method, best, is_defect)
+        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+
+    def _findings(self, per_method: dict[str, dict[str, float]], best: str) -> list[Finding]:
+        out = []
+        best_auc = per_method[best]["image_auroc"]
+        evidence = {m: v["image_auroc"] for m, v in per_method.items()}
+        if np.isfinite(best_auc) and best_auc < self.auroc_threshold:
+            out.append(
+                Finding(
+                    "medium" if best_auc >= 0.6 else "high",
+                    f"Defective images are hard to tell from normal ones: the best method "
+                    f"({best}) reaches image AUROC {best_auc:.3f} < {self.auroc_threshold:.2f}.",
+                    {"image_auroc": evidence},
+                    "Do not rely on this encoder for zero-/few-shot defect monitoring; use more "
+                    "normal reference images, an encoder that knows defect words, or a "
+                    "detector trained on normal data (e.g. PatchCore).",
+                )
+            )
+        zs = per_method["zero_shot"]["image_auroc"]
+        if np.isfinite(zs) and zs < 0.6:
+            out.append(
+                Finding(
+                    "low",
+                    f"Zero-shot defect prompts barely work (image AUROC {zs:.3f}): the text "
+                    "tower does not separate 'damaged' from 'flawless' objects.",
+                    {"zero_shot_image_auroc": zs},
+                    "Use few-shot normal references, or prompts in the model's own vocabulary.",
+                )
+            )
+        return out
+
+    def _plots(
+        self,
+        data: Dataset,
+        methods: dict[str, AnomalyScores],
+        per_method: dict[str, dict[str, float]],
+        best: str,
+        is_defect: np.ndarray,
+    ) -> dict[str, dict[str, Any]]:
+        score = methods[best].image.double().numpy()
+        top = np.argsort(-score, kind="stable")[: self.n_examples]
+        rows = [[data.ids[i], float(score[i]), str(data.meta[i]["defect"] or "none")] for i in top]
+        labels = list(per_method)
+        maps = methods[best].maps.double().numpy()
+        lo, hi = float(np.quantile(maps, 0.5)), float(maps.max())
+        images = data.modalities["image"]
+        gallery = [
+            {
+                "png": png_base64(overlay(np.asarray(images[i]), maps[i], lo, hi), scale=3),
+                "caption": f"{data.ids[i]} · {score[i]:.3f} · {data.meta[i]['defect'] or 'normal'}",
+            }
+            for i in top
+            if np.asarray(images[i]).ndim in (2, 3)
+        ]
+        return {
+            "top_anomaly_maps": {
+                "kind": "images",
+                "title": f"Most anomalous images and their maps ({best}; red = anomalous)",
+                "items": gallery,
+            },
+            "top_anomalies": {
+                "kind": "table",
+                "title": f"Most anomalous images ({best})",
+                "columns": ["id", "score", "defect"],
+                "rows": rows,
+            },
+            "image_auroc": {
+                "kind": "bar",
+                "title": "Image AUROC per method",
+                "labels": labels,
+                "values": [_json(per_method[m]["image_auroc"]) for m in labels],
+                "reference": 0.5,
+                "reference_label": "chance",
+                "ylim": [0.0, 1.0],
+            },
+            "aupro": {
+                "kind": "bar",
+                "title": f"AUPRO (FPR <= {self.fpr_limit}) per method",
+                "labels": labels,
+                "values": [_json(per_method[m].get("aupro", float("nan"))) for m in labels],
+                "reference": self.fpr_limit / 2,
+                "reference_label": "constant map",
+                "ylim": [0.0, 1.0],
+            },
+        }
+
+
+def _nan_low(x: float) -> float:
+    return x if np.isfinite(x) else -np.inf
+
+
+def _json(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
