@@ -190,10 +190,14 @@ def test_check_runs_on_toy_with_planted_defects(toy_model, colour_data):
 
 @pytest.fixture(scope="module")
 def defect_aware(mmsafe_cache):
-    """A quick tiny-clip whose training captions name defects (the world's ``train_defects``)."""
+    """The quick demo's tiny-clip: its training captions name defects (``train_defects=0.1``).
+
+    Same world and cache as ``mmsafe demo --quick`` in test_cli, so the session trains it once.
+    """
+    from mmsafe.cli import QUICK_WORLD
     from mmsafe.loading import load_data, load_model
 
-    world = load_data("shapes:n=900,train_defects=0.15")
+    world = load_data(QUICK_WORLD)
     return load_model("tiny-clip", data=world, quick=True, cache_dir=mmsafe_cache, progress=False)
 
 
@@ -201,11 +205,11 @@ def test_planted_defects_found_on_shapes(defect_aware, shapes_quick):
     """On shapes (30% defects), zero- and few-shot detectors find the planted defects.
 
     Measured with a quick tiny-clip (14 s of training, zero-shot class accuracy ~0.5) whose
-    captions name defects on 15% of its training images; 270 evaluated rows, 82 defective:
-    zero-shot image AUROC 0.854, WinCLIP+ 0.84-0.87 (k = 1, 2, 4), pixel AUROC 0.79-0.84,
-    AUPRO 0.34-0.50. The same check with the session model, which never read a defect word,
-    gives zero-shot 0.61-0.66. The issue's 0.9 image AUROC is reached by the default model,
-    not by this quick one (bench/RESULTS.md); the bounds below sit under the measured values.
+    captions name defects on 10% of its training images. 270 evaluated rows, 82 defective:
+    zero-shot image AUROC 0.859, WinCLIP+ 0.842/0.876/0.845 (k = 1, 2, 4), pixel AUROC
+    0.80-0.86, AUPRO 0.36-0.53. The same check with the session model, which never read a
+    defect word, gives zero-shot 0.61-0.66. This quick model does not reach the issue's 0.9
+    image AUROC (the default model: bench/RESULTS.md); the bounds sit under the measured values.
     """
     from mmsafe.data.worlds import make_shapes
 

@@ -126,3 +126,19 @@ def test_help_is_useful():
     assert result.exit_code == 0
     for flag in ("--model", "--data", "--task", "--fail-on", "--skip-invalid", "--checks"):
         assert flag in result.output
+
+
+@pytest.mark.slow
+def test_adapt_command_compares_methods_and_rejects_unknown_ones(demo_out, cache_dir, tmp_path):
+    out = tmp_path / "adapt"
+    args = ["adapt", "--quick", "--epochs", "1", "--out", str(out), "--device", "cpu"]
+    args += ["--cache-dir", str(cache_dir)]
+    result = runner.invoke(app, [*args, "--method", "full,iisan"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "adaptation.json").read_text())
+    methods = [r["method"] for r in doc["reports"]]
+    assert methods == ["full", "iisan"]
+    trainable = {r["method"]: r["trainable_params"] for r in doc["reports"]}
+    assert trainable["iisan"] < trainable["full"]
+    bad = runner.invoke(app, [*args, "--method", "iisan-versa"])
+    assert bad.exit_code == 2 and "iisan-versa" in bad.output

@@ -357,6 +357,40 @@ def harden_conformal_cmd(
     )
 
 
+@app.command("adapt")
+def adapt_cmd(
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    method: Annotated[
+        str, typer.Option("--method", help="Comma-separated: full, lora, adapter, iisan.")
+    ] = "full,lora,adapter,iisan",
+    epochs: Annotated[int, typer.Option(help="Training epochs per method.", min=1)] = 3,
+    batch_size: Annotated[int, typer.Option(help="Rows per training step.", min=1)] = 64,
+    out: OutOpt = Path("mmsafe-adapt"),
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Adapt the model to fusion classification with each method; compare cost, accuracy, TPME."""
+    from mmsafe.adapt import AdaptError, adapt_command, markdown_table
+    from mmsafe.engine import DeviceError
+    from mmsafe.loading import USER_ERRORS
+
+    try:
+        reports = adapt_command(
+            model, QUICK_WORLD if quick and data == "shapes" else data, method,
+            epochs=epochs, batch_size=batch_size, seed=seed, device=device, out=out,
+            cache_dir=cache_dir, quick=quick,
+        )  # fmt: skip
+    except (*USER_ERRORS, AdaptError, DeviceError) as exc:
+        raise _user_error(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - crashes become exit 3 with a log
+        raise _internal_error(exc, out) from None
+    out_console.print(markdown_table(reports), highlight=False)
+    out_console.print(f"saved: {out / 'adaptation.json'}")
+
+
 @app.command("list-checks")
 def list_checks_cmd(
     pattern: Annotated[str, typer.Argument(help="Glob over check names.")] = "*",

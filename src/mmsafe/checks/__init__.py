@@ -4,6 +4,7 @@ from mmsafe.checks.anomaly import AnomalyCheck
 from mmsafe.checks.base import PILLARS, AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.calibration import CalibrationCheck
 from mmsafe.checks.conformal import ConformalCheck
+from mmsafe.checks.efficiency import EfficiencyCheck
 from mmsafe.checks.ood import OODCheck
 from mmsafe.checks.performance import PerformanceCheck
 from mmsafe.checks.registry import (
@@ -23,6 +24,7 @@ __all__ = [
     "CalibrationCheck",
     "Check",
     "ConformalCheck",
+    "EfficiencyCheck",
     "CheckResult",
     "CheckSelectionError",
     "Finding",

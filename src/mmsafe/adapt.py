@@ -1,0 +1,982 @@
+"""Adapt a dual encoder to fusion classification, and measure what each method costs.
+
+Methods (``method=``):
+
+- ``full``: full fine-tuning of both towers and a linear head over the concatenated embeddings.
+- ``lora``: LoRA (via ``peft``) on every linear and convolution layer of both towers; the towers'
+  own weights are frozen.
+- ``adapter``: Houlsby-style bottleneck adapters (``x + W_up act(W_down x)``, ``W_up`` zero at
+  start) after every block of both towers; the towers' own weights are frozen.
+- ``iisan``: decoupled side adaptation after IISAN (Fu et al., SIGIR 2024). The backbones are
+  frozen and never see a gradient: an image and a text *intra-modal* side network and an
+  *inter-modal* side network read the towers' per-layer hidden states (pooled to one vector per
+  layer), with LayerDrop taps (one layer per group of layers, so towers of different depths are
+  aligned as IISAN-Versa does) and learnable gates ``sigmoid(w / 0.1)``. Because the backbones
+  are frozen and inputs are not augmented, the hidden states are computed **once** and cached
+  (in memory, or as memory-mapped ``.npy`` files under a cache directory); training then never
+  runs a backbone.
+
+Every method is trained by the same loop (AdamW, cross-entropy, the same batch order for a seed)
+and reports training time per epoch, peak training memory (see
+:func:`mmsafe.efficiency.peak_memory`), trainable parameters and test accuracy;
+:func:`compare_methods` adds TPME across the compared methods. See ``docs/efficiency.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from mmsafe.data.dataset import Dataset
+from mmsafe.efficiency import count_parameters, peak_memory, tpme
+
+Method = Literal["full", "lora", "adapter", "iisan"]
+METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan")
+"""The adaptation methods :func:`adapt` implements."""
+
+DEFAULT_LR: dict[str, float] = {"full": 3e-4, "lora": 2e-3, "adapter": 2e-3, "iisan": 2e-3}
+"""AdamW learning rate per method (when ``lr`` is not given)."""
+
+MODALITIES: tuple[str, str] = ("image", "text")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class AdaptReport:
+    """What one adaptation run cost and achieved.
+
+    Attributes:
+        method: ``full``, ``lora``, ``adapter`` or ``iisan``.
+        epochs: training epochs.
+        epoch_seconds: mean wall-clock seconds per training epoch.
+        epoch_times: seconds of each epoch.
+        peak_memory_mib: peak memory of training above what was in use before (MiB).
+        memory_method: how memory was measured (``rss_hwm``, ``cuda_max_allocated``, ...).
+        trainable_params: parameters updated by the optimiser.
+        total_params: backbone + adaptation parameters.
+        accuracy: accuracy on the labelled evaluation rows.
+        losses: training loss of every step.
+        cache_seconds: seconds spent computing the cached hidden states (``iisan``; 0 otherwise
+            or when they came from a disk cache).
+        tpme: TPME among the methods compared together (``nan`` for a lone run).
+        extra: method-specific details (taps, ranks, cache).
+    """
+
+    method: str
+    epochs: int
+    epoch_seconds: float
+    epoch_times: tuple[float, ...]
+    peak_memory_mib: float
+    memory_method: str
+    trainable_params: int
+    total_params: int
+    accuracy: float
+    losses: tuple[float, ...]
+    cache_seconds: float = 0.0
+    tpme: float = math.nan
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (losses summarised by first and last value)."""
+        d = asdict(self)
+        d["losses"] = [self.losses[0], self.losses[-1]] if self.losses else []
+        d["tpme"] = None if math.isnan(self.tpme) else self.tpme
+        return d
+
+
+@dataclass
+class Adapted:
+    """A trained classifier and its report.
+
+    Attributes:
+        module: the classifier (call it with ``{modality: batch}`` for full/lora/adapter, or
+            with pooled hidden-state features for iisan; see :meth:`predict`).
+        report: costs and accuracy.
+    """
+
+    module: nn.Module
+    report: AdaptReport
+    predict_fn: Callable[[Dataset], Tensor] | None = None
+
+    def predict(self, data: Dataset) -> Tensor:
+        """Logits ``(N, C)`` on raw rows."""
+        assert self.predict_fn is not None
+        return self.predict_fn(data)
+
+
+# --------------------------------------------------------------------------- tower layers
+
+
+def tower_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The blocks of each tower whose outputs are the per-layer hidden states.
+
+    Supports tiny-clip (CNN stages, transformer blocks) and Hugging Face CLIP / SigLIP (encoder
+    layers).
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> {k: len(v) for k, v in tower_layers(TinyClip(TinyClipConfig.for_size("m"))).items()}
+        {'image': 4, 'text': 3}
+    """
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(inner, "vision_model"):
+        return {
+            "image": list(inner.vision_model.encoder.layers),
+            "text": list(inner.text_model.encoder.layers),
+        }
+    image, text = getattr(model, "image", None), getattr(model, "text", None)
+    if hasattr(image, "stages") and hasattr(text, "layers"):
+        return {"image": list(image.stages), "text": list(text.layers)}
+    raise ValueError(f"Cannot find the tower blocks of a {type(model).__name__}.")
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Names of the linear and convolution layers inside the towers (LoRA targets).
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> lora_targets(TinyClip(TinyClipConfig.for_size("xs")))[:2]
+        ['image.stages.0.0.0', 'image.stages.1.1.0']
+    """
+    from mmsafe.efficiency import tower_prefixes
+
+    prefixes = tuple(p for ps in tower_prefixes(model).values() for p in ps)
+    return [
+        name
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear | nn.Conv2d) and name.startswith(prefixes)
+    ]
+
+
+# --------------------------------------------------------------------------- pooling, taps
+
+
+def layerdrop_taps(n_layers: int, n_taps: int) -> list[int]:
+    """LayerDrop: tap the last layer of each of ``n_taps`` equal groups of ``n_layers`` layers.
+
+    With 12 layers and 6 taps this is IISAN's default (every other layer); a deeper tower gets
+    sparser taps, so two towers of different depths are tapped the same number of times (the
+    group layer-dropping of IISAN-Versa).
+
+    Example:
+        >>> layerdrop_taps(12, 6)
+        [1, 3, 5, 7, 9, 11]
+        >>> layerdrop_taps(4, 2), layerdrop_taps(2, 2), layerdrop_taps(3, 3)
+        ([1, 3], [0, 1], [0, 1, 2])
+    """
+    if not 1 <= n_taps <= n_layers:
+        raise ValueError(f"Need 1 <= n_taps <= n_layers, got {n_taps} taps of {n_layers} layers.")
+    return [math.ceil((k + 1) * n_layers / n_taps) - 1 for k in range(n_taps)]
+
+
+def pool_hidden(modality: str, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+    """One vector per row from a layer's hidden state.
+
+    CNN maps ``(B, C, H, W)`` are averaged over space; token sequences ``(B, L, D)`` are averaged
+    over real tokens for text (``mask``) and read at the first ([CLS]) position for images.
+
+    Example:
+        >>> pool_hidden("image", torch.ones(2, 3, 4, 4)).shape
+        torch.Size([2, 3])
+        >>> x = torch.tensor([[[1.0], [3.0], [100.0]]])
+        >>> pool_hidden("text", x, torch.tensor([[1, 1, 0]])).tolist()
+        [[2.0]]
+    """
+    if hidden.ndim == 4:
+        return hidden.mean(dim=(2, 3))
+    if hidden.ndim != 3:
+        raise ValueError(f"Expected a (B, C, H, W) or (B, L, D) hidden state, got {hidden.shape}")
+    if modality == "text" and mask is not None:
+        m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    return hidden[:, 0]
+
+
+def _hidden_list(model: Any, modality: str, batch: Any) -> list[Tensor]:
+    states = list(model.hidden_states(modality, batch))
+    n_blocks = len(tower_layers(model)[modality]) if _has_layers(model) else len(states)
+    # Hugging Face prepends the embedding output; tap the blocks only.
+    return states[len(states) - n_blocks :]
+
+
+def _has_layers(model: Any) -> bool:
+    try:
+        tower_layers(model)
+    except ValueError:
+        return False
+    return True
+
+
+def tapped_features(model: Any, modality: str, batch: Any, taps: Sequence[int]) -> list[Tensor]:
+    """Pooled hidden states ``[(B, D_k)]`` of the tapped layers, without gradient (float32)."""
+    with torch.no_grad():
+        states = _hidden_list(model, modality, batch)
+        mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+        return [pool_hidden(modality, states[t], mask).float() for t in taps]
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def _rows(batch: Any, idx: Tensor) -> Any:
+    if isinstance(batch, Tensor):
+        return batch[idx]
+    return {k: v[idx] for k, v in batch.items()}
+
+
+def labelled_rows(data: Dataset) -> Dataset:
+    """The rows with a label ``>= 0``."""
+    keep = np.flatnonzero(np.asarray(data.labels) >= 0)
+    return data.subset(keep)
+
+
+def preprocess_all(model: Any, data: Dataset) -> dict[str, Any]:
+    """``{modality: preprocessed batch of every row}`` (CPU)."""
+    return {m: model.preprocess(m, list(data.modalities[m])) for m in MODALITIES}
+
+
+# --------------------------------------------------------------------------- IISAN modules
+
+
+class SANB(nn.Module):
+    """Side-adapter block: ``x + W_up act(W_down x)``, weights ``N(0, 0.01^2)``, biases 0."""
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        for lin in (self.down, self.up):
+            nn.init.normal_(lin.weight, std=0.01)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        return x + self.up(F.relu(self.down(x)))
+
+
+class Gate(nn.Module):
+    """A learnable scalar gate ``sigmoid(w / 0.1)``, ``w = 0`` at start (gate 0.5)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self) -> Tensor:  # noqa: D102
+        return torch.sigmoid(self.w / 0.1)
+
+
+class IISANHead(nn.Module):
+    """Intra-modal (image, text) and inter-modal side networks over tapped hidden states.
+
+    For tap ``k`` with projected hidden states ``I_k`` and ``T_k`` (a LayerNorm + linear map
+    per tap aligns the towers' widths)::
+
+        h_I = SANB_I[k](g_I[k] * I_k + (1 - g_I[k]) * h_I)
+        h_T = SANB_T[k](g_T[k] * T_k + (1 - g_T[k]) * h_T)
+        h_M = SANB_M[k](h_M + g_M[k] * I_k + (1 - g_M[k]) * T_k)
+
+    starting from zeros; the logits are ``Linear([h_I; h_T; h_M])``.
+
+    Args:
+        dims: ``{"image": [D_k], "text": [D_k]}`` widths of the tapped hidden states.
+        num_classes: classes.
+        width: side-network width.
+        bottleneck: SANB bottleneck.
+
+    Example:
+        >>> head = IISANHead({"image": [8, 16], "text": [4, 4]}, num_classes=3, width=8)
+        >>> image = [torch.zeros(2, 8), torch.zeros(2, 16)]
+        >>> head({"image": image, "text": [torch.zeros(2, 4)] * 2}).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(
+        self,
+        dims: Mapping[str, Sequence[int]],
+        num_classes: int,
+        width: int = 64,
+        bottleneck: int = 32,
+    ) -> None:
+        super().__init__()
+        n = len(dims["image"])
+        if len(dims["text"]) != n:
+            raise ValueError("Both towers need the same number of taps.")
+        self.proj = nn.ModuleDict(
+            {
+                m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
+                for m, ds in dims.items()
+            }
+        )
+        self.sanb = nn.ModuleDict(
+            {k: nn.ModuleList(SANB(width, bottleneck) for _ in range(n)) for k in ("I", "T", "M")}
+        )
+        self.gates = nn.ModuleDict(
+            {k: nn.ModuleList(Gate() for _ in range(n)) for k in ("I", "T", "M")}
+        )
+        self.norm = nn.LayerNorm(3 * width)
+        self.classifier = nn.Linear(3 * width, num_classes)
+        self.width = width
+
+    def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:  # noqa: D102
+        b = feats["image"][0].shape[0]
+        h_i = h_t = h_m = feats["image"][0].new_zeros(b, self.width)
+        for k in range(len(self.proj["image"])):
+            x_i = self.proj["image"][k](feats["image"][k])
+            x_t = self.proj["text"][k](feats["text"][k])
+            g_i, g_t, g_m = (self.gates[s][k]() for s in ("I", "T", "M"))
+            h_i = self.sanb["I"][k](g_i * x_i + (1 - g_i) * h_i)
+            h_t = self.sanb["T"][k](g_t * x_t + (1 - g_t) * h_t)
+            h_m = self.sanb["M"][k](h_m + g_m * x_i + (1 - g_m) * x_t)
+        return self.classifier(self.norm(torch.cat([h_i, h_t, h_m], dim=-1)))
+
+
+class FeatureCache:
+    """Pooled tapped hidden states of every row, computed once; in memory or memory-mapped.
+
+    Args:
+        model: the frozen encoder.
+        inputs: ``{modality: preprocessed batch of every row}``.
+        taps: ``{modality: tapped block indices}``.
+        cache_dir: a folder for ``.npy`` files (opened with ``mmap_mode="r"``); ``None`` keeps
+            the features in memory.
+        key: a name for this (model, data, taps) combination under ``cache_dir``.
+        batch_size: rows per backbone forward pass.
+        device: where the backbone runs.
+
+    Attributes:
+        seconds: time spent running the backbones (0 when the files already existed).
+        features: ``{modality: [array (N, D_k)]}`` (``np.memmap`` with a cache folder).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        inputs: Mapping[str, Any],
+        taps: Mapping[str, Sequence[int]],
+        *,
+        cache_dir: str | Path | None = None,
+        key: str = "features",
+        batch_size: int = 256,
+        device: torch.device | None = None,
+    ) -> None:
+        self.seconds = 0.0
+        folder = None if cache_dir is None else Path(cache_dir) / "iisan" / key
+        names = {m: [f"{m}-{t}.npy" for t in taps[m]] for m in taps}
+        if folder is not None and all((folder / f).is_file() for fs in names.values() for f in fs):
+            self.features = {
+                m: [np.load(folder / f, mmap_mode="r") for f in fs] for m, fs in names.items()
+            }
+            return
+        start = time.perf_counter()
+        dev = device or torch.device("cpu")
+        computed: dict[str, list[np.ndarray]] = {}
+        for m, t in taps.items():
+            n = _n_rows(inputs[m])
+            parts: list[list[Tensor]] = []
+            for lo in range(0, n, batch_size):
+                idx = torch.arange(lo, min(n, lo + batch_size))
+                parts.append(tapped_features(model, m, _to(_rows(inputs[m], idx), dev), t))
+            computed[m] = [torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(len(t))]
+        self.seconds = time.perf_counter() - start
+        if folder is None:
+            self.features = computed
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        for m, fs in names.items():
+            for f, arr in zip(fs, computed[m], strict=True):
+                tmp = folder / f"{f}.tmp.npy"
+                np.save(tmp, arr)
+                tmp.replace(folder / f)
+        self.features = {
+            m: [np.load(folder / f, mmap_mode="r") for f in fs] for m, fs in names.items()
+        }
+
+    def batch(self, idx: Tensor, device: torch.device) -> dict[str, list[Tensor]]:
+        """Features of rows ``idx`` as tensors on ``device``."""
+        rows = idx.cpu().numpy()
+        return {
+            m: [torch.from_numpy(np.ascontiguousarray(a[rows])).to(device) for a in arrs]
+            for m, arrs in self.features.items()
+        }
+
+
+def _n_rows(batch: Any) -> int:
+    return int((batch if isinstance(batch, Tensor) else next(iter(batch.values()))).shape[0])
+
+
+# --------------------------------------------------------------------------- other modules
+
+
+class EncoderClassifier(nn.Module):
+    """A linear head over the concatenated, L2-normalised embeddings of an encoder (scaled)."""
+
+    def __init__(self, encoder: Any, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.scale = math.sqrt(float(encoder.embed_dim))
+        self.head = nn.Linear(2 * int(encoder.embed_dim), num_classes)
+
+    def forward(self, inputs: Mapping[str, Any]) -> Tensor:  # noqa: D102
+        emb = self.encoder.encode({m: inputs[m] for m in MODALITIES})
+        return self.head(torch.cat([emb[m] for m in MODALITIES], dim=-1) * self.scale)
+
+
+class BottleneckAdapter(nn.Module):
+    """Houlsby adapter ``x + W_up GELU(W_down x)`` over the channel (last, or dim 1 of a map)."""
+
+    def __init__(self, width: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(width, bottleneck), nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        if x.ndim == 4:  # (B, C, H, W)
+            y = x.permute(0, 2, 3, 1)
+            return x + self.up(F.gelu(self.down(y))).permute(0, 3, 1, 2)
+        return x + self.up(F.gelu(self.down(x)))
+
+
+def _width_of(output: Any) -> int:
+    x = output[0] if isinstance(output, tuple) else output
+    return int(x.shape[1] if x.ndim == 4 else x.shape[-1])
+
+
+def add_adapters(encoder: Any, bottleneck: int, probe: Mapping[str, Any]) -> nn.ModuleList:
+    """Insert a bottleneck adapter after every tower block (forward hooks); returns them."""
+    adapters = nn.ModuleList()
+    for m, layers in tower_layers(encoder).items():
+        states = _hidden_list(encoder, m, probe[m])
+        for layer, state in zip(layers, states, strict=True):
+            adapter = BottleneckAdapter(_width_of(state), bottleneck).to(state.device)
+            adapters.append(adapter)
+
+            def hook(_mod: nn.Module, _args: Any, out: Any, a: nn.Module = adapter) -> Any:
+                if isinstance(out, tuple):
+                    return (a(out[0]), *out[1:])
+                return a(out)
+
+            layer.register_forward_hook(hook)
+    return adapters
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def _train(
+    forward: Callable[[Tensor], Tensor],
+    params: Sequence[nn.Parameter],
+    labels: Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    set_train: Callable[[], None],
+) -> tuple[list[float], list[float]]:
+    """AdamW / cross-entropy over shuffled batches: ``(epoch_times, step_losses)``."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    n = labels.shape[0]
+    times, losses = [], []
+    set_train()
+    for _ in range(epochs):
+        start = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        for lo in range(0, n, batch_size):
+            idx = order[lo : lo + batch_size]
+            loss = F.cross_entropy(forward(idx), labels[idx].to(_device_of(params)))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def _device_of(params: Sequence[nn.Parameter]) -> torch.device:
+    return params[0].device if params else torch.device("cpu")
+
+
+def _accuracy(logits: Tensor, labels: Tensor) -> float:
+    return float((logits.argmax(-1).cpu() == labels.cpu()).float().mean())
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+
+def adapt(
+    model: Any,
+    train: Dataset,
+    test: Dataset,
+    method: str = "iisan",
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
+    lora_r: int = 8,
+    adapter_bottleneck: int = 16,
+    side_width: int = 64,
+    side_bottleneck: int = 32,
+    max_taps: int = 6,
+    threads: int | None = 1,
+) -> Adapted:
+    """Adapt ``model`` to fusion classification on ``train`` and evaluate on ``test``.
+
+    ``model`` itself is never modified: ``full``, ``lora`` and ``adapter`` train a deep copy;
+    ``iisan`` only reads the model's hidden states without gradient, in eval mode.
+
+    Args:
+        model: an :class:`~mmsafe.models.base.EncoderModel` with image and text towers that
+            expose ``hidden_states`` (tiny-clip, Hugging Face CLIP).
+        train: rows to train on (rows labelled ``-1`` are dropped).
+        test: rows to evaluate (rows labelled ``-1`` are dropped).
+        method: ``full``, ``lora``, ``adapter`` or ``iisan``.
+        epochs: training epochs.
+        batch_size: rows per step.
+        lr: AdamW learning rate (default :data:`DEFAULT_LR` of the method).
+        seed: seeds initialisation and batch order (the order is the same for every method).
+        device: ``cpu``, ``cuda``, ...
+        cache: ``iisan``: compute the hidden states once before training (``False`` runs the
+            frozen backbones on every batch: same result, backbone cost in every epoch).
+        cache_dir: ``iisan`` with ``cache``: a folder for memory-mapped ``.npy`` features;
+            ``None`` keeps them in memory.
+        lora_r: LoRA rank (alpha is ``2 * r``).
+        adapter_bottleneck: Houlsby adapter bottleneck width.
+        side_width: IISAN side-network width.
+        side_bottleneck: IISAN SANB bottleneck.
+        max_taps: IISAN: at most this many tapped layers per tower.
+        threads: torch intra-op threads while adapting (restored afterwards); ``None`` leaves
+            torch's setting. One by default: these small models gain little from more, and on a
+            busy CPU an oversubscribed thread pool made the same epoch 5-20x slower (measured).
+
+    Returns:
+        The trained classifier and its :class:`AdaptReport`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"Need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}.")
+    with _threads(threads):
+        return _adapt(
+            model, train, test, method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            device=device, cache=cache, cache_dir=cache_dir, lora_r=lora_r,
+            adapter_bottleneck=adapter_bottleneck, side_width=side_width,
+            side_bottleneck=side_bottleneck, max_taps=max_taps,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _adapt(
+    model: Any,
+    train: Dataset,
+    test: Dataset,
+    method: str,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float | None,
+    seed: int,
+    device: str,
+    cache: bool,
+    cache_dir: str | Path | None,
+    lora_r: int,
+    adapter_bottleneck: int,
+    side_width: int,
+    side_bottleneck: int,
+    max_taps: int,
+) -> Adapted:
+    train, test = labelled_rows(train), labelled_rows(test)
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError("adapt needs labelled train and test rows.")
+    num_classes = max(len(train.classes), int(np.max(train.labels)) + 1)
+    lr = DEFAULT_LR[method] if lr is None else lr
+    dev = torch.device(device)
+    y_train = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
+    y_test = torch.as_tensor(np.asarray(test.labels), dtype=torch.long)
+    inputs = preprocess_all(model, train)
+    test_inputs = preprocess_all(model, test)
+    if method == "iisan":
+        return _adapt_iisan(
+            model, train, inputs, test_inputs, y_train, y_test, num_classes,
+            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, dev=dev, cache=cache,
+            cache_dir=cache_dir, width=side_width, bottleneck=side_bottleneck,
+            max_taps=max_taps,
+        )  # fmt: skip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = copy.deepcopy(model).to(dev)
+        extra: dict[str, Any] = {}
+        adapters = None
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            targets = lora_targets(encoder)
+            cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets)
+            encoder = get_peft_model(encoder, cfg).base_model.model
+            extra = {"lora_r": lora_r, "targets": len(targets)}
+        elif method == "adapter":
+            for p in encoder.parameters():
+                p.requires_grad_(False)
+            probe = {m: _to(_rows(inputs[m], torch.arange(2)), dev) for m in MODALITIES}
+            adapters = add_adapters(encoder, adapter_bottleneck, probe)
+            extra = {"bottleneck": adapter_bottleneck, "adapters": len(adapters)}
+        clf = EncoderClassifier(encoder, num_classes).to(dev)
+        if adapters is not None:
+            clf.adapters = adapters
+    params = [p for p in clf.parameters() if p.requires_grad]
+
+    def set_train() -> None:
+        clf.train()
+        if method != "full":  # frozen backbone: keep batch-norm statistics fixed
+            clf.encoder.eval()
+
+    def forward(idx: Tensor) -> Tensor:
+        return clf({m: _to(_rows(inputs[m], idx), dev) for m in MODALITIES})
+
+    (times, losses), peak = peak_memory(
+        lambda: _train(
+            forward, params, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            set_train=set_train,
+        ),
+        dev,
+    )  # fmt: skip
+
+    def logits_of(xs: Mapping[str, Any]) -> Tensor:
+        clf.eval()
+        with torch.inference_mode():
+            parts = [
+                clf({m: _to(_rows(xs[m], idx), dev) for m in MODALITIES}).cpu()
+                for idx in torch.arange(_n_rows(xs["image"])).split(256)
+            ]
+        return torch.cat(parts)
+
+    acc = _accuracy(logits_of(test_inputs), y_test)
+    counts = count_parameters(clf)
+    report = AdaptReport(
+        method=method,
+        epochs=epochs,
+        epoch_seconds=float(np.mean(times)),
+        epoch_times=tuple(times),
+        peak_memory_mib=peak.mib,
+        memory_method=peak.method,
+        trainable_params=counts.trainable,
+        total_params=counts.total,
+        accuracy=acc,
+        losses=tuple(losses),
+        extra=extra,
+    )
+    return Adapted(clf, report, lambda data: logits_of(preprocess_all(model, data)))
+
+
+def _adapt_iisan(
+    model: Any,
+    train: Dataset,
+    inputs: Mapping[str, Any],
+    test_inputs: Mapping[str, Any],
+    y_train: Tensor,
+    y_test: Tensor,
+    num_classes: int,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    dev: torch.device,
+    cache: bool,
+    cache_dir: str | Path | None,
+    width: int,
+    bottleneck: int,
+    max_taps: int,
+) -> Adapted:
+    model = model.to(dev).eval()
+    depth = {m: len(layers) for m, layers in tower_layers(model).items()}
+    n_taps = min(max_taps, *depth.values())
+    taps = {m: layerdrop_taps(depth[m], n_taps) for m in MODALITIES}
+    probe = {
+        m: tapped_features(model, m, _to(_rows(inputs[m], torch.arange(2)), dev), taps[m])
+        for m in MODALITIES
+    }
+    dims = {m: [int(f.shape[1]) for f in probe[m]] for m in MODALITIES}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = IISANHead(dims, num_classes, width=width, bottleneck=bottleneck).to(dev)
+
+    features: FeatureCache | None = None
+    if cache:
+        key = _key(model.fingerprint(), train.fingerprint(), taps, "pool/v1")
+        features = FeatureCache(model, inputs, taps, cache_dir=cache_dir, key=key, device=dev)
+
+    def forward(idx: Tensor) -> Tensor:
+        if features is not None:
+            return head(features.batch(idx, dev))
+        return head(
+            {m: tapped_features(model, m, _to(_rows(inputs[m], idx), dev), taps[m]) for m in taps}
+        )
+
+    params = list(head.parameters())
+    (times, losses), peak = peak_memory(
+        lambda: _train(
+            forward, params, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            set_train=head.train,
+        ),
+        dev,
+    )  # fmt: skip
+
+    def logits_of(xs: Mapping[str, Any]) -> Tensor:
+        head.eval()
+        with torch.inference_mode():
+            parts = [
+                head(
+                    {m: tapped_features(model, m, _to(_rows(xs[m], i), dev), taps[m]) for m in taps}
+                )
+                for i in torch.arange(_n_rows(xs["image"])).split(256)
+            ]
+        return torch.cat(parts).cpu()
+
+    logits = logits_of(test_inputs)
+    backbone = count_parameters(model).total
+    report = AdaptReport(
+        method="iisan",
+        epochs=epochs,
+        epoch_seconds=float(np.mean(times)),
+        epoch_times=tuple(times),
+        peak_memory_mib=peak.mib,
+        memory_method=peak.method,
+        trainable_params=count_parameters(head).trainable,
+        total_params=backbone + count_parameters(head).total,
+        accuracy=_accuracy(logits, y_test),
+        losses=tuple(losses),
+        cache_seconds=0.0 if features is None else features.seconds,
+        extra={
+            "taps": taps,
+            "cached": cache,
+            "cache_dir": None if cache_dir is None else str(cache_dir),
+            "side_width": width,
+            "gates": {
+                s: [round(float(g().detach()), 4) for g in head.gates[s]] for s in ("I", "T", "M")
+            },
+        },
+    )
+    return Adapted(head, report, lambda data: logits_of(preprocess_all(model, data)))
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def with_tpme(reports: Sequence[AdaptReport]) -> list[AdaptReport]:
+    """The reports with TPME filled in, computed across them (epoch time, params, memory)."""
+    scores = tpme(
+        [r.epoch_seconds for r in reports],
+        [float(r.trainable_params) for r in reports],
+        [r.peak_memory_mib for r in reports],
+    )
+    return [dataclasses.replace(r, tpme=float(s)) for r, s in zip(reports, scores, strict=True)]
+
+
+def compare_methods(
+    model: Any,
+    train: Dataset,
+    test: Dataset,
+    methods: Sequence[str] = METHODS,
+    **kwargs: Any,
+) -> list[AdaptReport]:
+    """Run :func:`adapt` for each method (same seed and batch order) and add TPME.
+
+    Args:
+        model: the encoder to adapt (not modified).
+        train: training rows.
+        test: evaluation rows.
+        methods: the methods to compare.
+        **kwargs: passed to :func:`adapt` (``epochs``, ``batch_size``, ``device``, ...).
+    """
+    reports = [adapt(model, train, test, m, **kwargs).report for m in methods]
+    return with_tpme(reports)
+
+
+def comparison_table(reports: Sequence[AdaptReport]) -> dict[str, Any]:
+    """A ``table`` plot spec comparing adaptation methods."""
+    return {
+        "kind": "table",
+        "title": "Adaptation methods: cost and accuracy (TPME: lower is better)",
+        "columns": [
+            "method",
+            "s / epoch",
+            "peak memory (MiB)",
+            "trainable params",
+            "accuracy",
+            "TPME",
+        ],
+        "rows": [
+            [
+                r.method,
+                r.epoch_seconds,
+                r.peak_memory_mib,
+                r.trainable_params,
+                r.accuracy,
+                r.tpme,
+            ]
+            for r in reports
+        ],
+    }
+
+
+def markdown_table(reports: Sequence[AdaptReport]) -> str:
+    """The comparison as a Markdown table.
+
+    Example:
+        >>> r = AdaptReport("full", 1, 2.0, (2.0,), 10.0, "rss_hwm", 100, 100, 0.9, (1.0,))
+        >>> print(markdown_table([r]).splitlines()[2])
+        | full | 2.000 | 10.0 | 100 | 0.900 | - |
+    """
+    lines = [
+        "| method | s / epoch | peak memory (MiB) | trainable params | accuracy | TPME |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in reports:
+        t = "-" if math.isnan(r.tpme) else f"{r.tpme:.3f}"
+        lines.append(
+            f"| {r.method} | {r.epoch_seconds:.3f} | {r.peak_memory_mib:.1f} | "
+            f"{r.trainable_params} | {r.accuracy:.3f} | {t} |"
+        )
+    return "\n".join(lines)
+
+
+class AdaptError(ValueError):
+    """``mmsafe adapt`` cannot run as asked (unknown method, data without splits)."""
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    """Methods from a comma-separated string (or a list), validated.
+
+    Example:
+        >>> parse_methods("full, iisan")
+        ['full', 'iisan']
+    """
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    methods = [m.strip() for m in items if m.strip()]
+    if "iisan-versa" in methods:
+        raise AdaptError("--method iisan-versa is not implemented yet; use iisan.")
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise AdaptError(f"Unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}.")
+    return list(dict.fromkeys(methods))
+
+
+def adapt_command(
+    model: str = "tiny-clip",
+    data: str = "shapes",
+    methods: str | Sequence[str] = METHODS,
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str = "auto",
+    out: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    quick: bool = False,
+) -> list[AdaptReport]:
+    """What ``mmsafe adapt`` runs: load model and data, compare methods, write the results.
+
+    Trains on the ``train`` split and evaluates on the labelled ``test`` rows. IISAN's hidden
+    states are cached (memory-mapped) under ``<cache_dir>/iisan/``. With ``out``, writes
+    ``adaptation.json`` and ``adaptation.md`` there.
+
+    Raises:
+        AdaptError: an unknown method, or data without ``train`` and ``test`` splits.
+        DeviceError: the device is not available.
+    """
+    from mmsafe.engine import default_cache_dir, resolve_device
+    from mmsafe.engine.cache import atomic_write_text
+    from mmsafe.loading import load_data, load_model
+
+    chosen = parse_methods(methods)
+    dev = resolve_device(device)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    ds = load_data(data)
+    if not (ds.has_split("train") and ds.has_split("test")):
+        raise AdaptError("mmsafe adapt needs data with 'train' and 'test' splits.")
+    enc = load_model(
+        model, data=ds, quick=quick, seed=seed, device=str(dev), cache_dir=cache, progress=False
+    )
+    reports = compare_methods(
+        enc,
+        ds.split("train"),
+        ds.split("test"),
+        chosen,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        device=str(dev),
+        cache_dir=cache,
+    )
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "model": model,
+            "data": data,
+            "device": str(dev),
+            "reports": [r.to_dict() for r in reports],
+        }
+        atomic_write_text(folder / "adaptation.json", json.dumps(doc, indent=2, default=str) + "\n")
+        atomic_write_text(folder / "adaptation.md", markdown_table(reports) + "\n")
+    return reports
+
+
+__all__ = [
+    "METHODS",
+    "AdaptError",
+    "AdaptReport",
+    "Adapted",
+    "FeatureCache",
+    "IISANHead",
+    "adapt",
+    "adapt_command",
+    "compare_methods",
+    "comparison_table",
+    "layerdrop_taps",
+    "markdown_table",
+    "parse_methods",
+    "pool_hidden",
+    "tower_layers",
+    "with_tpme",
+]
