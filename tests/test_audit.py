@@ -130,7 +130,7 @@ def test_glob_selection():
     from mmsafe.checks import CheckSelectionError
 
     with pytest.raises(CheckSelectionError, match="Known checks"):
-        select_checks("robustness.*")
+        select_checks("nosuchpillar.*")
 
 
 def test_html_escapes_a_caption_containing_script(toy_model, tmp_path):

@@ -489,8 +489,14 @@ def test_check_on_tiny_clip_shapes(shapes_quick) -> None:
     info = [f for f in res.findings if f.evidence.get("excluded_rows") == n_ood]
     assert info and info[0].evidence["ood_rows"] == n_ood
     json.dumps(res.to_dict())  # card-serialisable
+    # coverage under shift: clean-calibrated sets lose coverage as the images degrade
+    for k in ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression"):
+        assert 0.0 <= m[f"shift/{k}/coverage"].value <= 1.0
+    assert m["shift/gaussian_noise/coverage"].value < m["aps/coverage"].value - 0.05
+    assert res.plots["coverage_under_shift"]["labels"][0] == "clean"
     # no calibration split: skipped unless holdout is set
     ctx.calibration = None
     assert ConformalCheck().skip_reason(ctx).startswith("needs a 'calibration' split")
-    held = ConformalCheck(holdout=0.5, scores=("lac",), n_boot=100).run(ctx)
+    held = ConformalCheck(holdout=0.5, scores=("lac",), n_boot=100, shifts=()).run(ctx)
     assert held.status == "ok" and abs(held.metrics["coverage"].value - LEVEL) < 0.15
+    assert not any(k.startswith("shift/") for k in held.metrics)

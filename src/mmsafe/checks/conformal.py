@@ -4,6 +4,8 @@ Fits a :class:`~mmsafe.conformal.ConformalPredictor` per conformity score on the
 of the ``calibration`` split (or on a seeded random part of the evaluated rows with
 ``holdout``) and measures, on the labelled evaluated rows, how often the sets contain the true
 label (coverage), how large they are, and whether coverage holds per class and per group.
+With images, it also re-evaluates the clean-calibrated sets under the image corruptions of
+``robustness.shift``: coverage under each shift.
 """
 
 from __future__ import annotations
@@ -13,13 +15,24 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.conformal import SCORES, ConformalPredictor, set_coverage, set_sizes
+from mmsafe.conformal import (
+    SCORES,
+    ConformalPredictor,
+    coverage_under_shift,
+    set_coverage,
+    set_sizes,
+)
+from mmsafe.corruptions import IMAGE_CORRUPTIONS, corrupt_images
+from mmsafe.engine.runner import to_device
 from mmsafe.metrics import grouped_mean_ci, mean_ci
 
 HEADLINE = "aps"
+SHIFTS: tuple[str, ...] = ("gaussian_noise", "defocus_blur", "contrast", "jpeg_compression")
+"""Default corruptions for coverage under shift (one per ImageNet-C family)."""
 
 
 def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +82,10 @@ class ConformalCheck(Check):
         n_boot: bootstrap resamples for the CIs.
         tolerance_se: a class or group is flagged when its coverage falls below the target by
             more than this many binomial standard errors.
+        shifts: image corruptions of ``robustness.shift`` (:mod:`mmsafe.corruptions`) under which
+            the headline score's sets, calibrated on clean rows, are re-evaluated
+            (``shift/<corruption>/coverage``, ``.../mean_set_size``); empty: none.
+        shift_severity: the corruptions' severity (1-5).
     """
 
     name = "monitoring.conformal"
@@ -95,6 +112,8 @@ class ConformalCheck(Check):
         lam: float = 0.01,
         n_boot: int = 1000,
         tolerance_se: float = 2.0,
+        shifts: Sequence[str] = SHIFTS,
+        shift_severity: int = 3,
     ) -> None:
         self.confidence_level = confidence_level
         self.scores = tuple([scores] if isinstance(scores, str) else scores)
@@ -105,6 +124,13 @@ class ConformalCheck(Check):
         self.lam = lam
         self.n_boot = n_boot
         self.tolerance_se = tolerance_se
+        self.shifts = tuple([shifts] if isinstance(shifts, str) else shifts)
+        self.shift_severity = int(shift_severity)
+        unknown = [k for k in self.shifts if k not in IMAGE_CORRUPTIONS]
+        if unknown:
+            raise ValueError(
+                f"Unknown corruption(s) {unknown}; choose from {list(IMAGE_CORRUPTIONS)}."
+            )
         bad = [s for s in self.scores if s not in SCORES]
         if bad or not self.scores:
             raise ValueError(f"`scores` must be a non-empty subset of {SCORES}, got {scores!r}.")
@@ -163,6 +189,7 @@ class ConformalCheck(Check):
             "cal_probs": cal_probs,
             "cal_labels": cal_labels,
             "cal_groups": cal_groups,
+            "rows": ev,
             "probs": probs[ev],
             "labels": labels[ev],
             "groups": None if groups is None else groups[ev],
@@ -262,7 +289,27 @@ class ConformalCheck(Check):
         metrics["mean_set_size"] = metrics[f"{head}/mean_set_size"]
         metrics["target_coverage"] = Metric(level)
         metrics["n_calibration"] = Metric(float(n_cal))
-        findings = self._findings(d, metrics, strata, predictors, n_eval, n_cal, ctx)
+        findings = list(self._findings(d, metrics, strata, predictors, n_eval, n_cal, ctx))
+        shifted = self._coverage_under_shift(ctx, predictors[head], d)
+        for name, v in shifted.items():
+            metrics[f"shift/{name}/coverage"] = Metric(v["coverage"])
+            metrics[f"shift/{name}/mean_set_size"] = Metric(v["mean_set_size"])
+        worst = min(shifted.items(), key=lambda kv: kv[1]["coverage"], default=None)
+        if worst is not None and worst[1]["coverage"] < level - coverage_tolerance(
+            level, n_eval, n_cal, self.tolerance_se
+        ):
+            findings.append(
+                Finding(
+                    "medium",
+                    f"Under the {worst[0]} corruption (severity {self.shift_severity}) "
+                    f"{head.upper()} sets calibrated on clean rows cover only "
+                    f"{worst[1]['coverage']:.3f} < target {level:g}: the guarantee does not "
+                    "survive this shift.",
+                    {k: v["coverage"] for k, v in shifted.items()},
+                    "Calibrate on data that looks like deployment, or widen the sets "
+                    "(a higher confidence level) where such shifts are expected.",
+                )
+            )
         per_head = strata[head]
         plots = {
             "coverage_per_stratum": {
@@ -283,7 +330,45 @@ class ConformalCheck(Check):
                 "ylabel": "labels per set",
             },
         }
-        return self.result(metrics=metrics, findings=findings, plots=plots)
+        if shifted:
+            plots["coverage_under_shift"] = {
+                "kind": "bar",
+                "title": f"{head.upper()} coverage under image corruptions "
+                f"(severity {self.shift_severity})",
+                "labels": ["clean", *shifted],
+                "values": [metrics["coverage"].value, *(v["coverage"] for v in shifted.values())],
+                "reference": level,
+                "reference_label": "target",
+                "ylim": [0.0, 1.0],
+                "ylabel": "coverage",
+            }
+        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+
+    def _coverage_under_shift(
+        self, ctx: AuditContext, predictor: ConformalPredictor, d: dict[str, Any]
+    ) -> dict[str, dict[str, float]]:
+        """Coverage of clean-calibrated sets on corrupted images of the evaluated rows."""
+        if not self.shifts or "image" not in ctx.data.modalities:
+            return {}
+        rows = d["rows"]
+        images = [ctx.data.modalities["image"][i] for i in rows]
+        emb = {m: e[torch.as_tensor(rows)] for m, e in ctx.outputs.embeddings.items()}
+        model, engine = ctx.model.to(ctx.engine.device).eval(), ctx.engine
+        shifted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        with torch.inference_mode():
+            for j, name in enumerate(self.shifts):
+                chunks = []
+                for start in range(0, len(images), engine.batch_size):
+                    pixels = to_device(
+                        model.preprocess("image", images[start : start + engine.batch_size]),
+                        engine.device,
+                    )
+                    x = corrupt_images(pixels, name, self.shift_severity, seed=ctx.seed + j)  # type: ignore[arg-type]
+                    chunks.append(model.encode({"image": x})["image"].float().cpu())
+                logits = ctx.task.logits({**emb, "image": torch.cat(chunks)}).double()
+                shifted[name] = (torch.softmax(logits, dim=-1).numpy(), d["labels"])
+        groups = None if d["groups"] is None else {k: d["groups"] for k in shifted}
+        return coverage_under_shift(predictor, shifted, groups)
 
     def _unlabelled_groups(self, ctx: AuditContext) -> list[str] | None:
         if self.mondrian != "group" or ctx.data.groups is None:

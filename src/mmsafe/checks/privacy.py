@@ -1,0 +1,467 @@
+"""``controllability.privacy``: can an attacker tell training rows from held-out ones?
+
+Members are the labelled rows of the ``train`` split. Non-members are the labelled held-out rows
+(``calibration`` and the evaluated ``test`` rows). Unlabelled and OOD rows are left out of both.
+Each threshold attack of :mod:`mmsafe.privacy` scores every row:
+
+- loss, confidence and entropy, on the task's logits;
+- cosine, the CLIP image-caption similarity;
+- contrast, the own caption's softmax among the non-members' captions.
+
+The check reports each attack's AUC (bootstrap CI), best balanced accuracy, and TPR at 0.1% and
+1% FPR. A memorisation report lists the training rows that score above almost every non-member
+and the training rows that are exact copies or near-duplicates of each other. See
+``docs/privacy.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.registry import register_check
+from mmsafe.checks.uncertainty import fusion_head_of
+from mmsafe.data.dataset import Dataset
+from mmsafe.privacy import (
+    AttackResult,
+    attack_metrics,
+    auc_bootstrap_ci,
+    confidence_scores,
+    content_groups,
+    contrast_scores,
+    cosine_scores,
+    entropy_scores,
+    lira_scores,
+    logit_confidence,
+    loss_scores,
+    membership_auc,
+    near_duplicate_counts,
+    nonmember_percentile,
+    roc_points,
+)
+
+FPRS = (0.001, 0.01)
+"""The low false-positive rates at which TPR is reported."""
+MEMORISATION_ATTACK = "cosine"
+"""The attack whose per-row percentile ranks training rows in the memorisation report: label-
+free, and a property of the encoder itself (not of a task head)."""
+
+
+def _fpr_name(a: float) -> str:
+    return f"tpr@{a * 100:g}%fpr"
+
+
+@dataclass(frozen=True)
+class MembershipScores:
+    """Per-row attack scores over members and non-members.
+
+    Attributes:
+        ids: row ids (members first, then non-members).
+        is_member: ``(N,)`` booleans.
+        scores: ``{attack: (N,) scores}``; higher = more member-like.
+        members: the member rows, as a dataset (for the memorisation report).
+        embeddings: ``{"image", "text"}`` embeddings of the members (when both exist).
+    """
+
+    ids: list[str]
+    is_member: np.ndarray
+    scores: dict[str, np.ndarray]
+    members: Dataset
+    embeddings: dict[str, np.ndarray]
+
+
+def membership_scores(
+    ctx: AuditContext, lira_shadows: int = 0, lira_online: bool = True
+) -> MembershipScores:
+    """Every attack's score for every labelled member and non-member row of ``ctx``.
+
+    Args:
+        ctx: the audit context (needs a ``train`` split and labelled held-out rows).
+        lira_shadows: with a fusion task and ``> 0``, also the ``lira`` attack with this many
+            shadow heads (see :func:`lira_fusion_scores`).
+        lira_online: LiRA's online (IN and OUT) or offline (OUT only) test.
+
+    Raises:
+        ValueError: when ``ctx`` has no train split or no labelled held-out row.
+    """
+    if ctx.train is None:
+        raise ValueError("membership inference needs a 'train' split")
+    held = [d for d in (ctx.calibration, ctx.data) if d is not None]
+    members = ctx.train.subset(ctx.train.labelled)
+    parts = [members] + [d.subset(d.labelled) for d in held if d.labelled.any()]
+    if len(parts) < 2:
+        raise ValueError("membership inference needs labelled held-out rows")
+    engine, model, task = ctx.engine, ctx.model, ctx.task
+    outs = [engine.outputs(model, task, d) for d in parts]
+    logits = np.concatenate([o.logits.double().numpy() for o in outs])
+    labels = np.concatenate([d.labels for d in parts])
+    is_member = np.zeros(len(labels), dtype=bool)
+    is_member[: len(members)] = True
+    scores = {
+        "loss": loss_scores(logits, labels),
+        "confidence": confidence_scores(logits),
+        "entropy": entropy_scores(logits),
+    }
+    emb: dict[str, np.ndarray] = {}
+    if {"image", "text"} <= set(ctx.data.modality_names):
+        per = [engine.embed(model, d, ("image", "text")) for d in parts]
+        img = torch.cat([p["image"] for p in per]).double().numpy()
+        txt = torch.cat([p["text"] for p in per]).double().numpy()
+        scores["cosine"] = cosine_scores(img, txt)
+        scale = float(getattr(model, "logit_scale", 1.0 / 0.07))
+        scores["contrast"] = contrast_scores(img, txt, ~is_member, temperature=scale)
+        emb = {"image": img[is_member], "text": txt[is_member]}
+    head = fusion_head_of(task)
+    if lira_shadows > 0 and head is not None:
+        task_emb = {m: torch.cat([o.embeddings[m] for o in outs]) for m in head.modalities}
+        scores["lira"] = lira_fusion_scores(
+            head, task_emb, labels, lira_shadows, seed=ctx.seed, online=lira_online
+        )
+    ids = [i for d in parts for i in d.ids]
+    return MembershipScores(ids, is_member, scores, members, emb)
+
+
+def lira_fusion_scores(
+    head: Any,
+    embeddings: dict[str, torch.Tensor],
+    labels: np.ndarray,
+    n_shadows: int,
+    seed: int = 0,
+    online: bool = True,
+) -> np.ndarray:
+    """LiRA against a fusion head, with shadow heads trained on the same frozen embeddings.
+
+    The population is every row passed in (members and non-members). Every row is IN for
+    exactly half of the ``n_shadows`` shadow heads, chosen at random, as in Carlini et al.'s
+    code. Each shadow repeats the target head's training recipe (its config and ``fit_info``)
+    on its half. The statistic is :func:`~mmsafe.privacy.logit_confidence` of the true label.
+    Only the head's membership is modelled: the encoder, trained on the members too, stays
+    fixed, so whatever it leaks is in the embeddings of every shadow alike.
+
+    Args:
+        head: the target :class:`~mmsafe.models.heads.FusionHead`.
+        embeddings: ``{modality: (N, D)}`` for every row.
+        labels: ``(N,)`` class indices.
+        n_shadows: shadow heads (``>= 2``; 16 or more for stable per-example Gaussians).
+        seed: seeds the IN/OUT draw and the shadows' training.
+        online: LiRA's online (IN and OUT Gaussians) or offline (OUT only) test.
+
+    Returns:
+        ``(N,)`` LiRA scores (higher = more member-like).
+    """
+    from mmsafe.models.heads import fit_fusion_head
+
+    if n_shadows < 2:
+        raise ValueError(f"LiRA needs at least 2 shadow models, got {n_shadows}")
+    cfg, info = head.cfg, head.fit_info
+    n = len(labels)
+    rng = np.random.default_rng(seed + 104729)
+    order = np.argsort(rng.random((n_shadows, n)), axis=0)
+    inside = order < n_shadows // 2  # every row IN for exactly half of the shadows
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    stats = np.empty((n_shadows, n))
+    for k in range(n_shadows):
+        keep = torch.as_tensor(inside[k])
+        shadow = fit_fusion_head(
+            {m: e[keep] for m, e in embeddings.items()},
+            y[keep],
+            mode=cfg.mode,
+            hidden=cfg.hidden,
+            width=cfg.width or None,
+            num_classes=cfg.num_classes,
+            epochs=int(info.get("epochs", 60)),
+            lr=float(info.get("lr", 1e-2)),
+            weight_decay=float(info.get("weight_decay", 1e-4)),
+            batch_size=int(info.get("batch_size", 256)),
+            modality_dropout=float(info.get("modality_dropout", 0.0)),
+            seed=seed + 1 + k,
+        )
+        with torch.inference_mode():
+            stats[k] = logit_confidence(shadow(embeddings).double().numpy(), labels)
+    with torch.inference_mode():
+        target = logit_confidence(head(embeddings).double().numpy(), labels)
+    return lira_scores(target, stats, inside, online=online)
+
+
+@register_check
+class PrivacyCheck(Check):
+    """Membership inference (loss, confidence, entropy, CLIP cosine) and a memorisation report.
+
+    Args:
+        n_boot: bootstrap resamples for the AUC CIs.
+        outlier_level: a training row whose score beats this share of non-members (under the
+            cosine attack, else the strongest one) is a membership outlier.
+        near_duplicate_threshold: cosine similarity, in both image and text embedding, at or
+            above which two training rows are near-duplicates.
+        max_auc: an attack AUC whose CI lies above this raises a ``medium`` finding.
+        n_examples: rows in the memorisation tables.
+        lira_shadows: shadow heads for LiRA on a fusion task (0 = off; each costs one head
+            training on the frozen embeddings).
+        lira_online: LiRA's online (IN and OUT) or offline (OUT only) test.
+    """
+
+    name = "controllability.privacy"
+    pillar = "controllability"
+    requires = ("labels", "train")
+    tasks = ("zero_shot", "fusion")
+    description = (
+        "membership inference (loss/confidence/entropy/CLIP cosine): AUC, TPR at low FPR; "
+        "memorised and duplicated training rows"
+    )
+    higher_is_better = {
+        "auc": False,
+        "balanced_accuracy": False,
+        **{_fpr_name(a): False for a in FPRS},
+        "outlier_rate": False,
+        "duplicated_rows": False,
+    }
+
+    def __init__(
+        self,
+        n_boot: int = 1000,
+        outlier_level: float = 0.99,
+        near_duplicate_threshold: float = 0.999,
+        max_auc: float = 0.6,
+        n_examples: int = 10,
+        lira_shadows: int = 0,
+        lira_online: bool = True,
+    ) -> None:
+        if not 0.0 < outlier_level < 1.0:
+            raise ValueError(f"outlier_level must be in (0, 1), got {outlier_level}")
+        self.n_boot = n_boot
+        self.outlier_level = outlier_level
+        self.near_duplicate_threshold = near_duplicate_threshold
+        self.max_auc = max_auc
+        self.n_examples = n_examples
+        self.lira_shadows = lira_shadows
+        self.lira_online = lira_online
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
+        reason = super().skip_reason(ctx)
+        if reason is None and ctx.train is not None and not ctx.train.labelled.any():
+            return "needs labelled rows in the 'train' split"
+        return reason
+
+    # ------------------------------------------------------------------ run
+    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        ms = membership_scores(ctx, self.lira_shadows, self.lira_online)
+        mem = ms.is_member
+        results = {a: attack_metrics(s, mem, FPRS) for a, s in ms.scores.items()}
+        metrics: dict[str, Metric] = {}
+        for a, r in results.items():
+            s = ms.scores[a]
+            ci = auc_bootstrap_ci(s, mem, n_boot=self.n_boot, seed=ctx.seed)
+            metrics[f"{a}/auc"] = Metric(r.auc, ci)
+            metrics[f"{a}/balanced_accuracy"] = Metric(r.balanced_accuracy)
+            for f, t in r.tpr_at_fpr.items():
+                metrics[f"{a}/{_fpr_name(f)}"] = Metric(t)
+        strongest = max(results, key=lambda a: results[a].auc)
+        metrics["auc"] = metrics[f"{strongest}/auc"]
+        metrics["balanced_accuracy"] = Metric(max(r.balanced_accuracy for r in results.values()))
+        for f in FPRS:
+            metrics[_fpr_name(f)] = Metric(max(r.tpr_at_fpr[f] for r in results.values()))
+
+        findings = self._attack_findings(results, metrics, strongest)
+        if self.lira_shadows > 0 and "lira" not in ms.scores:
+            findings.append(
+                Finding(
+                    "info",
+                    "LiRA skipped: shadow models are trained only for a fusion head on frozen "
+                    f"embeddings, and task {ctx.task.name!r} has none.",
+                )
+            )
+        mem_metrics, mem_findings, mem_plots = self._memorisation(ms, results, strongest)
+        metrics.update(mem_metrics)
+        findings += mem_findings
+        plots = {"roc": _roc_plot(ms, results), **mem_plots}
+        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+
+    def _attack_findings(
+        self, results: dict[str, AttackResult], metrics: dict[str, Metric], strongest: str
+    ) -> list[Finding]:
+        r = results[strongest]
+        out = [
+            Finding(
+                "info",
+                f"Members: {r.n_members} labelled train rows; non-members: {r.n_non_members} "
+                "labelled held-out rows (calibration + test). Attack AUCs: "
+                + ", ".join(f"{a} {x.auc:.3f}" for a, x in results.items())
+                + ". Balanced accuracy uses the best threshold on these same rows (optimistic). "
+                "A distribution shift between the splits also separates them, so a high AUC "
+                "is an upper bound on what membership alone reveals.",
+                {a: {"auc": x.auc, "n_members": x.n_members} for a, x in results.items()},
+            )
+        ]
+        low = [f for f in FPRS if not r.resolvable[f]]
+        if low:
+            out.append(
+                Finding(
+                    "info",
+                    f"Only {r.n_non_members} non-members: an FPR of "
+                    + ", ".join(f"{f:.1%}" for f in low)
+                    + f" cannot be resolved (the smallest non-zero FPR is "
+                    f"{1 / r.n_non_members:.2%}); TPR there is the TPR at FPR 0, a conservative "
+                    "lower bound.",
+                    {"n_non_members": r.n_non_members, "unresolved_fprs": low},
+                )
+            )
+        auc = metrics["auc"]
+        if auc.ci is not None and auc.ci[0] > self.max_auc:
+            out.append(
+                Finding(
+                    "medium",
+                    f"Membership is inferable: the {strongest} attack separates training rows "
+                    f"from held-out rows with AUC {auc.value:.3f} (95% CI [{auc.ci[0]:.3f}, "
+                    f"{auc.ci[1]:.3f}]) and TPR {r.tpr_at_fpr[0.01]:.1%} at 1% FPR.",
+                    {"attack": strongest, "auc": auc.value, "tpr_at_1pct_fpr": r.tpr_at_fpr[0.01]},
+                    "Train with more data or regularisation (weight decay, augmentation, early "
+                    "stopping), deduplicate the training set, or train with differential "
+                    "privacy (DP-CLIP, methods reference §11a); re-audit afterwards.",
+                )
+            )
+        return out
+
+    def _memorisation(
+        self, ms: MembershipScores, results: dict[str, AttackResult], strongest: str
+    ) -> tuple[dict[str, Metric], list[Finding], dict[str, dict[str, Any]]]:
+        mem = ms.is_member
+        attack = MEMORISATION_ATTACK if MEMORISATION_ATTACK in ms.scores else strongest
+        s = ms.scores[attack]
+        pct = nonmember_percentile(s[mem], s[~mem])
+        members = ms.members
+        images = members.modalities.get("image")
+        texts = members.modalities.get("text")
+        copies = (
+            content_groups(images, texts)
+            if images is not None
+            else np.ones(len(members), dtype=np.int64)
+        )
+        near = (
+            near_duplicate_counts(
+                [ms.embeddings["image"], ms.embeddings["text"]], self.near_duplicate_threshold
+            )
+            if ms.embeddings
+            else np.zeros(len(members), dtype=np.int64)
+        )
+        outlier = pct >= self.outlier_level
+        dup = copies > 1
+        metrics = {
+            "outlier_rate": Metric(float(outlier.mean())),
+            "duplicated_rows": Metric(float(dup.sum())),
+            "near_duplicate_rows": Metric(float((near > 0).sum())),
+        }
+        findings: list[Finding] = []
+        if dup.any() and (~dup).any():
+            dup_auc = membership_auc(pct, dup)
+            metrics["duplicate_percentile"] = Metric(float(pct[dup].mean()))
+            metrics["unique_percentile"] = Metric(float(pct[~dup].mean()))
+            metrics["duplicate_rank_auc"] = Metric(dup_auc)
+            n_groups = int(round(float((1.0 / copies[dup]).sum())))  # each group once
+            findings.append(
+                Finding(
+                    "medium",
+                    f"{int(dup.sum())} training rows are exact copies of another training row "
+                    f"({n_groups} distinct items, up to {int(copies.max())} copies each). "
+                    f"Under the {attack} attack they beat {pct[dup].mean():.1%} of non-members "
+                    f"on average vs {pct[~dup].mean():.1%} for unique rows (AUC "
+                    f"{dup_auc:.3f} for ranking copies above unique rows).",
+                    {
+                        "duplicated_rows": int(dup.sum()),
+                        "max_copies": int(copies.max()),
+                        "attack": attack,
+                        "duplicate_percentile": float(pct[dup].mean()),
+                        "unique_percentile": float(pct[~dup].mean()),
+                    },
+                    "Deduplicate the training data (exact and near-duplicates): repeated items "
+                    "are the ones a model memorises and an attacker recovers first.",
+                )
+            )
+        extra_near = (near > 0) & ~dup
+        if extra_near.any():
+            findings.append(
+                Finding(
+                    "low",
+                    f"{int(extra_near.sum())} training rows have a near-duplicate (cosine >= "
+                    f"{self.near_duplicate_threshold:g} in image and text embedding) that is "
+                    "not an exact copy.",
+                    {"rows": int(extra_near.sum())},
+                    "Review these near-duplicates and deduplicate where they are the same item.",
+                )
+            )
+        findings.append(
+            Finding(
+                "info",
+                f"{int(outlier.sum())} of {len(pct)} training rows score above "
+                f"{self.outlier_level:.0%} of non-members under the {attack} attack "
+                f"(expected about {1 - self.outlier_level:.0%} without memorisation or shift).",
+                {"outliers": int(outlier.sum()), "attack": attack},
+            )
+        )
+        plots = {
+            "memorisation": self._table(
+                "Training rows most exposed to membership inference",
+                np.argsort(-pct, kind="stable")[: self.n_examples],
+                members,
+                pct,
+                copies,
+                near,
+                attack,
+                ms.scores[attack][mem],
+            )
+        }
+        if dup.any():
+            idx = np.flatnonzero(dup)
+            idx = idx[np.argsort(-pct[idx], kind="stable")][: self.n_examples]
+            plots["duplicates"] = self._table(
+                "Duplicated training rows", idx, members, pct, copies, near, attack, s[mem]
+            )
+        return metrics, findings, plots
+
+    def _table(
+        self,
+        title: str,
+        idx: Sequence[int],
+        members: Dataset,
+        pct: np.ndarray,
+        copies: np.ndarray,
+        near: np.ndarray,
+        attack: str,
+        score: np.ndarray,
+    ) -> dict[str, Any]:
+        texts = members.modalities.get("text")
+        cols = ["id", *(["text"] if texts is not None else []), f"{attack} score"]
+        cols += ["non-member percentile", "copies", "near-duplicates"]
+        rows = [
+            [
+                members.ids[i],
+                *([str(texts[i])] if texts is not None else []),
+                float(score[i]),
+                float(pct[i]),
+                int(copies[i]),
+                int(near[i]),
+            ]
+            for i in idx
+        ]
+        return {"kind": "table", "title": title, "columns": cols, "rows": rows}
+
+
+def _roc_plot(ms: MembershipScores, results: dict[str, AttackResult]) -> dict[str, Any]:
+    series = []
+    grid = np.linspace(0.0, 1.0, 51)
+    for a in results:
+        f, t, _ = roc_points(ms.scores[a], ms.is_member)
+        y = [float(t[f <= g + 1e-12].max()) for g in grid]
+        series.append({"name": f"{a} (AUC {results[a].auc:.3f})", "x": grid.tolist(), "y": y})
+    return {
+        "kind": "line",
+        "title": "Membership inference ROC",
+        "xlabel": "false-positive rate (non-members flagged)",
+        "ylabel": "true-positive rate (members found)",
+        "ylim": [0.0, 1.0],
+        "series": series,
+    }
