@@ -1,10 +1,12 @@
-"""Engine overhead: the full default audit vs the bare forward passes it needs.
+"""Engine overhead: the core audit vs the bare forward passes it needs.
 
 Both run in this one process on the same model (tiny-clip on the default shapes world, loaded
 from the cache or trained once before timing) and the same rows:
 
-* **audit**: ``run_audit(model, data, checks="all", out=tmp)`` with a fresh engine (in-memory
-  cache, so embeddings are really computed), including task preparation, every check, the
+* **audit**: ``run_audit(model, data, checks=CORE, out=tmp)`` with a fresh engine (in-memory
+  cache, so embeddings are really computed), including task preparation, the core checks
+  (``performance,calibration``: those that need nothing but the shared forward passes; the
+  pillar checks run their own extra forward passes, which is work, not overhead), the
   bootstrap CIs, the card, the JSON Schema validation and the HTML;
 * **bare**: the same batches through the same model, with no checks: the class prompts through
   the text tower and the evaluated images through the image tower, under ``inference_mode``.
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--checks", default="performance,calibration")
     args = ap.parse_args()
 
     data = load_data(args.data)
@@ -63,7 +66,13 @@ def main() -> None:
     # warm-up both paths once (allocator, lazy imports, template compilation)
     bare_forward(model, images, prompts, args.batch_size, device)
     with tempfile.TemporaryDirectory() as tmp:
-        run_audit(model, data, engine=Engine(device=args.device, progress=False), out=tmp)
+        run_audit(
+            model,
+            data,
+            checks=args.checks,
+            engine=Engine(device=args.device, progress=False),
+            out=tmp,
+        )
 
     audit_s, bare_s = [], []
 
@@ -78,7 +87,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             engine = Engine(device=args.device, batch_size=args.batch_size, progress=False)
             t = time.perf_counter()
-            result = run_audit(model, data, engine=engine, out=tmp, resume=False)
+            result = run_audit(
+                model, data, checks=args.checks, engine=engine, out=tmp, resume=False
+            )
             audit_s.append(time.perf_counter() - t)
         return result
 

@@ -1,5 +1,6 @@
 """Checks: the contract, the registry and the built-in checks (imported here to register)."""
 
+from mmsafe.checks.adversarial import AdversarialCheck
 from mmsafe.checks.anomaly import AnomalyCheck
 from mmsafe.checks.base import PILLARS, AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.calibration import CalibrationCheck
@@ -24,6 +25,7 @@ from mmsafe.checks.uncertainty import UncertaintyCheck
 
 __all__ = [
     "PILLARS",
+    "AdversarialCheck",
     "AnomalyCheck",
     "AuditContext",
     "CalibrationCheck",

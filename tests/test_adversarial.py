@@ -1,0 +1,281 @@
+"""Pixel attacks (mmsafe.attacks) and the robustness.adversarial check."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+
+import mmsafe.checks.adversarial  # noqa: F401  (registers the check)
+from mmsafe.attacks import (
+    apgd_ce,
+    fgsm,
+    perturbation_norm,
+    pgd,
+    pixel_forward,
+    project,
+    run_attack,
+)
+from mmsafe.checks.adversarial import AdversarialCheck, attack_success_rate
+from mmsafe.checks.registry import list_checks
+from mmsafe.engine.runner import to_device
+from tests.conftest import ToyEncoder, audit_context
+
+TOL = 1e-5  # float rounding on the budget
+
+
+def _linear_forward(seed: int, classes: int = 4, shape: tuple[int, ...] = (3, 6, 6)):
+    """A small random non-linear pixels -> logits map (cheap, differentiable)."""
+    g = torch.Generator().manual_seed(seed)
+    d = int(np.prod(shape))
+    w1 = torch.randn(d, 16, generator=g)
+    w2 = torch.randn(16, classes, generator=g)
+
+    def forward(x: Tensor) -> Tensor:
+        return torch.tanh(x.flatten(1) @ w1) @ w2
+
+    return forward
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    norm=st.sampled_from(["linf", "l2"]),
+    attack=st.sampled_from(["fgsm", "pgd", "apgd"]),
+    eps=st.floats(1e-3, 2.0),
+    restarts=st.integers(1, 2),
+)
+def test_budget_and_pixel_range_always_hold(seed, norm, attack, eps, restarts) -> None:
+    g = torch.Generator().manual_seed(seed)
+    # include saturated pixels so that the [0, 1] clamp is exercised
+    x = torch.rand(5, 3, 6, 6, generator=g).round(decimals=1)
+    y = torch.randint(0, 4, (5,), generator=g)
+    forward = _linear_forward(seed)
+    adv = run_attack(attack, forward, x, y, eps, norm, steps=4, restarts=restarts, generator=g)
+    assert adv.shape == x.shape and not adv.requires_grad
+    assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
+    assert float(perturbation_norm(adv - x, norm).max()) <= eps * (1 + TOL) + TOL
+
+
+def test_project_is_a_projection() -> None:
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(8, 3, 4, 4, generator=g)
+    for norm, eps in (("linf", 0.1), ("l2", 0.5)):
+        p = project(d, eps, norm)
+        assert float(perturbation_norm(p, norm).max()) <= eps + 1e-6
+        torch.testing.assert_close(project(p, eps, norm), p)  # idempotent
+        small = d * 1e-4
+        torch.testing.assert_close(project(small, eps, norm), small)  # inside: unchanged
+    # L2 projection scales, keeping the direction
+    p = project(d, 0.5, "l2")
+    cos = nn.functional.cosine_similarity(p.flatten(1), d.flatten(1))
+    torch.testing.assert_close(cos, torch.ones(8))
+
+
+def test_fgsm_by_hand_and_zero_budget() -> None:
+    # logit_0 - logit_1 = 2 * x_0: ascent on the CE of class 0 lowers x_0 only
+    w = torch.zeros(4, 2)
+    w[0, 0], w[0, 1] = 1.0, -1.0
+
+    def fwd(x: Tensor) -> Tensor:
+        return x.flatten(1) @ w
+
+    x = torch.full((2, 1, 2, 2), 0.5)
+    y = torch.tensor([0, 1])
+    adv = fgsm(fwd, x, y, 0.1)
+    assert adv[0].flatten().tolist() == pytest.approx([0.4, 0.5, 0.5, 0.5])
+    assert adv[1].flatten().tolist() == pytest.approx([0.6, 0.5, 0.5, 0.5])
+    adv2 = fgsm(fwd, x, y, 0.3, "l2")  # the L2 step puts the whole budget on x_0
+    assert adv2[0].flatten().tolist() == pytest.approx([0.2, 0.5, 0.5, 0.5])
+    for attack in ("fgsm", "pgd"):
+        assert torch.equal(run_attack(attack, fwd, x, y, 0.0, "linf", random_start=False), x)
+
+
+def test_restarts_never_hurt_and_seeded_runs_repeat() -> None:
+    forward = _linear_forward(3, classes=6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        y = forward(x).argmax(-1)  # every row starts correct
+
+    def acc(adv: Tensor) -> float:
+        with torch.no_grad():
+            return float((forward(adv).argmax(-1) == y).float().mean())
+
+    one = pgd(forward, x, y, 0.01, steps=3, generator=torch.Generator().manual_seed(5))
+    again = pgd(forward, x, y, 0.01, steps=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(one, again)
+    many = pgd(forward, x, y, 0.01, steps=3, restarts=4, generator=torch.Generator().manual_seed(5))
+    # the first restart draws the same start as ``one``; later ones only replace rows not fooled
+    assert acc(many) <= acc(one)
+    apgd = apgd_ce(forward, x, y, 0.01, steps=6, generator=torch.Generator().manual_seed(5))
+    assert acc(apgd) < 1.0
+
+
+def test_attack_success_rate_and_validation() -> None:
+    assert attack_success_rate(np.array([1, 1, 0, 1]), np.array([0, 1, 0, 0])) == pytest.approx(
+        2 / 3
+    )
+    assert np.isnan(attack_success_rate(np.zeros(3), np.zeros(3)))
+    fwd = _linear_forward(0)
+    x, y = torch.rand(2, 3, 6, 6), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="norm"):
+        fgsm(fwd, x, y, 0.1, "l1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="eps"):
+        pgd(fwd, x, y, -0.1)
+    with pytest.raises(ValueError, match="norms"):
+        AdversarialCheck(norms=("l1",))
+    with pytest.raises(ValueError, match="attacks"):
+        AdversarialCheck(attacks=("cw",))
+    with pytest.raises(ValueError, match="unknown norm"):
+        AdversarialCheck(eps={"l1": [0.1]})
+    with pytest.raises(ValueError, match="positive eps"):
+        AdversarialCheck(eps={"linf": [0.0]})
+
+
+# --------------------------------------------------------------------------- the check (toy)
+
+
+@pytest.mark.parametrize("task", ["zero_shot", "fusion"])
+def test_check_on_toy_encoder_is_jsonable(task: str, colour_data) -> None:
+    assert "robustness.adversarial" in list_checks("robustness.*")
+    ctx = audit_context(ToyEncoder(), colour_data, task=task)
+    check = AdversarialCheck(
+        eps={"linf": [8 / 255, 32 / 255], "l2": [0.5, 2.0]}, steps=3, max_rows=30, n_boot=50
+    )
+    res = check.run(ctx)
+    assert res.status == "ok"
+    card = res.to_dict()
+    json.dumps(card)
+    m = {k: v.value for k, v in res.metrics.items()}
+    labels = ctx.outputs.labels
+    rows = np.flatnonzero(labels >= 0)
+    assert len(rows) > 30  # so max_rows subsamples
+    clean = m["clean_accuracy"]
+    assert 0.0 < clean <= 1.0
+    for norm in ("linf", "l2"):
+        for atk in ("fgsm", "pgd", "worst"):
+            for e in check.eps[norm]:
+                key = f"{norm}/{atk}/eps={e:.4g}"
+                r, asr = m[f"{key}/robust_accuracy"], m[f"{key}/attack_success_rate"]
+                assert 0.0 <= r <= clean + 1e-9
+                # ASR = flipped / initially correct, with wrong rows never counted as correct
+                assert asr == pytest.approx(1 - r / clean)
+                assert m[f"{norm}/worst/eps={e:.4g}/robust_accuracy"] <= r + 1e-9
+        plot = res.plots[f"accuracy_vs_eps_{norm}"]
+        assert plot["kind"] == "line" and [s["name"] for s in plot["series"]] == [
+            "fgsm",
+            "pgd",
+            "worst",
+        ]
+        assert plot["series"][0]["x"] == [0.0, *check.eps[norm]]
+        assert plot["series"][0]["y"][0] == pytest.approx(clean)
+    assert any(f.evidence.get("rows") == 30 for f in res.findings)
+
+
+def test_check_skips_retrieval(colour_data) -> None:
+    ctx = audit_context(ToyEncoder(), colour_data, task="retrieval")
+    assert "not applicable" in (AdversarialCheck().skip_reason(ctx) or "")
+
+
+# --------------------------------------------------------------------------- tiny-clip
+
+
+@pytest.fixture(scope="module")
+def clip_batch(shapes_quick):
+    """Up to 48 correctly classified test rows of the quick tiny-clip (zero-shot): pixels, labels,
+    the pixels -> logits map, and the context."""
+    world, model = shapes_quick
+    ctx = audit_context(model, world)
+    model = model.eval()
+    labels = ctx.outputs.labels
+    rows = np.flatnonzero((labels >= 0) & (ctx.outputs.preds == labels))[:48]
+    x = to_device(model.preprocess("image", [ctx.data.modalities["image"][i] for i in rows]), "cpu")
+    y = torch.as_tensor(labels[rows], dtype=torch.long)
+    forward = pixel_forward(model, ctx.task)
+    with torch.no_grad():
+        assert bool((forward(x).argmax(-1) == y).all())  # same as the engine's clean outputs
+    return x, y, forward, ctx
+
+
+def _acc(forward, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return float((forward(x).argmax(-1) == y).float().mean())
+
+
+def test_agrees_with_torchattacks(clip_batch) -> None:
+    torchattacks = pytest.importorskip(
+        "torchattacks", reason="torchattacks not installed (pip install --no-deps torchattacks)"
+    )
+    x, y, forward, ctx = clip_batch
+
+    class PixelsToLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = ctx.model
+
+        def forward(self, px: Tensor) -> Tensor:
+            return forward(px)
+
+    net = PixelsToLogits().eval()
+    cases = [
+        ("fgsm", "linf", 2 / 255, torchattacks.FGSM(net, eps=2 / 255)),
+        (
+            "pgd",
+            "linf",
+            2 / 255,
+            torchattacks.PGD(net, eps=2 / 255, alpha=0.5 / 255, steps=5, random_start=False),
+        ),
+        (
+            "pgd",
+            "l2",
+            0.25,
+            torchattacks.PGDL2(net, eps=0.25, alpha=0.25 / 4, steps=5, random_start=False),
+        ),
+    ]
+    for name, norm, eps, ref_attack in cases:
+        if name == "fgsm":
+            ours = fgsm(forward, x, y, eps, norm)
+        else:
+            ours = pgd(forward, x, y, eps, norm, steps=5, step_size=ref_attack.alpha,
+                       random_start=False)  # fmt: skip
+        ref = ref_attack(x, y)
+        a_ours, a_ref = _acc(forward, ours, y), _acc(forward, ref, y)
+        assert abs(a_ours - a_ref) <= 0.01 + 1e-9, (name, norm, a_ours, a_ref)
+        # the same deterministic algorithm: the adversarial images nearly coincide
+        assert float((ours - ref).abs().mean()) < 0.05 * eps, (name, norm)
+        assert float(perturbation_norm(ref - x, norm).max()) <= eps * (1 + TOL) + TOL
+
+
+def test_tiny_clip_robust_accuracy_falls_with_eps_and_pgd_beats_fgsm(clip_batch) -> None:
+    _, _, _, ctx = clip_batch
+    check = AdversarialCheck(steps=5, max_rows=60, n_boot=50, max_drop=0.1)
+    res = check.run(ctx)
+    m = {k: v.value for k, v in res.metrics.items()}
+    clean = m["clean_accuracy"]
+    # Measured (60 of the 162 labelled test rows, seed 0, 5 steps): clean 0.617; L-inf FGSM
+    # 0.450 0.317 0.133, PGD 0.417 0.200 0.067; L2 FGSM 0.500 0.283 0.133, PGD 0.483 0.217 0.033
+    for norm in ("linf", "l2"):
+        for atk in ("fgsm", "pgd"):
+            ys = [m[f"{norm}/{atk}/eps={e:.4g}/robust_accuracy"] for e in check.eps[norm]]
+            assert all(a >= b - 0.02 for a, b in zip([clean, *ys], ys, strict=False)), (
+                norm,
+                atk,
+                ys,
+            )
+            assert ys[-1] < clean - 0.2
+        for e in check.eps[norm]:
+            key = f"{norm}/{{}}/eps={e:.4g}/robust_accuracy"
+            assert m[key.format("pgd")] <= m[key.format("fgsm")] + 0.02, (norm, e)
+    worst = m[f"linf/worst/eps={check.eps['linf'][0]:.4g}/robust_accuracy"]
+    flagged = [f for f in res.findings if f.severity in ("medium", "high")]
+    assert (clean - worst > 0.1) == any(f.evidence["norm"] == "linf" for f in flagged)
+    assert flagged  # measured drop at 1/255: 0.617 -> 0.417
