@@ -60,6 +60,17 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
     assert os.listdir(tmp_path / "t") == ["k.safetensors"]
 
 
+def test_atomic_write_gives_the_permissions_a_plain_write_would(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        (tmp_path / "b.json").write_text("{}")
+    finally:
+        os.umask(old)
+    mode = (tmp_path / "a.json").stat().st_mode & 0o777
+    assert mode == (tmp_path / "b.json").stat().st_mode & 0o777 == 0o644
+
+
 def test_corrupt_cache_entry_is_a_miss(tmp_path):
     cache = TensorCache(tmp_path)
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
