@@ -1,0 +1,256 @@
+"""Adversarial robustness hardeners: FARE fine-tuning of the image tower, and WiSE-FT.
+
+* :func:`fare_finetune` -- FARE (Schlarmann et al., 2024, "Robust CLIP: Unsupervised Adversarial
+  Fine-Tuning of Vision Embeddings for Robust Large Vision-Language Models"): fine-tune the image
+  tower so that the embedding of an adversarially perturbed image stays close to the *original*
+  model's embedding of the clean image. No labels and no text are needed, so the text tower and
+  the shared embedding space (zero-shot prompts) stay valid.
+* :func:`wise_ft` -- WiSE-FT (Wortsman et al., 2022, "Robust fine-tuning of zero-shot models"):
+  linear interpolation in weight space between the zero-shot and a fine-tuned model, trading the
+  fine-tuned model's gain (here: robustness) against the original's clean accuracy.
+
+Both return new models (deep copies, fingerprints reset) and never modify their inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmsafe.attacks import project
+from mmsafe.models.base import EncoderModel
+
+__all__ = ["fare_loss", "fare_finetune", "wise_ft"]
+
+
+def _image_tower(model: nn.Module) -> nn.Module:
+    tower = getattr(model, "image", None)
+    if not isinstance(tower, nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} has no image tower module at `.image`; FARE fine-tunes the "
+            "image encoder of a CLIP-like model (e.g. tiny-clip)"
+        )
+    return tower
+
+
+def _as_pixels(model: EncoderModel, images: Tensor | Sequence[Any]) -> Tensor:
+    """Pixels ``(N, 3, H, W)`` in ``[0, 1]`` on the CPU, from a tensor or raw images."""
+    if isinstance(images, Tensor):
+        x = images.detach()
+    else:
+        batch = model.preprocess("image", list(images))
+        if not isinstance(batch, Tensor):
+            raise ValueError("the model's image preprocessing did not return a pixel tensor")
+        x = batch
+    if x.dim() != 4 or x.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, 3, H, W) batch, got {tuple(x.shape)}")
+    return x.float().cpu()
+
+
+def fare_loss(embedding: Tensor, target: Tensor) -> Tensor:
+    """Per-sample squared L2 distance ``||embedding - target||_2^2``, shape ``(B,)``.
+
+    Example:
+        >>> fare_loss(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.zeros(2, 2)).tolist()
+        [5.0, 0.0]
+    """
+    return (embedding.float() - target.float()).pow(2).sum(dim=-1)
+
+
+def _fare_attack(
+    tower: nn.Module,
+    x: Tensor,
+    target: Tensor,
+    eps: float,
+    steps: int,
+    generator: torch.Generator,
+) -> Tensor:
+    """PGD L-inf (random start, step ``2.5 * eps / steps``) maximising :func:`fare_loss`."""
+    alpha = 2.5 * eps / steps
+    u = torch.rand(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
+    x_adv = (x + project((2 * u - 1) * eps, eps, "linf")).clamp(0.0, 1.0)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = fare_loss(tower(x_adv), target).sum()
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = (x + project(x_adv.detach() + alpha * grad.sign() - x, eps, "linf")).clamp(0, 1)
+    return x_adv.detach()
+
+
+def fare_finetune(
+    model: EncoderModel,
+    images: Tensor | Sequence[Any],
+    *,
+    eps: float = 4 / 255,
+    steps: int = 3,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> EncoderModel:
+    """FARE: unsupervised adversarial fine-tuning of the image tower in embedding space.
+
+    For each batch of clean pixels ``x``, an L-inf PGD attack (``steps`` steps, random start,
+    budget ``eps``) finds ``x_adv`` maximising ``||f(x_adv) - f0(x)||^2``, where ``f0`` is a
+    frozen copy of the original image tower and ``f`` the tower being trained (unnormalised
+    embeddings, as in the paper); one AdamW step (no weight decay) then minimises that loss.
+    Only the image tower's parameters train. Batch-norm layers stay in eval mode (their running
+    statistics are the original ones), so the only change is to trainable weights.
+
+    Args:
+        model: a CLIP-like model with its image encoder at ``model.image`` (pixels in ``[0, 1]``
+            -> unnormalised embeddings), e.g. tiny-clip. It is not modified.
+        images: unlabelled training images: pixels ``(N, 3, H, W)`` in ``[0, 1]``, or raw images
+            for ``model.preprocess("image", ...)``. Use the ``train`` split, never the audited one.
+        eps: the L-inf training budget on ``[0, 1]`` pixels.
+        steps: PGD steps of the inner attack.
+        epochs: passes over ``images``.
+        lr: AdamW learning rate.
+        batch_size: images per optimisation step.
+        seed: seeds the data order and the attack's random starts.
+
+    Returns:
+        A fine-tuned deep copy of ``model`` in eval mode, with its fingerprint reset and (when
+        the model keeps a ``training_info`` dict) a ``fare`` entry recording the settings.
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> m = TinyClip(TinyClipConfig.for_size("xs")).eval()
+        >>> x = torch.rand(4, 3, m.cfg.image_size, m.cfg.image_size)
+        >>> r = fare_finetune(m, x, steps=1, batch_size=4)
+        >>> r is m, torch.equal(r.text.proj.weight, m.text.proj.weight)
+        (False, True)
+        >>> torch.equal(r.image.proj.weight, m.image.proj.weight)
+        False
+    """
+    if not eps > 0 or steps < 1 or epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError("eps and lr must be > 0; steps, epochs and batch_size must be >= 1")
+    _image_tower(model)
+    pixels = _as_pixels(model, images)
+    out = copy.deepcopy(model).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    tower = _image_tower(out)
+    frozen = copy.deepcopy(tower).eval()
+    params = list(tower.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    device = next(iter(params)).device if params else torch.device("cpu")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for _ in range(epochs):
+        order = torch.randperm(len(pixels), generator=gen)
+        for lo in range(0, len(order), batch_size):
+            x = pixels[order[lo : lo + batch_size]].to(device)
+            with torch.no_grad():
+                target = frozen(x)
+            x_adv = _fare_attack(tower, x, target, eps, steps, gen)
+            with torch.enable_grad():
+                loss = fare_loss(tower(x_adv), target).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+    for p in out.parameters():
+        p.requires_grad_(True)
+    out.eval()
+    out.invalidate_fingerprint()
+    info = getattr(out, "training_info", None)
+    if isinstance(info, dict):
+        out.training_info = {
+            **info,
+            "fare": {
+                "eps": eps,
+                "steps": steps,
+                "epochs": epochs,
+                "lr": lr,
+                "batch_size": batch_size,
+                "seed": seed,
+                "n_images": len(pixels),
+                "optimizer_steps": len(losses),
+                "final_loss": round(float(np.mean(losses[-5:])), 6) if losses else math.nan,
+            },
+        }
+    return out
+
+
+def wise_ft(
+    zero_shot_model: EncoderModel, finetuned_model: EncoderModel, alpha: float
+) -> EncoderModel:
+    """WiSE-FT: ``theta = (1 - alpha) * theta_0 + alpha * theta_1`` for every float tensor.
+
+    Every floating-point parameter and buffer of the state dict is interpolated; other entries
+    (integer counters such as batch norm's ``num_batches_tracked``) are taken from
+    ``zero_shot_model`` (from ``finetuned_model`` when ``alpha = 1``).
+    ``alpha = 0`` and ``alpha = 1`` reproduce the two state dicts exactly.
+
+    Args:
+        zero_shot_model: the original model (``theta_0``).
+        finetuned_model: a fine-tuned copy of the same architecture (``theta_1``).
+        alpha: the weight of the fine-tuned model, in ``[0, 1]``.
+
+    Returns:
+        A new model (deep copy of ``zero_shot_model``) in eval mode, fingerprint reset.
+
+    Raises:
+        ValueError: ``alpha`` outside ``[0, 1]``, different model classes or configs, or state
+            dicts with different keys, shapes or dtypes.
+
+    Example:
+        >>> a, b = nn.Linear(2, 1), nn.Linear(2, 1)
+        >>> _ = nn.init.zeros_(a.weight), nn.init.ones_(b.weight)
+        >>> wise_ft(a, b, 0.25).weight.tolist()
+        [[0.25, 0.25]]
+        >>> wise_ft(a, nn.Linear(3, 1), 0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: wise_ft: 'weight' has shape (1, 2) vs (1, 3)
+    """
+    alpha = float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"wise_ft: alpha must be in [0, 1], got {alpha}")
+    if type(zero_shot_model) is not type(finetuned_model):
+        raise ValueError(
+            f"wise_ft: different model classes {type(zero_shot_model).__name__} and "
+            f"{type(finetuned_model).__name__}"
+        )
+    cfg0 = getattr(zero_shot_model, "config", None)
+    cfg1 = getattr(finetuned_model, "config", None)
+    if callable(cfg0) and callable(cfg1) and cfg0() != cfg1():
+        raise ValueError(f"wise_ft: different architectures {cfg0()} and {cfg1()}")
+    s0, s1 = zero_shot_model.state_dict(), finetuned_model.state_dict()
+    if s0.keys() != s1.keys():
+        diff = sorted(set(s0) ^ set(s1))
+        raise ValueError(f"wise_ft: the state dicts have different keys, e.g. {diff[:5]}")
+    merged: dict[str, Tensor] = {}
+    for key, t0 in s0.items():
+        t1 = s1[key]
+        if t0.shape != t1.shape or t0.dtype != t1.dtype:
+            raise ValueError(
+                f"wise_ft: {key!r} has shape {tuple(t0.shape)} vs {tuple(t1.shape)}"
+                if t0.shape != t1.shape
+                else f"wise_ft: {key!r} has dtype {t0.dtype} vs {t1.dtype}"
+            )
+        if alpha == 1.0:
+            merged[key] = t1.detach().clone().to(t0.device)
+        elif not t0.is_floating_point() or alpha == 0.0:
+            merged[key] = t0.detach().clone()
+        else:
+            merged[key] = (1.0 - alpha) * t0.detach() + alpha * t1.detach().to(t0.device)
+    out = copy.deepcopy(zero_shot_model)
+    out.load_state_dict(merged)
+    out.eval()
+    if isinstance(out, EncoderModel):
+        out.invalidate_fingerprint()
+    info = getattr(out, "training_info", None)
+    if isinstance(info, dict):
+        out.training_info = {**info, "wise_ft": {"alpha": alpha}}
+    return out
