@@ -11,9 +11,10 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
+# torchattacks is a test reference only: its metadata pins torchvision and an old requests,
+# so it is installed without dependencies.
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
-	# test reference only: its metadata pins torchvision and an old requests, so no deps
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $(STAMP)
 
