@@ -166,8 +166,8 @@ class Check(ABC):
     Class attributes:
         name: registered name, ``<pillar>.<what>`` or a short core name.
         pillar: one of :data:`PILLARS`.
-        requires: what the data must have: any of ``labels``, ``groups``, ``calibration``,
-            ``train``.
+        requires: what the data must have: any of ``labels`` (for classification tasks;
+            retrieval is scored by pairs), ``groups``, ``calibration``, ``train``.
         tasks: the task names the check makes sense for.
         higher_is_better: ``{metric: bool}`` for the metrics it reports.
         description: one line for ``mmsafe list-checks``.
@@ -185,7 +185,8 @@ class Check(ABC):
         if ctx.task.name not in self.tasks:
             return f"not applicable to task {ctx.task.name!r} (runs on: {', '.join(self.tasks)})"
         for need in self.requires:
-            if need == "labels" and not ctx.data.labelled.any():
+            labels_missing = ctx.task.kind == "classification" and not ctx.data.labelled.any()
+            if need == "labels" and labels_missing:
                 return "needs labels"
             if need == "groups" and ctx.data.groups is None:
                 return "needs a 'group' column"

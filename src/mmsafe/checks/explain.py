@@ -39,7 +39,8 @@ from mmsafe.explain import (
     random_saliency,
     shapley_values,
 )
-from mmsafe.metrics import mean_ci, resample_counts
+from mmsafe.metrics import mean_ci
+from mmsafe.metrics.bootstrap import share_ci
 
 Target = Literal["pred", "true"]
 NullMode = Literal["mean", "zeros"]
@@ -60,24 +61,7 @@ def share_cis(
         >>> share_cis(phi, n_boot=50, seed=0)
         [(0.25, 0.25), (0.75, 0.75)]
     """
-    a = np.abs(np.asarray(phi, dtype=float))
-    n = a.shape[0]
-    stats = []
-    for counts in resample_counts(n, n_boot, seed):
-        d = counts @ a / n
-        with np.errstate(invalid="ignore", divide="ignore"):
-            stats.append(d / d.sum(axis=1, keepdims=True))
-    s = np.concatenate(stats)
-    alpha = (1 - level) / 2
-    out = []
-    for j in range(a.shape[1]):
-        col = s[:, j][np.isfinite(s[:, j])]
-        if col.size == 0:
-            out.append((math.nan, math.nan))
-        else:
-            lo, hi = np.percentile(col, [100 * alpha, 100 * (1 - alpha)])
-            out.append((float(lo), float(hi)))
-    return out
+    return share_ci(np.abs(np.asarray(phi, dtype=float)), n_boot, level, seed)
 
 
 def _none(v: float) -> float | None:

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.metrics import mean_ci, resample_counts
+from mmsafe.metrics import mean_ci
+from mmsafe.metrics.bootstrap import share_ci
 
 DropMode = Literal["mean", "zeros"]
 PERTURBATIONS = ("drop", "swap", "noise")
@@ -105,29 +106,6 @@ def reliance_shares(drops: Mapping[str, float]) -> dict[str, float]:
     pos = {m: max(float(v), 0.0) for m, v in drops.items()}
     total = sum(pos.values())
     return {m: (v / total if total > 0 else math.nan) for m, v in pos.items()}
-
-
-def _shares_ci(
-    costs: np.ndarray, n_boot: int, seed: int, level: float = 0.95
-) -> list[tuple[float, float]]:
-    """Bootstrap CIs of :func:`reliance_shares` from ``(N, M)`` per-row costs."""
-    stats = []
-    n = costs.shape[0]
-    for counts in resample_counts(n, n_boot, seed):
-        d = np.clip(counts @ costs / n, 0, None)  # (B, M)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            stats.append(d / d.sum(axis=1, keepdims=True))
-    s = np.concatenate(stats)
-    alpha = (1 - level) / 2
-    out = []
-    for j in range(costs.shape[1]):
-        col = s[:, j][np.isfinite(s[:, j])]
-        if col.size == 0:
-            out.append((math.nan, math.nan))
-        else:
-            lo, hi = np.percentile(col, [100 * alpha, 100 * (1 - alpha)])
-            out.append((float(lo), float(hi)))
-    return out
 
 
 # --------------------------------------------------------------------------- the check
@@ -240,11 +218,11 @@ class ModalityCheck(Check):
                         follow[m], mean_ci(follows, self.n_boot, seed=ctx.seed)
                     )
         shares = reliance_shares({m: costs[:, j].mean() for j, m in enumerate(mods)})
-        share_ci = _shares_ci(costs, self.n_boot, ctx.seed)
+        reliance_ci = share_ci(costs, self.n_boot, seed=ctx.seed)
         drop_shares = reliance_shares({m: drop_costs[:, j].mean() for j, m in enumerate(mods)})
-        drop_ci = _shares_ci(drop_costs, self.n_boot, ctx.seed)
+        drop_ci = share_ci(drop_costs, self.n_boot, seed=ctx.seed)
         for j, m in enumerate(mods):
-            metrics[f"reliance/{m}"] = Metric(shares[m], share_ci[j])
+            metrics[f"reliance/{m}"] = Metric(shares[m], reliance_ci[j])
             metrics[f"drop_share/{m}"] = Metric(drop_shares[m], drop_ci[j])
 
         findings = [

@@ -48,17 +48,12 @@ class PerformanceCheck(Check):
     name = "performance"
     pillar = "performance"
     description = "accuracy, macro-F1 and per-class accuracy; retrieval R@1/5/10"
+    requires = ("labels",)
     higher_is_better = {"accuracy": True, "macro_f1": True}
 
     def __init__(self, n_boot: int = 1000, n_examples: int = 8) -> None:
         self.n_boot = n_boot
         self.n_examples = n_examples
-
-    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
-        reason = super().skip_reason(ctx)
-        if reason is None and ctx.task.kind == "classification" and not ctx.data.labelled.any():
-            return "needs labels"
-        return reason
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
         if ctx.task.kind == "retrieval":

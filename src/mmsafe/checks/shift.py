@@ -219,6 +219,7 @@ class ShiftCheck(Check):
     name = "robustness.shift"
     pillar = "robustness"
     description = "score per corruption x severity per modality; mCA, RR, ER, MultiModal Impact"
+    requires = ("labels",)
     higher_is_better = {
         f"{k}/{m}": hib
         for m in ("image", "text")
@@ -268,12 +269,6 @@ class ShiftCheck(Check):
         self.min_relative_robustness = min_relative_robustness
         self.max_er_drop = max_er_drop
         self.n_boot = n_boot
-
-    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
-        reason = super().skip_reason(ctx)
-        if reason is None and ctx.task.kind == "classification" and not ctx.data.labelled.any():
-            return "needs labels"
-        return reason
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102

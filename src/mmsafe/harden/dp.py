@@ -30,7 +30,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmsafe.models.heads import FusionConfig, FusionHead, _check_inputs, _one_thread
+from mmsafe.models.heads import (
+    FusionConfig,
+    FusionHead,
+    _check_inputs,
+    _head_config,
+    _one_thread,
+)
 
 
 @dataclass(frozen=True)
@@ -165,21 +171,8 @@ def dp_fit_fusion_head(
         raise ValueError(f"delta must be in (0, 1), got {delta}.")
     if accountant not in ("rdp", "prv"):
         raise ValueError(f"accountant must be 'rdp' or 'prv', got {accountant!r}.")
-    n_cls = int(num_classes) if num_classes is not None else max(int(y.max()) + 1, 2)
-    if int(y.max()) >= n_cls:
-        raise ValueError(f"Label {int(y.max())} is out of range for {n_cls} classes.")
-
-    mods = tuple(embs)
-    dims = tuple(int(embs[m].shape[1]) for m in mods)
-    cfg = FusionConfig(
-        modalities=mods,
-        dims=dims,
-        num_classes=n_cls,
-        mode=mode,
-        hidden=hidden,
-        width=int(width or hidden or max(dims)) if mode == "gated" else 0,
-        classes=tuple(classes),
-    )
+    cfg = _head_config(embs, y, num_classes, mode, hidden, width, classes)
+    mods = cfg.modalities
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = FusionHead(cfg)

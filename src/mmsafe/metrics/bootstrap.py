@@ -24,7 +24,7 @@ import numpy as np
 
 from mmsafe.metrics.classification import _as_numpy
 
-__all__ = ["bootstrap_ci", "mean_ci"]
+__all__ = ["bootstrap_ci", "mean_ci", "share_ci"]
 
 _CHUNK_ELEMENTS = 1 << 22  # resampling indices drawn per chunk (32 MiB of intp)
 
@@ -187,6 +187,31 @@ def _cached_counts(n: int, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
     for c in chunks:
         c.setflags(write=False)
     return chunks
+
+
+def share_ci(
+    values: Any, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> list[tuple[float, float]]:
+    """Percentile CIs of each column's share ``m_j / sum(m)`` of the column means ``m``.
+
+    ``values`` is ``(N, M)`` per-row non-negative contributions (e.g. ``|Shapley|`` values or
+    accuracy costs); negative column means are clipped to 0 before normalising. A resample whose
+    means sum to 0 has no shares and is dropped.
+
+    Example:
+        >>> share_ci(np.tile([[1.0, 3.0]], (10, 1)), n_boot=50)
+        [(0.25, 0.25), (0.75, 0.75)]
+    """
+    _check_options(n_boot, level, seed)
+    v = np.asarray(values, dtype=np.float64)
+    n = v.shape[0]
+    stats = []
+    for counts in resample_counts(n, int(n_boot), seed):
+        d = np.clip(counts @ v / n, 0, None)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            stats.append(d / d.sum(axis=1, keepdims=True))
+    s = np.concatenate(stats)
+    return [_percentile_interval(s[:, j], level) for j in range(v.shape[1])]
 
 
 def grouped_mean_ci(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,32 @@ def _check_inputs(
     return {m: x[keep] for m, x in embs.items()}, y.cpu()[keep]
 
 
+def _head_config(
+    embs: Mapping[str, Tensor],
+    y: Tensor,
+    num_classes: int | None,
+    mode: str,
+    hidden: int | None,
+    width: int | None,
+    classes: Sequence[str],
+) -> FusionConfig:
+    """The :class:`FusionConfig` for training on ``embs``/``y`` (validates the labels)."""
+    n_cls = int(num_classes) if num_classes is not None else max(int(y.max()) + 1, 2)
+    if int(y.max()) >= n_cls:
+        raise ValueError(f"Label {int(y.max())} is out of range for {n_cls} classes.")
+    mods = tuple(embs)
+    dims = tuple(int(embs[m].shape[1]) for m in mods)
+    return FusionConfig(
+        modalities=mods,
+        dims=dims,
+        num_classes=n_cls,
+        mode=mode,
+        hidden=hidden,
+        width=int(width or hidden or max(dims)) if mode == "gated" else 0,
+        classes=tuple(classes),
+    )
+
+
 def fit_fusion_head(
     embeddings: Mapping[str, Tensor],
     labels: Tensor,
@@ -342,20 +368,7 @@ def fit_fusion_head(
         raise ValueError(
             f"Need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}."
         )
-    n_cls = int(num_classes) if num_classes is not None else max(int(y.max()) + 1, 2)
-    if int(y.max()) >= n_cls:
-        raise ValueError(f"Label {int(y.max())} is out of range for {n_cls} classes.")
-    mods = tuple(embs)
-    dims = tuple(int(embs[m].shape[1]) for m in mods)
-    cfg = FusionConfig(
-        modalities=mods,
-        dims=dims,
-        num_classes=n_cls,
-        mode=mode,
-        hidden=hidden,
-        width=int(width or hidden or max(dims)) if mode == "gated" else 0,
-        classes=tuple(classes),
-    )
+    cfg = _head_config(embs, y, num_classes, mode, hidden, width, classes)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -207,9 +207,7 @@ def _validate(c: ShapesConfig) -> list[str]:
         problems.append(f"image_size={c.image_size} must be in [16, 256]")
     if not (c.spurious == 0 or 0.5 <= c.spurious <= 1):
         problems.append(f"spurious={c.spurious} must be 0 (off) or in [0.5, 1]")
-    for name in (
-        "label_noise", "ood", "defects", "train_defects", "caption_label", "pixel_noise"
-    ):
+    for name in ("label_noise", "ood", "defects", "train_defects", "caption_label", "pixel_noise"):
         value = getattr(c, name)
         if value < 0 or (name != "pixel_noise" and value > 1):
             bound = ">= 0" if name == "pixel_noise" else "in [0, 1]"
