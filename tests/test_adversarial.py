@@ -279,3 +279,36 @@ def test_tiny_clip_robust_accuracy_falls_with_eps_and_pgd_beats_fgsm(clip_batch)
     flagged = [f for f in res.findings if f.severity in ("medium", "high")]
     assert (clean - worst > 0.1) == any(f.evidence["norm"] == "linf" for f in flagged)
     assert flagged  # measured drop at 1/255: 0.617 -> 0.417
+
+
+def test_early_stop_is_never_weaker_and_clean_logits_skip_wrong_rows(shapes_quick) -> None:
+    forward = _linear_forward(3, classes=6)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(64, 3, 6, 6, generator=g)
+    with torch.no_grad():
+        y = forward(x).argmax(-1)
+    full = pgd(forward, x, y, 0.01, steps=4, generator=torch.Generator().manual_seed(5))
+    fast = pgd(forward, x, y, 0.01, steps=4, generator=torch.Generator().manual_seed(5),
+               early_stop=True, restarts=2)  # fmt: skip
+    assert _acc(forward, fast, y) <= _acc(forward, full, y)
+    assert float(perturbation_norm(fast - x, "linf").max()) <= 0.01 + 1e-6
+    # rows the cached clean logits misclassify come back untouched
+    wrong = torch.arange(64) % 2 == 0
+    y_mixed = torch.where(wrong, (y + 1) % 6, y)
+    with torch.no_grad():
+        clean_logits = forward(x)
+    adv = run_attack("pgd", forward, x, y_mixed, 0.05, "linf", steps=3, clean_logits=clean_logits)
+    assert torch.equal(adv[wrong], x[wrong]) and not torch.equal(adv[~wrong], x[~wrong])
+    # fusion: the forward carries per-row captions, and early stop subsets them (select)
+    world, model = shapes_quick
+    fctx = audit_context(model, world, task="fusion")
+    rows = np.flatnonzero(fctx.outputs.labels >= 0)[:16]
+    px = to_device(model.preprocess("image", [fctx.data.modalities["image"][i] for i in rows]),
+                   "cpu")  # fmt: skip
+    fwd = pixel_forward(model.eval(), fctx.task, {"text": fctx.outputs.embeddings["text"][rows]})
+    yy = torch.as_tensor(fctx.outputs.labels[rows])
+    adv = run_attack("pgd", fwd, px, yy, 4 / 255, "linf", steps=3, early_stop=True,
+                     clean_logits=fctx.outputs.logits[rows])  # fmt: skip
+    assert _acc(fwd, adv, yy) <= float(
+        (fctx.outputs.preds[rows] == fctx.outputs.labels[rows]).mean()
+    )

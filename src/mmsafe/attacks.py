@@ -164,6 +164,7 @@ def pgd(
     random_start: bool = True,
     restarts: int = 1,
     generator: torch.Generator | None = None,
+    early_stop: bool = False,
 ) -> Tensor:
     """Projected Gradient Descent (ascent on the cross-entropy) with random restarts.
 
@@ -183,6 +184,10 @@ def pgd(
         random_start: start each restart at a random point of the ball (else at ``x``).
         restarts: independent runs; the worst case per row is kept.
         generator: a CPU generator for the random starts (reproducibility).
+        early_stop: freeze a row at the first iterate that misclassifies it and drop it from
+            the batch (later steps and restarts only run on the rows still correct). The other
+            rows follow exactly the same trajectory, so the attack is never weaker; it is
+            cheaper whenever rows fall early.
 
     Returns:
         Adversarial pixels, detached, in ``[0, 1]`` with ``||x_adv - x|| <= eps``.
@@ -204,6 +209,10 @@ def pgd(
     best = x.clone()
     best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    if early_stop:
+        return _pgd_early_stop(
+            forward, x, y, eps, norm, steps, alpha, random_start, restarts, generator
+        )
     for _ in range(restarts):
         delta = _random_delta(x, eps, norm, generator) if random_start else torch.zeros_like(x)
         x_adv = _clip(x, delta, eps, norm)
@@ -220,6 +229,64 @@ def pgd(
         fooled |= wrong
         if bool(fooled.all()):
             break
+    return best.detach()
+
+
+def _pgd_early_stop(
+    forward: Forward,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    norm: Norm,
+    steps: int,
+    alpha: float,
+    random_start: bool,
+    restarts: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """:func:`pgd` on a shrinking batch: a row leaves at the first iterate that fools it.
+
+    A ``forward`` with per-row context (e.g. :func:`pixel_forward` for ``fusion``) must offer
+    ``forward.select(idx)``; any other ``forward`` must treat rows independently.
+    """
+
+    def restricted(rows: Tensor) -> Forward:
+        select = getattr(forward, "select", None)
+        return select(rows) if callable(select) else forward
+
+    best = x.clone()
+    best_loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+    fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    for _ in range(restarts):
+        idx = torch.nonzero(~fooled).squeeze(1)
+        if idx.numel() == 0:
+            break
+        xs, ys = x[idx], y[idx]
+        fwd = restricted(idx)
+        delta = _random_delta(xs, eps, norm, generator) if random_start else torch.zeros_like(xs)
+        x_adv = _clip(xs, delta, eps, norm)
+        for _ in range(steps):
+            _, grad, logits = _loss_and_grad(fwd, x_adv, ys)
+            hit = logits.argmax(dim=-1) != ys
+            if bool(hit.any()):
+                best[idx[hit]] = x_adv[hit]
+                fooled[idx[hit]] = True
+                keep = ~hit
+                idx, xs, ys, x_adv, grad = idx[keep], xs[keep], ys[keep], x_adv[keep], grad[keep]
+                if idx.numel() == 0:
+                    break
+                fwd = restricted(idx)
+            x_adv = _clip(xs, x_adv + alpha * _ascent_direction(grad, norm) - xs, eps, norm)
+        if idx.numel() == 0:
+            continue
+        with torch.no_grad():
+            logits = fwd(x_adv)
+            loss = nn.functional.cross_entropy(logits.float(), ys, reduction="none")
+            wrong = logits.argmax(dim=-1) != ys
+        take = wrong | (loss > best_loss[idx])
+        best[idx[take]] = x_adv[take]
+        best_loss[idx[take]] = loss[take]
+        fooled[idx[wrong]] = True
     return best.detach()
 
 
@@ -341,15 +408,29 @@ def pixel_forward(
         modality: the attacked modality.
 
     Returns:
-        ``forward(x) -> logits``.
+        ``forward(x) -> logits``; ``forward.select(idx)`` is the same map for the rows ``idx``
+        only (used by ``pgd(..., early_stop=True)`` when the batch shrinks).
     """
     others = {k: v for k, v in (fixed or {}).items() if k != modality}
+    return _PixelForward(model, task, others, modality)
 
-    def forward(x: Tensor) -> Tensor:
-        emb = model.encode({modality: x})[modality]
-        return task.logits({**{k: v.to(emb.device) for k, v in others.items()}, modality: emb})
 
-    return forward
+class _PixelForward:
+    """``pixels -> logits`` for fixed rows; ``select(idx)`` restricts the fixed context."""
+
+    def __init__(
+        self, model: EncoderModel, task: Task, others: Mapping[str, Tensor], modality: str
+    ) -> None:
+        self.model, self.task, self.others, self.modality = model, task, others, modality
+
+    def __call__(self, x: Tensor) -> Tensor:
+        emb = self.model.encode({self.modality: x})[self.modality]
+        fixed = {k: v.to(emb.device) for k, v in self.others.items()}
+        return self.task.logits({**fixed, self.modality: emb})
+
+    def select(self, idx: Tensor) -> _PixelForward:
+        others = {k: v[idx.to(v.device)] for k, v in self.others.items()}
+        return _PixelForward(self.model, self.task, others, self.modality)
 
 
 def run_attack(
@@ -363,8 +444,30 @@ def run_attack(
     restarts: int = 1,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    clean_logits: Tensor | None = None,
+    early_stop: bool = False,
 ) -> Tensor:
     """Dispatch to :func:`fgsm`, :func:`pgd` or :func:`apgd_ce` by name.
+
+    Args:
+        name: ``fgsm``, ``pgd`` or ``apgd`` (APGD-CE with ``2 * steps`` iterations).
+        forward: pixels -> logits, differentiable.
+        x: clean pixels ``(B, 3, H, W)`` in ``[0, 1]``.
+        y: true labels ``(B,)``.
+        eps: the budget.
+        norm: ``linf`` or ``l2``.
+        steps: PGD iterations.
+        restarts: random restarts (PGD, APGD).
+        random_start: start PGD at a random point of the ball.
+        generator: a CPU generator for the random starts.
+        clean_logits: the cached clean logits ``(B, C)`` of ``x`` (e.g. the engine's outputs);
+            rows they already misclassify are returned unchanged, unattacked, at no cost
+            (``forward`` must then treat rows independently or offer ``select(idx)``).
+        early_stop: PGD only: drop a row from the batch at its first misclassifying iterate
+            (see :func:`pgd`).
+
+    Returns:
+        Adversarial pixels ``(B, 3, H, W)``, detached.
 
     Example:
         >>> run_attack("cw", lambda x: x, torch.zeros(1, 2), torch.tensor([0]), 0.1, "linf")
@@ -372,10 +475,32 @@ def run_attack(
         ...
         ValueError: unknown attack 'cw'; choose from fgsm, pgd, apgd
     """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+    if clean_logits is not None:
+        todo = torch.nonzero(clean_logits.argmax(dim=-1).to(y.device) == y).squeeze(1)
+        out = x.detach().clone()
+        if todo.numel():
+            select = getattr(forward, "select", None)
+            out[todo] = run_attack(
+                name,
+                select(todo) if callable(select) else forward,
+                x[todo],
+                y[todo],
+                eps,
+                norm,
+                steps,
+                restarts,
+                random_start,
+                generator,
+                None,
+                early_stop,
+            )
+        return out
     if name == "fgsm":
         return fgsm(forward, x, y, eps, norm)
     if name == "pgd":
-        return pgd(forward, x, y, eps, norm, steps, None, random_start, restarts, generator)
-    if name == "apgd":
-        return apgd_ce(forward, x, y, eps, norm, 2 * steps, restarts, generator)
-    raise ValueError(f"unknown attack {name!r}; choose from {', '.join(ATTACKS)}")
+        return pgd(
+            forward, x, y, eps, norm, steps, None, random_start, restarts, generator, early_stop
+        )
+    return apgd_ce(forward, x, y, eps, norm, 2 * steps, restarts, generator)

@@ -10,6 +10,13 @@ not attacked: they count as wrong under every attack. Reported (see ``docs/adver
 * robust accuracy per norm x attack x eps, and the worst case over the attacks per row;
 * attack success rate ``ASR = flipped / initially correct`` per norm x attack x eps;
 * an accuracy-vs-eps line plot per norm.
+
+Optional, off by default (each costs more than the default audit; see ``docs/adversarial.md``),
+from :mod:`mmsafe.attacks_text`: black-box word/char substitution and gradient-guided (HotFlip)
+token attacks on the row's caption (tasks that read it: ``fusion``), with robust accuracy, ASR
+and mean queries against the query budget / number of flipped tokens; Co-Attack (text, then
+image) per L-inf eps; and a universal feature-space image perturbation trained on the train
+split and evaluated on the evaluated rows.
 """
 
 from __future__ import annotations
@@ -22,6 +29,16 @@ import torch
 from torch import Tensor
 
 from mmsafe.attacks import ATTACKS, NORMS, Norm, pixel_forward, run_attack
+from mmsafe.attacks_text import (
+    TEXT_ATTACKS,
+    AttackError,
+    caption_vocabulary,
+    co_attack,
+    embedding_cosine,
+    hotflip,
+    substitution_attack,
+    universal_perturbation,
+)
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.engine.runner import to_device
@@ -79,6 +96,19 @@ class AdversarialCheck(Check):
         max_drop: a fall of the worst robust accuracy at the smallest budget below clean
             accuracy by more than this raises a finding (``high`` above twice this).
         n_boot: bootstrap resamples for the CIs.
+        early_stop: PGD drops a row from the batch at its first misclassifying iterate (never
+            weaker, cheaper).
+        text_attacks: any of ``substitution`` (black-box, query-bounded) and ``hotflip``
+            (gradient-guided tokens) on the row's caption; only for tasks that read it.
+        query_budgets: query budgets reported for ``substitution`` (one run at the largest).
+        flips: numbers of changed tokens reported for ``hotflip`` (one run at the largest).
+        co_attack: also run Co-Attack (text, then image) at every L-inf eps.
+        co_alpha: Co-Attack's cross-modal weight.
+        co_flips: tokens Co-Attack's text step may change.
+        universal: also train one universal L-inf perturbation per eps on the train split and
+            report it on the evaluated rows.
+        universal_rows: training images for the universal perturbation.
+        universal_epochs: passes over them.
     """
 
     name = "robustness.adversarial"
@@ -104,6 +134,16 @@ class AdversarialCheck(Check):
         batch_size: int = 64,
         max_drop: float = 0.2,
         n_boot: int = 1000,
+        early_stop: bool = True,
+        text_attacks: Sequence[str] = (),
+        query_budgets: Sequence[int] = (10, 50, 200),
+        flips: Sequence[int] = (1, 2, 4),
+        co_attack: bool = False,
+        co_alpha: float = 3.0,
+        co_flips: int = 1,
+        universal: bool = False,
+        universal_rows: int = 256,
+        universal_epochs: int = 3,
     ) -> None:
         self.norms = tuple(norms)
         bad = [n for n in self.norms if n not in NORMS]
@@ -130,6 +170,24 @@ class AdversarialCheck(Check):
         self.batch_size = int(batch_size)
         self.max_drop = float(max_drop)
         self.n_boot = int(n_boot)
+        self.early_stop = bool(early_stop)
+        self.text_attacks = tuple(text_attacks)
+        if any(a not in TEXT_ATTACKS for a in self.text_attacks):
+            raise ValueError(f"text_attacks must be a subset of {TEXT_ATTACKS}, got {text_attacks}")
+        self.query_budgets = tuple(sorted({int(q) for q in query_budgets}))
+        self.flips = tuple(sorted({int(k) for k in flips}))
+        if not self.query_budgets or min(self.query_budgets) < 1:
+            raise ValueError(f"query_budgets must be positive integers, got {query_budgets}")
+        if not self.flips or min(self.flips) < 1:
+            raise ValueError(f"flips must be positive integers, got {flips}")
+        self.co_attack = bool(co_attack)
+        self.co_alpha = float(co_alpha)
+        self.co_flips = int(co_flips)
+        self.universal = bool(universal)
+        self.universal_rows = int(universal_rows)
+        self.universal_epochs = int(universal_epochs)
+        if (self.co_attack or self.universal) and "linf" not in self.norms:
+            raise ValueError("co_attack and universal are L-inf attacks: add 'linf' to norms")
 
     def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
         reason = super().skip_reason(ctx)
@@ -191,6 +249,7 @@ class AdversarialCheck(Check):
                 "ylim": [0.0, 1.0],
             }
             findings += self._findings(norm, metrics, clean_value)
+        findings += self._extra_attacks(ctx, rows, labels, clean, metrics, plots)
         order = {"high": 0, "medium": 1, "low": 2, "info": 3}
         findings.sort(key=lambda f: order[f.severity])
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
@@ -244,6 +303,7 @@ class AdversarialCheck(Check):
                             restarts=self.restarts,
                             random_start=self.random_start,
                             generator=gen,
+                            early_stop=self.early_stop,
                         )
                         with torch.no_grad():
                             pred = forward(x_adv).argmax(dim=-1)
@@ -267,6 +327,303 @@ class AdversarialCheck(Check):
                 REMEDIATION,
             )
         ]
+
+    # ------------------------------------------------------------------ optional attacks
+    def _extra_attacks(
+        self,
+        ctx: AuditContext,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        clean: np.ndarray,
+        metrics: dict[str, Metric],
+        plots: dict[str, dict[str, Any]],
+    ) -> list[Finding]:
+        """Text attacks, Co-Attack and the universal perturbation, as configured."""
+        findings: list[Finding] = []
+        if not (self.text_attacks or self.co_attack or self.universal):
+            return findings
+        ok = clean.astype(bool)
+        clean_value = float(clean.mean())
+        curves: dict[str, dict[str, np.ndarray]] = {}
+        reads_text = "text" in ctx.task.modalities and "text" in ctx.data.modalities
+        if self.text_attacks and not reads_text:
+            findings.append(
+                Finding(
+                    "info",
+                    f"Text attacks skipped: task {ctx.task.name!r} does not read the row's text.",
+                    {"text_attacks": list(self.text_attacks)},
+                )
+            )
+        elif self.text_attacks:
+            curves.update(self._text_attacks(ctx, rows, labels, ok))
+        try:
+            if self.co_attack:
+                curves["co_attack"] = self._co_attacks(ctx, rows, labels, ok)
+        except AttackError as err:
+            findings.append(Finding("info", f"Co-Attack skipped: {err}", {}))
+        if self.universal:
+            uni = self._universal(ctx, rows, labels, ok, metrics)
+            if uni is None:
+                findings.append(
+                    Finding("info", "Universal perturbation skipped: no train images.", {})
+                )
+            else:
+                curves["universal"] = uni
+        for name, per_x in curves.items():
+            for x_label, correct in per_x.items():
+                if name == "queries":
+                    continue
+                key = self._extra_key(name, x_label)
+                metrics[f"{key}/robust_accuracy"] = Metric(
+                    float(correct.mean()), mean_ci(correct, self.n_boot, seed=ctx.seed)
+                )
+                metrics[f"{key}/attack_success_rate"] = Metric(attack_success_rate(clean, correct))
+        if "substitution" in curves:
+            q = curves["queries"]
+            for budget in self.query_budgets:
+                spent = np.minimum(q["spent"][ok], budget)
+                metrics[f"text/substitution/queries={budget}/mean_queries"] = Metric(
+                    float(spent.mean()) if len(spent) else float("nan")
+                )
+            plots["accuracy_vs_queries"] = self._plot(
+                "Accuracy under the black-box word/char substitution attack vs query budget",
+                "query budget per row",
+                [0, *self.query_budgets],
+                [("substitution", clean_value, curves["substitution"])],
+            )
+        if "hotflip" in curves:
+            plots["accuracy_vs_flips"] = self._plot(
+                "Accuracy under the HotFlip token attack vs tokens changed",
+                "tokens changed per caption",
+                [0, *self.flips],
+                [("hotflip", clean_value, curves["hotflip"])],
+            )
+        linf = plots.get("accuracy_vs_eps_linf")
+        for name in ("co_attack", "universal"):
+            if name in curves and linf is not None:
+                ys = [clean_value, *[float(c.mean()) for c in curves[name].values()]]
+                linf["series"].append({"name": name, "x": [0.0, *self.eps["linf"]], "y": ys})
+        findings.append(
+            Finding(
+                "info",
+                "Also ran: "
+                + ", ".join(k for k in curves if k != "queries")
+                + " (co_attack also perturbs the text and universal is one input-agnostic "
+                "perturbation, so neither enters 'worst'). See docs/adversarial.md.",
+                {"extra_attacks": [k for k in curves if k != "queries"]},
+            )
+        )
+        return findings
+
+    def _extra_key(self, name: str, x_label: str) -> str:
+        if name == "substitution":
+            return f"text/substitution/queries={x_label}"
+        if name == "hotflip":
+            return f"text/hotflip/flips={x_label}"
+        return f"linf/{name}/eps={x_label}"
+
+    @staticmethod
+    def _plot(
+        title: str, xlabel: str, x: list[float], series: list[tuple[str, float, dict]]
+    ) -> dict[str, Any]:
+        return {
+            "kind": "line",
+            "title": title,
+            "xlabel": xlabel,
+            "ylabel": "accuracy",
+            "series": [
+                {"name": n, "x": x, "y": [c, *[float(v.mean()) for v in per.values()]]}
+                for n, c, per in series
+            ],
+            "ylim": [0.0, 1.0],
+        }
+
+    def _batches(self, targets: np.ndarray) -> list[np.ndarray]:
+        return [targets[i : i + self.batch_size] for i in range(0, len(targets), self.batch_size)]
+
+    def _text_attacks(
+        self, ctx: AuditContext, rows: np.ndarray, labels: np.ndarray, ok: np.ndarray
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Per-row correctness under the text attacks, per budget / flip count."""
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        texts = [str(ctx.data.modalities["text"][i]) for i in rows]
+        emb = {
+            m: e[torch.as_tensor(rows)].to(device)
+            for m, e in ctx.outputs.embeddings.items()
+            if m in ctx.task.modalities and m != "text"
+        }
+        y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
+
+        def logits_for(text_emb: Tensor, pos: Tensor) -> Tensor:
+            return ctx.task.logits({**{m: e[pos] for m, e in emb.items()}, "text": text_emb})
+
+        def margin(logits: Tensor, y: Tensor) -> Tensor:
+            true = logits.gather(1, y[:, None]).squeeze(1)
+            other = logits.scatter(1, y[:, None], -torch.inf).amax(dim=1)
+            return true - other
+
+        out: dict[str, dict[str, np.ndarray]] = {}
+        if "substitution" in self.text_attacks:
+
+            @torch.no_grad()
+            def margin_fn(batch: Any, pos: Any) -> np.ndarray:
+                p = torch.as_tensor(list(pos), dtype=torch.long, device=device)
+                e = model.encode({"text": model.preprocess("text", list(batch))})["text"]
+                return margin(logits_for(e.to(device), p), y_all[p]).float().cpu().numpy()
+
+            clean_logits = ctx.outputs.logits[torch.as_tensor(rows)].to(device)
+            clean_margin = margin(clean_logits, y_all).float().cpu().numpy()
+            clean_margin[~ok] = -1.0  # wrong rows are not attacked
+            vocab = caption_vocabulary(
+                [str(t) for t in (ctx.train or ctx.data).modalities.get("text", texts)]
+            )
+            res = substitution_attack(
+                margin_fn,
+                texts,
+                max(self.query_budgets),
+                vocab,
+                clean_margin=clean_margin,
+                seed=int(ctx.seed),
+            )
+            out["substitution"] = {
+                str(q): (ok & ~(res.success & (res.queries <= q))).astype(np.float64)
+                for q in self.query_budgets
+            }
+            out["queries"] = {"spent": res.queries.astype(np.float64)}
+        if "hotflip" in self.text_attacks:
+            first = np.full(len(rows), -1)
+            for pos in self._batches(np.flatnonzero(ok)):
+                p = torch.as_tensor(pos, dtype=torch.long, device=device)
+                batch = model.preprocess("text", [texts[i] for i in pos])
+                assert isinstance(batch, dict)
+
+                def objective(e: Tensor, r: Tensor, p: Tensor = p) -> Tensor:
+                    return torch.nn.functional.cross_entropy(
+                        logits_for(e, p[r]).float(), y_all[p[r]], reduction="none"
+                    )
+
+                def success(e: Tensor, r: Tensor, p: Tensor = p) -> Tensor:
+                    return logits_for(e, p[r]).argmax(dim=-1) != y_all[p[r]]
+
+                res_h = hotflip(model, batch, objective, max(self.flips), success=success)
+                first[pos] = res_h.first_success.numpy()
+            out["hotflip"] = {
+                str(k): (ok & ~((first >= 0) & (first <= k))).astype(np.float64) for k in self.flips
+            }
+        return out
+
+    def _co_attacks(
+        self, ctx: AuditContext, rows: np.ndarray, labels: np.ndarray, ok: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Per-row correctness under Co-Attack at every L-inf eps.
+
+        ``fusion``: the row's caption and image are attacked and the head reads both.
+        ``zero_shot``: the row's text is its true class's first prompt; its adversarial version
+        replaces that prompt in the true class's embedding (for this row only).
+        """
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        task = getattr(ctx.task, "inner", ctx.task)
+        zero_shot = ctx.task.name == "zero_shot"
+        if zero_shot and getattr(task, "class_embeddings_", None) is None:
+            raise AttackError("the zero-shot task exposes no class embeddings")
+        out = {eps_label(e): np.zeros(len(rows)) for e in self.eps["linf"]}
+        gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 29)
+        classes = list(ctx.data.classes)
+        for pos in self._batches(np.flatnonzero(ok)):
+            idx = rows[pos]
+            x = to_device(
+                model.preprocess("image", [ctx.data.modalities["image"][i] for i in idx]), device
+            )
+            assert isinstance(x, Tensor)
+            y = torch.as_tensor(labels[pos], dtype=torch.long, device=device)
+            if zero_shot:
+                templates = list(task.templates)
+                texts = [templates[0].format(classes[int(c)]) for c in labels[pos]]
+                rest = [t.format(classes[int(c)]) for c in labels[pos] for t in templates[1:]]
+                with torch.no_grad():
+                    other = (
+                        model.encode({"text": model.preprocess("text", rest)})["text"]
+                        .view(len(pos), len(templates) - 1, -1)
+                        .sum(1)
+                        if rest and len(templates) > 1
+                        else torch.zeros(len(pos), model.embed_dim, device=device)
+                    )
+            else:
+                texts = [str(ctx.data.modalities["text"][i]) for i in idx]
+            tb = model.preprocess("text", texts)
+            assert isinstance(tb, dict)
+            for e in self.eps["linf"]:
+                res = co_attack(model, x, tb, e, alpha=self.co_alpha, steps=self.steps,
+                                n_flips=self.co_flips, generator=gen)  # fmt: skip
+                with torch.no_grad():
+                    if zero_shot:
+                        cls_adv = torch.nn.functional.normalize(
+                            other.to(device) + res.text_embedding, dim=-1
+                        )
+                        cls = task.class_embeddings_.to(device)
+                        logits = res.image_embedding @ cls.T
+                        logits[torch.arange(len(pos)), y] = (res.image_embedding * cls_adv).sum(-1)
+                    else:
+                        fixed = {
+                            m: v[torch.as_tensor(idx)].to(device)
+                            for m, v in ctx.outputs.embeddings.items()
+                            if m in ctx.task.modalities and m not in ("image", "text")
+                        }
+                        logits = ctx.task.logits(
+                            {**fixed, "image": res.image_embedding, "text": res.text_embedding}
+                        )
+                out[eps_label(e)][pos] = (logits.argmax(-1) == y).float().cpu().numpy()
+        return out
+
+    def _universal(
+        self,
+        ctx: AuditContext,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        ok: np.ndarray,
+        metrics: dict[str, Metric],
+    ) -> dict[str, np.ndarray] | None:
+        """Per-row correctness under one universal perturbation per L-inf eps."""
+        source = ctx.train if ctx.train is not None and len(ctx.train) else ctx.calibration
+        if source is None or "image" not in source.modalities or len(source) == 0:
+            return None
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        rng = np.random.default_rng([int(ctx.seed), 4243])
+        pick = rng.permutation(len(source))[: self.universal_rows]
+        train_px = model.preprocess("image", [source.modalities["image"][i] for i in pick])
+        eval_px = model.preprocess("image", [ctx.data.modalities["image"][i] for i in rows])
+        assert isinstance(train_px, Tensor) and isinstance(eval_px, Tensor)
+        gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 31)
+        out = {}
+        fixed_all = {
+            m: v[torch.as_tensor(rows)]
+            for m, v in ctx.outputs.embeddings.items()
+            if m != "image" and m in ctx.task.modalities
+        }
+        y_all = torch.as_tensor(labels, dtype=torch.long)
+        for e in self.eps["linf"]:
+            delta = universal_perturbation(
+                model, train_px, e, epochs=self.universal_epochs, batch_size=self.batch_size,
+                generator=gen,
+            )  # fmt: skip
+            correct = np.zeros(len(rows))
+            for pos in self._batches(np.flatnonzero(ok)):
+                p = torch.as_tensor(pos)
+                fwd = pixel_forward(
+                    model, ctx.task, {m: v[p].to(device) for m, v in fixed_all.items()}
+                )
+                with torch.no_grad():
+                    pred = fwd((eval_px[p].to(device) + delta).clamp(0, 1)).argmax(-1).cpu()
+                correct[pos] = (pred == y_all[p]).float().numpy()
+            out[eps_label(e)] = correct
+            cos = embedding_cosine(model, eval_px, delta)
+            metrics[f"linf/universal/eps={eps_label(e)}/embedding_cosine"] = Metric(
+                float(cos.mean())
+            )
+        return out
 
 
 def _as_norm(norm: str) -> Norm:
