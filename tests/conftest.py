@@ -6,7 +6,9 @@ need a trained model use tiny-clip (quick) on a small shapes world, trained once
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,8 +98,13 @@ QUICK_WORLD_SPEC = "shapes:n=900,train_defects=0"
 
 @pytest.fixture(scope="session")
 def mmsafe_cache(tmp_path_factory) -> Any:
-    """One model/embedding cache for the whole session, so tiny-clip trains once."""
-    return tmp_path_factory.mktemp("mmsafe-cache")
+    """One model/embedding cache for the session, so tiny-clip trains once.
+
+    ``$MMSAFE_CACHE_DIR`` (as ``.ci/run`` sets it) is used when set, so trained models can be
+    reused across runs; otherwise a fresh temporary folder.
+    """
+    env = os.environ.get("MMSAFE_CACHE_DIR")
+    return Path(env) if env else tmp_path_factory.mktemp("mmsafe-cache")
 
 
 @pytest.fixture(scope="session")

@@ -59,3 +59,39 @@ def test_harden_conformal_exports_a_predictor_that_covers(toy_model, tmp_path):
     cov = check["metrics"]["lac/coverage"]["value"]
     assert 0.7 < cov <= 1.0
     assert "aps/coverage" not in check["metrics"]
+
+
+def test_harden_unlearn_cli_forgets_rows_and_reaudits(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from mmsafe.cli import app
+    from mmsafe.loading import load_data
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    torch.manual_seed(0)
+    saved = TinyClip(TinyClipConfig.for_size("xs")).save_pretrained(tmp_path / "model")
+    spec = "shapes:n=300,train_defects=0"
+    train_ids = load_data(spec).split("train").ids
+    forget = tmp_path / "forget.txt"
+    forget.write_text("# rows to forget\n" + "\n".join(train_ids[:12]) + "\n")
+    common = ["--model", f"tiny-clip:{saved}", "--data", spec, "--device", "cpu"]
+    runner = CliRunner()
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app, ["harden", "unlearn", "--forget", str(forget), "--out", str(out), *common]
+    )
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "head" / "unlearn.json").read_text())
+    assert report["n_forget"] == 12 and report["forget_ids"] == train_ids[:12]
+    card = json.loads((out / "after" / "card.json").read_text())
+    assert card["task"]["params"]["head"] == "unlearned (multidelete, 12 rows)"
+    assert (out / "before" / "card.json").is_file()
+
+    forget.write_text(f"{train_ids[0]}\nno-such-row\n")
+    res = runner.invoke(
+        app, ["harden", "unlearn", "--forget", str(forget), "--out", str(out), *common]
+    )
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "forget.txt" in text and "line 2" in text and "Traceback" not in text

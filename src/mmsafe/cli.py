@@ -282,8 +282,9 @@ def _harden(
     cache_dir: Path | None,
     **options: object,
 ) -> None:
+    from mmsafe import hardening
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
-    from mmsafe.hardening import HardenError, harden_conformal, harden_temperature
+    from mmsafe.hardening import HardenError
     from mmsafe.loading import USER_ERRORS, load_data, load_model
     from mmsafe.tasks.base import TaskError, create_task
 
@@ -296,7 +297,13 @@ def _harden(
         encoder = load_model(
             model, data=dataset, quick=quick, seed=seed, device=str(engine.device), cache_dir=cache
         )
-        fn = harden_temperature if kind == "calibration" else harden_conformal
+        fn = {
+            "calibration": hardening.harden_temperature,
+            "conformal": hardening.harden_conformal,
+            "adversarial": hardening.harden_adversarial,
+            "dp": hardening.harden_dp,
+            "unlearn": hardening.harden_unlearn,
+        }[kind]
         result = fn(encoder, dataset, task=task_obj, out=out, engine=engine, seed=seed, **options)
     except user_errors as exc:
         raise _user_error(str(exc)) from None
@@ -324,6 +331,110 @@ def harden_calibration_cmd(
 ) -> None:
     """Temperature scaling: fit T on the calibration split; ECE before/after on the test split."""
     _harden("calibration", model, data, task, out, device, seed, quick, cache_dir)
+
+
+@harden_app.command("adversarial")
+def harden_adversarial_cmd(
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    task: Annotated[str, typer.Option(help="zero_shot or fusion.")] = "zero_shot",
+    out: OutOpt = Path("mmsafe-hardened"),
+    eps: Annotated[float, typer.Option(min=0.0, help="FARE training budget (L-inf, [0, 1]).")] = (
+        4 / 255
+    ),
+    eval_eps: Annotated[
+        float, typer.Option(min=0.0, help="PGD budget of the sweep and the re-audit.")
+    ] = 2 / 255,
+    epochs: Annotated[int, typer.Option(min=1, help="FARE passes over the train images.")] = 10,
+    max_clean_drop: Annotated[
+        float, typer.Option(min=0.0, help="Largest clean-accuracy fall WiSE-FT may cost.")
+    ] = 0.02,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """FARE fine-tuning of the image tower + a WiSE-FT sweep; robust accuracy before/after.
+
+    The hardened model is saved under OUT/model; audit it later with --model tiny-clip:OUT/model.
+    """
+    _harden(
+        "adversarial",
+        model,
+        data,
+        task,
+        out,
+        device,
+        seed,
+        quick,
+        cache_dir,
+        eps=eps,
+        eval_eps=eval_eps,
+        epochs=epochs,
+        max_clean_drop=max_clean_drop,
+    )
+
+
+@harden_app.command("dp")
+def harden_dp_cmd(
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    out: OutOpt = Path("mmsafe-hardened"),
+    target_epsilon: Annotated[float, typer.Option(min=0.0, help="Privacy budget to spend.")] = 8.0,
+    delta: Annotated[float | None, typer.Option(help="Default: 1 / training rows.")] = None,
+    max_grad_norm: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """DP-SGD (opacus) fusion head: epsilon, utility and membership-inference AUC before/after."""
+    _harden(
+        "dp",
+        model,
+        data,
+        "fusion",
+        out,
+        device,
+        seed,
+        quick,
+        cache_dir,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        epochs=epochs,
+    )
+
+
+@harden_app.command("unlearn")
+def harden_unlearn_cmd(
+    forget: Annotated[
+        Path, typer.Option(help="Text file of train row ids to forget, one per line.")
+    ],
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    out: OutOpt = Path("mmsafe-hardened"),
+    method: Annotated[str, typer.Option(help="multidelete or gradient_ascent.")] = "multidelete",
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Unlearn rows from the fusion head; compare with retraining from scratch; re-audit."""
+    _harden(
+        "unlearn",
+        model,
+        data,
+        "fusion",
+        out,
+        device,
+        seed,
+        quick,
+        cache_dir,
+        forget=forget,
+        method=method,
+    )
 
 
 @harden_app.command("conformal")
@@ -362,7 +473,10 @@ def adapt_cmd(
     model: ModelOpt = "tiny-clip",
     data: DataOpt = "shapes",
     method: Annotated[
-        str, typer.Option("--method", help="Comma-separated: full, lora, adapter, iisan.")
+        str,
+        typer.Option(
+            "--method", help="Comma-separated: full, lora, adapter, iisan, iisan-versa, momef."
+        ),
     ] = "full,lora,adapter,iisan",
     epochs: Annotated[int, typer.Option(help="Training epochs per method.", min=1)] = 3,
     batch_size: Annotated[int, typer.Option(help="Rows per training step.", min=1)] = 64,

@@ -54,9 +54,9 @@ def load_model(
 
     With ``--data shapes:...`` the model is trained on that world's train split (or loaded from
     the cache), so the planted training flaws really are in the model; with any other data it is
-    the tiny-clip of the default world.
+    the tiny-clip of the default world. ``tiny-clip:<dir>`` loads a saved one (e.g. hardened).
     """
-    if name.startswith("tiny-clip"):
+    if name.startswith("tiny-clip") and ":" not in name:
         world = data if data is not None and is_world_spec(data.source or "") else None
         return create_model(
             name,

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mmsafe.engine.cache import atomic_write, atomic_write_text
 from mmsafe.models.base import ModelError
 
 FUSION_MODES = ("concat", "gated")
@@ -206,7 +207,7 @@ class FusionHead(nn.Module):
         return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
-        """Write ``head.safetensors`` and ``head.json`` into directory ``path`` (created).
+        """Write ``head.safetensors`` and ``head.json`` into directory ``path``, each atomically.
 
         Args:
             path: Target directory.
@@ -220,10 +221,12 @@ class FusionHead(nn.Module):
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+        atomic_write(
+            out / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"})
+        )
         meta = {"format_version": FORMAT_VERSION, "config": self.cfg.to_dict()}
         meta["extra"] = dict(extra if extra is not None else self.fit_info)
-        (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(out / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return out
 
     @classmethod

@@ -695,3 +695,11 @@ def tiny_clip_xs(**kwargs: Any) -> TinyClip:
 def tiny_clip_m(**kwargs: Any) -> TinyClip:
     """tiny-clip, medium member of the family (for scaling fits)."""
     return build_tiny_clip("m", **kwargs)
+
+
+@register_model("tiny-clip:", "a saved tiny-clip, e.g. a hardened one: tiny-clip:<dir>")
+def tiny_clip_from_dir(path: str, device: str = "cpu") -> TinyClip:
+    """A tiny-clip written by :meth:`TinyClip.save_pretrained` (``mmsafe harden adversarial``)."""
+    if not path:
+        raise ModelError("tiny-clip:<dir> needs the folder of a saved tiny-clip after the colon")
+    return TinyClip.from_pretrained(path, device=device)

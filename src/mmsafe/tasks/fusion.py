@@ -92,3 +92,38 @@ class FusionTask(Task):
             raise RuntimeError("FusionTask.prepare() must run before logits()")
         head = self.head_.to(next(iter(embeddings.values())).device)
         return head({m: embeddings[m] for m in self.modalities})
+
+
+class PrefitFusionTask(FusionTask):
+    """The fusion task with a head fitted elsewhere (DP-SGD, unlearning): ``prepare`` keeps it.
+
+    Checks select on the task name, so this is still ``fusion``; its fingerprint is the head's
+    weights, so cached outputs never mix with another head's.
+
+    Args:
+        head: the fitted :class:`~mmsafe.models.heads.FusionHead`.
+        label: what fitted the head (e.g. ``"dp-sgd"``), recorded in the task's parameters.
+    """
+
+    def __init__(self, head: FusionHead, label: str = "prefit") -> None:
+        super().__init__(mode=head.cfg.mode, hidden=head.cfg.hidden)  # type: ignore[arg-type]
+        self.head_ = head.eval()
+        self.label = label
+
+    def params(self) -> dict[str, Any]:  # noqa: D102
+        return {**super().params(), "head": self.label}
+
+    def prepare(
+        self,
+        model: EncoderModel,
+        engine: Engine,
+        classes: Sequence[str],
+        fit_data: Dataset | None = None,
+    ) -> None:
+        """Check that the head fits the classes; nothing is trained."""
+        assert self.head_ is not None
+        if self.head_.cfg.num_classes != len(classes):
+            raise TaskError(
+                f"The {self.label} head predicts {self.head_.cfg.num_classes} classes, but the "
+                f"data has {len(classes)}. Fit the head on data with the same classes."
+            )
