@@ -1,20 +1,25 @@
 """Adaptation methods compared: epoch time, peak memory, trainable params, accuracy, TPME.
 
-One process, two backbones, fusion classification on the shapes world (train split -> test
-split, OOD rows excluded):
+One process, up to three backbones, fusion classification on the shapes world (train split ->
+test split, OOD rows excluded):
 
 * ``tiny-clip`` (quick-trained on the world, from the model cache);
 * a larger, randomly initialised Hugging Face ``CLIPModel`` (ViT + text transformer, byte-level
-  tokenizer; no download).
+  tokenizer; no download);
+* an *asymmetric* random ``CLIPModel``: a text tower deeper and wider than the vision tower
+  (default 8 x 192 vs 4 x 128), for IISAN-Versa.
 
-For each backbone: ``full``, ``lora``, ``adapter``, ``iisan`` (cached hidden states, cache build
-time reported separately) and ``iisan-uncached`` (the frozen backbones run in every step), the
-same seed and batch order, one torch thread, after one discarded warm-up epoch. Prints a
-Markdown table per backbone with TPME across the methods compared (paper weights 0.45 / 0.10 /
-0.45), and the FFT / IISAN time and memory ratios (paper: 20x time, 15.7x memory on ViT-base +
-BERT-base, GPU).
+For the first two: ``full``, ``lora``, ``adapter``, ``iisan`` (cached hidden states, cache build
+time reported separately) and ``iisan-uncached`` (the frozen backbones run in every step). For
+the asymmetric one: ``full``, ``iisan``, ``iisan-versa`` (same group count G for both towers:
+the same taps as ``iisan``), ``iisan-versa-surplus`` (G per tower = ``min(6, depth)``: the
+deeper tower's surplus taps run intra-modally first) and ``momef``. The same seed and batch
+order, one torch thread, after one discarded warm-up epoch. Prints a Markdown table per
+backbone with TPME across the methods compared (paper weights 0.45 / 0.10 / 0.45), and the FFT /
+side-method time and memory ratios (paper: 20x time, 15.7x memory on ViT-base + BERT-base, GPU).
 
     MMSAFE_CACHE_DIR=/tmp/demo-cache .venv/bin/python bench/adaptation.py [--epochs 2]
+    .venv/bin/python bench/adaptation.py --backbones asym   # IISAN-Versa only
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsafe.adapt import AdaptReport, adapt, markdown_table, with_tpme
+from mmsafe.adapt import AdaptReport, adapt, markdown_table, tower_layers, with_tpme
 from mmsafe.loading import load_data, load_model
 from mmsafe.models.hf import CLIP_MEAN, CLIP_STD, HFClip
 from mmsafe.models.tiny_clip import BOS, EOS, PAD, VOCAB_SIZE, tokenize
@@ -44,17 +49,28 @@ class ByteTokenizer:
         return tokenize(texts, max_length)
 
 
-def random_clip(width: int, layers: int, seed: int = 0) -> HFClip:
+def random_clip(
+    width: int,
+    layers: int,
+    seed: int = 0,
+    *,
+    text_width: int | None = None,
+    text_layers: int | None = None,
+) -> HFClip:
+    """A random HF CLIP; ``text_width`` / ``text_layers`` make the text tower differ."""
     import transformers
 
-    common = {
-        "hidden_size": width,
-        "intermediate_size": 4 * width,
-        "num_hidden_layers": layers,
-        "num_attention_heads": 4,
-    }
+    def tower(w: int, n: int) -> dict[str, int]:
+        return {
+            "hidden_size": w,
+            "intermediate_size": 4 * w,
+            "num_hidden_layers": n,
+            "num_attention_heads": 4,
+        }
+
+    common = tower(width, layers)
     text = {
-        **common,
+        **tower(text_width or width, text_layers or layers),
         "vocab_size": VOCAB_SIZE,
         "max_position_embeddings": 77,
         "bos_token_id": BOS,
@@ -70,16 +86,27 @@ def random_clip(width: int, layers: int, seed: int = 0) -> HFClip:
     ).eval()
 
 
-def run_backbone(model: Any, train: Any, test: Any, args: argparse.Namespace) -> list[AdaptReport]:
+SYMMETRIC = ("full", "lora", "adapter", "iisan", "iisan-uncached")
+ASYMMETRIC = ("full", "iisan", "iisan-versa", "iisan-versa-surplus", "momef")
+
+
+def run_backbone(
+    model: Any, train: Any, test: Any, args: argparse.Namespace, methods: tuple[str, ...]
+) -> list[AdaptReport]:
     reports = []
     kw = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": 0, "threads": 1}
+    depth = {m: len(layers) for m, layers in tower_layers(model).items()}
     # Warm-up (discarded): the first training in a process pays one-off allocator growth and
     # lazy initialisation, which would otherwise land on whichever method runs first.
     adapt(model, train, test, "full", **{**kw, "epochs": 1})
-    for method in ("full", "lora", "adapter", "iisan", "iisan-uncached"):
+    for method in methods:
         t0 = time.perf_counter()
         if method == "iisan-uncached":
             rep = adapt(model, train, test, "iisan", cache=False, **kw).report
+            rep = dataclasses.replace(rep, method=method)
+        elif method == "iisan-versa-surplus":
+            groups = {m: min(6, d) for m, d in depth.items()}
+            rep = adapt(model, train, test, "iisan-versa", groups=groups, **kw).report
             rep = dataclasses.replace(rep, method=method)
         else:
             rep = adapt(model, train, test, method, **kw).report
@@ -95,15 +122,22 @@ def run_backbone(model: Any, train: Any, test: Any, args: argparse.Namespace) ->
 
 def ratios(reports: list[AdaptReport]) -> str:
     by = {r.method: r for r in reports}
-    full, iisan = by["full"], by["iisan"]
-    t = full.epoch_seconds / iisan.epoch_seconds
-    m = full.peak_memory_mib / max(iisan.peak_memory_mib, 1e-9)
-    tu = full.epoch_seconds / by["iisan-uncached"].epoch_seconds
-    return (
-        f"FFT / IISAN (cached): time {t:.1f}x, memory {m:.1f}x "
-        f"(paper: 20x, 15.7x); FFT / IISAN (uncached): time {tu:.1f}x; "
-        f"accuracy gap FFT - IISAN = {full.accuracy - iisan.accuracy:+.3f}"
-    )
+    full = by["full"]
+    lines = []
+    for name in ("iisan", "iisan-versa", "iisan-versa-surplus", "momef"):
+        if name not in by:
+            continue
+        side = by[name]
+        t = full.epoch_seconds / side.epoch_seconds
+        m = full.peak_memory_mib / max(side.peak_memory_mib, 1e-9)
+        lines.append(
+            f"FFT / {name} (cached): time {t:.1f}x, memory {m:.1f}x (paper, IISAN: 20x, 15.7x); "
+            f"accuracy gap FFT - {name} = {full.accuracy - side.accuracy:+.3f}"
+        )
+    if "iisan-uncached" in by:
+        tu = full.epoch_seconds / by["iisan-uncached"].epoch_seconds
+        lines.append(f"FFT / IISAN (uncached): time {tu:.1f}x")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -114,7 +148,21 @@ def main() -> None:
     p.add_argument("--hf-width", type=int, default=128)
     p.add_argument("--hf-layers", type=int, default=4)
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument(
+        "--backbones",
+        default="tiny-clip,hf,asym",
+        help="Comma-separated subset of tiny-clip, hf, asym.",
+    )
+    p.add_argument(
+        "--asym-image", default="128x4", help="Asymmetric CLIP vision tower WIDTHxLAYERS."
+    )
+    p.add_argument("--asym-text", default="192x8", help="Asymmetric CLIP text tower WIDTHxLAYERS.")
     args = p.parse_args()
+    chosen = {b.strip() for b in args.backbones.split(",")}
+    if args.skip_hf:
+        chosen.discard("hf")
+    iw, il = (int(v) for v in args.asym_image.split("x"))
+    tw, tl = (int(v) for v in args.asym_text.split("x"))
     print(
         f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, 1 thread, data {args.data}, epochs {args.epochs}, "
@@ -123,21 +171,36 @@ def main() -> None:
     world = load_data(args.data)
     train, test = world.split("train"), world.split("test")
     print(f"# train rows {len(train)}, test rows {int((np.asarray(test.labels) >= 0).sum())}")
-    backbones = [
-        ("tiny-clip", lambda: load_model("tiny-clip", data=world, quick=True, progress=False))
-    ]
-    if not args.skip_hf:
+    backbones: list[tuple[str, Any, tuple[str, ...]]] = []
+    if "tiny-clip" in chosen:
+        backbones.append(
+            (
+                "tiny-clip",
+                lambda: load_model("tiny-clip", data=world, quick=True, progress=False),
+                SYMMETRIC,
+            )
+        )
+    if "hf" in chosen:
         backbones.append(
             (
                 f"random HF CLIP (width {args.hf_width}, {args.hf_layers}+{args.hf_layers} layers)",
                 lambda: random_clip(args.hf_width, args.hf_layers),
+                SYMMETRIC,
             )
         )
-    for name, build in backbones:
+    if "asym" in chosen:
+        backbones.append(
+            (
+                f"asymmetric random HF CLIP (vision {iw} x {il} layers, text {tw} x {tl} layers)",
+                lambda: random_clip(iw, il, text_width=tw, text_layers=tl),
+                ASYMMETRIC,
+            )
+        )
+    for name, build, methods in backbones:
         model = build()
         n = sum(p.numel() for p in model.parameters())
         print(f"\n## {name}: {n} backbone parameters\n", flush=True)
-        reports = run_backbone(model, train, test, args)
+        reports = run_backbone(model, train, test, args, methods)
         print()
         print(markdown_table(reports))
         print()

@@ -15,6 +15,15 @@ Methods (``method=``):
   are frozen and inputs are not augmented, the hidden states are computed **once** and cached
   (in memory, or as memory-mapped ``.npy`` files under a cache directory); training then never
   runs a backbone.
+- ``iisan-versa``: IISAN for asymmetric towers after IISAN-Versa (Fu et al., TKDE,
+  arXiv 2411.02992): group layer-dropping with an explicit number of groups per tower
+  (:func:`group_taps`), per-block projections of both towers to the side width, and, when the
+  towers get different numbers of taps, the surplus blocks of the longer tower run first,
+  intra-modally only (:class:`IISANVersaHead`). Same cache and training as ``iisan``.
+- ``momef``: per-modality side networks fused by a mixture of modality experts, after CROSSAN's
+  MOMEF (Fu et al., arXiv 2504.10307). **A reconstruction**: the paper's fusion formula is not
+  pinned down (:class:`MOMEFHead`). It takes any number of modalities; :func:`adapt` feeds it
+  image and text, :func:`train_side_head` any cached per-modality features.
 
 Every method is trained by the same loop (AdamW, cross-entropy, the same batch order for a seed)
 and reports training time per epoch, peak training memory (see
@@ -44,11 +53,21 @@ from torch.nn import functional as F
 from mmsafe.data.dataset import Dataset
 from mmsafe.efficiency import count_parameters, peak_memory, tpme
 
-Method = Literal["full", "lora", "adapter", "iisan"]
-METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan")
+Method = Literal["full", "lora", "adapter", "iisan", "iisan-versa", "momef"]
+METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa", "momef")
 """The adaptation methods :func:`adapt` implements."""
 
-DEFAULT_LR: dict[str, float] = {"full": 3e-4, "lora": 2e-3, "adapter": 2e-3, "iisan": 2e-3}
+SIDE_METHODS: tuple[str, ...] = ("iisan", "iisan-versa", "momef")
+"""The decoupled methods: frozen backbones, side networks over cached hidden states."""
+
+DEFAULT_LR: dict[str, float] = {
+    "full": 3e-4,
+    "lora": 2e-3,
+    "adapter": 2e-3,
+    "iisan": 2e-3,
+    "iisan-versa": 2e-3,
+    "momef": 2e-3,
+}
 """AdamW learning rate per method (when ``lr`` is not given)."""
 
 MODALITIES: tuple[str, str] = ("image", "text")
@@ -62,7 +81,7 @@ class AdaptReport:
     """What one adaptation run cost and achieved.
 
     Attributes:
-        method: ``full``, ``lora``, ``adapter`` or ``iisan``.
+        method: one of :data:`METHODS`.
         epochs: training epochs.
         epoch_seconds: mean wall-clock seconds per training epoch.
         epoch_times: seconds of each epoch.
@@ -72,7 +91,7 @@ class AdaptReport:
         total_params: backbone + adaptation parameters.
         accuracy: accuracy on the labelled evaluation rows.
         losses: training loss of every step.
-        cache_seconds: seconds spent computing the cached hidden states (``iisan``; 0 otherwise
+        cache_seconds: seconds spent computing the cached hidden states (side methods; 0 otherwise
             or when they came from a disk cache).
         tpme: TPME among the methods compared together (``nan`` for a lone run).
         extra: method-specific details (taps, ranks, cache).
@@ -106,7 +125,7 @@ class Adapted:
 
     Attributes:
         module: the classifier (call it with ``{modality: batch}`` for full/lora/adapter, or
-            with pooled hidden-state features for iisan; see :meth:`predict`).
+            with pooled hidden-state features for the side methods; see :meth:`predict`).
         report: costs and accuracy.
     """
 
@@ -183,6 +202,28 @@ def layerdrop_taps(n_layers: int, n_taps: int) -> list[int]:
     if not 1 <= n_taps <= n_layers:
         raise ValueError(f"Need 1 <= n_taps <= n_layers, got {n_taps} taps of {n_layers} layers.")
     return [math.ceil((k + 1) * n_layers / n_taps) - 1 for k in range(n_taps)]
+
+
+def group_taps(depths: Mapping[str, int], groups: int | Mapping[str, int]) -> dict[str, list[int]]:
+    """Group layer-dropping (IISAN-Versa): the tapped block of each tower.
+
+    Each tower's ``depth`` blocks are split into ``groups`` equal groups (one count for every
+    tower, or one per tower) and the **last** block of each group is tapped
+    (:func:`layerdrop_taps`). Indices are 0-based block indices, the embedding output excluded:
+    block ``i`` is Hugging Face hidden state ``i + 1``. With one count, towers of different
+    depths get the same number of taps.
+
+    Example:
+        >>> group_taps({"image": 4, "text": 8}, 2)
+        {'image': [1, 3], 'text': [3, 7]}
+        >>> group_taps({"image": 12, "text": 24}, {"image": 6, "text": 12})["text"][:3]
+        [1, 3, 5]
+    """
+    counts = groups if isinstance(groups, Mapping) else dict.fromkeys(depths, groups)
+    missing = set(depths) - set(counts)
+    if missing:
+        raise ValueError(f"No group count for tower(s) {sorted(missing)}.")
+    return {m: layerdrop_taps(d, int(counts[m])) for m, d in depths.items()}
 
 
 def pool_hidden(modality: str, hidden: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -318,9 +359,12 @@ class IISANHead(nn.Module):
         bottleneck: int = 32,
     ) -> None:
         super().__init__()
-        n = len(dims["image"])
-        if len(dims["text"]) != n:
-            raise ValueError("Both towers need the same number of taps.")
+        self._check_taps(dims)
+        lengths = {
+            "I": len(dims["image"]),
+            "T": len(dims["text"]),
+            "M": min(len(dims["image"]), len(dims["text"])),
+        }
         self.proj = nn.ModuleDict(
             {
                 m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
@@ -328,14 +372,22 @@ class IISANHead(nn.Module):
             }
         )
         self.sanb = nn.ModuleDict(
-            {k: nn.ModuleList(SANB(width, bottleneck) for _ in range(n)) for k in ("I", "T", "M")}
+            {
+                k: nn.ModuleList(SANB(width, bottleneck) for _ in range(n))
+                for k, n in lengths.items()
+            }
         )
         self.gates = nn.ModuleDict(
-            {k: nn.ModuleList(Gate() for _ in range(n)) for k in ("I", "T", "M")}
+            {k: nn.ModuleList(Gate() for _ in range(n)) for k, n in lengths.items()}
         )
         self.norm = nn.LayerNorm(3 * width)
         self.classifier = nn.Linear(3 * width, num_classes)
         self.width = width
+
+    @staticmethod
+    def _check_taps(dims: Mapping[str, Sequence[int]]) -> None:
+        if len(dims["image"]) != len(dims["text"]):
+            raise ValueError("Both towers need the same number of taps.")
 
     def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:  # noqa: D102
         b = feats["image"][0].shape[0]
@@ -348,6 +400,156 @@ class IISANHead(nn.Module):
             h_t = self.sanb["T"][k](g_t * x_t + (1 - g_t) * h_t)
             h_m = self.sanb["M"][k](h_m + g_m * x_i + (1 - g_m) * x_t)
         return self.classifier(self.norm(torch.cat([h_i, h_t, h_m], dim=-1)))
+
+
+class IISANVersaHead(IISANHead):
+    """IISAN's side networks for asymmetric towers (IISAN-Versa).
+
+    The towers may be tapped a different number of times (``n_I != n_T``). Every tap is
+    projected to the side width by its own per-block LayerNorm + linear map, whatever the
+    tower's width at that block, so the inter-modal network can add the two towers. The
+    ``|n_I - n_T|`` surplus taps of the longer tower run first through its intra-modal network
+    only; the last ``min(n_I, n_T)`` taps of both then advance in lockstep with inter-modal
+    fusion, exactly as in :class:`IISANHead` (to which this reduces, parameter for parameter,
+    when ``n_I == n_T``).
+
+    Differences from the paper's draft code: there, intra-modal blocks keep each encoder's
+    native width and only the wider modality is projected (``Linear(d_large -> d_small)``)
+    inside the inter-modal network. Here both are projected to ``width``, which also covers CNN
+    towers whose width changes from block to block (tiny-clip).
+
+    Args:
+        dims: ``{"image": [D_k], "text": [D_k]}``; the lists may differ in length.
+        num_classes: classes.
+        width: side-network width.
+        bottleneck: SANB bottleneck.
+
+    Example:
+        >>> head = IISANVersaHead({"image": [8, 8], "text": [4, 4, 4, 4]}, 3, width=8)
+        >>> [len(head.sanb[s]) for s in ("I", "T", "M")]
+        [2, 4, 2]
+        >>> head({"image": [torch.zeros(2, 8)] * 2, "text": [torch.zeros(2, 4)] * 4}).shape
+        torch.Size([2, 3])
+    """
+
+    @staticmethod
+    def _check_taps(dims: Mapping[str, Sequence[int]]) -> None:
+        if set(dims) != set(MODALITIES) or not all(dims.values()):
+            raise ValueError("IISAN-Versa needs at least one tap of each of image and text.")
+
+    def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:  # noqa: D102
+        x = {m: [p(f) for p, f in zip(self.proj[m], feats[m], strict=True)] for m in MODALITIES}
+        n_i, n_t, n = (len(self.sanb[s]) for s in ("I", "T", "M"))
+        h_i = h_t = h_m = x["image"][0].new_zeros(x["image"][0].shape[0], self.width)
+        for k in range(n_i - n):  # surplus image taps: intra-modal only
+            g = self.gates["I"][k]()
+            h_i = self.sanb["I"][k](g * x["image"][k] + (1 - g) * h_i)
+        for k in range(n_t - n):  # surplus text taps: intra-modal only
+            g = self.gates["T"][k]()
+            h_t = self.sanb["T"][k](g * x["text"][k] + (1 - g) * h_t)
+        for j in range(n):  # lockstep, with inter-modal fusion
+            ki, kt = n_i - n + j, n_t - n + j
+            g_i, g_t, g_m = self.gates["I"][ki](), self.gates["T"][kt](), self.gates["M"][j]()
+            h_i = self.sanb["I"][ki](g_i * x["image"][ki] + (1 - g_i) * h_i)
+            h_t = self.sanb["T"][kt](g_t * x["text"][kt] + (1 - g_t) * h_t)
+            h_m = self.sanb["M"][j](h_m + g_m * x["image"][ki] + (1 - g_m) * x["text"][kt])
+        return self.classifier(self.norm(torch.cat([h_i, h_t, h_m], dim=-1)))
+
+
+class MOMEFHead(nn.Module):
+    r"""Per-modality side networks fused by a mixture of modality experts (**a reconstruction**).
+
+    CROSSAN (Fu et al., arXiv 2504.10307) adapts more than two frozen encoders, each through its
+    own decoupled side network, and fuses them with a *Mixture of Modality Expert Fusion*
+    (MOMEF). The paper's fusion formula is not pinned down and no code is public, so this is a
+    reconstruction: a standard soft-gated mixture of experts. For each modality ``m`` with
+    tapped hidden states ``X_m[k]`` (each projected to ``width`` by a LayerNorm + linear map)::
+
+        h_m = SANB_m[k](g_m[k] * X_m[k] + (1 - g_m[k]) * h_m)     IISAN's intra-modal network
+        w   = softmax(W_g LayerNorm([h_1; ...; h_M]))              gating network, (B, M)
+        e   = sum_m w_m * E_m(h_m)                                 E_m: expert MLP per modality
+        logits = Linear(LayerNorm(e))
+
+    ``W_g`` starts at zero, so every modality starts with weight ``1 / M``. CROSSAN's
+    cross-modal interaction between the side stacks is not reconstructed; modalities meet only
+    in the fusion.
+
+    Args:
+        dims: ``{modality: [D_k]}``: any number of modalities, each with any number of taps.
+        num_classes: classes.
+        width: side-network and expert width.
+        bottleneck: SANB bottleneck.
+
+    Example:
+        >>> head = MOMEFHead({"image": [8], "text": [4, 4], "audio": [6]}, 3, width=8)
+        >>> feats = {"image": [torch.ones(2, 8)], "text": [torch.ones(2, 4)] * 2,
+        ...          "audio": [torch.ones(2, 6)]}
+        >>> head(feats).shape, [round(w, 4) for w in head.gate_weights(feats)[0].tolist()]
+        (torch.Size([2, 3]), [0.3333, 0.3333, 0.3333])
+    """
+
+    def __init__(
+        self,
+        dims: Mapping[str, Sequence[int]],
+        num_classes: int,
+        width: int = 64,
+        bottleneck: int = 32,
+    ) -> None:
+        super().__init__()
+        if not dims or not all(dims.values()):
+            raise ValueError("MOMEF needs at least one modality with at least one tap.")
+        self.modalities: tuple[str, ...] = tuple(dims)
+        self.proj = nn.ModuleDict(
+            {
+                m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
+                for m, ds in dims.items()
+            }
+        )
+        self.sanb = nn.ModuleDict(
+            {m: nn.ModuleList(SANB(width, bottleneck) for _ in ds) for m, ds in dims.items()}
+        )
+        self.gates = nn.ModuleDict({m: nn.ModuleList(Gate() for _ in ds) for m, ds in dims.items()})
+        self.experts = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+                )
+                for m in dims
+            }
+        )
+        n = len(self.modalities)
+        self.router = nn.Sequential(nn.LayerNorm(n * width), nn.Linear(n * width, n))
+        nn.init.zeros_(self.router[1].weight)
+        nn.init.zeros_(self.router[1].bias)
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, num_classes)
+        self.width = width
+
+    def side_states(self, feats: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        """``{modality: (B, width)}``: the output of each modality's side network."""
+        states = {}
+        for m in self.modalities:
+            h = None
+            for proj, sanb, gate, f in zip(
+                self.proj[m], self.sanb[m], self.gates[m], feats[m], strict=True
+            ):
+                x, g = proj(f), gate()
+                h = sanb(g * x if h is None else g * x + (1 - g) * h)
+            states[m] = h
+        return states
+
+    def _weights(self, states: Mapping[str, Tensor]) -> Tensor:
+        return torch.softmax(self.router(torch.cat([states[m] for m in self.modalities], -1)), -1)
+
+    def gate_weights(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:
+        """``(B, M)`` expert weights (rows sum to 1), columns in :attr:`modalities` order."""
+        return self._weights(self.side_states(feats))
+
+    def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:  # noqa: D102
+        states = self.side_states(feats)
+        w = self._weights(states)
+        experts = torch.stack([self.experts[m](states[m]) for m in self.modalities], dim=1)
+        return self.classifier(self.norm((w.unsqueeze(-1) * experts).sum(dim=1)))
 
 
 class FeatureCache:
@@ -544,33 +746,41 @@ def adapt(
     side_width: int = 64,
     side_bottleneck: int = 32,
     max_taps: int = 6,
+    groups: int | Mapping[str, int] | None = None,
     threads: int | None = 1,
 ) -> Adapted:
     """Adapt ``model`` to fusion classification on ``train`` and evaluate on ``test``.
 
     ``model`` itself is never modified: ``full``, ``lora`` and ``adapter`` train a deep copy;
-    ``iisan`` only reads the model's hidden states without gradient, in eval mode.
+    ``iisan``, ``iisan-versa`` and ``momef`` only read the model's hidden states without
+    gradient, in eval mode.
 
     Args:
         model: an :class:`~mmsafe.models.base.EncoderModel` with image and text towers that
             expose ``hidden_states`` (tiny-clip, Hugging Face CLIP).
         train: rows to train on (rows labelled ``-1`` are dropped).
         test: rows to evaluate (rows labelled ``-1`` are dropped).
-        method: ``full``, ``lora``, ``adapter`` or ``iisan``.
+        method: one of :data:`METHODS`.
         epochs: training epochs.
         batch_size: rows per step.
         lr: AdamW learning rate (default :data:`DEFAULT_LR` of the method).
         seed: seeds initialisation and batch order (the order is the same for every method).
         device: ``cpu``, ``cuda``, ...
-        cache: ``iisan``: compute the hidden states once before training (``False`` runs the
-            frozen backbones on every batch: same result, backbone cost in every epoch).
-        cache_dir: ``iisan`` with ``cache``: a folder for memory-mapped ``.npy`` features;
+        cache: side methods (``iisan``, ``iisan-versa``, ``momef``): compute the hidden states
+            once before training (``False`` runs the frozen backbones on every batch: same
+            result, backbone cost in every epoch).
+        cache_dir: side methods with ``cache``: a folder for memory-mapped ``.npy`` features;
             ``None`` keeps them in memory.
         lora_r: LoRA rank (alpha is ``2 * r``).
         adapter_bottleneck: Houlsby adapter bottleneck width.
-        side_width: IISAN side-network width.
-        side_bottleneck: IISAN SANB bottleneck.
-        max_taps: IISAN: at most this many tapped layers per tower.
+        side_width: side-network width (and MOMEF expert width).
+        side_bottleneck: SANB bottleneck.
+        max_taps: side methods: at most this many tapped layers per tower (the default group
+            count, capped by the shallower tower's depth).
+        groups: ``iisan-versa`` and ``momef``: the group layer-dropping count, one for every
+            tower or ``{"image": G_I, "text": G_T}`` (:func:`group_taps`); ``None`` uses
+            ``min(max_taps, depth of each tower)`` as ``iisan`` does. Other methods ignore it
+            (as they ignore ``lora_r``), so :func:`compare_methods` can pass it to all.
         threads: torch intra-op threads while adapting (restored afterwards); ``None`` leaves
             torch's setting. One by default: these small models gain little from more, and on a
             busy CPU an oversubscribed thread pool made the same epoch 5-20x slower (measured).
@@ -587,7 +797,7 @@ def adapt(
             model, train, test, method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
             device=device, cache=cache, cache_dir=cache_dir, lora_r=lora_r,
             adapter_bottleneck=adapter_bottleneck, side_width=side_width,
-            side_bottleneck=side_bottleneck, max_taps=max_taps,
+            side_bottleneck=side_bottleneck, max_taps=max_taps, groups=groups,
         )  # fmt: skip
 
 
@@ -622,6 +832,7 @@ def _adapt(
     side_width: int,
     side_bottleneck: int,
     max_taps: int,
+    groups: int | Mapping[str, int] | None,
 ) -> Adapted:
     train, test = labelled_rows(train), labelled_rows(test)
     if len(train) == 0 or len(test) == 0:
@@ -633,12 +844,12 @@ def _adapt(
     y_test = torch.as_tensor(np.asarray(test.labels), dtype=torch.long)
     inputs = preprocess_all(model, train)
     test_inputs = preprocess_all(model, test)
-    if method == "iisan":
-        return _adapt_iisan(
-            model, train, inputs, test_inputs, y_train, y_test, num_classes,
+    if method in SIDE_METHODS:
+        return _adapt_side(
+            model, train, inputs, test_inputs, y_train, y_test, num_classes, method,
             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, dev=dev, cache=cache,
             cache_dir=cache_dir, width=side_width, bottleneck=side_bottleneck,
-            max_taps=max_taps,
+            max_taps=max_taps, groups=groups,
         )  # fmt: skip
 
     with torch.random.fork_rng(devices=[]):
@@ -707,7 +918,17 @@ def _adapt(
     return Adapted(clf, report, lambda data: logits_of(preprocess_all(model, data)))
 
 
-def _adapt_iisan(
+def _side_head(
+    method: str, dims: Mapping[str, Sequence[int]], num_classes: int, width: int, bottleneck: int
+) -> IISANHead | MOMEFHead:
+    if method == "iisan":
+        return IISANHead(dims, num_classes, width=width, bottleneck=bottleneck)
+    if method == "iisan-versa":
+        return IISANVersaHead(dims, num_classes, width=width, bottleneck=bottleneck)
+    return MOMEFHead(dims, num_classes, width=width, bottleneck=bottleneck)
+
+
+def _adapt_side(
     model: Any,
     train: Dataset,
     inputs: Mapping[str, Any],
@@ -715,6 +936,7 @@ def _adapt_iisan(
     y_train: Tensor,
     y_test: Tensor,
     num_classes: int,
+    method: str,
     *,
     epochs: int,
     batch_size: int,
@@ -726,11 +948,13 @@ def _adapt_iisan(
     width: int,
     bottleneck: int,
     max_taps: int,
+    groups: int | Mapping[str, int] | None,
 ) -> Adapted:
     model = model.to(dev).eval()
     depth = {m: len(layers) for m, layers in tower_layers(model).items()}
-    n_taps = min(max_taps, *depth.values())
-    taps = {m: layerdrop_taps(depth[m], n_taps) for m in MODALITIES}
+    default = min(max_taps, *depth.values())
+    n_groups = default if groups is None or method == "iisan" else groups
+    taps = group_taps({m: depth[m] for m in MODALITIES}, n_groups)
     probe = {
         m: tapped_features(model, m, _to(_rows(inputs[m], torch.arange(2)), dev), taps[m])
         for m in MODALITIES
@@ -738,7 +962,7 @@ def _adapt_iisan(
     dims = {m: [int(f.shape[1]) for f in probe[m]] for m in MODALITIES}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = IISANHead(dims, num_classes, width=width, bottleneck=bottleneck).to(dev)
+        head = _side_head(method, dims, num_classes, width, bottleneck).to(dev)
 
     features: FeatureCache | None = None
     if cache:
@@ -774,8 +998,22 @@ def _adapt_iisan(
 
     logits = logits_of(test_inputs)
     backbone = count_parameters(model).total
+    gates = {s: [round(float(g().detach()), 4) for g in gs] for s, gs in head.gates.items()}
+    extra: dict[str, Any] = {
+        "taps": taps,
+        "cached": cache,
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "side_width": width,
+        "gates": gates,
+    }
+    if isinstance(head, MOMEFHead):
+        with torch.inference_mode():
+            w = head.gate_weights(_side_batch(model, test_inputs, taps, dev))
+        extra["expert_weights"] = {
+            m: round(float(v), 4) for m, v in zip(head.modalities, w.mean(0).tolist(), strict=True)
+        }
     report = AdaptReport(
-        method="iisan",
+        method=method,
         epochs=epochs,
         epoch_seconds=float(np.mean(times)),
         epoch_times=tuple(times),
@@ -786,17 +1024,73 @@ def _adapt_iisan(
         accuracy=_accuracy(logits, y_test),
         losses=tuple(losses),
         cache_seconds=0.0 if features is None else features.seconds,
-        extra={
-            "taps": taps,
-            "cached": cache,
-            "cache_dir": None if cache_dir is None else str(cache_dir),
-            "side_width": width,
-            "gates": {
-                s: [round(float(g().detach()), 4) for g in head.gates[s]] for s in ("I", "T", "M")
-            },
-        },
+        extra=extra,
     )
     return Adapted(head, report, lambda data: logits_of(preprocess_all(model, data)))
+
+
+def _side_batch(
+    model: Any,
+    test_inputs: Mapping[str, Any],
+    taps: Mapping[str, Sequence[int]],
+    dev: torch.device,
+) -> dict[str, list[Tensor]]:
+    """Tapped features of (at most 256) test rows, for reporting MOMEF's mean expert weights."""
+    idx = torch.arange(min(256, _n_rows(test_inputs["image"])))
+    return {
+        m: tapped_features(model, m, _to(_rows(test_inputs[m], idx), dev), taps[m]) for m in taps
+    }
+
+
+def train_side_head(
+    head: nn.Module,
+    features: Mapping[str, Sequence[Tensor | np.ndarray]],
+    labels: Tensor | np.ndarray,
+    *,
+    epochs: int = 3,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+) -> list[float]:
+    """Train a side head on cached per-modality features (any modalities); the step losses.
+
+    This is the training :func:`adapt` runs for the side methods, without a backbone: use it
+    for modalities an encoder in mmsafe does not produce (audio, video, a third encoder), with
+    features cached by any means. Same optimiser, loss and batch order as :func:`adapt`.
+
+    Args:
+        head: an :class:`IISANHead`, :class:`IISANVersaHead` or :class:`MOMEFHead` (trained in
+            place, on the device of its parameters).
+        features: ``{modality: [array (N, D_k) per tap]}``, float.
+        labels: ``(N,)`` class indices.
+        epochs: training epochs.
+        batch_size: rows per step.
+        lr: AdamW learning rate.
+        seed: batch order.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> head = MOMEFHead({"a": [2], "b": [3], "c": [1]}, num_classes=2, width=4)
+        >>> feats = {"a": [torch.randn(8, 2)], "b": [torch.randn(8, 3)], "c": [torch.randn(8, 1)]}
+        >>> len(train_side_head(head, feats, torch.arange(8) % 2, epochs=2, batch_size=4))
+        4
+    """
+    params = [p for p in head.parameters() if p.requires_grad]
+    dev = _device_of(params)
+    cols = {
+        m: [torch.as_tensor(np.asarray(a), dtype=torch.float32) for a in fs]
+        for m, fs in features.items()
+    }
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+
+    def forward(idx: Tensor) -> Tensor:
+        return head({m: [a[idx].to(dev) for a in fs] for m, fs in cols.items()})
+
+    _, losses = _train(
+        forward, params, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        set_train=head.train,
+    )  # fmt: skip
+    return losses
 
 
 # --------------------------------------------------------------------------- comparison
@@ -893,8 +1187,6 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     """
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     methods = [m.strip() for m in items if m.strip()]
-    if "iisan-versa" in methods:
-        raise AdaptError("--method iisan-versa is not implemented yet; use iisan.")
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise AdaptError(f"Unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}.")
@@ -916,8 +1208,8 @@ def adapt_command(
 ) -> list[AdaptReport]:
     """What ``mmsafe adapt`` runs: load model and data, compare methods, write the results.
 
-    Trains on the ``train`` split and evaluates on the labelled ``test`` rows. IISAN's hidden
-    states are cached (memory-mapped) under ``<cache_dir>/iisan/``. With ``out``, writes
+    Trains on the ``train`` split and evaluates on the labelled ``test`` rows. The side methods'
+    hidden states are cached (memory-mapped) under ``<cache_dir>/iisan/``. With ``out``, writes
     ``adaptation.json`` and ``adaptation.md`` there.
 
     Raises:
@@ -969,14 +1261,19 @@ __all__ = [
     "Adapted",
     "FeatureCache",
     "IISANHead",
+    "IISANVersaHead",
+    "MOMEFHead",
+    "SIDE_METHODS",
     "adapt",
     "adapt_command",
     "compare_methods",
     "comparison_table",
+    "group_taps",
     "layerdrop_taps",
     "markdown_table",
     "parse_methods",
     "pool_hidden",
     "tower_layers",
+    "train_side_head",
     "with_tpme",
 ]

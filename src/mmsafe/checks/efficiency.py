@@ -60,7 +60,8 @@ class EfficiencyCheck(Check):
             rows are skipped).
         repeats: timed calls per batch size.
         warmup: untimed calls per batch size.
-        methods: adaptation methods to compare (``full``, ``lora``, ``adapter``, ``iisan``);
+        methods: adaptation methods to compare (``full``, ``lora``, ``adapter``,
+            ``iisan``, ``iisan-versa``, ``momef``);
             empty: profile the model only. Needs a labelled ``train`` split.
         epochs: training epochs per adaptation method.
         adapt_options: extra keyword arguments for :func:`mmsafe.adapt.compare_methods`.
