@@ -77,6 +77,12 @@ class Dataset:
     _digests: dict[str, tuple[list[Any], int, bytes]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    # (parent, int64 row positions, {modality: (parent's list, subset's list)}) from subset():
+    # a column whose two lists are unchanged is digested from the parent's memoised digest
+    # and the positions, not from its values.
+    _origin: tuple[Dataset, bytes, dict[str, tuple[list[Any], list[Any]]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         n = len(self.ids)
@@ -113,7 +119,7 @@ class Dataset:
             idx = np.flatnonzero(idx)
         idx = idx.astype(np.int64)
         pick = [int(i) for i in idx]
-        return Dataset(
+        out = Dataset(
             name=name or self.name,
             ids=[self.ids[i] for i in pick],
             modalities={k: [v[i] for i in pick] for k, v in self.modalities.items()},
@@ -125,6 +131,9 @@ class Dataset:
             skipped=list(self.skipped),
             source=self.source,
         )
+        built = {k: (self.modalities[k], v) for k, v in out.modalities.items()}
+        out._origin = (self, idx.tobytes(), built)
+        return out
 
     def split(self, name: str) -> Dataset:
         """Rows whose split is ``name``; raises ``KeyError`` when there are none."""
@@ -162,11 +171,21 @@ class Dataset:
         if memo is not None and memo[0] is values and memo[1] == len(values):
             return memo[2]
         h = hashlib.blake2b(digest_size=16)
-        arrays = [v for v in values if isinstance(v, np.ndarray)]
-        if len(arrays) == len(values):  # one update for all arrays: no per-row hashing
-            h.update(repr([(v.shape, v.dtype.str) for v in arrays]).encode())
-            if arrays:
-                h.update(np.concatenate([v.reshape(-1).view(np.uint8) for v in arrays]))
+        parent, rows, built = self._origin or (None, b"", {})
+        source, column = built.get(name, (None, None))
+        if (
+            parent is not None
+            and column is values
+            and len(values) * 8 == len(rows)
+            and parent.modalities.get(name) is source
+        ):
+            # A subset's column, both lists unchanged: the parent's (memoised) digest and the
+            # row positions fix it, so re-splitting the same data never re-hashes its images.
+            h.update(b"subset\x1f" + parent._values_digest(name, source) + rows)
+        elif all(isinstance(v, np.ndarray) for v in values):  # one update, no per-row hashing
+            h.update(repr([(v.shape, v.dtype.str) for v in values]).encode())
+            if values:
+                h.update(np.concatenate([v.reshape(-1).view(np.uint8) for v in values]))
         else:
             h.update("\x1e".join(map(str, values)).encode())
         self._digests[name] = (values, len(values), h.digest())
