@@ -268,3 +268,47 @@ def test_fusion_attribution_points_at_the_image(shapes_quick) -> None:
     assert any("removing image shrinks it most" in f.message for f in res.findings)
     assert res.plots["modality_attribution"]["kind"] == "bar"
     res.to_dict()
+
+
+def test_caption_variants_compare_accuracy_across_translations() -> None:
+    """Fusion on the colour toy with noise images: the toy text encoder counts English colour
+    words, so a German caption carries no label information and accuracy falls towards chance;
+    an identical copy of the captions changes nothing."""
+    import torch
+
+    data = make_colour_data(n=600, seed=3)
+    rng = np.random.default_rng(0)  # uninformative images: only the caption tells the colour
+    data.modalities["image"] = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in data.ids]
+    german = {"red": "rot", "green": "grün", "blue": "blau"}
+    for m, t in zip(data.meta, data.modalities["text"], strict=True):
+        m["text_copy"] = t
+        m["text_de"] = "ein " + german[t.split()[1]] + "es Quadrat"
+    ctx = audit_context(ToyEncoder(), data, task="fusion")
+    check = FairnessCheck(text_variants=("text_copy", "text_de", "paraphrase"), n_boot=200)
+    res = check.run(ctx)
+    m = {k: v.value for k, v in res.metrics.items()}
+    keep = ctx.outputs.labels >= 0
+    original = float((ctx.outputs.preds[keep] == ctx.outputs.labels[keep]).mean())
+    assert m["variant_accuracy/text_copy"] == pytest.approx(original)
+    # recompute the German variant by hand through the task's head
+    test = ctx.data.subset(keep)
+    texts = [mm["text_de"] for mm in test.meta]
+    model = ctx.model
+    emb = {
+        "image": ctx.outputs.embeddings["image"][torch.as_tensor(keep)],
+        "text": model.encode({"text": model.preprocess("text", texts)})["text"],
+    }
+    with torch.no_grad():
+        preds = ctx.task.logits(emb).argmax(-1).numpy()
+    by_hand = float((preds == test.labels).mean())
+    assert m["variant_accuracy/text_de"] == pytest.approx(by_hand)
+    assert by_hand < original - 0.1  # the translation lost the caption's information
+    accs = [original, m["variant_accuracy/text_copy"], by_hand, m["variant_accuracy/paraphrase"]]
+    assert m["variant_accuracy_spread"] == pytest.approx(max(accs) - min(accs))
+    lo, hi = res.metrics["variant_accuracy_spread"].ci
+    assert lo <= m["variant_accuracy_spread"] <= hi
+    assert any("caption variants" in f.message for f in res.findings)
+    table = res.plots["caption_variants"]["rows"]
+    assert [r[0] for r in table] == ["original", "text_copy", "text_de", "paraphrase"]
+    with pytest.raises(ValueError, match="neither a meta key"):
+        FairnessCheck(text_variants=("nope",)).run(ctx)

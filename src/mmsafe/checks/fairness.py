@@ -6,7 +6,9 @@ selection rate of each class, with fairlearn's ``MetricFrame``; and the between-
 (statistical-parity difference and ratio, equalized-odds and equal-opportunity differences,
 accuracy difference), macro-averaged over classes and for the worst class, with bootstrap 95%
 CIs. For a fusion task it attributes the gaps to the modalities: the same metrics with one
-modality replaced by its mean training embedding. See ``docs/fairness.md``.
+modality replaced by its mean training embedding; with ``text_variants`` it also compares
+accuracy and gaps across caption variants (translations in meta columns, or paraphrases and
+other text perturbations). See ``docs/fairness.md``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.checks.uncertainty import fusion_head_of
+from mmsafe.corruptions import TEXT_PERTURBATIONS, perturb_texts
 from mmsafe.data.dataset import Dataset
+from mmsafe.metrics import bootstrap_ci, mean_ci
 from mmsafe.metrics.fairness import (
     FairnessReport,
     encode_groups,
@@ -88,6 +92,50 @@ def intersect(columns: Mapping[str, Sequence[str]]) -> list[str]:
     return [SEP.join(vals) for vals in zip(*columns.values(), strict=True)]
 
 
+def caption_variants(
+    data: Dataset, names: Sequence[str], severity: int = 3, seed: int = 0
+) -> dict[str, list[str]]:
+    """The captions of each text variant: a meta key or a built-in text perturbation.
+
+    A name that is a meta key present in every row (e.g. ``text_de``, a translation) gives
+    those captions; a name of :data:`mmsafe.corruptions.TEXT_PERTURBATIONS` (e.g.
+    ``paraphrase``) perturbs the ``text`` column at ``severity``.
+
+    Raises:
+        ValueError: a name that is neither.
+
+    Example:
+        >>> ds = Dataset(name="d", ids=["a"], modalities={"text": ["a red circle"]},
+        ...              labels=np.array([0]), classes=["c"], meta=[{"text_de": "ein Kreis"}])
+        >>> caption_variants(ds, ["text_de", "case_noise"], severity=5, seed=3)
+        {'text_de': ['ein Kreis'], 'case_noise': ['A reD CIrCLe']}
+    """
+    texts = [str(t) for t in data.modalities["text"]]
+    out: dict[str, list[str]] = {}
+    for name in names:
+        if data.meta and all(name in m for m in data.meta):
+            out[name] = [str(m[name]) for m in data.meta]
+        elif name in TEXT_PERTURBATIONS:
+            out[name] = perturb_texts(texts, name, severity, seed)
+        else:
+            raise ValueError(
+                f"text variant {name!r} is neither a meta key present in every row nor a text "
+                f"perturbation ({', '.join(TEXT_PERTURBATIONS)})"
+            )
+    return out
+
+
+def spread(correct: np.ndarray) -> float:
+    """``max - min`` of the column means of ``(N, V)`` per-row correctness.
+
+    Example:
+        >>> spread(np.array([[1, 0], [1, 1]]))
+        0.5
+    """
+    means = np.asarray(correct, dtype=np.float64).mean(axis=0)
+    return float(means.max() - means.min())
+
+
 def _f(x: Any) -> float | None:
     x = float(x)
     return x if np.isfinite(x) else None
@@ -106,6 +154,12 @@ class FairnessCheck(Check):
         max_gap: a macro gap (equalized odds, statistical parity, accuracy) above this raises a
             finding: ``medium`` when the CI's lower bound is above it, ``low`` otherwise.
         n_boot: bootstrap resamples.
+        text_variants: caption variants to compare (tasks that read text): meta keys holding
+            another caption per row (e.g. a translation, ``text_de``) or text perturbations
+            (``paraphrase``, ``case_noise``, ...; see :func:`caption_variants`). Reported: the
+            accuracy and group gaps under each variant, and the accuracy spread across the
+            original captions and the variants (equal performance across variants).
+        variant_severity: severity (1-5) of perturbation variants.
     """
 
     name = "controllability.fairness"
@@ -129,9 +183,13 @@ class FairnessCheck(Check):
         min_group_size: int = 10,
         max_gap: float = 0.1,
         n_boot: int = 1000,
+        text_variants: Sequence[str] = (),
+        variant_severity: int = 3,
     ) -> None:
         if min_group_size < 1:
             raise ValueError(f"min_group_size must be >= 1, got {min_group_size}")
+        self.text_variants = tuple(text_variants)
+        self.variant_severity = int(variant_severity)
         self.attributes = None if attributes is None else tuple(attributes)
         self.min_group_size = min_group_size
         self.max_gap = max_gap
@@ -210,6 +268,10 @@ class FairnessCheck(Check):
         attribution = self._modality_attribution(ctx, keep, joint[keep], report, metrics)
         findings += attribution[0]
         plots.update(attribution[1])
+        if self.text_variants:
+            variants = self._variants(ctx, keep, joint[keep], report, metrics)
+            findings += variants[0]
+            plots.update(variants[1])
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
 
     def _metrics(
@@ -380,6 +442,73 @@ class FairnessCheck(Check):
                 "values": [_f(v) for v in parts.values()],
                 "reference": self.max_gap,
                 "reference_label": "max_gap",
+            }
+        }
+        return findings, plot
+
+    def _variants(
+        self,
+        ctx: AuditContext,
+        keep: np.ndarray,
+        groups: np.ndarray,
+        report: FairnessReport,
+        metrics: dict[str, Metric],
+    ) -> tuple[list[Finding], dict[str, dict[str, Any]]]:
+        """Accuracy and group gaps with the captions replaced by each variant."""
+        if "text" not in ctx.task.modalities or "text" not in ctx.data.modalities:
+            return [
+                Finding(
+                    "info",
+                    f"Caption-variant fairness skipped: task {ctx.task.name!r} does not read "
+                    "the captions (zero-shot classifies the image against fixed prompts).",
+                )
+            ], {}
+        data = ctx.data.subset(keep)
+        captions = caption_variants(data, self.text_variants, self.variant_severity, ctx.seed)
+        emb = {m: e[torch.as_tensor(keep)] for m, e in ctx.outputs.embeddings.items()}
+        target = ctx.outputs.labels[keep]
+        correct = [ctx.outputs.preds[keep] == target]
+        rows = [["original", report.summary["overall_accuracy"]]]
+        rows[0] += [report.summary[m] for m in GAPS]
+        for name, texts in captions.items():
+            text = ctx.engine.embed_values(ctx.model, "text", texts, desc=f"variant {name}")
+            with torch.inference_mode():
+                logits = ctx.task.logits({**emb, "text": text.to(emb["text"].device)})
+            preds = logits.argmax(dim=-1).cpu().numpy()
+            ok = preds == target
+            correct.append(ok)
+            r = group_fairness(target, preds, groups, report.n_classes)
+            metrics[f"variant_accuracy/{name}"] = Metric(
+                float(ok.mean()), mean_ci(ok, self.n_boot, seed=ctx.seed)
+            )
+            for m in GAPS:
+                metrics[f"{m}/variant_{name}"] = Metric(r.summary[m])
+            rows.append([name, float(ok.mean()), *(r.summary[m] for m in GAPS)])
+        matrix = np.stack(correct, axis=1).astype(np.float64)
+        value = spread(matrix)
+        ci = bootstrap_ci(spread, matrix, n_boot=self.n_boot, seed=ctx.seed)
+        metrics["variant_accuracy_spread"] = Metric(value, ci)
+        worst = min(rows, key=lambda r: r[1])
+        sure = bool(np.isfinite(ci[0]) and ci[0] > self.max_gap)
+        findings = []
+        if value > self.max_gap:
+            findings.append(
+                Finding(
+                    "medium" if sure else "low",
+                    f"Accuracy differs by {value:.3f} (95% CI [{ci[0]:.3f}, {ci[1]:.3f}]) across "
+                    f"caption variants, above {self.max_gap:g}; lowest under {worst[0]!r} "
+                    f"({worst[1]:.3f}).",
+                    {"spread": value, "ci": list(ci), "accuracy": {r[0]: r[1] for r in rows}},
+                    "Train or fine-tune on the caption variants (translations, paraphrases), or "
+                    "normalise captions before they reach the model; re-audit afterwards.",
+                )
+            )
+        plot = {
+            "caption_variants": {
+                "kind": "table",
+                "title": "Accuracy and group gaps per caption variant",
+                "columns": ["captions", "accuracy", *(m.replace("_", " ") for m in GAPS)],
+                "rows": [[r[0], *(_f(v) for v in r[1:])] for r in rows],
             }
         }
         return findings, plot
