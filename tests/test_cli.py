@@ -142,3 +142,33 @@ def test_adapt_command_compares_methods_and_rejects_unknown_ones(demo_out, cache
     assert trainable["iisan"] < trainable["full"]
     bad = runner.invoke(app, [*args, "--method", "bogus"])
     assert bad.exit_code == 2 and "bogus" in bad.output
+
+
+def test_audit_options_reach_the_check_and_typos_fail_early(tmp_path) -> None:
+    import torch
+
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    torch.manual_seed(0)
+    saved = TinyClip(TinyClipConfig.for_size("xs")).save_pretrained(tmp_path / "model")
+    base = ["audit", "--model", f"tiny-clip:{saved}", "--data", "shapes:n=300"]
+    base += ["--checks", "calibration", "--device", "cpu", "--out", str(tmp_path / "o")]
+    runner = CliRunner()
+    res = runner.invoke(app, [*base, "--options", '{"calibration": {"n_bins": 5}}'])
+    assert res.exit_code in (0, 1), res.output
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    check = card["checks"]["calibration"]
+    assert check["options"] == {"n_bins": 5}
+    assert len(check["plots"]["reliability"]["bin_edges"]) == 6  # 5 bins
+    opts = tmp_path / "opts.json"
+    opts.write_text('{"calibration": {"bins": 5}}')
+    for bad, says in (
+        (f"@{opts}", "has no option 'bins'"),
+        ('{"calibration": 5}', "JSON object of objects"),
+        ("{nope", "not valid JSON"),
+        ('{"calibrate": {}}', "unknown check 'calibrate'"),
+        (f"@{tmp_path / 'missing.json'}", "cannot read it"),
+    ):
+        res = runner.invoke(app, [*base, "--options", bad])
+        text = " ".join(res.output.split())
+        assert res.exit_code == 2 and says in text and "Traceback" not in text, (bad, text)

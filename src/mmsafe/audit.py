@@ -182,6 +182,9 @@ def run_audit(
         device=str(engine.device),
         data_fingerprint=data_fp,
     )
+    for name in results:  # what was asked of each check, for reproducing the card
+        if options.get(name):
+            card["checks"][name]["options"] = json.loads(json.dumps(options[name], default=str))
     outcomes = evaluate_gates(gates, card)
     card["gates"] = [
         {"gate": g.gate, "failed": g.failed, "value": g.value, "message": g.message}

@@ -107,9 +107,11 @@ def _audit(
     resume: bool,
     cache_dir: Path | None,
     classes: list[str] | None,
+    options: str | None = None,
 ) -> None:
     from mmsafe.audit import run_audit
     from mmsafe.checks import CheckSelectionError, select_checks
+    from mmsafe.checks.registry import parse_check_options
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
     from mmsafe.loading import USER_ERRORS, load_data, load_model
     from mmsafe.report.gates import GateSyntaxError, parse_gate
@@ -119,6 +121,7 @@ def _audit(
     try:
         gates = [parse_gate(g) for g in fail_on]
         names = select_checks(checks)
+        check_options = parse_check_options(options) if options else {}
         task_obj = create_task(task)
         dataset = load_data(data, skip_invalid=skip_invalid, classes=classes)
         cache = cache_dir or default_cache_dir()
@@ -141,6 +144,7 @@ def _audit(
             seed=seed,
             gates=gates,
             resume=resume,
+            options=check_options,
             console=out_console,
         )
     except user_errors as exc:
@@ -212,6 +216,14 @@ def audit(
     quick: QuickOpt = False,
     resume: ResumeOpt = True,
     cache_dir: CacheOpt = None,
+    options: Annotated[
+        str | None,
+        typer.Option(
+            "--options",
+            help='Check options as JSON, e.g. \'{"robustness.adversarial": {"steps": 20}}\', '
+            "or @file.json.",
+        ),
+    ] = None,
 ) -> None:
     """Audit a model on a labelled multimodal dataset and write the safety card."""
     _audit(
@@ -229,6 +241,7 @@ def audit(
         resume=resume,
         cache_dir=cache_dir,
         classes=None if classes is None else [c.strip() for c in classes.split(",")],
+        options=options,
     )
 
 

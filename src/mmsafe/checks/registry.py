@@ -11,6 +11,10 @@ Example:
 from __future__ import annotations
 
 import fnmatch
+import inspect
+import json
+from pathlib import Path
+from typing import Any
 
 from mmsafe.checks.base import Check
 
@@ -63,3 +67,56 @@ def _pillar_rank(pillar: str) -> int:
     from mmsafe.checks.base import PILLARS
 
     return PILLARS.index(pillar) if pillar in PILLARS else len(PILLARS)
+
+
+def parse_check_options(text: str) -> dict[str, dict[str, Any]]:
+    """``--options``: JSON ``{check name: {option: value}}``, or ``@path`` to a JSON file.
+
+    Every check must be registered and every option a parameter of its constructor, so a typo
+    fails before any work is done.
+
+    Raises:
+        CheckSelectionError: unreadable file, invalid JSON, wrong shape, unknown check or
+            option (the message says which).
+
+    Example:
+        >>> import mmsafe.checks
+        >>> parse_check_options('{"calibration": {"n_bins": 10}}')
+        {'calibration': {'n_bins': 10}}
+        >>> try:
+        ...     parse_check_options('{"calibration": {"bins": 10}}')
+        ... except CheckSelectionError as err:
+        ...     print(err)
+        --options: calibration has no option 'bins' (its options: n_bins, n_boot, ece_threshold)
+    """
+    source = "--options"
+    if text.startswith("@"):
+        path = Path(text[1:])
+        source = f"--options file {path}"
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise CheckSelectionError(f"{source}: cannot read it ({err.strerror}).") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckSelectionError(
+            f"{source}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}). "
+            'Write e.g. \'{"robustness.adversarial": {"steps": 20}}\'.'
+        ) from None
+    if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
+        raise CheckSelectionError(
+            f"{source}: expected a JSON object of objects, {{check name: {{option: value}}}}."
+        )
+    for name, opts in doc.items():
+        if name not in _CHECKS:
+            raise CheckSelectionError(
+                f"{source}: unknown check {name!r}; see `mmsafe list-checks`."
+            )
+        params = [p for p in inspect.signature(_CHECKS[name].__init__).parameters if p != "self"]
+        for key in opts:
+            if key not in params:
+                raise CheckSelectionError(
+                    f"{source}: {name} has no option {key!r} (its options: {', '.join(params)})"
+                )
+    return doc
