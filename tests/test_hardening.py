@@ -95,3 +95,19 @@ def test_harden_unlearn_cli_forgets_rows_and_reaudits(tmp_path):
     text = " ".join(res.output.split())
     assert res.exit_code == 2, res.output
     assert "forget.txt" in text and "line 2" in text and "Traceback" not in text
+
+
+def test_harden_fairness_puts_the_mitigation_table_in_the_card(toy_model, tmp_path):
+    from mmsafe.hardening import harden_fairness
+
+    data = make_colour_data(n=600, seed=4)
+    result = harden_fairness(toy_model, data, out=tmp_path, methods=("pre", "post"))
+    saved = json.loads(result.artifact.read_text())
+    assert [r["method"] for r in saved["rows"]] == ["none", "pre", "post"]
+    card = json.loads((tmp_path / "after" / "card.json").read_text())
+    table = card["checks"]["controllability.fairness"]["plots"]["mitigation"]
+    assert [r[0] for r in table["rows"]] == ["none", "pre", "post"]
+    assert table["rows"][0][1] == pytest.approx(saved["rows"][0]["accuracy"])
+    assert "Mitigation on the test rows" in (tmp_path / "after" / "index.html").read_text()
+    with pytest.raises(HardenError, match="Unknown mitigation"):
+        harden_fairness(toy_model, data, out=tmp_path / "x", methods=("bogus",))

@@ -316,6 +316,7 @@ def _harden(
             "adversarial": hardening.harden_adversarial,
             "dp": hardening.harden_dp,
             "unlearn": hardening.harden_unlearn,
+            "fairness": hardening.harden_fairness,
         }[kind]
         result = fn(encoder, dataset, task=task_obj, out=out, engine=engine, seed=seed, **options)
     except user_errors as exc:
@@ -323,7 +324,7 @@ def _harden(
     except Exception as exc:  # noqa: BLE001 - crashes become exit 3 with a log
         raise _internal_error(exc, out) from None
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.summary.items())
-    out_console.print(f"[bold]{kind}[/bold] fitted on the calibration split: {summary}")
+    out_console.print(f"[bold]{kind}[/bold]: {summary}")
     out_console.print(f"saved: {result.artifact}")
     if result.before is not None:
         _print_deltas(result.before.card, result.after.card, f"{kind}: before → after")
@@ -447,6 +448,40 @@ def harden_unlearn_cmd(
         cache_dir,
         forget=forget,
         method=method,
+    )
+
+
+@harden_app.command("fairness")
+def harden_fairness_cmd(
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    out: OutOpt = Path("mmsafe-hardened"),
+    methods: Annotated[str, typer.Option(help="Comma-separated: pre, in, post.")] = "pre,in,post",
+    constraints: Annotated[
+        str, typer.Option(help="post: equalized_odds or demographic_parity.")
+    ] = "equalized_odds",
+    positive_class: Annotated[
+        str | None, typer.Option(help="post: class to threshold (default: the least fair).")
+    ] = None,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Group norming (pre), adversarial head (in), group thresholds (post): gaps before/after."""
+    _harden(
+        "fairness",
+        model,
+        data,
+        "fusion",
+        out,
+        device,
+        seed,
+        quick,
+        cache_dir,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        constraints=constraints,
+        positive_class=positive_class,
     )
 
 
