@@ -150,6 +150,33 @@ def test_prompt_ensemble_is_state_times_template():
     assert "a photo of a damaged circle." in anomalous
 
 
+def test_patch_distances_match_brute_force():
+    rng = np.random.default_rng(0)
+    q = torch.tensor(rng.normal(size=(2, 3, 4, 5)), dtype=torch.float32)
+    refs = torch.tensor(rng.normal(size=(2, 3, 4, 5)), dtype=torch.float32)
+    bank = A.PatchMemoryBank.from_feature_maps(refs)
+    assert bank.features.shape == (2 * 4 * 5, 3) and bank.k == 2
+    d = A.patch_distances(q, bank, chunk=7)  # chunks that do not divide the rows
+    rows = refs.permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    for n, y, x in [(0, 0, 0), (1, 3, 4), (0, 2, 1)]:
+        brute = np.linalg.norm(rows - q[n, :, y, x].numpy(), axis=1).min()
+        assert d[n, y, x].item() == pytest.approx(brute, rel=1e-5)
+    # a reference scores zero against its own bank; a map's maximum is the image score
+    assert float(A.patch_distances(refs, bank).abs().max()) < 1e-3
+    scores = A.patch_anomaly(q, bank, image_size=8)
+    assert scores.maps.shape == (2, 8, 8)
+    assert torch.allclose(scores.image, scores.maps.flatten(1).max(dim=1).values)
+
+
+def test_as_feature_map_lays_tokens_on_the_grid():
+    tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # CLS + 2x2 patches
+    fmap = A.as_feature_map(tokens)
+    assert fmap.shape == (2, 3, 2, 2)
+    assert torch.equal(fmap[1, :, 1, 0], tokens[1, 3])  # patch 2 (row 1, col 0) = token 3
+    with pytest.raises(ValueError):
+        A.as_feature_map(torch.zeros(2, 6, 3))
+
+
 # --------------------------------------------------------------------------- the check
 def test_check_skips_without_defect_ground_truth(toy_model, colour_data):
     ctx = audit_context(toy_model, colour_data)
@@ -180,6 +207,9 @@ def test_check_runs_on_toy_with_planted_defects(toy_model, colour_data):
     for name, v in res.metrics.items():
         assert name.startswith("n_") or 0.0 <= v.value <= 1.0
     assert res.plots["top_anomalies"]["kind"] == "table"
+    # the toy encoder exposes no hidden states: the patch bank is skipped, with a finding
+    assert not any(n.startswith("patch_") for n in names)
+    assert any("patch memory bank was skipped" in f.message for f in res.findings)
     assert res.metrics["image_auroc"].value == max(
         res.metrics[f"{m}/image_auroc"].value
         for m in ("zero_shot", "few_shot_k1", "few_shot_k2", "few_shot_k4")
@@ -208,8 +238,13 @@ def test_planted_defects_found_on_shapes(defect_aware, shapes_quick):
     captions name defects on 10% of its training images. 270 evaluated rows, 82 defective:
     zero-shot image AUROC 0.859, WinCLIP+ 0.842/0.876/0.845 (k = 1, 2, 4), pixel AUROC
     0.80-0.86, AUPRO 0.36-0.53. The same check with the session model, which never read a
-    defect word, gives zero-shot 0.61-0.66. This quick model does not reach the issue's 0.9
-    image AUROC (the default model: bench/RESULTS.md); the bounds sit under the measured values.
+    defect word, gives zero-shot 0.61-0.66.
+
+    The patch memory bank on the second CNN stage (``patch_k{k}``) reaches the issue's 0.9:
+    image AUROC 0.966 / 0.976 / 0.936 (k = 1 / 2 / 4, seed 0), pixel AUROC 0.979-0.983, AUPRO
+    0.933-0.947. Bounds: measured minus 0.05 for image AUROC (the k = 4 reference draw is the
+    weakest; over reference seeds 0-2 the mean is 0.958 +- 0.017), and never below the WinCLIP+
+    window methods with the same references.
     """
     from mmsafe.data.worlds import make_shapes
 
@@ -221,11 +256,28 @@ def test_planted_defects_found_on_shapes(defect_aware, shapes_quick):
     for k in (1, 2, 4):
         assert m[f"few_shot_k{k}/image_auroc"] > 0.8
         assert m[f"few_shot_k{k}/pixel_auroc"] > 0.75
-    assert m["aupro"] > 0.4  # far above a constant map's 0.15
-    assert m["image_auroc"] > 0.85
+    measured = {1: 0.966, 2: 0.976, 4: 0.936}
+    for k, value in measured.items():
+        assert m[f"patch_k{k}/image_auroc"] > value - 0.05
+        assert m[f"patch_k{k}/image_auroc"] >= m[f"few_shot_k{k}/image_auroc"]
+        assert m[f"patch_k{k}/image_auroc"] >= m[f"memory_k{k}/image_auroc"]
+        assert m[f"patch_k{k}/pixel_auroc"] > 0.95
+        assert m[f"patch_k{k}/aupro"] > 0.85
+    assert m["aupro"] > 0.85  # far above a constant map's 0.15
+    assert m["image_auroc"] > 0.9  # the issue's bar
     assert res.plots["top_anomaly_maps"]["kind"] == "images"
     assert len(res.plots["top_anomaly_maps"]["items"]) == 10
 
     # the zero-shot prompts work because the text tower knows the defect words
     naive = AnomalyCheck(n_boot=0, shots=()).run(audit_context(shapes_quick[1], world))
     assert naive.metrics["zero_shot/image_auroc"].value < m["zero_shot/image_auroc"] - 0.1
+
+
+def test_references_come_from_calibration_never_test(shapes_quick):
+    world, model = shapes_quick
+    ctx = audit_context(model, world)
+    split, order = AnomalyCheck()._references(ctx, seed=0)
+    assert split is ctx.calibration and len(order) >= 4
+    refs = {split.ids[i] for i in order}
+    assert not refs & set(ctx.data.ids)
+    assert all(split.meta[i]["defect"] is None for i in order)

@@ -239,3 +239,22 @@ def test_image_gallery_embeds_only_base64_png_and_escapes_captions():
     assert f"data:image/png;base64,{encoded}" in html
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert html.count("<img") == 1 and "(invalid image)" in html
+
+
+def test_token_highlights_escape_every_string_and_colour_by_sign():
+    from mmsafe.report.plots import render_plot
+
+    evil = "<script>alert(1)</script>"
+    spec = {
+        "kind": "tokens",
+        "title": evil,
+        "items": [
+            {"caption": evil, "tokens": [evil, '"quoted"', "ok"], "scores": [2.0, -1.0, None]},
+            {"caption": "empty", "tokens": [], "scores": []},
+        ],
+    }
+    html = render_plot(spec)
+    assert "<script>" not in html and html.count("&lt;script&gt;") == 3
+    assert "&quot;quoted&quot;" in html
+    assert "rgba(204,51,51,0.80)" in html and "rgba(52,101,164,0.40)" in html
+    assert html.count("<span") == 3 and "nan" not in html

@@ -13,6 +13,11 @@ The method (Jeong et al., CVPR 2023; see ``docs/anomaly.md``) on any :class:`Enc
   images; a query window scores ``1 - max cosine similarity`` to the bank windows of the same
   scale. Window scores become a map the same way and the image score is the map's maximum; the
   fused score (map and image) is the average of the zero-shot and the memory-bank scores.
+* **Patch memory bank** (PatchCore-style, the WinCLIP+ patch level): the intermediate feature
+  maps of the image tower (``model.hidden_states("image", ...)``; by default the second CNN stage
+  of tiny-clip) of ``k`` normal reference images, every spatial position one bank row. A query
+  position scores its Euclidean distance to the nearest bank row; the map is that distance
+  upsampled to the image, and the image score is the map's maximum.
 
 Everything here is a small function over tensors; the check ``monitoring.anomaly`` wires them up.
 
@@ -410,6 +415,119 @@ def few_shot_anomaly(emb: WindowEmbeddings, bank: MemoryBank) -> AnomalyScores:
 def fuse(a: AnomalyScores, b: AnomalyScores) -> AnomalyScores:
     """The average of two methods' image scores and maps (WinCLIP+ fusion)."""
     return AnomalyScores((a.image + b.image) / 2, (a.maps + b.maps) / 2)
+
+
+# --------------------------------------------------------------------------- patch memory bank
+
+
+def as_feature_map(hidden: Tensor) -> Tensor:
+    """One hidden state as a ``(B, C, h, w)`` feature map.
+
+    CNN maps pass through; ViT token sequences ``(B, 1 + h*w, D)`` lose their first ([CLS])
+    token and are laid out on the square patch grid.
+
+    Example:
+        >>> as_feature_map(torch.zeros(2, 1 + 16, 8)).shape
+        torch.Size([2, 8, 4, 4])
+    """
+    if hidden.ndim == 4:
+        return hidden
+    if hidden.ndim == 3:
+        n = hidden.shape[1] - 1
+        side = int(round(n**0.5))
+        if side * side == n and n > 0:
+            return hidden[:, 1:].transpose(1, 2).reshape(hidden.shape[0], -1, side, side)
+    raise ValueError(f"cannot lay out a hidden state of shape {tuple(hidden.shape)} as a map")
+
+
+def feature_maps(
+    model: EncoderModel,
+    images: Sequence[np.ndarray],
+    layers: Sequence[int] = (1,),
+    batch_size: int = 256,
+) -> Tensor:
+    """``(N, C, h, w)`` intermediate feature maps of the image tower, float32 on the CPU.
+
+    ``layers`` index ``model.hidden_states("image", ...)`` (tiny-clip: one map per CNN stage;
+    Hugging Face CLIP: the embedding output, then one per block). Several layers are resized
+    bilinearly to the first one's resolution and concatenated along channels.
+
+    Args:
+        model: any encoder whose ``hidden_states("image", batch)`` returns maps or token grids.
+        images: the images, as ``model.preprocess("image", ...)`` accepts them.
+        layers: hidden-state indices to tap.
+        batch_size: images per forward pass.
+
+    Raises:
+        NotImplementedError: the model exposes no hidden states.
+        ValueError: a chosen hidden state is not a map or a square token grid.
+    """
+    if not len(images) or not len(layers):
+        raise ValueError("feature_maps needs at least one image and one layer")
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = model.preprocess("image", list(images[start : start + batch_size]))
+            states = model.hidden_states("image", batch)
+            maps = [as_feature_map(states[i]).float() for i in layers]
+            size = maps[0].shape[-2:]
+            maps = [
+                m
+                if m.shape[-2:] == size
+                else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+                for m in maps
+            ]
+            out.append(torch.cat(maps, dim=1).cpu())
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class PatchMemoryBank:
+    """Feature vectors of every spatial position of ``k`` normal reference images: ``(M, C)``.
+
+    Example:
+        >>> PatchMemoryBank.from_feature_maps(torch.zeros(2, 8, 4, 4)).features.shape
+        torch.Size([32, 8])
+    """
+
+    features: Tensor
+    k: int
+
+    @classmethod
+    def from_feature_maps(cls, maps: Tensor) -> PatchMemoryBank:
+        """Every position of every reference map ``(k, C, h, w)``."""
+        return cls(maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1]).float(), int(maps.shape[0]))
+
+
+def patch_distances(queries: Tensor, bank: PatchMemoryBank, chunk: int = 4096) -> Tensor:
+    """``(N, h, w)`` Euclidean distance of each query position to its nearest bank row.
+
+    Euclidean, not cosine: the magnitude of a post-activation CNN feature carries the signal (a
+    flat background and a saturated defect point in similar directions), and cosine distances
+    on tiny-clip's maps rank defects at chance (``docs/anomaly.md``).
+
+    Example:
+        >>> bank = PatchMemoryBank(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), 1)
+        >>> patch_distances(torch.tensor([[[[0.0]], [[1.0]]]]), bank).flatten().tolist()
+        [1.0]
+    """
+    n, c, h, w = queries.shape
+    flat = queries.permute(0, 2, 3, 1).reshape(-1, c).float()
+    mem = bank.features.float()
+    out = [
+        torch.cdist(flat[i : i + chunk], mem).min(dim=1).values for i in range(0, len(flat), chunk)
+    ]
+    return torch.cat(out).reshape(n, h, w)
+
+
+def patch_anomaly(queries: Tensor, bank: PatchMemoryBank, image_size: int) -> AnomalyScores:
+    """Patch memory-bank scores: the distance map upsampled to the image; image = map max."""
+    dist = patch_distances(queries, bank)
+    maps = F.interpolate(
+        dist[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
+    )[:, 0]
+    return AnomalyScores(maps.flatten(1).max(dim=1).values, maps)
 
 
 def normal_reference_order(

@@ -317,6 +317,7 @@ def _harden(
             "dp": hardening.harden_dp,
             "unlearn": hardening.harden_unlearn,
             "fairness": hardening.harden_fairness,
+            "dp-clip": hardening.harden_dp_contrastive,
         }[kind]
         result = fn(encoder, dataset, task=task_obj, out=out, engine=engine, seed=seed, **options)
     except user_errors as exc:
@@ -418,6 +419,44 @@ def harden_dp_cmd(
         delta=delta,
         max_grad_norm=max_grad_norm,
         epochs=epochs,
+    )
+
+
+@harden_app.command("dp-clip")
+def harden_dp_clip_cmd(
+    model: ModelOpt = "tiny-clip",
+    data: DataOpt = "shapes",
+    out: OutOpt = Path("mmsafe-hardened"),
+    split: Annotated[
+        str, typer.Option(help="The private fine-tuning pairs (best: rows the model never saw).")
+    ] = "train",
+    target_epsilon: Annotated[float, typer.Option(min=0.0, help="Privacy budget to spend.")] = 8.0,
+    delta: Annotated[float | None, typer.Option(help="Default: 1 / fine-tuning rows.")] = None,
+    max_grad_norm: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    quick: QuickOpt = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """DP-CLIP contrastive fine-tuning (per-batch noisy SGD): epsilon, utility, MIA before/after."""
+    _harden(
+        "dp-clip",
+        model,
+        data,
+        "zero_shot",
+        out,
+        device,
+        seed,
+        quick,
+        cache_dir,
+        split=split,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        epochs=epochs,
+        lr=lr,
     )
 
 

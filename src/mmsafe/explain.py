@@ -18,17 +18,25 @@ Pure functions over tensors and callables; :mod:`mmsafe.checks.explain` wires th
   **deletion curve** (:func:`deletion_curve`, :func:`curve_auc`): delete the most-attributed
   pixels first (replace them by the baseline) and record the target-class score; a faithful
   attribution makes the score fall faster than a random deletion order, i.e. a lower AUC.
+* **Integrated Gradients over text tokens** (:func:`text_integrated_gradients`, captum's
+  ``LayerIntegratedGradients`` on the token-embedding layer, :func:`text_embedding_layer`)
+  from a pad or zero-embedding baseline (:func:`text_baseline_ids`), summed over the embedding
+  dimension per token and over tokens per word (:func:`token_words`,
+  :func:`word_attributions`), with a token deletion curve (:func:`token_deletion_curve`).
+* **Grad-CAM** (:func:`grad_cam`, captum's ``LayerGradCam``) on the image tower's last conv
+  stage (:func:`image_cam_layer`), upsampled to the image (:func:`upsample_map`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Output = Literal["prob", "logit"]
 LogitsFn = Callable[[Mapping[str, Tensor]], Tensor]
@@ -368,3 +376,414 @@ def random_saliency(shape: tuple[int, ...], seed: int) -> Tensor:
         torch.Size([2, 3, 3])
     """
     return torch.rand(shape, generator=torch.Generator().manual_seed(int(seed)))
+
+
+# --------------------------------------------------------------------------- text tokens
+
+ZERO_TOKEN = -1
+"""A baseline token id meaning "the zero embedding" (see :func:`text_baseline_ids`)."""
+
+
+class ExplainError(ValueError):
+    """An explanation method cannot run on this model; the message says why and what to do."""
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(model, "name", type(model).__name__))
+
+
+def text_embedding_layer(model: nn.Module) -> nn.Embedding:
+    """The text tower's token-embedding layer (via :func:`mmsafe.attacks_text.token_embedding`).
+
+    Raises:
+        ExplainError: the model exposes no ``nn.Embedding`` over its text tokens.
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> text_embedding_layer(TinyClip(TinyClipConfig.for_size("xs"))).embedding_dim
+        32
+    """
+    from mmsafe.attacks_text import AttackError, token_embedding
+
+    try:
+        return token_embedding(model)
+    except AttackError as err:
+        raise ExplainError(
+            f"{_model_name(model)} has no reachable token-embedding layer (an nn.Embedding over "
+            "its text tokens), so text Integrated Gradients cannot run on it. Give the adapter a "
+            "token_embedding() method returning that layer, or explain the text modality as a "
+            "whole (modality Shapley values)."
+        ) from err
+
+
+def text_baseline_ids(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, kind: Literal["zeros", "pad"]
+) -> Tensor:
+    """Baseline token ids: every real, non-special token replaced, special tokens kept.
+
+    ``kind="zeros"`` writes :data:`ZERO_TOKEN` (the zero embedding, handled by
+    :func:`text_integrated_gradients` and :func:`token_deletion_curve`); ``kind="pad"`` writes
+    the pad token (tiny-clip's ``PAD``, or the tokenizer's / config's ``pad_token_id``).
+    Positions where the baseline differs from ``input_ids`` are the attributed (deletable) ones.
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import PAD, TinyClip, TinyClipConfig, tokenize
+        >>> m, b = TinyClip(TinyClipConfig.for_size("xs")), tokenize(["ab", "c"])
+        >>> text_baseline_ids(m, b["input_ids"], b["attention_mask"], "zeros").tolist()
+        [[256, -1, -1, 257], [256, -1, 257, 258]]
+    """
+    from mmsafe.attacks_text import _special_ids
+
+    ids = input_ids.clone()
+    special = torch.as_tensor(_special_ids(model), dtype=ids.dtype, device=ids.device)
+    content = attention_mask.bool() & ~torch.isin(ids, special)
+    if kind == "zeros":
+        fill = ZERO_TOKEN
+    elif kind == "pad":
+        fill = _pad_id(model)
+    else:
+        raise ValueError(f"kind must be 'zeros' or 'pad', got {kind!r}")
+    return ids.masked_fill(content, fill)
+
+
+def _pad_id(model: nn.Module) -> int:
+    from mmsafe.models.tiny_clip import PAD, TinyClip
+
+    if isinstance(model, TinyClip):
+        return PAD
+    tok = getattr(model, "tokenizer", None)
+    cfg = getattr(getattr(getattr(model, "model", None), "config", None), "text_config", None)
+    eos = {getattr(tok, "eos_token_id", None), getattr(cfg, "eos_token_id", None)}
+    for value in (getattr(tok, "pad_token_id", None), getattr(cfg, "pad_token_id", None)):
+        if isinstance(value, int):
+            if value in eos:  # e.g. CLIP: pad = <|endoftext|>, which also marks the pooled token
+                raise ExplainError(
+                    f"{_model_name(model)}'s pad token is its end-of-text token, which the text "
+                    "tower pools on; use the 'zeros' baseline"
+                )
+            return value
+    raise ExplainError(f"{_model_name(model)} has no pad token id; use the 'zeros' baseline")
+
+
+@contextmanager
+def _zero_token(layer: nn.Module) -> Iterator[None]:
+    """While active, ``layer`` maps :data:`ZERO_TOKEN` ids to the zero embedding."""
+    store: dict[str, Tensor] = {}
+
+    def pre(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids = args[0]
+        store["zero"] = ids == ZERO_TOKEN
+        return (ids.clamp_min(0), *args[1:])
+
+    def post(_mod: nn.Module, _args: tuple[Any, ...], out: Tensor) -> Tensor:
+        zero = store.pop("zero", None)
+        return out if zero is None or not zero.any() else out.masked_fill(zero[..., None], 0.0)
+
+    handles = [layer.register_forward_pre_hook(pre), layer.register_forward_hook(post)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def text_integrated_gradients(
+    forward: Callable[..., Tensor],
+    layer: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    baseline_ids: Tensor,
+    target: Tensor | np.ndarray,
+    n_steps: int = 32,
+    extra: tuple[Tensor, ...] = (),
+) -> tuple[Tensor, Tensor]:
+    """Integrated Gradients over text tokens at the token-embedding layer (captum).
+
+    captum's ``LayerIntegratedGradients`` integrates the gradient of
+    ``forward(ids, mask, *extra)[:, target]`` along the straight path from the baseline's
+    token embeddings to the input's; each token's attribution is the sum over the embedding
+    dimension. Completeness: ``attr.sum(1) ~= f(x) - f(baseline)``.
+
+    Args:
+        forward: ``(input_ids, attention_mask, *extra) -> (B, C)`` scores.
+        layer: the token-embedding layer (:func:`text_embedding_layer`).
+        input_ids: ``(B, L)`` token ids.
+        attention_mask: ``(B, L)`` (passed through unchanged; padding is never attributed).
+        baseline_ids: ``(B, L)`` from :func:`text_baseline_ids`; :data:`ZERO_TOKEN` is the zero
+            embedding.
+        target: ``(B,)`` class per row.
+        n_steps: Riemann steps (Gauss-Legendre).
+        extra: per-row tensors passed through unchanged (e.g. the other modalities).
+
+    Returns:
+        ``(attributions (B, L), delta (B,))``, ``delta`` being captum's convergence delta
+        ``sum(attr) - (f(x) - f(baseline))``.
+
+    Example:
+        >>> emb = nn.Embedding(4, 2)
+        >>> f = lambda ids, mask: torch.stack([(emb(ids) ** 2).sum((1, 2)), 0 * ids[:, 0]], 1)
+        >>> ids, base = torch.tensor([[1, 2]]), torch.tensor([[ZERO_TOKEN, 2]])
+        >>> attr, d = text_integrated_gradients(f, emb, ids, torch.ones(1, 2), base, [0])
+        >>> bool(attr[0, 1] == 0), bool(abs(attr[0, 0] - (emb.weight[1] ** 2).sum()) < 1e-4)
+        (True, True)
+    """
+    from captum.attr import LayerIntegratedGradients
+
+    ids = input_ids.long()
+    base = baseline_ids.to(ids)
+    tgt = torch.as_tensor(np.asarray(target), dtype=torch.long).tolist()
+    lig = LayerIntegratedGradients(forward, layer)
+    with torch.enable_grad(), _zero_token(layer):
+        attr, delta = lig.attribute(
+            ids,
+            baselines=base,
+            target=tgt,
+            additional_forward_args=(attention_mask, *extra),
+            n_steps=n_steps,
+            return_convergence_delta=True,
+        )
+    return attr.detach().float().sum(-1), delta.detach().reshape(-1)
+
+
+def token_deletion_curve(
+    forward: Callable[..., Tensor],
+    layer: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    baseline_ids: Tensor,
+    saliency: Tensor,
+    target: Tensor | np.ndarray,
+    steps: int = 10,
+    extra: tuple[Tensor, ...] = (),
+    chunk: int = 512,
+) -> np.ndarray:
+    """Target score as the most salient tokens are replaced by the baseline, first to last.
+
+    Only positions where ``baseline_ids`` differs from ``input_ids`` are deleted; row ``i``
+    with ``n_i`` of them has ``round(k * n_i / steps)`` deleted at point ``k``.
+
+    Args:
+        forward: ``(input_ids, attention_mask, *extra) -> (B, C)`` scores.
+        layer: the token-embedding layer (maps :data:`ZERO_TOKEN` to zeros while this runs).
+        input_ids: ``(B, L)``.
+        attention_mask: ``(B, L)``.
+        baseline_ids: ``(B, L)`` what a deleted token becomes.
+        saliency: ``(B, L)`` per-token importance; higher is deleted first.
+        target: ``(B,)`` class per row.
+        steps: the curve has ``steps + 1`` points.
+        extra: per-row tensors passed to ``forward`` unchanged.
+        chunk: rows per forward call.
+
+    Returns:
+        ``(B, steps + 1)`` scores.
+
+    Example:
+        >>> emb = nn.Embedding(3, 1)
+        >>> _ = emb.weight.data.copy_(torch.tensor([[0.0], [1.0], [2.0]]))
+        >>> f = lambda ids, mask: emb(ids).sum((1, 2))[:, None]
+        >>> ids = torch.tensor([[1, 2, 2, 1]])
+        >>> base = torch.full_like(ids, ZERO_TOKEN)
+        >>> sal = torch.tensor([[0.0, 2.0, 1.0, 3.0]])
+        >>> token_deletion_curve(f, emb, ids, torch.ones(1, 4), base, sal, [0], steps=4).tolist()
+        [[6.0, 5.0, 3.0, 1.0, 0.0]]
+    """
+    ids = input_ids.long()
+    base = baseline_ids.to(ids)
+    b = ids.shape[0]
+    deletable = base != ids
+    n = deletable.sum(dim=1)  # (B,)
+    score = saliency.float().to(ids.device).masked_fill(~deletable, -math.inf)
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(ids.shape[1], device=ids.device).expand(b, -1))
+    tgt = torch.as_tensor(np.asarray(target), dtype=torch.long)
+    out = np.zeros((b, steps + 1))
+    per_call = max(1, chunk // max(b, 1))
+    with torch.inference_mode(), _zero_token(layer):
+        for k0 in range(0, steps + 1, per_call):
+            ks = list(range(k0, min(k0 + per_call, steps + 1)))
+            xs = []
+            for k in ks:
+                n_del = torch.round(n.double() * k / steps).long()[:, None]
+                xs.append(torch.where(deletable & (rank < n_del), base, ids))
+            rest = tuple(e.repeat(len(ks), *([1] * (e.ndim - 1))) for e in extra)
+            scores = forward(torch.cat(xs), attention_mask.repeat(len(ks), 1), *rest)
+            picked = scores.gather(1, tgt.repeat(len(ks)).reshape(-1, 1).to(scores.device))
+            out[:, k0 : k0 + len(ks)] = picked[:, 0].reshape(len(ks), b).T.float().cpu().numpy()
+    return out
+
+
+def random_token_saliency(input_ids: Tensor, seed: int) -> Tensor:
+    """A random token deletion order: i.i.d. uniform ``(B, L)`` saliency.
+
+    Example:
+        >>> random_token_saliency(torch.zeros(2, 5, dtype=torch.long), seed=0).shape
+        torch.Size([2, 5])
+    """
+    return random_saliency(tuple(input_ids.shape), seed).to(input_ids.device)
+
+
+_WS = frozenset(b" \t\n\r\f\v")
+
+
+def token_words(
+    model: nn.Module, input_ids: Tensor, baseline_ids: Tensor
+) -> list[list[tuple[str, list[int]]]]:
+    """Group each row's attributed tokens into whitespace-separated words.
+
+    tiny-clip tokens are UTF-8 bytes: consecutive non-whitespace bytes form a word (whitespace
+    bytes belong to none). Other models: the tokenizer's pieces, a new word starting at a piece
+    with a ``▁``/``Ġ`` prefix or after one with a ``</w>`` suffix (SentencePiece, GPT-2 and CLIP
+    BPE conventions); without a tokenizer each token is a word. Only positions where
+    ``baseline_ids`` differs from ``input_ids`` are grouped.
+
+    Returns:
+        Per row, ``[(word, [positions]), ...]`` in text order.
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig, tokenize
+        >>> m, b = TinyClip(TinyClipConfig.for_size("xs")), tokenize(["a red  cat"])
+        >>> base = text_baseline_ids(m, b["input_ids"], b["attention_mask"], "zeros")
+        >>> token_words(m, b["input_ids"], base)
+        [[('a', [1]), ('red', [3, 4, 5]), ('cat', [8, 9, 10])]]
+    """
+    from mmsafe.models.tiny_clip import TinyClip
+
+    ids, live = input_ids.cpu(), (baseline_ids.to(input_ids) != input_ids).cpu()
+    tok = getattr(model, "tokenizer", None)
+    rows: list[list[tuple[str, list[int]]]] = []
+    for row, keep in zip(ids.tolist(), live.tolist(), strict=True):
+        pos = [j for j, k in enumerate(keep) if k]
+        groups: list[list[int]] = []
+        if isinstance(model, TinyClip):
+            prev = -2
+            for j in pos:
+                if row[j] in _WS:
+                    prev = -2
+                    continue
+                if prev == j - 1 and groups:
+                    groups[-1].append(j)
+                else:
+                    groups.append([j])
+                prev = j
+            words = [
+                bytes(row[j] for j in g if row[j] < 256).decode("utf-8", errors="replace")
+                for g in groups
+            ]
+        elif tok is not None and hasattr(tok, "convert_ids_to_tokens"):
+            pieces = tok.convert_ids_to_tokens([row[j] for j in pos])
+            words = []
+            open_word = False
+            for j, p in zip(pos, pieces, strict=True):
+                p = str(p)
+                starts = p.startswith(("▁", "Ġ")) or not open_word or not groups
+                clean = p.lstrip("▁Ġ").removesuffix("</w>")
+                if starts:
+                    groups.append([j])
+                    words.append(clean)
+                else:
+                    groups[-1].append(j)
+                    words[-1] += clean
+                open_word = not p.endswith("</w>")
+        else:
+            groups = [[j] for j in pos]
+            words = [f"#{row[j]}" for j in pos]
+        rows.append(list(zip(words, groups, strict=True)))
+    return rows
+
+
+def word_attributions(
+    token_attr: Tensor | np.ndarray, words: Sequence[tuple[str, list[int]]]
+) -> list[tuple[str, float]]:
+    """Sum one row's token attributions over each word's positions.
+
+    Example:
+        >>> word_attributions(np.array([0.0, 0.5, 0.25, 1.0]), [("ab", [1, 2]), ("c", [3])])
+        [('ab', 0.75), ('c', 1.0)]
+    """
+    a = np.asarray(
+        token_attr.detach().cpu() if isinstance(token_attr, Tensor) else token_attr, dtype=float
+    )
+    return [(w, float(a[pos].sum())) for w, pos in words]
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+
+def image_cam_layer(model: nn.Module) -> nn.Module:
+    """The image tower's last convolutional stage, for Grad-CAM.
+
+    Resolved, in order: ``model.cam_layer()`` if the adapter defines it; tiny-clip's last CNN
+    stage (``image.stages[-1]``). Vision transformers have no spatial feature map to weight
+    and are not supported.
+
+    Raises:
+        ExplainError: no convolutional feature map is known for this model.
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> m = TinyClip(TinyClipConfig.for_size("xs"))
+        >>> image_cam_layer(m) is m.image.stages[-1]
+        True
+    """
+    hook = getattr(model, "cam_layer", None)
+    layer: Any = hook() if callable(hook) else None
+    if layer is None:
+        stages = getattr(getattr(model, "image", None), "stages", None)
+        if isinstance(stages, nn.ModuleList) and len(stages):
+            layer = stages[-1]
+    if not isinstance(layer, nn.Module):
+        raise ExplainError(
+            f"Grad-CAM is not supported for {_model_name(model)}: it needs a convolutional "
+            "feature map in the image tower (vision transformers have none). Give the adapter a "
+            "cam_layer() method returning the last conv stage, or read the pixel IG maps."
+        )
+    return layer
+
+
+def grad_cam(
+    forward: Callable[..., Tensor],
+    layer: nn.Module,
+    inputs: Tensor,
+    target: Tensor | np.ndarray,
+    extra: tuple[Tensor, ...] = (),
+    upsample: bool = True,
+) -> Tensor:
+    """Grad-CAM (captum ``LayerGradCam``) upsampled bilinearly to the input, ``(B, H, W)``.
+
+    The layer's channels are weighted by their mean gradient of ``forward(inputs, *extra)``'s
+    target score, summed and rectified (ReLU), then upsampled from the layer's grid
+    (``upsample=False`` keeps the layer's ``(B, h, w)`` grid).
+
+    Example:
+        >>> conv = nn.Conv2d(1, 2, 1)
+        >>> f = lambda x: conv(x).mean((2, 3))
+        >>> grad_cam(f, conv, torch.rand(3, 1, 4, 4), [0, 1, 0]).shape
+        torch.Size([3, 4, 4])
+    """
+    from captum.attr import LayerGradCam
+
+    x = inputs.detach().float()
+    tgt = torch.as_tensor(np.asarray(target), dtype=torch.long).tolist()
+    with torch.enable_grad():
+        cam = LayerGradCam(forward, layer).attribute(
+            x,
+            target=tgt,
+            additional_forward_args=tuple(extra) if extra else None,
+            relu_attributions=True,
+        )
+    if not upsample:
+        return cam.detach()[:, 0]
+    return upsample_map(cam.detach()[:, 0], tuple(x.shape[-2:]))
+
+
+def upsample_map(maps: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Bilinear upsampling of ``(B, h, w)`` maps to ``(B, *size)`` (captum's ``interpolate``).
+
+    Example:
+        >>> upsample_map(torch.ones(2, 2, 2), (4, 4)).shape
+        torch.Size([2, 4, 4])
+    """
+    from captum.attr import LayerAttribution
+
+    return LayerAttribution.interpolate(maps[:, None], tuple(size), "bilinear")[:, 0]

@@ -4,7 +4,10 @@ Rows carry defect ground truth in ``meta``: ``defect`` (``None`` = normal, a str
 kind) and, for pixel metrics, ``defect_mask`` (a boolean ``(H, W)`` array). The evaluated rows are
 ``ctx.data`` (the test split) without OOD rows (``meta["ood"]`` truthy); at most ``max_normal``
 normal rows are kept (a seeded subsample) together with every defective row. Few-shot reference
-images are normal rows of the calibration split (else the train split). See ``docs/anomaly.md``.
+images are normal rows of the calibration split (else the train split), never evaluated rows.
+Besides WinCLIP+'s window memory bank, a patch memory bank on the image tower's intermediate
+feature maps (``patch_k{k}``, PatchCore-style) is scored when the model exposes hidden states.
+See ``docs/anomaly.md``.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ from mmsafe.anomaly import (
     PROMPT_SETS,
     AnomalyScores,
     MemoryBank,
+    PatchMemoryBank,
     embed_windows,
+    feature_maps,
     few_shot_anomaly,
     fuse,
     normal_reference_order,
+    patch_anomaly,
     text_prototypes,
     zero_shot_anomaly,
 )
@@ -124,12 +130,18 @@ class AnomalyCheck(Check):
         stride: window stride in pixels.
         shots: the ``k`` of each few-shot memory bank (nested: the 1-shot image is in the 2-shot).
             ``few_shot_k{k}`` is WinCLIP+ (zero-shot and memory-bank scores averaged);
-            ``memory_k{k}`` is the memory-bank (vision) branch alone.
+            ``memory_k{k}`` is the memory-bank (vision) branch alone; ``patch_k{k}`` is the
+            patch memory bank on intermediate feature maps (``patch_layers``).
         max_normal: cap on normal evaluated rows (every defective row is kept).
         object_name: the object word of the prompts.
         prompts: the state words: ``"default"`` (WinCLIP's without the negated states),
             ``"winclip"`` (the paper's exact lists), or a ``(normal, anomalous)`` pair of lists
             of ``"... {} ..."`` patterns.
+        patch_layers: indices into ``model.hidden_states("image", ...)`` whose feature maps form
+            the patch memory bank (resized to the first one's grid and concatenated); ``()``
+            turns the patch bank off. The default ``(1,)`` is tiny-clip's second CNN stage
+            (16x16 for a 32-pixel image); on a Hugging Face ViT pick mid blocks, e.g.
+            ``(6, 9)``. Skipped, with an info finding, when the model exposes no hidden states.
         fpr_limit: FPR limit of AUPRO.
         auroc_threshold: best image AUROC below this raises a finding.
         n_boot: bootstrap resamples for the image-AUROC intervals (0 = none).
@@ -148,7 +160,7 @@ class AnomalyCheck(Check):
             f"{m}/{k}": True
             for m in (
                 "zero_shot",
-                *(f"{b}_k{k}" for b in ("few_shot", "memory") for k in (1, 2, 4)),
+                *(f"{b}_k{k}" for b in ("few_shot", "memory", "patch") for k in (1, 2, 4)),
             )
             for k in ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "aupro")
         },
@@ -162,6 +174,7 @@ class AnomalyCheck(Check):
         max_normal: int = 300,
         object_name: str = "object",
         prompts: str | tuple[Sequence[str], Sequence[str]] = "default",
+        patch_layers: Sequence[int] = (1,),
         fpr_limit: float = 0.3,
         auroc_threshold: float = 0.8,
         n_boot: int = 200,
@@ -181,6 +194,7 @@ class AnomalyCheck(Check):
                 )
             prompts = PROMPT_SETS[prompts]
         self.normal_states, self.anomalous_states = (tuple(p) for p in prompts)
+        self.patch_layers = tuple(int(i) for i in patch_layers)
         self.fpr_limit = fpr_limit
         self.auroc_threshold = auroc_threshold
         self.n_boot = n_boot
@@ -238,6 +252,7 @@ class AnomalyCheck(Check):
                 vision = few_shot_anomaly(emb, bank)
                 methods[f"few_shot_k{k}"] = fuse(methods["zero_shot"], vision)
                 methods[f"memory_k{k}"] = vision
+            findings += self._patch_methods(model, emb.image_size, images, refs, usable, methods)
         if len(usable) < len(self.shots):
             findings.append(
                 Finding(
@@ -278,6 +293,34 @@ class AnomalyCheck(Check):
         findings = self._findings(per_method, best) + findings
         plots = self._plots(data, methods, per_method, best, is_defect)
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+
+    def _patch_methods(
+        self,
+        model: Any,
+        image_size: int,
+        images: Sequence[np.ndarray],
+        refs: Sequence[np.ndarray],
+        shots: Sequence[int],
+        methods: dict[str, AnomalyScores],
+    ) -> list[Finding]:
+        """Add ``patch_k{k}`` to ``methods``; an info finding when the model has no maps."""
+        if not self.patch_layers:
+            return []
+        try:
+            queries = feature_maps(model, images, self.patch_layers, self.batch_size)
+            ref_maps = feature_maps(model, refs, self.patch_layers, self.batch_size)
+        except (NotImplementedError, ValueError, IndexError) as err:
+            return [
+                Finding(
+                    "info",
+                    f"The patch memory bank was skipped: no feature maps at layers "
+                    f"{list(self.patch_layers)} ({err}).",
+                )
+            ]
+        for k in shots:
+            bank = PatchMemoryBank.from_feature_maps(ref_maps[:k])
+            methods[f"patch_k{k}"] = patch_anomaly(queries, bank, image_size)
+        return []
 
     def _findings(self, per_method: dict[str, dict[str, float]], best: str) -> list[Finding]:
         out = []

@@ -10,7 +10,14 @@
   probability w.r.t. the input pixels on at most ``ig_rows`` rows, and its faithfulness as the
   area under the deletion curve (most-attributed pixels replaced by the baseline first) next to
   random deletion orders: a lower AUC than random says the attributions point at pixels the
-  model uses.
+  model uses. Grad-CAM (captum ``LayerGradCam`` on the image tower's last conv stage, upsampled)
+  gets the same deletion curve; towers without a conv feature map (ViT) are noted, not failed.
+* **Text tokens** (fusion tasks with text): Integrated Gradients at the token-embedding layer
+  (captum ``LayerIntegratedGradients``; baseline = zero or pad embedding for every real token)
+  on at most ``text_rows`` rows, per-token attribution summed over the embedding dimension and
+  over the bytes/pieces of each word; the top words per class, the completeness error and a
+  token deletion AUC against random orders. Models without a reachable token-embedding layer
+  are noted, not failed.
 
 Rows are capped at ``max_rows`` (a seeded random subset). See ``docs/explain.md``.
 """
@@ -28,16 +35,27 @@ from torch import Tensor
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.explain import (
+    ExplainError,
     Output,
     coalition_values,
     cross_grid,
     curve_auc,
     deletion_curve,
     dime_decompose,
+    grad_cam,
+    image_cam_layer,
     integrated_gradients,
     modality_shares,
     random_saliency,
+    random_token_saliency,
     shapley_values,
+    text_baseline_ids,
+    text_embedding_layer,
+    text_integrated_gradients,
+    token_deletion_curve,
+    token_words,
+    upsample_map,
+    word_attributions,
 )
 from mmsafe.metrics import mean_ci
 from mmsafe.metrics.bootstrap import share_ci
@@ -86,6 +104,14 @@ class ExplainCheck(Check):
         deletion_steps: points of the deletion curve, minus one.
         random_orders: random deletion orders averaged for the reference curve.
         gallery: attribution overlays shown (0 for none).
+        gradcam: also Grad-CAM on the image tower (on the ``ig_rows`` rows).
+        text_rows: rows given text-token Integrated Gradients (fusion with text; 0: off).
+        text_steps: text IG integration steps.
+        text_baseline: ``pad`` (the pad token's embedding; falls back to ``zeros`` when the
+            model's pad token is unusable) or ``zeros`` (zero token embedding), for every real
+            token; special tokens (BOS/EOS) are kept. Deleted tokens take it.
+        top_words: words listed per class.
+        text_examples: highlighted example texts shown (0 for none).
         n_boot: bootstrap resamples for the CIs.
     """
 
@@ -99,6 +125,13 @@ class ExplainCheck(Check):
         "ig/deletion_auc_random": False,
         "ig/deletion_gap": True,
         "ig/completeness_error": False,
+        "gradcam/deletion_auc": False,
+        "gradcam/deletion_auc_random_blocks": False,
+        "gradcam/deletion_gap": True,
+        "text_ig/deletion_auc": False,
+        "text_ig/deletion_auc_random": False,
+        "text_ig/deletion_gap": True,
+        "text_ig/completeness_error": False,
     }
 
     def __init__(
@@ -114,6 +147,12 @@ class ExplainCheck(Check):
         deletion_steps: int = 20,
         random_orders: int = 3,
         gallery: int = 8,
+        gradcam: bool = True,
+        text_rows: int = 32,
+        text_steps: int = 16,
+        text_baseline: Literal["zeros", "pad"] = "pad",
+        top_words: int = 5,
+        text_examples: int = 4,
         n_boot: int = 500,
     ) -> None:
         if target not in ("pred", "true"):
@@ -124,8 +163,12 @@ class ExplainCheck(Check):
             raise ValueError(f"output must be 'prob' or 'logit', got {output!r}")
         if ig_baseline not in ("zeros", "mean"):
             raise ValueError(f"ig_baseline must be 'zeros' or 'mean', got {ig_baseline!r}")
+        if text_baseline not in ("zeros", "pad"):
+            raise ValueError(f"text_baseline must be 'zeros' or 'pad', got {text_baseline!r}")
         if max_rows < 2 or ig_rows < 0 or ig_steps < 1 or deletion_steps < 1:
             raise ValueError("need max_rows >= 2, ig_rows >= 0, ig_steps >= 1, deletion_steps >= 1")
+        if text_rows < 0 or text_steps < 1 or top_words < 1:
+            raise ValueError("need text_rows >= 0, text_steps >= 1, top_words >= 1")
         self.target = target
         self.null = null
         self.output = output
@@ -137,6 +180,12 @@ class ExplainCheck(Check):
         self.deletion_steps = deletion_steps
         self.random_orders = random_orders
         self.gallery = gallery
+        self.gradcam = gradcam
+        self.text_rows = text_rows
+        self.text_steps = text_steps
+        self.text_baseline = text_baseline
+        self.top_words = top_words
+        self.text_examples = text_examples
         self.n_boot = n_boot
 
     def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
@@ -168,6 +217,10 @@ class ExplainCheck(Check):
         if "image" in ctx.data.modalities and "image" in ctx.outputs.embeddings and self.ig_rows:
             self._pixels(
                 ctx, pool[: self.ig_rows], target[: self.ig_rows], metrics, findings, plots
+            )
+        if "text" in ctx.task.modalities and "text" in ctx.data.modalities and self.text_rows:
+            self._text(
+                ctx, pool[: self.text_rows], target[: self.text_rows], metrics, findings, plots
             )
         order = {"high": 0, "medium": 1, "low": 2, "info": 3}
         findings.sort(key=lambda f: order[f.severity])
@@ -406,8 +459,25 @@ class ExplainCheck(Check):
                 "" if faithful else "Read the attribution maps with care (or raise ig_steps).",
             )
         )
+        cam = (
+            self._gradcam(ctx, forward, px, tgt, base, extra, rnd_curve, metrics, findings, plots)
+            if self.gradcam
+            else None
+        )
         if self.gallery:
             self._gallery(ctx, rows, images, sal, target, auc, plots)
+            if cam is not None:
+                self._gallery(
+                    ctx,
+                    rows,
+                    images,
+                    cam[0],
+                    target,
+                    cam[1],
+                    plots,
+                    key="gradcam_maps",
+                    title="Grad-CAM on the last conv stage (red = regions that raise the score)",
+                )
 
     def _gallery(
         self,
@@ -418,6 +488,8 @@ class ExplainCheck(Check):
         target: np.ndarray,
         auc: np.ndarray,
         plots: dict[str, dict[str, Any]],
+        key: str = "attribution_maps",
+        title: str = "Integrated Gradients (red = pixels that raise the class score)",
     ) -> None:
         from mmsafe.checks.anomaly import overlay
         from mmsafe.report.plots import png_base64
@@ -429,9 +501,9 @@ class ExplainCheck(Check):
             return
         hi = float(np.quantile(maps[shown], 0.99)) or 1.0
         classes = list(ctx.data.classes)
-        plots["attribution_maps"] = {
+        plots[key] = {
             "kind": "images",
-            "title": "Integrated Gradients (red = pixels that raise the class score)",
+            "title": title,
             "items": [
                 {
                     "png": png_base64(overlay(images[k][..., :3], maps[k], 0.0, hi), scale=3),
@@ -441,3 +513,274 @@ class ExplainCheck(Check):
                 for k in shown
             ],
         }
+
+    # ------------------------------------------------------------------ Grad-CAM
+    def _gradcam(
+        self,
+        ctx: AuditContext,
+        forward: Any,
+        px: Tensor,
+        tgt: Tensor,
+        base: Tensor,
+        extra: tuple[Tensor, ...],
+        rnd_curve: np.ndarray,
+        metrics: dict[str, Metric],
+        findings: list[Finding],
+        plots: dict[str, dict[str, Any]],
+    ) -> tuple[Tensor, np.ndarray] | None:
+        try:
+            layer = image_cam_layer(ctx.model)
+        except ExplainError as err:
+            findings.append(Finding("info", f"Grad-CAM skipped: {err}", {}))
+            return None
+        grid = grad_cam(forward, layer, px, tgt, extra, upsample=False)
+        size = tuple(px.shape[-2:])
+        cam = upsample_map(grid, size)
+        # ties (the ReLU's zeros) are broken in a random order, not top-left first
+        seed = int(ctx.seed) * 1000
+        cam_order = cam + 1e-6 * cam.amax().clamp_min(1e-12) * random_saliency(
+            tuple(cam.shape), seed
+        ).to(cam.device)
+        steps = self.deletion_steps
+        curve = deletion_curve(forward, px, cam_order, tgt, base, steps, extra)
+        # the fair reference for a coarse map: random orders of the same grid cells, upsampled
+        blocks = np.mean(
+            [
+                deletion_curve(
+                    forward,
+                    px,
+                    upsample_map(random_saliency(tuple(grid.shape), seed + 7 + k), size).to(
+                        px.device
+                    ),
+                    tgt,
+                    base,
+                    steps,
+                    extra,
+                )
+                for k in range(max(self.random_orders, 1))
+            ],
+            axis=0,
+        )
+        auc, auc_rnd, auc_blk = curve_auc(curve), curve_auc(rnd_curve), curve_auc(blocks)
+        diff = auc_rnd - auc
+        metrics["gradcam/deletion_auc"] = Metric(
+            float(auc.mean()), mean_ci(auc, self.n_boot, seed=ctx.seed)
+        )
+        metrics["gradcam/deletion_auc_random_blocks"] = Metric(
+            float(auc_blk.mean()), mean_ci(auc_blk, self.n_boot, seed=ctx.seed)
+        )
+        metrics["gradcam/deletion_gap"] = Metric(
+            float(diff.mean()), mean_ci(diff, self.n_boot, seed=ctx.seed)
+        )
+        plots["deletion_curve"]["series"].append(
+            {
+                "name": "Grad-CAM order",
+                "x": [k / steps for k in range(steps + 1)],
+                "y": [float(y) for y in curve.mean(axis=0)],
+            }
+        )
+        ci = metrics["gradcam/deletion_gap"].ci
+        faithful = ci is not None and ci[0] > 0
+        ig_auc = metrics["ig/deletion_auc"].value
+        findings.append(
+            Finding(
+                "info" if faithful else "low",
+                f"Grad-CAM on {len(px)} images ({grid.shape[-2]}x{grid.shape[-1]} map): "
+                f"deletion AUC {auc.mean():.3f} vs {ig_auc:.3f} for IG, {auc_rnd.mean():.3f} "
+                f"for random pixel orders and {auc_blk.mean():.3f} for random orders of its "
+                "grid cells" + ("." if faithful else "; not shown to beat random pixel order."),
+                {
+                    "deletion_auc": float(auc.mean()),
+                    "ig_auc": ig_auc,
+                    "random_auc": float(auc_rnd.mean()),
+                    "random_blocks_auc": float(auc_blk.mean()),
+                },
+                "" if faithful else "Prefer the IG maps (lower deletion AUC) over Grad-CAM here.",
+            )
+        )
+        return cam, auc
+
+    # ------------------------------------------------------------------ text tokens
+    def _text(
+        self,
+        ctx: AuditContext,
+        rows: np.ndarray,
+        target: np.ndarray,
+        metrics: dict[str, Metric],
+        findings: list[Finding],
+        plots: dict[str, dict[str, Any]],
+    ) -> None:
+        model, task = ctx.model, ctx.task
+        try:
+            layer = text_embedding_layer(model)
+            batch = model.preprocess("text", [ctx.data.modalities["text"][i] for i in rows])
+            if not isinstance(batch, dict) or "input_ids" not in batch:
+                raise ExplainError(f"{model.name}: text batches carry no input_ids")
+            ids = batch["input_ids"].to(model.device)
+            mask = batch["attention_mask"].to(model.device)
+            kind = self.text_baseline
+            try:
+                base = text_baseline_ids(model, ids, mask, kind)
+            except ExplainError:
+                if kind != "pad":
+                    raise
+                kind = "zeros"
+                base = text_baseline_ids(model, ids, mask, kind)
+        except ExplainError as err:
+            findings.append(Finding("info", f"Text Integrated Gradients skipped: {err}", {}))
+            return
+        others = [m for m in task.modalities if m != "text"]
+        extra = tuple(
+            ctx.outputs.embeddings[m][torch.as_tensor(rows)].to(model.device) for m in others
+        )
+        output = self.output
+
+        def forward(x: Tensor, m: Tensor, *rest: Tensor) -> Tensor:
+            text = model.encode({"text": {"input_ids": x, "attention_mask": m}})["text"]
+            logits = task.logits({"text": text, **dict(zip(others, rest, strict=True))}).float()
+            return torch.softmax(logits, dim=-1) if output == "prob" else logits
+
+        tgt = torch.as_tensor(target)
+        attr, delta = text_integrated_gradients(
+            forward, layer, ids, mask, base, tgt, self.text_steps, extra
+        )
+        steps = self.deletion_steps
+        curves = [token_deletion_curve(forward, layer, ids, mask, base, attr, tgt, steps, extra)]
+        rnd = [
+            token_deletion_curve(
+                forward,
+                layer,
+                ids,
+                mask,
+                base,
+                random_token_saliency(ids, int(ctx.seed) * 1000 + k),
+                tgt,
+                steps,
+                extra,
+            )
+            for k in range(max(self.random_orders, 1))
+        ]
+        curve, rnd_curve = curves[0], np.mean(rnd, axis=0)
+        fx, fb = curve[:, 0], curve[:, -1]  # nothing deleted / everything deleted = baseline
+        gap = np.abs(fx - fb)
+        total = attr.sum(dim=1).double().cpu().numpy()
+        own = np.abs(total - (fx - fb))
+        metrics["text_ig/rows"] = Metric(float(len(rows)))
+        metrics["text_ig/completeness_error"] = Metric(float(own.mean() / max(gap.mean(), 1e-12)))
+        metrics["text_ig/convergence_delta"] = Metric(float(delta.abs().mean()))
+        auc, auc_rnd = curve_auc(curve), curve_auc(rnd_curve)
+        diff = auc_rnd - auc
+        metrics["text_ig/deletion_auc"] = Metric(
+            float(auc.mean()), mean_ci(auc, self.n_boot, seed=ctx.seed)
+        )
+        metrics["text_ig/deletion_auc_random"] = Metric(
+            float(auc_rnd.mean()), mean_ci(auc_rnd, self.n_boot, seed=ctx.seed)
+        )
+        metrics["text_ig/deletion_gap"] = Metric(
+            float(diff.mean()), mean_ci(diff, self.n_boot, seed=ctx.seed)
+        )
+        words = token_words(model, ids, base)
+        per_row = [word_attributions(attr[i], words[i]) for i in range(len(rows))]
+        top = top_words_per_class(per_row, target, len(ctx.data.classes), self.top_words)
+        classes = list(ctx.data.classes)
+        hits = [
+            bool(ws) and _norm(max(ws, key=lambda t: t[1])[0]) in _class_words(classes[c])
+            for ws, c in zip(per_row, target, strict=True)
+        ]
+        metrics["text_ig/class_word_top_rate"] = Metric(float(np.mean(hits)))
+        xs = [k / steps for k in range(steps + 1)]
+        plots["text_deletion_curve"] = {
+            "kind": "line",
+            "title": "Token deletion curve (lower area = faithful)",
+            "xlabel": "fraction of tokens deleted",
+            "ylabel": f"{output} of the {self.target} class",
+            "series": [
+                {"name": "text IG order", "x": xs, "y": [float(y) for y in curve.mean(axis=0)]},
+                {"name": "random order", "x": xs, "y": [float(y) for y in rnd_curve.mean(axis=0)]},
+            ],
+        }
+        plots["text_top_words"] = {
+            "kind": "table",
+            "title": "Top attributed words per class (mean text IG per row)",
+            "columns": ["class", "rows", "top words"],
+            "rows": [
+                [classes[c], n, ", ".join(f"{w} {v:+.3f}" for w, v in ws)]
+                for c, (n, ws) in sorted(top.items())
+            ],
+        }
+        if self.text_examples:
+            shown = np.argsort(auc, kind="stable")[: self.text_examples]
+            plots["text_attributions"] = {
+                "kind": "tokens",
+                "title": "Text Integrated Gradients (red raises the class score, blue lowers it)",
+                "items": [
+                    {
+                        "caption": f"{ctx.data.ids[rows[k]]} · {classes[int(target[k])]}",
+                        "tokens": [w for w, _ in per_row[k]],
+                        "scores": [v for _, v in per_row[k]],
+                    }
+                    for k in shown
+                ],
+            }
+        ci = metrics["text_ig/deletion_gap"].ci
+        faithful = ci is not None and ci[0] > 0
+        comp = metrics["text_ig/completeness_error"].value
+        findings.append(
+            Finding(
+                "info" if faithful else "low",
+                f"Text Integrated Gradients on {len(rows)} texts ({self.text_steps} steps, "
+                f"{kind} embedding baseline): token deletion AUC {auc.mean():.3f} "
+                f"vs {auc_rnd.mean():.3f} for random orders; completeness error {comp:.1%}; "
+                f"the top word names the class in {np.mean(hits):.0%} of rows."
+                + ("" if faithful else " The attributions are not shown to beat random order."),
+                {
+                    "top_words": {
+                        classes[c]: [[w, v] for w, v in ws] for c, (_, ws) in top.items()
+                    },
+                    "deletion_auc": float(auc.mean()),
+                    "random_auc": float(auc_rnd.mean()),
+                },
+                "" if faithful else "Read the word attributions with care (or raise text_steps).",
+            )
+        )
+
+
+def _norm(word: str) -> str:
+    return word.strip(".,;:!?\"'()[]{}").lower()
+
+
+def _class_words(name: str) -> set[str]:
+    return {_norm(w) for w in str(name).replace("_", " ").split()}
+
+
+def top_words_per_class(
+    rows: list[list[tuple[str, float]]], target: np.ndarray, n_classes: int, k: int
+) -> dict[int, tuple[int, list[tuple[str, float]]]]:
+    """The ``k`` words with the highest mean attribution per row, for each target class.
+
+    A word's score for class ``c`` is the sum of its attributions over the rows of class ``c``
+    (words lowercased, punctuation stripped) divided by the number of those rows.
+
+    Returns:
+        ``{class: (n_rows, [(word, score), ...])}`` for the classes that have rows.
+
+    Example:
+        >>> rows = [[("A", 1.0), ("cat", 2.0)], [("a", 0.5), ("dog", -1.0)]]
+        >>> top_words_per_class(rows, np.array([0, 0]), 2, 2)
+        {0: (2, [('cat', 1.0), ('a', 0.75)])}
+    """
+    out: dict[int, tuple[int, list[tuple[str, float]]]] = {}
+    tgt = np.asarray(target)
+    for c in range(n_classes):
+        idx = np.flatnonzero(tgt == c)
+        if not len(idx):
+            continue
+        score: dict[str, float] = {}
+        for i in idx:
+            for w, v in rows[i]:
+                key = _norm(w)
+                if key:
+                    score[key] = score.get(key, 0.0) + v
+        best = sorted(score.items(), key=lambda t: (-t[1], t[0]))[:k]
+        out[c] = (len(idx), [(w, v / len(idx)) for w, v in best])
+    return out

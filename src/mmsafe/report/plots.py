@@ -6,7 +6,8 @@ library: it is fast (the report adds milliseconds to an audit) and safe, since e
 reaches the SVG passes through :func:`html.escape`.
 
 Kinds: ``reliability``, ``bar``, ``heatmap``, ``line``, and the HTML kinds ``table`` (example
-rows) and ``images`` (a gallery of small base64 PNGs, e.g. anomaly maps over images).
+rows), ``images`` (a gallery of small base64 PNGs, e.g. anomaly maps over images) and
+``tokens`` (texts with each word highlighted by a signed score, e.g. text attributions).
 
 Example:
     >>> svg = render_plot({"kind": "bar", "title": "<b>", "labels": ["a"], "values": [0.5]})
@@ -238,6 +239,36 @@ def images_html(spec: Mapping[str, Any]) -> str:
     return f'<div class="gallery">{title}{"".join(figures)}</div>'
 
 
+def tokens_html(spec: Mapping[str, Any]) -> str:
+    """Highlighted texts ``{"items": [{"caption", "tokens": [str], "scores": [float]}, ...]}``.
+
+    Each token's background is red for a positive score and blue for a negative one, its
+    opacity the score over the item's largest absolute score; tokens and captions are escaped.
+
+    Example:
+        >>> item = {"caption": "c", "tokens": ["<b>", "x"], "scores": [1, -0.5]}
+        >>> html = tokens_html({"items": [item]})
+        >>> "&lt;b&gt;" in html, "rgba(204,51,51,0.80)" in html, "rgba(52,101,164,0.40)" in html
+        (True, True, True)
+    """
+    blocks = []
+    for item in spec.get("items", []):
+        tokens = [str(t) for t in item.get("tokens", [])]
+        scores = [0.0 if s is None else float(s) for s in item.get("scores", [])]
+        scores = [s if math.isfinite(s) else 0.0 for s in scores]
+        top = max((abs(s) for s in scores), default=0.0) or 1.0
+        spans = []
+        for tok, s in zip(tokens, scores, strict=True):
+            rgb = "204,51,51" if s >= 0 else "52,101,164"
+            spans.append(
+                f'<span style="background:rgba({rgb},{0.8 * abs(s) / top:.2f})" '
+                f'title="{s:+.4g}">{_e(tok)}</span>'
+            )
+        blocks.append(f"<p>{' '.join(spans)}<br><small>{_e(item.get('caption', ''))}</small></p>")
+    title = f"<h4>{_e(spec['title'])}</h4>" if spec.get("title") else ""
+    return f'<div class="tokens">{title}{"".join(blocks)}</div>'
+
+
 def png_base64(pixels: np.ndarray, scale: int = 1) -> str:
     """Encode an ``(H, W, 3)`` uint8 array as a base64 PNG, upscaled ``scale`` times (nearest).
 
@@ -269,6 +300,7 @@ RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
     "heatmap": heatmap_svg,
     "line": line_svg,
     "images": images_html,
+    "tokens": tokens_html,
 }
 
 
