@@ -21,9 +21,17 @@ from mmsafe.attacks import (
     project,
     run_attack,
 )
-from mmsafe.checks.adversarial import AdversarialCheck, attack_success_rate
+from mmsafe.attacks_text import co_attack, retrieval_recall_at_1, sep_attack
+from mmsafe.checks.adversarial import (
+    AdversarialCheck,
+    attack_success_rate,
+    retrieval_hits,
+    retrieval_targets,
+)
+from mmsafe.checks.performance import PerformanceCheck
 from mmsafe.checks.registry import list_checks
 from mmsafe.engine.runner import to_device
+from mmsafe.tasks.retrieval import caption_positives
 from tests.conftest import ToyEncoder, audit_context
 
 TOL = 1e-5  # float rounding on the budget
@@ -181,9 +189,32 @@ def test_check_on_toy_encoder_is_jsonable(task: str, colour_data) -> None:
     assert any(f.evidence.get("rows") == 30 for f in res.findings)
 
 
-def test_check_skips_retrieval(colour_data) -> None:
+def test_check_runs_on_retrieval_without_labels(colour_data) -> None:
+    """Retrieval is scored by image-caption pairs: ``requires=("labels",)`` must not skip it."""
+    colour_data.labels = np.full(len(colour_data), -1, dtype=np.int64)
     ctx = audit_context(ToyEncoder(), colour_data, task="retrieval")
-    assert "not applicable" in (AdversarialCheck().skip_reason(ctx) or "")
+    assert not ctx.data.labelled.any()
+    check = AdversarialCheck(eps={"linf": [8 / 255, 32 / 255], "l2": [0.5, 2.0]}, steps=3,
+                             max_rows=30, n_boot=20, co_attack=True)  # fmt: skip
+    assert check.skip_reason(ctx) is None
+    res = check.run(ctx)
+    assert res.status == "ok"
+    json.dumps(res.to_dict())
+    m = {k: v.value for k, v in res.metrics.items()}
+    for d in ("i2t", "t2i"):
+        for k in (1, 5):
+            assert 0.0 <= m[f"clean/{d}_R@{k}"] <= 1.0
+            for norm in ("linf", "l2"):
+                for e in check.eps[norm]:
+                    for atk in ("fgsm", "pgd"):
+                        key = f"{norm}/{{}}/eps={e:.4g}/{d}_R@{k}"
+                        assert m[key.format("worst")] <= m[key.format(atk)] + 1e-9
+    key = f"linf/pgd/eps={8 / 255:.4g}"
+    assert m[f"{key}/R@1_drop"] == pytest.approx(m["clean/mean_R@1"] - m[f"{key}/mean_R@1"])
+    assert set(res.plots) == {"recall_vs_eps_linf", "recall_vs_eps_l2"}
+    assert any(f.evidence.get("rows") == 30 for f in res.findings)
+    # the toy encoder has no token embedding: Co-Attack is reported as skipped, not a failure
+    assert any("Co-Attack skipped" in f.message for f in res.findings)
 
 
 # --------------------------------------------------------------------------- tiny-clip
@@ -312,3 +343,132 @@ def test_early_stop_is_never_weaker_and_clean_logits_skip_wrong_rows(shapes_quic
     assert _acc(fwd, adv, yy) <= float(
         (fctx.outputs.preds[rows] == fctx.outputs.labels[rows]).mean()
     )
+
+
+# --------------------------------------------------------------------------- retrieval (tiny-clip)
+
+
+@pytest.fixture(scope="module")
+def retrieval_ctx(shapes_quick):
+    """The quick tiny-clip on the retrieval task over the 180 test pairs (170 distinct captions)."""
+    world, model = shapes_quick
+    model.eval()
+    return audit_context(model, world, task="retrieval")
+
+
+def _r1(metrics: dict[str, float], key: str) -> tuple[float, float]:
+    return metrics[f"{key}/i2t_R@1"], metrics[f"{key}/t2i_R@1"]
+
+
+def test_retrieval_helpers() -> None:
+    first, target = retrieval_targets(["b", "a", "b", "c"])
+    assert first.tolist() == [1, 0, 3] and target.tolist() == [1, 0, 1, 2]
+    g = torch.Generator().manual_seed(0)
+    img = nn.functional.normalize(torch.randn(12, 5, generator=g), dim=-1)
+    txt = nn.functional.normalize(torch.randn(12, 5, generator=g), dim=-1)
+    pos = np.eye(12, dtype=bool) | (np.arange(12)[:, None] % 4 == np.arange(12)[None] % 4)
+    hits = retrieval_hits(img, txt, pos, ks=(1, 5, 12))
+    r1 = retrieval_recall_at_1(img, txt, pos)
+    assert (hits["i2t_R@1"].mean(), hits["t2i_R@1"].mean()) == pytest.approx(r1)
+    assert (hits["i2t_R@12"] == 1).all() and (hits["i2t_R@5"] >= hits["i2t_R@1"]).all()
+
+
+def test_retrieval_check_pgd_and_co_attack_match_the_functions(retrieval_ctx) -> None:
+    """Through the check, on all 180 pairs: PGD lowers R@1 monotonically in eps, Co-Attack beats
+    Sep-Attack, and every number equals the one from calling the attack functions directly.
+
+    Measured (quick tiny-clip, 5 steps, no random start): clean TR/IR R@1 0.294/0.322; PGD
+    1/255 0.111/0.144, 2/255 0.039/0.044, 4/255 0/0; Co-Attack (1 byte) 0.044/0.089,
+    0.022/0.039, 0/0; Sep-Attack 0.178/0.156, 0.133/0.144, 0.072/0.094.
+    """
+    ctx = retrieval_ctx
+    model = ctx.model.eval()
+    eps = [1 / 255, 2 / 255, 4 / 255]
+    check = AdversarialCheck(norms=("linf",), eps={"linf": eps}, attacks=("pgd",), steps=5,
+                             max_rows=None, batch_size=256, random_start=False, n_boot=20,
+                             co_attack=True)  # fmt: skip
+    res = check.run(ctx)
+    assert res.status == "ok"
+    json.dumps(res.to_dict())
+    m = {k: v.value for k, v in res.metrics.items()}
+    texts = [str(t) for t in ctx.data.modalities["text"]]
+    pos = caption_positives(texts)
+    img0, txt0 = ctx.outputs.embeddings["image"], ctx.outputs.embeddings["text"]
+    clean = _r1(m, "clean")
+    # retrieval_recall_at_1 averages in float32: equal to 1e-6 is an equal count of hits
+    assert clean == pytest.approx(retrieval_recall_at_1(img0, txt0, pos), abs=1e-6)
+    perf = PerformanceCheck(n_boot=10).run(ctx).metrics
+    assert clean == pytest.approx((perf["i2t_R@1"].value, perf["t2i_R@1"].value))
+    assert m["clean/i2t_R@5"] == pytest.approx(perf["i2t_R@5"].value)
+
+    pgd_r1 = [_r1(m, f"linf/pgd/eps={e:.4g}") for e in eps]
+    for d in (0, 1):
+        ys = [clean[d], *[r[d] for r in pgd_r1]]
+        assert ys[1] < ys[0] - 0.1, ys  # a real attack at the smallest budget
+        assert all(b <= a + 0.02 for a, b in zip(ys, ys[1:], strict=False)), ys
+    for e in eps:
+        co, sep = _r1(m, f"linf/co_attack/eps={e:.4g}"), _r1(m, f"linf/sep_attack/eps={e:.4g}")
+        assert co[0] <= sep[0] and co[1] <= sep[1], (e, co, sep)
+    # 1/255 costs ~57 % of the clean R@1 (relative drop > 2 * max_drop): a high finding
+    assert any(f.severity == "high" and f.evidence.get("norm") == "linf" for f in res.findings)
+    assert [s["name"] for s in res.plots["recall_vs_eps_linf"]["series"]] == [
+        f"{n} {d}" for n in ("pgd", "worst", "co_attack", "sep_attack") for d in ("i2t", "t2i")
+    ]
+
+    # the same rows, attacked by calling the functions directly
+    x = model.preprocess("image", ctx.data.modalities["image"])
+    first, target = retrieval_targets(texts)
+    gallery = txt0[torch.as_tensor(first)]
+
+    def forward(px: Tensor) -> Tensor:
+        return ctx.task.logits({"image": model.encode({"image": px})["image"], "text": gallery})
+
+    y = torch.as_tensor(target)
+    for e, r in zip(eps, pgd_r1, strict=True):
+        adv = pgd(forward, x, y, e, "linf", steps=5, random_start=False)
+        assert float(perturbation_norm(adv - x, "linf").max()) <= e + 1e-6
+        with torch.no_grad():
+            emb = model.encode({"image": adv})["image"]
+        assert retrieval_recall_at_1(emb, txt0, pos) == pytest.approx(r, abs=1e-6), e
+    tb = model.preprocess("text", texts)
+    e = 2 / 255
+    co = co_attack(model, x, tb, e, steps=5, n_flips=1, random_start=False)
+    sep = sep_attack(model, x, tb, e, steps=5, n_flips=1, random_start=False)
+    for name, direct in (("co_attack", co), ("sep_attack", sep)):
+        r1 = retrieval_recall_at_1(direct.image_embedding, direct.text_embedding, pos)
+        assert r1 == pytest.approx(_r1(m, f"linf/{name}/eps={e:.4g}"), abs=1e-6), name
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_retrieval_co_attack_beats_sep_attack_through_the_check(retrieval_ctx, seed) -> None:
+    """The paper's claim through the check: another seeded subsample of 120 pairs and random
+    starts per seed; Co-Attack's R@1 is below Sep-Attack's by a margin, in both directions.
+    HotFlip on the captions alone lowers R@1 more with more flipped tokens.
+
+    Measured (eps 2/255, 5 steps; TR/IR R@1): seed 1 clean 0.358/0.375, Co 0.033/0.058 vs Sep
+    0.158/0.192, HotFlip 1/2 bytes 0.067/0.067, 0/0.008; seed 2 clean 0.325/0.350, Co
+    0.042/0.042 vs Sep 0.192/0.167, HotFlip 0.058/0.083, 0.008/0.008.
+    """
+    ctx = retrieval_ctx
+    ctx.seed = seed
+    try:
+        check = AdversarialCheck(norms=("linf",), eps={"linf": [2 / 255]}, attacks=("pgd",),
+                                 steps=5, max_rows=120, n_boot=20, co_attack=True,
+                                 text_attacks=("hotflip",), flips=(1, 2))  # fmt: skip
+        res = check.run(ctx)
+    finally:
+        ctx.seed = 0
+    m = {k: v.value for k, v in res.metrics.items()}
+    assert any(f.evidence.get("rows") == 120 for f in res.findings)
+    clean = _r1(m, "clean")
+    co, sep = _r1(m, "linf/co_attack/eps=0.007843"), _r1(m, "linf/sep_attack/eps=0.007843")
+    for d in (0, 1):
+        assert sep[d] < clean[d]  # the baseline is a real attack
+        assert co[d] <= sep[d] - 0.05, (seed, co, sep)
+    assert (
+        m["linf/co_attack/eps=0.007843/attack_success_rate"]
+        > m["linf/sep_attack/eps=0.007843/attack_success_rate"]
+    )
+    one, two = _r1(m, "text/hotflip/flips=1"), _r1(m, "text/hotflip/flips=2")
+    assert all(t <= o + 1e-9 < c for c, o, t in zip(clean, one, two, strict=True)), (one, two)
+    assert "recall_vs_flips" in res.plots

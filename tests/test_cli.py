@@ -172,3 +172,21 @@ def test_audit_options_reach_the_check_and_typos_fail_early(tmp_path) -> None:
         res = runner.invoke(app, [*base, "--options", bad])
         text = " ".join(res.output.split())
         assert res.exit_code == 2 and says in text and "Traceback" not in text, (bad, text)
+
+
+def test_adapt_command_retrieval_objective(tmp_path) -> None:
+    import torch
+
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    torch.manual_seed(0)
+    saved = TinyClip(TinyClipConfig.for_size("xs")).save_pretrained(tmp_path / "model")
+    args = ["adapt", "--model", f"tiny-clip:{saved}", "--data", "shapes:n=300", "--epochs", "1"]
+    args += ["--out", str(tmp_path / "out"), "--device", "cpu"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*args, "--method", "full,iisan", "--objective", "retrieval"])
+    assert res.exit_code == 0, res.output
+    saved_json = json.loads((tmp_path / "out" / "adaptation.json").read_text())
+    assert saved_json["objective"] == "retrieval"
+    bad = runner.invoke(app, [*args, "--method", "momef", "--objective", "retrieval"])
+    assert bad.exit_code == 2 and "momef" in bad.output, bad.output

@@ -108,3 +108,30 @@ def test_harden_adversarial_cli_errors_cleanly(tmp_path) -> None:
     assert res.exit_code == 2, res.output
     text = " ".join(res.output.split())
     assert "is not a saved tiny-clip" in text and "Traceback" not in text
+
+
+def test_free_adversarial_training_raises_robust_accuracy_cheaply(shapes_quick) -> None:
+    """Free-AT (4 replays per batch, 3 epochs: 12 passes over the train images, no separate
+    attack passes). Measured (test rows, PGD L-inf 2/255, 10 steps): original clean 0.667 /
+    robust 0.179; free 4 x 3 epochs 0.623 / 0.235; free 4 x 10 epochs 0.611 / 0.278; PGD-3 FARE
+    10 epochs (40 passes) 0.648 / 0.253."""
+    from mmsafe.engine import Engine
+    from mmsafe.hardening import robust_sweep_point
+    from mmsafe.tasks import create_task
+
+    world, model = shapes_quick
+    images = world.split("train").modalities["image"]
+    free = fare_finetune(model, images, epochs=3, free=4)
+    assert free.training_info["fare"]["free"] == 4
+    assert free.training_info["fare"]["optimizer_steps"] == 3 * 4 * 10  # epochs x replays x batches
+    before = {k: v for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, free.state_dict()[k]) for k, v in before.items() if "image." not in k)
+    engine, test = Engine(progress=False), world.split("test")
+    clean0, robust0 = robust_sweep_point(
+        model, test, create_task("zero_shot"), engine, eps=2 / 255, steps=5, max_rows=None
+    )
+    clean1, robust1 = robust_sweep_point(
+        free, test, create_task("zero_shot"), engine, eps=2 / 255, steps=5, max_rows=None
+    )
+    assert robust1 > robust0 + 0.02, (robust0, robust1)
+    assert clean0 - clean1 <= 0.08, (clean0, clean1)

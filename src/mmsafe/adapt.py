@@ -1,4 +1,12 @@
-"""Adapt a dual encoder to fusion classification, and measure what each method costs.
+"""Adapt a dual encoder to a downstream task, and measure what each method costs.
+
+Objectives (``objective=``):
+
+- ``classification``: fusion classification, image + text -> label (cross-entropy); quality is
+  test accuracy.
+- ``retrieval``: retrieval fine-tuning on (image, caption) pairs with the symmetric InfoNCE
+  (CLIP) loss; quality is recall@1 on the test split, image -> text and text -> image, computed
+  exactly as the ``performance`` check of ``mmsafe audit --task retrieval`` computes it.
 
 Methods (``method=``):
 
@@ -23,11 +31,18 @@ Methods (``method=``):
 - ``momef``: per-modality side networks fused by a mixture of modality experts, after CROSSAN's
   MOMEF (Fu et al., arXiv 2504.10307). **A reconstruction**: the paper's fusion formula is not
   pinned down (:class:`MOMEFHead`). It takes any number of modalities; :func:`adapt` feeds it
-  image and text, :func:`train_side_head` any cached per-modality features.
+  image and text, :func:`train_side_head` any cached per-modality features. Classification only.
 
-Every method is trained by the same loop (AdamW, cross-entropy, the same batch order for a seed)
-and reports training time per epoch, peak training memory (see
-:func:`mmsafe.efficiency.peak_memory`), trainable parameters and test accuracy;
+For ``retrieval``, ``full``/``lora``/``adapter`` train the towers (or their LoRA factors or
+adapters) with the contrastive loss; ``iisan``/``iisan-versa`` train only the *intra-modal* side
+networks plus a projection per modality (:class:`SideRetrievalHead`): the image side network
+gives the image embedding, the text side network the text embedding, both from the cached
+hidden states. The inter-modal side network fuses the two modalities into one item vector, which
+a dual-encoder retrieval objective has no use for, so it is left out (as is MOMEF's fusion).
+
+Every method is trained by the same loop (AdamW, the same batch order for a seed) and reports
+training time per epoch, peak training memory (see :func:`mmsafe.efficiency.peak_memory`),
+trainable parameters and the objective's quality metric (:attr:`AdaptReport.accuracy`);
 :func:`compare_methods` adds TPME across the compared methods. See ``docs/efficiency.md``.
 """
 
@@ -72,6 +87,19 @@ DEFAULT_LR: dict[str, float] = {
 
 MODALITIES: tuple[str, str] = ("image", "text")
 
+MAX_SCALE = 100.0  # the largest contrastive temperature, as in CLIP
+
+Objective = Literal["classification", "retrieval"]
+OBJECTIVES: tuple[str, ...] = ("classification", "retrieval")
+"""The downstream tasks :func:`adapt` trains for."""
+
+RETRIEVAL_METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa")
+"""The methods that support ``objective="retrieval"`` (MOMEF fuses the modalities into one
+vector, so it is not a dual encoder)."""
+
+RETRIEVAL_KS: tuple[int, ...] = (1, 5)
+"""Recall cut-offs :func:`adapt` reports for ``objective="retrieval"``."""
+
 
 # --------------------------------------------------------------------------- results
 
@@ -89,12 +117,17 @@ class AdaptReport:
         memory_method: how memory was measured (``rss_hwm``, ``cuda_max_allocated``, ...).
         trainable_params: parameters updated by the optimiser.
         total_params: backbone + adaptation parameters.
-        accuracy: accuracy on the labelled evaluation rows.
+        accuracy: the objective's quality metric on the evaluation rows. Classification: accuracy
+            on the labelled rows. Retrieval: mean recall@1 of image -> text and text -> image
+            (``(metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2``) over every test row.
         losses: training loss of every step.
         cache_seconds: seconds spent computing the cached hidden states (side methods; 0 otherwise
             or when they came from a disk cache).
         tpme: TPME among the methods compared together (``nan`` for a lone run).
         extra: method-specific details (taps, ranks, cache).
+        objective: ``classification`` or ``retrieval``.
+        metrics: every quality number: ``{"accuracy": ...}`` (classification) or
+            ``{"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"}`` (retrieval; :data:`RETRIEVAL_KS`).
     """
 
     method: str
@@ -110,6 +143,8 @@ class AdaptReport:
     cache_seconds: float = 0.0
     tpme: float = math.nan
     extra: Mapping[str, Any] = field(default_factory=dict)
+    objective: str = "classification"
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (losses summarised by first and last value)."""
@@ -121,22 +156,36 @@ class AdaptReport:
 
 @dataclass
 class Adapted:
-    """A trained classifier and its report.
+    """A trained model and its report.
 
     Attributes:
-        module: the classifier (call it with ``{modality: batch}`` for full/lora/adapter, or
-            with pooled hidden-state features for the side methods; see :meth:`predict`).
-        report: costs and accuracy.
+        module: the classifier or retrieval encoder (call it with ``{modality: batch}`` for
+            full/lora/adapter, or with pooled hidden-state features for the side methods; see
+            :meth:`predict` and :meth:`embed`).
+        report: costs and quality.
+        predict_fn: what :meth:`predict` runs.
+        embed_fn: what :meth:`embed` runs (retrieval only).
     """
 
     module: nn.Module
     report: AdaptReport
     predict_fn: Callable[[Dataset], Tensor] | None = None
+    embed_fn: Callable[[Dataset], dict[str, Tensor]] | None = None
 
     def predict(self, data: Dataset) -> Tensor:
-        """Logits ``(N, C)`` on raw rows."""
+        """Logits ``(N, C)`` (classification) or cosine similarities ``(N, N)`` (retrieval)."""
         assert self.predict_fn is not None
         return self.predict_fn(data)
+
+    def embed(self, data: Dataset) -> dict[str, Tensor]:
+        """Retrieval: L2-normalised ``{"image": (N, D), "text": (N, D)}`` embeddings of raw rows.
+
+        Raises:
+            ValueError: the model was adapted for classification (it has no embeddings).
+        """
+        if self.embed_fn is None:
+            raise ValueError("Only a model adapted with objective='retrieval' has embeddings.")
+        return self.embed_fn(data)
 
 
 # --------------------------------------------------------------------------- tower layers
@@ -552,6 +601,82 @@ class MOMEFHead(nn.Module):
         return self.classifier(self.norm((w.unsqueeze(-1) * experts).sum(dim=1)))
 
 
+class SideRetrievalHead(nn.Module):
+    """Intra-modal side networks + a projection per modality: one embedding per modality.
+
+    The retrieval form of :class:`IISANHead` / :class:`IISANVersaHead`. For each modality ``m``
+    with tapped hidden states ``X_m[k]`` (each projected to ``width`` by a LayerNorm + linear
+    map), IISAN's intra-modal recurrence from ``h_m = 0``::
+
+        h_m = SANB_m[k](g_m[k] * X_m[k] + (1 - g_m[k]) * h_m)
+        e_m = normalize(P_m(LayerNorm(h_m)))                    P_m: Linear(width -> embed_dim)
+
+    The image side network gives the image embedding, the text side network the text
+    embedding; there is no inter-modal side network (a dual-encoder retrieval objective scores
+    ``<e_image, e_text>`` and has no fused vector to feed it). Each modality may have its own
+    number of taps (the group layer-dropping of IISAN-Versa). A learnable temperature
+    ``scale = exp(log_scale)`` (at most 100) multiplies the similarities in the loss.
+
+    Args:
+        dims: ``{modality: [D_k]}`` widths of the tapped hidden states.
+        embed_dim: output embedding width.
+        width: side-network width.
+        bottleneck: SANB bottleneck.
+        logit_scale: initial temperature.
+
+    Example:
+        >>> head = SideRetrievalHead({"image": [8, 16], "text": [4]}, embed_dim=5, width=8)
+        >>> out = head({"image": [torch.ones(2, 8), torch.ones(2, 16)], "text": [torch.ones(2, 4)]})
+        >>> {m: tuple(e.shape) for m, e in out.items()}, round(float(out["text"][0].norm()), 4)
+        ({'image': (2, 5), 'text': (2, 5)}, 1.0)
+    """
+
+    def __init__(
+        self,
+        dims: Mapping[str, Sequence[int]],
+        embed_dim: int,
+        width: int = 64,
+        bottleneck: int = 32,
+        logit_scale: float = 1 / 0.07,
+    ) -> None:
+        super().__init__()
+        if not dims or not all(dims.values()):
+            raise ValueError("SideRetrievalHead needs at least one tap of every modality.")
+        self.modalities: tuple[str, ...] = tuple(dims)
+        self.proj = nn.ModuleDict(
+            {
+                m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
+                for m, ds in dims.items()
+            }
+        )
+        self.sanb = nn.ModuleDict(
+            {m: nn.ModuleList(SANB(width, bottleneck) for _ in ds) for m, ds in dims.items()}
+        )
+        self.gates = nn.ModuleDict({m: nn.ModuleList(Gate() for _ in ds) for m, ds in dims.items()})
+        self.out = nn.ModuleDict(
+            {m: nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim)) for m in dims}
+        )
+        self.log_scale = nn.Parameter(torch.tensor(math.log(min(logit_scale, MAX_SCALE))))
+        self.width = width
+
+    def scale(self) -> Tensor:
+        """The temperature ``exp(log_scale)``, clamped to at most 100."""
+        return self.log_scale.exp().clamp(max=MAX_SCALE)
+
+    def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
+        """``{modality: (B, embed_dim)}`` L2-normalised embeddings of the modalities given."""
+        out = {}
+        for m, fs in feats.items():
+            h = fs[0].new_zeros(fs[0].shape[0], self.width)
+            for proj, sanb, gate, f in zip(
+                self.proj[m], self.sanb[m], self.gates[m], fs, strict=True
+            ):
+                g = gate()
+                h = sanb(g * proj(f) + (1 - g) * h)
+            out[m] = F.normalize(self.out[m](h), dim=-1)
+        return out
+
+
 class FeatureCache:
     """Pooled tapped hidden states of every row, computed once; in memory or memory-mapped.
 
@@ -643,6 +768,22 @@ class EncoderClassifier(nn.Module):
         return self.head(torch.cat([emb[m] for m in MODALITIES], dim=-1) * self.scale)
 
 
+class RetrievalEncoder(nn.Module):
+    """An encoder's normalised embeddings and a learnable temperature (retrieval fine-tuning)."""
+
+    def __init__(self, encoder: Any, logit_scale: float) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.log_scale = nn.Parameter(torch.tensor(math.log(min(logit_scale, MAX_SCALE))))
+
+    def scale(self) -> Tensor:
+        """The temperature ``exp(log_scale)``, clamped to at most 100."""
+        return self.log_scale.exp().clamp(max=MAX_SCALE)
+
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:  # noqa: D102
+        return self.encoder.encode(dict(inputs))
+
+
 class BottleneckAdapter(nn.Module):
     """Houlsby adapter ``x + W_up GELU(W_down x)`` over the channel (last, or dim 1 of a map)."""
 
@@ -686,9 +827,9 @@ def add_adapters(encoder: Any, bottleneck: int, probe: Mapping[str, Any]) -> nn.
 
 
 def _train(
-    forward: Callable[[Tensor], Tensor],
+    loss_of: Callable[[Tensor], Tensor],
     params: Sequence[nn.Parameter],
-    labels: Tensor,
+    n: int,
     *,
     epochs: int,
     batch_size: int,
@@ -696,10 +837,13 @@ def _train(
     seed: int,
     set_train: Callable[[], None],
 ) -> tuple[list[float], list[float]]:
-    """AdamW / cross-entropy over shuffled batches: ``(epoch_times, step_losses)``."""
+    """AdamW over shuffled batches of ``n`` rows: ``(epoch_times, step_losses)``.
+
+    ``loss_of(idx)`` is the loss of the rows ``idx``; the batch order depends on ``seed`` and
+    ``n`` only, so every method and objective sees the same batches.
+    """
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(seed)
-    n = labels.shape[0]
     times, losses = [], []
     set_train()
     for _ in range(epochs):
@@ -707,13 +851,35 @@ def _train(
         order = torch.randperm(n, generator=gen)
         for lo in range(0, n, batch_size):
             idx = order[lo : lo + batch_size]
-            loss = F.cross_entropy(forward(idx), labels[idx].to(_device_of(params)))
+            loss = loss_of(idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         times.append(time.perf_counter() - start)
     return times, losses
+
+
+def _cross_entropy(
+    forward: Callable[[Tensor], Tensor], labels: Tensor, dev: torch.device
+) -> Callable[[Tensor], Tensor]:
+    return lambda idx: F.cross_entropy(forward(idx), labels[idx].to(dev))
+
+
+def _clip_loss(
+    forward: Callable[[Tensor], Mapping[str, Tensor]],
+    scale: Callable[[], Tensor],
+    captions: Sequence[str],
+) -> Callable[[Tensor], Tensor]:
+    """Symmetric InfoNCE of a batch (identical captions are positives for each other)."""
+    from mmsafe.models.tiny_clip import contrastive_loss
+
+    def loss_of(idx: Tensor) -> Tensor:
+        emb = forward(idx)
+        texts = [captions[i] for i in idx.tolist()]
+        return contrastive_loss(emb["image"], emb["text"], scale(), texts)
+
+    return loss_of
 
 
 def _device_of(params: Sequence[nn.Parameter]) -> torch.device:
@@ -728,12 +894,76 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
+def retrieval_metrics(
+    image: Tensor, text: Tensor, captions: Sequence[str], ks: Sequence[int] = RETRIEVAL_KS
+) -> dict[str, float]:
+    """Recall@k both ways, as ``mmsafe audit --task retrieval`` computes it.
+
+    The similarity is ``image @ text.T`` (the audit multiplies it by the logit scale, which does
+    not change a ranking); image ``i`` and caption ``j`` match when the captions of rows ``i``
+    and ``j`` are equal (:func:`mmsafe.tasks.retrieval.caption_positives`); ranks follow
+    :func:`mmsafe.metrics.retrieval_recalls` (stable tie-break).
+
+    Args:
+        image: ``(N, D)`` L2-normalised image embeddings.
+        text: ``(N, D)`` L2-normalised text embeddings of the same rows.
+        captions: the ``N`` captions (duplicates are positives for each other).
+        ks: cut-offs.
+
+    Returns:
+        ``{"i2t_R@1": ..., ..., "t2i_R@1": ..., ...}``.
+
+    Example:
+        >>> e = torch.eye(3)
+        >>> retrieval_metrics(e, e[[0, 2, 1]], ["a", "b", "c"], ks=(1,))
+        {'i2t_R@1': 0.3333333333333333, 't2i_R@1': 0.3333333333333333}
+    """
+    from mmsafe.metrics import retrieval_recalls
+    from mmsafe.tasks.retrieval import caption_positives
+
+    sim = (image.float() @ text.float().T).double().cpu().numpy()
+    return retrieval_recalls(sim, caption_positives([str(c) for c in captions]), ks=tuple(ks))
+
+
+def zero_shot_retrieval(
+    model: Any, data: Dataset, *, device: str = "cpu", ks: Sequence[int] = RETRIEVAL_KS
+) -> dict[str, float]:
+    """Recall@k of the frozen ``model`` on every row of ``data`` (the baseline before adapting).
+
+    Example:
+        >>> from mmsafe.data.worlds.shapes import make_shapes
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> _ = torch.manual_seed(0)
+        >>> model = TinyClip(TinyClipConfig.for_size("xs"))
+        >>> sorted(zero_shot_retrieval(model, make_shapes(n=40, seed=0), ks=(1,)))
+        ['i2t_R@1', 't2i_R@1']
+    """
+    dev = torch.device(device)
+    model = model.to(dev).eval()
+    xs = preprocess_all(model, data)
+    parts: dict[str, list[Tensor]] = {m: [] for m in MODALITIES}
+    with torch.inference_mode():
+        for idx in torch.arange(len(data)).split(256):
+            emb = model.encode({m: _to(_rows(xs[m], idx), dev) for m in MODALITIES})
+            for m in MODALITIES:
+                parts[m].append(emb[m].float().cpu())
+    emb = {m: torch.cat(p) for m, p in parts.items()}
+    return retrieval_metrics(emb["image"], emb["text"], list(data.modalities["text"]), ks)
+
+
+def _quality(metrics: Mapping[str, float], objective: str) -> float:
+    if objective == "classification":
+        return metrics["accuracy"]
+    return (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
+
+
 def adapt(
     model: Any,
     train: Dataset,
     test: Dataset,
     method: str = "iisan",
     *,
+    objective: str = "classification",
     epochs: int = 3,
     batch_size: int = 64,
     lr: float | None = None,
@@ -749,7 +979,7 @@ def adapt(
     groups: int | Mapping[str, int] | None = None,
     threads: int | None = 1,
 ) -> Adapted:
-    """Adapt ``model`` to fusion classification on ``train`` and evaluate on ``test``.
+    """Adapt ``model`` to ``objective`` on ``train`` and evaluate on ``test``.
 
     ``model`` itself is never modified: ``full``, ``lora`` and ``adapter`` train a deep copy;
     ``iisan``, ``iisan-versa`` and ``momef`` only read the model's hidden states without
@@ -758,11 +988,17 @@ def adapt(
     Args:
         model: an :class:`~mmsafe.models.base.EncoderModel` with image and text towers that
             expose ``hidden_states`` (tiny-clip, Hugging Face CLIP).
-        train: rows to train on (rows labelled ``-1`` are dropped).
-        test: rows to evaluate (rows labelled ``-1`` are dropped).
-        method: one of :data:`METHODS`.
+        train: rows to train on. Classification drops rows labelled ``-1``; retrieval uses
+            every (image, caption) pair (it needs no label).
+        test: rows to evaluate, filtered the same way. Retrieval ranks every test caption for
+            every test image and the reverse, as ``mmsafe audit --task retrieval`` does.
+        method: one of :data:`METHODS` (:data:`RETRIEVAL_METHODS` for retrieval).
+        objective: ``classification`` (fusion classification, cross-entropy; quality: accuracy)
+            or ``retrieval`` (symmetric InfoNCE with a learnable temperature initialised to the
+            model's logit scale; quality: mean R@1 of image -> text and text -> image, every
+            recall in :attr:`AdaptReport.metrics`).
         epochs: training epochs.
-        batch_size: rows per step.
+        batch_size: rows per step (for retrieval also the number of in-batch negatives + 1).
         lr: AdamW learning rate (default :data:`DEFAULT_LR` of the method).
         seed: seeds initialisation and batch order (the order is the same for every method).
         device: ``cpu``, ``cuda``, ...
@@ -786,18 +1022,30 @@ def adapt(
             busy CPU an oversubscribed thread pool made the same epoch 5-20x slower (measured).
 
     Returns:
-        The trained classifier and its :class:`AdaptReport`.
+        The trained classifier (classification) or retrieval encoder (retrieval: see
+        :meth:`Adapted.embed`) and its :class:`AdaptReport`.
+
+    Raises:
+        ValueError: an unknown method or objective, ``momef`` with retrieval, or no rows.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
+    if objective == "retrieval" and method not in RETRIEVAL_METHODS:
+        raise ValueError(
+            f"method {method!r} does not support retrieval (it fuses the modalities into one "
+            f"vector); choose from {', '.join(RETRIEVAL_METHODS)}."
+        )
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"Need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}.")
     with _threads(threads):
         return _adapt(
-            model, train, test, method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            device=device, cache=cache, cache_dir=cache_dir, lora_r=lora_r,
-            adapter_bottleneck=adapter_bottleneck, side_width=side_width,
-            side_bottleneck=side_bottleneck, max_taps=max_taps, groups=groups,
+            model, train, test, method, objective=objective, epochs=epochs,
+            batch_size=batch_size, lr=lr, seed=seed, device=device, cache=cache,
+            cache_dir=cache_dir, lora_r=lora_r, adapter_bottleneck=adapter_bottleneck,
+            side_width=side_width, side_bottleneck=side_bottleneck, max_taps=max_taps,
+            groups=groups,
         )  # fmt: skip
 
 
@@ -814,12 +1062,84 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@dataclass(frozen=True)
+class _Task:
+    """What the training loop and the evaluation need to know about the objective."""
+
+    objective: str
+    train: Dataset
+    test: Dataset
+    y_train: Tensor | None
+    y_test: Tensor | None
+    num_classes: int
+
+    @classmethod
+    def of(cls, objective: str, train: Dataset, test: Dataset) -> _Task:
+        if objective == "retrieval":
+            if len(train) < 2 or len(test) == 0:
+                raise ValueError("adapt needs at least 2 train rows and 1 test row for retrieval.")
+            return cls(objective, train, test, None, None, 0)
+        train, test = labelled_rows(train), labelled_rows(test)
+        if len(train) == 0 or len(test) == 0:
+            raise ValueError("adapt needs labelled train and test rows.")
+        y_train = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
+        y_test = torch.as_tensor(np.asarray(test.labels), dtype=torch.long)
+        num_classes = max(len(train.classes), int(np.max(train.labels)) + 1)
+        return cls(objective, train, test, y_train, y_test, num_classes)
+
+    @property
+    def retrieval(self) -> bool:
+        return self.objective == "retrieval"
+
+    def captions(self, data: Dataset) -> list[str]:
+        return [str(t) for t in data.modalities["text"]]
+
+    def metrics(self, out: Tensor | Mapping[str, Tensor]) -> dict[str, float]:
+        """Quality on the test rows from logits (classification) or embeddings (retrieval)."""
+        if isinstance(out, Mapping):
+            return retrieval_metrics(out["image"], out["text"], self.captions(self.test))
+        assert self.y_test is not None
+        return {"accuracy": _accuracy(out, self.y_test)}
+
+
+def _report(
+    method: str,
+    task: _Task,
+    times: Sequence[float],
+    losses: Sequence[float],
+    peak: Any,
+    trainable: int,
+    total: int,
+    metrics: Mapping[str, float],
+    *,
+    cache_seconds: float = 0.0,
+    extra: Mapping[str, Any] | None = None,
+) -> AdaptReport:
+    return AdaptReport(
+        method=method,
+        epochs=len(times),
+        epoch_seconds=float(np.mean(times)),
+        epoch_times=tuple(times),
+        peak_memory_mib=peak.mib,
+        memory_method=peak.method,
+        trainable_params=trainable,
+        total_params=total,
+        accuracy=_quality(metrics, task.objective),
+        losses=tuple(losses),
+        cache_seconds=cache_seconds,
+        extra=dict(extra or {}),
+        objective=task.objective,
+        metrics=dict(metrics),
+    )
+
+
 def _adapt(
     model: Any,
     train: Dataset,
     test: Dataset,
     method: str,
     *,
+    objective: str,
     epochs: int,
     batch_size: int,
     lr: float | None,
@@ -834,19 +1154,14 @@ def _adapt(
     max_taps: int,
     groups: int | Mapping[str, int] | None,
 ) -> Adapted:
-    train, test = labelled_rows(train), labelled_rows(test)
-    if len(train) == 0 or len(test) == 0:
-        raise ValueError("adapt needs labelled train and test rows.")
-    num_classes = max(len(train.classes), int(np.max(train.labels)) + 1)
+    task = _Task.of(objective, train, test)
     lr = DEFAULT_LR[method] if lr is None else lr
     dev = torch.device(device)
-    y_train = torch.as_tensor(np.asarray(train.labels), dtype=torch.long)
-    y_test = torch.as_tensor(np.asarray(test.labels), dtype=torch.long)
-    inputs = preprocess_all(model, train)
-    test_inputs = preprocess_all(model, test)
+    inputs = preprocess_all(model, task.train)
+    test_inputs = preprocess_all(model, task.test)
     if method in SIDE_METHODS:
         return _adapt_side(
-            model, train, inputs, test_inputs, y_train, y_test, num_classes, method,
+            model, task, inputs, test_inputs, method,
             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, dev=dev, cache=cache,
             cache_dir=cache_dir, width=side_width, bottleneck=side_bottleneck,
             max_taps=max_taps, groups=groups,
@@ -870,7 +1185,12 @@ def _adapt(
             probe = {m: _to(_rows(inputs[m], torch.arange(2)), dev) for m in MODALITIES}
             adapters = add_adapters(encoder, adapter_bottleneck, probe)
             extra = {"bottleneck": adapter_bottleneck, "adapters": len(adapters)}
-        clf = EncoderClassifier(encoder, num_classes).to(dev)
+        clf: EncoderClassifier | RetrievalEncoder
+        if task.retrieval:
+            clf = RetrievalEncoder(encoder, float(getattr(model, "logit_scale", 1 / 0.07)))
+        else:
+            clf = EncoderClassifier(encoder, task.num_classes)
+        clf = clf.to(dev)
         if adapters is not None:
             clf.adapters = adapters
     params = [p for p in clf.parameters() if p.requires_grad]
@@ -880,42 +1200,54 @@ def _adapt(
         if method != "full":  # frozen backbone: keep batch-norm statistics fixed
             clf.encoder.eval()
 
-    def forward(idx: Tensor) -> Tensor:
+    def forward(idx: Tensor) -> Any:
         return clf({m: _to(_rows(inputs[m], idx), dev) for m in MODALITIES})
 
+    if isinstance(clf, RetrievalEncoder):
+        loss_of = _clip_loss(forward, clf.scale, task.captions(task.train))
+    else:
+        assert task.y_train is not None
+        loss_of = _cross_entropy(forward, task.y_train, dev)
     (times, losses), peak = peak_memory(
         lambda: _train(
-            forward, params, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            set_train=set_train,
+            loss_of, params, len(task.train), epochs=epochs, batch_size=batch_size, lr=lr,
+            seed=seed, set_train=set_train,
         ),
         dev,
     )  # fmt: skip
 
-    def logits_of(xs: Mapping[str, Any]) -> Tensor:
+    def outputs_of(xs: Mapping[str, Any]) -> Any:
+        """Logits ``(N, C)`` (classification) or ``{modality: (N, D)}`` (retrieval), CPU."""
         clf.eval()
         with torch.inference_mode():
             parts = [
-                clf({m: _to(_rows(xs[m], idx), dev) for m in MODALITIES}).cpu()
+                clf({m: _to(_rows(xs[m], idx), dev) for m in MODALITIES})
                 for idx in torch.arange(_n_rows(xs["image"])).split(256)
             ]
-        return torch.cat(parts)
+        if task.retrieval:
+            return {m: torch.cat([p[m].float().cpu() for p in parts]) for m in MODALITIES}
+        return torch.cat([p.cpu() for p in parts])
 
-    acc = _accuracy(logits_of(test_inputs), y_test)
     counts = count_parameters(clf)
-    report = AdaptReport(
-        method=method,
-        epochs=epochs,
-        epoch_seconds=float(np.mean(times)),
-        epoch_times=tuple(times),
-        peak_memory_mib=peak.mib,
-        memory_method=peak.method,
-        trainable_params=counts.trainable,
-        total_params=counts.total,
-        accuracy=acc,
-        losses=tuple(losses),
-        extra=extra,
-    )
-    return Adapted(clf, report, lambda data: logits_of(preprocess_all(model, data)))
+    report = _report(
+        method, task, times, losses, peak, counts.trainable, counts.total,
+        task.metrics(outputs_of(test_inputs)), extra=extra,
+    )  # fmt: skip
+    return _adapted(clf, report, task, lambda data: outputs_of(preprocess_all(model, data)))
+
+
+def _adapted(
+    module: nn.Module, report: AdaptReport, task: _Task, outputs: Callable[[Dataset], Any]
+) -> Adapted:
+    """Wrap ``outputs(data)`` (logits, or retrieval embeddings) as predict / embed functions."""
+    if not task.retrieval:
+        return Adapted(module, report, outputs)
+
+    def similarity(data: Dataset) -> Tensor:
+        emb = outputs(data)
+        return emb["image"] @ emb["text"].T
+
+    return Adapted(module, report, similarity, outputs)
 
 
 def _side_head(
@@ -930,12 +1262,9 @@ def _side_head(
 
 def _adapt_side(
     model: Any,
-    train: Dataset,
+    task: _Task,
     inputs: Mapping[str, Any],
     test_inputs: Mapping[str, Any],
-    y_train: Tensor,
-    y_test: Tensor,
-    num_classes: int,
     method: str,
     *,
     epochs: int,
@@ -960,32 +1289,45 @@ def _adapt_side(
         for m in MODALITIES
     }
     dims = {m: [int(f.shape[1]) for f in probe[m]] for m in MODALITIES}
+    head: nn.Module
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        head = _side_head(method, dims, num_classes, width, bottleneck).to(dev)
+        if task.retrieval:
+            embed_dim = int(getattr(model, "embed_dim", width))
+            scale = float(getattr(model, "logit_scale", 1 / 0.07))
+            head = SideRetrievalHead(dims, embed_dim, width, bottleneck, logit_scale=scale)
+        else:
+            head = _side_head(method, dims, task.num_classes, width, bottleneck)
+        head = head.to(dev)
 
     features: FeatureCache | None = None
     if cache:
-        key = _key(model.fingerprint(), train.fingerprint(), taps, "pool/v1")
+        key = _key(model.fingerprint(), task.train.fingerprint(), taps, "pool/v1")
         features = FeatureCache(model, inputs, taps, cache_dir=cache_dir, key=key, device=dev)
 
-    def forward(idx: Tensor) -> Tensor:
+    def forward(idx: Tensor) -> Any:
         if features is not None:
             return head(features.batch(idx, dev))
         return head(
             {m: tapped_features(model, m, _to(_rows(inputs[m], idx), dev), taps[m]) for m in taps}
         )
 
+    if isinstance(head, SideRetrievalHead):
+        loss_of = _clip_loss(forward, head.scale, task.captions(task.train))
+    else:
+        assert task.y_train is not None
+        loss_of = _cross_entropy(forward, task.y_train, dev)
     params = list(head.parameters())
     (times, losses), peak = peak_memory(
         lambda: _train(
-            forward, params, y_train, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-            set_train=head.train,
+            loss_of, params, len(task.train), epochs=epochs, batch_size=batch_size, lr=lr,
+            seed=seed, set_train=head.train,
         ),
         dev,
     )  # fmt: skip
 
-    def logits_of(xs: Mapping[str, Any]) -> Tensor:
+    def outputs_of(xs: Mapping[str, Any]) -> Any:
+        """Logits ``(N, C)`` (classification) or ``{modality: (N, D)}`` (retrieval), CPU."""
         head.eval()
         with torch.inference_mode():
             parts = [
@@ -994,9 +1336,11 @@ def _adapt_side(
                 )
                 for i in torch.arange(_n_rows(xs["image"])).split(256)
             ]
+        if task.retrieval:
+            return {m: torch.cat([p[m].float().cpu() for p in parts]) for m in MODALITIES}
         return torch.cat(parts).cpu()
 
-    logits = logits_of(test_inputs)
+    metrics = task.metrics(outputs_of(test_inputs))
     backbone = count_parameters(model).total
     gates = {s: [round(float(g().detach()), 4) for g in gs] for s, gs in head.gates.items()}
     extra: dict[str, Any] = {
@@ -1012,21 +1356,14 @@ def _adapt_side(
         extra["expert_weights"] = {
             m: round(float(v), 4) for m, v in zip(head.modalities, w.mean(0).tolist(), strict=True)
         }
-    report = AdaptReport(
-        method=method,
-        epochs=epochs,
-        epoch_seconds=float(np.mean(times)),
-        epoch_times=tuple(times),
-        peak_memory_mib=peak.mib,
-        memory_method=peak.method,
-        trainable_params=count_parameters(head).trainable,
-        total_params=backbone + count_parameters(head).total,
-        accuracy=_accuracy(logits, y_test),
-        losses=tuple(losses),
-        cache_seconds=0.0 if features is None else features.seconds,
-        extra=extra,
-    )
-    return Adapted(head, report, lambda data: logits_of(preprocess_all(model, data)))
+    if isinstance(head, SideRetrievalHead):
+        extra["logit_scale"] = round(float(head.scale().detach()), 4)
+    counts = count_parameters(head)
+    report = _report(
+        method, task, times, losses, peak, counts.trainable, backbone + counts.total, metrics,
+        cache_seconds=0.0 if features is None else features.seconds, extra=extra,
+    )  # fmt: skip
+    return _adapted(head, report, task, lambda data: outputs_of(preprocess_all(model, data)))
 
 
 def _side_batch(
@@ -1087,8 +1424,8 @@ def train_side_head(
         return head({m: [a[idx].to(dev) for a in fs] for m, fs in cols.items()})
 
     _, losses = _train(
-        forward, params, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        set_train=head.train,
+        _cross_entropy(forward, y, dev), params, len(y), epochs=epochs, batch_size=batch_size,
+        lr=lr, seed=seed, set_train=head.train,
     )  # fmt: skip
     return losses
 
@@ -1110,7 +1447,7 @@ def compare_methods(
     model: Any,
     train: Dataset,
     test: Dataset,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[AdaptReport]:
     """Run :func:`adapt` for each method (same seed and batch order) and add TPME.
@@ -1119,24 +1456,42 @@ def compare_methods(
         model: the encoder to adapt (not modified).
         train: training rows.
         test: evaluation rows.
-        methods: the methods to compare.
-        **kwargs: passed to :func:`adapt` (``epochs``, ``batch_size``, ``device``, ...).
+        methods: the methods to compare; ``None``: every method of the objective
+            (:data:`METHODS`, or :data:`RETRIEVAL_METHODS` for ``objective="retrieval"``).
+        **kwargs: passed to :func:`adapt` (``objective``, ``epochs``, ``batch_size``, ...).
     """
+    if methods is None:
+        methods = RETRIEVAL_METHODS if kwargs.get("objective") == "retrieval" else METHODS
     reports = [adapt(model, train, test, m, **kwargs).report for m in methods]
     return with_tpme(reports)
 
 
+def _quality_label(reports: Sequence[AdaptReport]) -> str:
+    objectives = {r.objective for r in reports}
+    if len(objectives) > 1:
+        raise ValueError(f"Cannot tabulate reports of different objectives {sorted(objectives)}.")
+    return "R@1 (mean i2t, t2i)" if objectives == {"retrieval"} else "accuracy"
+
+
+def _recall_columns(reports: Sequence[AdaptReport]) -> list[str]:
+    if not reports or reports[0].objective != "retrieval":
+        return []
+    return list(reports[0].metrics)
+
+
 def comparison_table(reports: Sequence[AdaptReport]) -> dict[str, Any]:
     """A ``table`` plot spec comparing adaptation methods."""
+    quality, recalls = _quality_label(reports), _recall_columns(reports)
     return {
         "kind": "table",
-        "title": "Adaptation methods: cost and accuracy (TPME: lower is better)",
+        "title": f"Adaptation methods: cost and {quality} (TPME: lower is better)",
         "columns": [
             "method",
             "s / epoch",
             "peak memory (MiB)",
             "trainable params",
-            "accuracy",
+            quality,
+            *recalls,
             "TPME",
         ],
         "rows": [
@@ -1146,6 +1501,7 @@ def comparison_table(reports: Sequence[AdaptReport]) -> dict[str, Any]:
                 r.peak_memory_mib,
                 r.trainable_params,
                 r.accuracy,
+                *(r.metrics.get(k, math.nan) for k in recalls),
                 r.tpme,
             ]
             for r in reports
@@ -1156,20 +1512,26 @@ def comparison_table(reports: Sequence[AdaptReport]) -> dict[str, Any]:
 def markdown_table(reports: Sequence[AdaptReport]) -> str:
     """The comparison as a Markdown table.
 
+    The quality column is ``accuracy`` (classification) or ``R@1 (mean i2t, t2i)`` followed by
+    every recall of :attr:`AdaptReport.metrics` (retrieval).
+
     Example:
         >>> r = AdaptReport("full", 1, 2.0, (2.0,), 10.0, "rss_hwm", 100, 100, 0.9, (1.0,))
         >>> print(markdown_table([r]).splitlines()[2])
         | full | 2.000 | 10.0 | 100 | 0.900 | - |
     """
+    quality, recalls = _quality_label(reports), _recall_columns(reports)
+    head = ["s / epoch", "peak memory (MiB)", "trainable params", quality, *recalls, "TPME"]
     lines = [
-        "| method | s / epoch | peak memory (MiB) | trainable params | accuracy | TPME |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | " + " | ".join(head) + " |",
+        "|---|" + "---:|" * len(head),
     ]
     for r in reports:
         t = "-" if math.isnan(r.tpme) else f"{r.tpme:.3f}"
+        rec = "".join(f"{r.metrics.get(k, math.nan):.3f} | " for k in recalls)
         lines.append(
             f"| {r.method} | {r.epoch_seconds:.3f} | {r.peak_memory_mib:.1f} | "
-            f"{r.trainable_params} | {r.accuracy:.3f} | {t} |"
+            f"{r.trainable_params} | {r.accuracy:.3f} | {rec}{t} |"
         )
     return "\n".join(lines)
 
@@ -1178,26 +1540,40 @@ class AdaptError(ValueError):
     """``mmsafe adapt`` cannot run as asked (unknown method, data without splits)."""
 
 
-def parse_methods(spec: str | Sequence[str]) -> list[str]:
-    """Methods from a comma-separated string (or a list), validated.
+def parse_methods(spec: str | Sequence[str], objective: str = "classification") -> list[str]:
+    """Methods from a comma-separated string (or a list), validated for ``objective``.
 
     Example:
         >>> parse_methods("full, iisan")
         ['full', 'iisan']
+        >>> parse_methods("iisan,momef", objective="retrieval")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mmsafe.adapt.AdaptError: Method(s) ['momef'] do not support retrieval; ...
     """
+    if objective not in OBJECTIVES:
+        raise AdaptError(f"Unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}.")
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     methods = [m.strip() for m in items if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise AdaptError(f"Unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}.")
+    if objective == "retrieval":
+        unsupported = [m for m in methods if m not in RETRIEVAL_METHODS]
+        if unsupported:
+            raise AdaptError(
+                f"Method(s) {unsupported} do not support retrieval; choose from "
+                f"{', '.join(RETRIEVAL_METHODS)}."
+            )
     return list(dict.fromkeys(methods))
 
 
 def adapt_command(
     model: str = "tiny-clip",
     data: str = "shapes",
-    methods: str | Sequence[str] = METHODS,
+    methods: str | Sequence[str] | None = None,
     *,
+    objective: str = "classification",
     epochs: int = 3,
     batch_size: int = 64,
     seed: int = 0,
@@ -1208,19 +1584,22 @@ def adapt_command(
 ) -> list[AdaptReport]:
     """What ``mmsafe adapt`` runs: load model and data, compare methods, write the results.
 
-    Trains on the ``train`` split and evaluates on the labelled ``test`` rows. The side methods'
-    hidden states are cached (memory-mapped) under ``<cache_dir>/iisan/``. With ``out``, writes
-    ``adaptation.json`` and ``adaptation.md`` there.
+    Trains on the ``train`` split and evaluates on the ``test`` split (its labelled rows for
+    classification, every row for retrieval). ``methods=None`` compares every method of the
+    objective. The side methods' hidden states are cached (memory-mapped) under
+    ``<cache_dir>/iisan/``. With ``out``, writes ``adaptation.json`` and ``adaptation.md`` there.
 
     Raises:
-        AdaptError: an unknown method, or data without ``train`` and ``test`` splits.
+        AdaptError: an unknown method or objective, a method the objective does not support, or
+            data without ``train`` and ``test`` splits.
         DeviceError: the device is not available.
     """
     from mmsafe.engine import default_cache_dir, resolve_device
     from mmsafe.engine.cache import atomic_write_text
     from mmsafe.loading import load_data, load_model
 
-    chosen = parse_methods(methods)
+    default = RETRIEVAL_METHODS if objective == "retrieval" else METHODS
+    chosen = parse_methods(default if methods is None else methods, objective)
     dev = resolve_device(device)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ds = load_data(data)
@@ -1234,6 +1613,7 @@ def adapt_command(
         ds.split("train"),
         ds.split("test"),
         chosen,
+        objective=objective,
         epochs=epochs,
         batch_size=batch_size,
         seed=seed,
@@ -1246,6 +1626,7 @@ def adapt_command(
         doc = {
             "model": model,
             "data": data,
+            "objective": objective,
             "device": str(dev),
             "reports": [r.to_dict() for r in reports],
         }
@@ -1256,6 +1637,9 @@ def adapt_command(
 
 __all__ = [
     "METHODS",
+    "OBJECTIVES",
+    "RETRIEVAL_KS",
+    "RETRIEVAL_METHODS",
     "AdaptError",
     "AdaptReport",
     "Adapted",
@@ -1264,6 +1648,7 @@ __all__ = [
     "IISANVersaHead",
     "MOMEFHead",
     "SIDE_METHODS",
+    "SideRetrievalHead",
     "adapt",
     "adapt_command",
     "compare_methods",
@@ -1273,7 +1658,9 @@ __all__ = [
     "markdown_table",
     "parse_methods",
     "pool_hidden",
+    "retrieval_metrics",
     "tower_layers",
     "train_side_head",
     "with_tpme",
+    "zero_shot_retrieval",
 ]

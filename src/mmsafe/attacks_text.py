@@ -549,6 +549,7 @@ def co_attack(
     random_start: bool = True,
     generator: torch.Generator | None = None,
     text_target: Tensor | None = None,
+    adversarial_text: dict[str, Tensor] | None = None,
 ) -> JointAttackResult:
     """Co-Attack: the text first, then the image pushed away from its clean self and the new text.
 
@@ -573,6 +574,10 @@ def co_attack(
         text_target: optional ``(B, D)`` unit-norm embeddings standing in for the adversarial
             text in step 2 (e.g. a zero-shot class embedding rebuilt from the adversarial
             prompt); default: the adversarial text's own embedding.
+        adversarial_text: the adversarial token batch of an earlier call on the same ``text``
+            (its ``result.text``): step 1 is skipped and this batch is used. Step 1 depends on
+            neither ``eps`` nor ``alpha``, so a sweep over budgets (or Sep-Attack next to
+            Co-Attack) runs HotFlip once.
 
     Returns:
         A :class:`JointAttackResult`.
@@ -585,15 +590,20 @@ def co_attack(
     with torch.no_grad():
         img0 = model.encode({"image": x})["image"]
         txt0 = _encode_text(model, text["input_ids"].to(device), text["attention_mask"].to(device))
-    flipped = hotflip(
-        model,
-        text,
-        lambda e, rows: 1 - (e * txt0[rows]).sum(-1),
-        n_flips=n_flips,
-        n_candidates=n_candidates,
-    )
+    if adversarial_text is None:
+        flipped = hotflip(
+            model,
+            text,
+            lambda e, rows: 1 - (e * txt0[rows]).sum(-1),
+            n_flips=n_flips,
+            n_candidates=n_candidates,
+        )
+        adv_batch, adv_texts = flipped.batch, flipped.texts
+    else:
+        adv_batch = {k: v.to(device) for k, v in adversarial_text.items()}
+        adv_texts = decode_tokens(model, adv_batch)
     with torch.no_grad():
-        txt_adv = _encode_text(model, flipped.batch["input_ids"], flipped.batch["attention_mask"])
+        txt_adv = _encode_text(model, adv_batch["input_ids"], adv_batch["attention_mask"])
     target = txt_adv if text_target is None else text_target.to(device)
 
     def objective(e: Tensor) -> Tensor:
@@ -602,7 +612,7 @@ def co_attack(
     x_adv = embedding_pgd(model, x, objective, eps, steps, step_size, random_start, generator)
     with torch.no_grad():
         img_adv = model.encode({"image": x_adv})["image"]
-    return JointAttackResult(x_adv, flipped.batch, flipped.texts, img_adv, txt_adv)
+    return JointAttackResult(x_adv, adv_batch, adv_texts, img_adv, txt_adv)
 
 
 def sep_attack(

@@ -364,6 +364,9 @@ def harden_adversarial_cmd(
     max_clean_drop: Annotated[
         float, typer.Option(min=0.0, help="Largest clean-accuracy fall WiSE-FT may cost.")
     ] = 0.02,
+    free: Annotated[
+        int, typer.Option(min=0, help="Free adversarial training: replays per batch (0: PGD).")
+    ] = 0,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     quick: QuickOpt = False,
@@ -387,6 +390,7 @@ def harden_adversarial_cmd(
         eval_eps=eval_eps,
         epochs=epochs,
         max_clean_drop=max_clean_drop,
+        free=free,
     )
 
 
@@ -565,6 +569,14 @@ def adapt_cmd(
             "--method", help="Comma-separated: full, lora, adapter, iisan, iisan-versa, momef."
         ),
     ] = "full,lora,adapter,iisan",
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="classification (fusion, accuracy) or retrieval (contrastive fine-tuning, "
+            "R@1/R@5; no momef).",
+        ),
+    ] = "classification",
     epochs: Annotated[int, typer.Option(help="Training epochs per method.", min=1)] = 3,
     batch_size: Annotated[int, typer.Option(help="Rows per training step.", min=1)] = 64,
     out: OutOpt = Path("mmsafe-adapt"),
@@ -573,7 +585,7 @@ def adapt_cmd(
     quick: QuickOpt = False,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Adapt the model to fusion classification with each method; compare cost, accuracy, TPME."""
+    """Adapt to fusion classification or retrieval with each method; compare cost and quality."""
     from mmsafe.adapt import AdaptError, adapt_command, markdown_table
     from mmsafe.engine import DeviceError
     from mmsafe.loading import USER_ERRORS
@@ -581,7 +593,8 @@ def adapt_cmd(
     try:
         reports = adapt_command(
             model, QUICK_WORLD if quick and data == "shapes" else data, method,
-            epochs=epochs, batch_size=batch_size, seed=seed, device=device, out=out,
+            objective=objective, epochs=epochs, batch_size=batch_size, seed=seed,
+            device=device, out=out,
             cache_dir=cache_dir, quick=quick,
         )  # fmt: skip
     except (*USER_ERRORS, AdaptError, DeviceError) as exc:

@@ -256,12 +256,14 @@ def harden_adversarial(
     max_clean_drop: float = 0.02,
     eval_steps: int = 10,
     max_rows: int | None = 200,
+    free: int = 0,
     seed: int = 0,
 ) -> HardenResult:
     """FARE adversarial fine-tuning of the image tower, a WiSE-FT sweep, and a re-audit.
 
     1. FARE (:func:`mmsafe.harden.robust.fare_finetune`) fine-tunes the image tower on the
-       ``train`` images (no labels) against PGD L-inf ``eps``.
+       ``train`` images (no labels) against PGD L-inf ``eps`` (or, with ``free = m``, with
+       free adversarial training: ``m`` replays per batch, no separate attack passes).
     2. WiSE-FT interpolates original and fine-tuned weights for every ``alpha``; clean and
        PGD-``eval_eps`` robust accuracy of each are measured on the ``calibration`` rows, and
        :func:`choose_alpha` keeps the most robust one whose clean accuracy falls by at most
@@ -292,7 +294,14 @@ def harden_adversarial(
         )
     try:
         fare = fare_finetune(
-            model, train.modalities["image"], eps=eps, steps=steps, epochs=epochs, lr=lr, seed=seed
+            model,
+            train.modalities["image"],
+            eps=eps,
+            steps=steps,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            free=free,
         )
     except ValueError as exc:
         raise HardenError(f"FARE cannot fine-tune {model.name}: {exc}") from None

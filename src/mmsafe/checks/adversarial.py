@@ -17,6 +17,13 @@ token attacks on the row's caption (tasks that read it: ``fusion``), with robust
 and mean queries against the query budget / number of flipped tokens; Co-Attack (text, then
 image) per L-inf eps; and a universal feature-space image perturbation trained on the train
 split and evaluated on the evaluated rows.
+
+On ``retrieval`` (no labels needed: it is scored by image-caption pairs) the same image attacks
+maximise the image side of the contrastive loss (cross-entropy of the image's similarities to the
+distinct captions of the evaluated rows, target: its own caption); the report is recall@1/5 in
+both directions (image->text ``i2t``, text->image ``t2i``) clean vs attacked, the drop, and
+R@1-vs-eps curves. HotFlip, Co-Attack (with its independent Sep-Attack baseline) and the
+universal perturbation are available there too.
 """
 
 from __future__ import annotations
@@ -36,13 +43,15 @@ from mmsafe.attacks_text import (
     co_attack,
     embedding_cosine,
     hotflip,
+    sep_attack,
     substitution_attack,
     universal_perturbation,
 )
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.engine.runner import to_device
-from mmsafe.metrics import mean_ci
+from mmsafe.metrics import best_positive_rank, mean_ci
+from mmsafe.tasks.retrieval import caption_positives
 
 DEFAULT_EPS: dict[str, tuple[float, ...]] = {
     "linf": (1 / 255, 2 / 255, 4 / 255),
@@ -54,6 +63,8 @@ REMEDIATION = (
     "decision alone. Re-run with more steps/restarts (or attacks=['apgd']) before trusting a "
     "high robust accuracy: weak attacks overestimate robustness."
 )
+RETRIEVAL_KS: tuple[int, ...] = (1, 5)
+"""Recall cut-offs reported on ``retrieval``."""
 
 
 def eps_label(eps: float) -> str:
@@ -79,9 +90,66 @@ def attack_success_rate(clean_correct: np.ndarray, adv_correct: np.ndarray) -> f
     return float((c & ~a).sum() / n) if n else float("nan")
 
 
+def retrieval_hits(
+    image_emb: Tensor, text_emb: Tensor, positives: np.ndarray, ks: Sequence[int] = RETRIEVAL_KS
+) -> dict[str, np.ndarray]:
+    """Per-query recall@k hits of paired embeddings, in both directions.
+
+    Ranks and ties follow :func:`mmsafe.metrics.best_positive_rank` (so R@1 equals
+    :func:`mmsafe.attacks_text.retrieval_recall_at_1` on the same embeddings).
+
+    Args:
+        image_emb: ``(N, D)`` unit-norm image embeddings (queries for ``i2t``, gallery for
+            ``t2i``).
+        text_emb: ``(N, D)`` unit-norm caption embeddings; row ``i`` is the caption of image ``i``.
+        positives: ``(N, N)`` bool, image ``i`` matches caption ``j``.
+        ks: cut-offs.
+
+    Returns:
+        ``{"i2t_R@k": (N,), ..., "t2i_R@k": (N,), ...}``: 1.0 where the query's best positive
+        ranks in the top ``k``.
+
+    Example:
+        >>> e = torch.eye(3)
+        >>> h = retrieval_hits(e, e[[0, 2, 1]], np.eye(3, dtype=bool), ks=(1,))
+        >>> h["i2t_R@1"].tolist(), h["t2i_R@1"].tolist()
+        ([1.0, 0.0, 0.0], [1.0, 0.0, 0.0])
+    """
+    sim = (image_emb.float() @ text_emb.float().T).cpu().numpy()
+    pos = np.asarray(positives, dtype=bool)
+    out: dict[str, np.ndarray] = {}
+    for direction, s, p in (("i2t", sim, pos), ("t2i", sim.T, pos.T)):
+        rank = best_positive_rank(s, p)
+        for k in ks:
+            out[f"{direction}_R@{k}"] = (rank < k).astype(np.float64)
+    return out
+
+
+def retrieval_targets(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct captions of some rows, as the label space of the image-side retrieval attack.
+
+    Returns:
+        ``(first, target)``: ``first[c]`` is the first row carrying distinct caption ``c``
+        (captions sorted), ``target[i]`` the index of row ``i``'s caption among them. The image of
+        row ``i`` is attacked with the cross-entropy of its similarities to the captions
+        ``first`` against the label ``target[i]``: equal captions are one class, not rivals.
+
+    Example:
+        >>> first, target = retrieval_targets(["b", "a", "b"])
+        >>> first.tolist(), target.tolist()
+        ([1, 0], [1, 0, 1])
+    """
+    arr = np.asarray([str(t) for t in texts], dtype=str)
+    _, first, target = np.unique(arr, return_index=True, return_inverse=True)
+    return first.astype(np.int64), target.reshape(-1).astype(np.int64)
+
+
 @register_check
 class AdversarialCheck(Check):
     """Robust accuracy and attack success rate under white-box image attacks.
+
+    On ``retrieval`` the metrics are recall@1/5 (image->text and text->image) of the evaluated
+    pairs, clean and attacked; see ``docs/adversarial.md``.
 
     Args:
         norms: which threat models to run, any of ``linf`` and ``l2``.
@@ -91,18 +159,23 @@ class AdversarialCheck(Check):
         steps: PGD iterations (step size ``2.5 * eps / steps``).
         restarts: random restarts of PGD/APGD; the worst case per row is kept.
         random_start: start PGD at a random point of the ball.
-        max_rows: attack at most this many labelled rows (a seeded subsample; ``None``: all).
+        max_rows: attack at most this many labelled rows (``retrieval``: image-caption pairs,
+            which are also the gallery; a seeded subsample; ``None``: all).
         batch_size: rows per attacked batch (gradients through the image tower cost memory).
         max_drop: a fall of the worst robust accuracy at the smallest budget below clean
-            accuracy by more than this raises a finding (``high`` above twice this).
+            accuracy by more than this raises a finding (``high`` above twice this); on
+            ``retrieval``, the fall of the mean R@1 as a fraction of its clean value.
         n_boot: bootstrap resamples for the CIs.
         early_stop: PGD drops a row from the batch at its first misclassifying iterate (never
-            weaker, cheaper).
+            weaker, cheaper). Not used on ``retrieval``, where R@5 and the text->image ranks
+            keep falling after a row's R@1 is lost.
         text_attacks: any of ``substitution`` (black-box, query-bounded) and ``hotflip``
-            (gradient-guided tokens) on the row's caption; only for tasks that read it.
+            (gradient-guided tokens) on the row's caption; only for tasks that read it
+            (``retrieval``: ``hotflip`` only).
         query_budgets: query budgets reported for ``substitution`` (one run at the largest).
         flips: numbers of changed tokens reported for ``hotflip`` (one run at the largest).
-        co_attack: also run Co-Attack (text, then image) at every L-inf eps.
+        co_attack: also run Co-Attack (text, then image) at every L-inf eps (``retrieval``:
+            and its independent Sep-Attack baseline).
         co_alpha: Co-Attack's cross-modal weight.
         co_flips: tokens Co-Attack's text step may change.
         universal: also train one universal L-inf perturbation per eps on the train split and
@@ -113,13 +186,19 @@ class AdversarialCheck(Check):
 
     name = "robustness.adversarial"
     pillar = "robustness"
-    requires = ("labels",)
-    tasks = ("zero_shot", "fusion")
-    description = "robust accuracy and attack success rate under FGSM/PGD pixel attacks (Linf, L2)"
+    requires = ("labels",)  # classification only: retrieval is scored by pairs
+    tasks = ("zero_shot", "fusion", "retrieval")
+    description = (
+        "robust accuracy (retrieval: R@1/5) and attack success rate under FGSM/PGD pixel "
+        "attacks (Linf, L2)"
+    )
     higher_is_better = {
         "clean_accuracy": True,
         "robust_accuracy": True,
         "attack_success_rate": False,
+        **{f"{d}_R@{k}": True for d in ("i2t", "t2i") for k in RETRIEVAL_KS},
+        "mean_R@1": True,
+        "R@1_drop": False,
     }
 
     def __init__(
@@ -197,6 +276,8 @@ class AdversarialCheck(Check):
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        if ctx.task.kind == "retrieval":
+            return self._run_retrieval(ctx)
         rows = self._rows(ctx)
         labels = ctx.outputs.labels[rows]
         clean = (ctx.outputs.preds[rows] == labels).astype(np.float64)
@@ -256,7 +337,10 @@ class AdversarialCheck(Check):
 
     # ------------------------------------------------------------------ parts
     def _rows(self, ctx: AuditContext) -> np.ndarray:
-        rows = np.flatnonzero(ctx.outputs.labels >= 0)
+        if ctx.task.kind == "retrieval":
+            rows = np.arange(len(ctx.data))
+        else:
+            rows = np.flatnonzero(ctx.outputs.labels >= 0)
         if self.max_rows is not None and len(rows) > self.max_rows:
             rng = np.random.default_rng([int(ctx.seed), 4242])
             rows = np.sort(rng.choice(rows, size=self.max_rows, replace=False))
@@ -554,9 +638,12 @@ class AdversarialCheck(Check):
                 texts = [str(ctx.data.modalities["text"][i]) for i in idx]
             tb = model.preprocess("text", texts)
             assert isinstance(tb, dict)
+            adv_text = None  # the text step does not depend on eps: run it once
             for e in self.eps["linf"]:
                 res = co_attack(model, x, tb, e, alpha=self.co_alpha, steps=self.steps,
-                                n_flips=self.co_flips, generator=gen)  # fmt: skip
+                                n_flips=self.co_flips, generator=gen,
+                                adversarial_text=adv_text)  # fmt: skip
+                adv_text = res.text
                 with torch.no_grad():
                     if zero_shot:
                         cls_adv = torch.nn.functional.normalize(
@@ -586,16 +673,13 @@ class AdversarialCheck(Check):
         metrics: dict[str, Metric],
     ) -> dict[str, np.ndarray] | None:
         """Per-row correctness under one universal perturbation per L-inf eps."""
-        source = ctx.train if ctx.train is not None and len(ctx.train) else ctx.calibration
-        if source is None or "image" not in source.modalities or len(source) == 0:
+        train_px = self._universal_train_pixels(ctx)
+        if train_px is None:
             return None
         device = ctx.engine.device
         model = ctx.model.to(device).eval()
-        rng = np.random.default_rng([int(ctx.seed), 4243])
-        pick = rng.permutation(len(source))[: self.universal_rows]
-        train_px = model.preprocess("image", [source.modalities["image"][i] for i in pick])
         eval_px = model.preprocess("image", [ctx.data.modalities["image"][i] for i in rows])
-        assert isinstance(train_px, Tensor) and isinstance(eval_px, Tensor)
+        assert isinstance(eval_px, Tensor)
         gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 31)
         out = {}
         fixed_all = {
@@ -619,6 +703,395 @@ class AdversarialCheck(Check):
                     pred = fwd((eval_px[p].to(device) + delta).clamp(0, 1)).argmax(-1).cpu()
                 correct[pos] = (pred == y_all[p]).float().numpy()
             out[eps_label(e)] = correct
+            cos = embedding_cosine(model, eval_px, delta)
+            metrics[f"linf/universal/eps={eps_label(e)}/embedding_cosine"] = Metric(
+                float(cos.mean())
+            )
+        return out
+
+    def _universal_train_pixels(self, ctx: AuditContext) -> Tensor | None:
+        """Up to ``universal_rows`` seeded train (else calibration) images, or ``None``."""
+        source = ctx.train if ctx.train is not None and len(ctx.train) else ctx.calibration
+        if source is None or "image" not in source.modalities or len(source) == 0:
+            return None
+        rng = np.random.default_rng([int(ctx.seed), 4243])
+        pick = rng.permutation(len(source))[: self.universal_rows]
+        px = ctx.model.preprocess("image", [source.modalities["image"][i] for i in pick])
+        assert isinstance(px, Tensor)
+        return px
+
+    # ------------------------------------------------------------------ retrieval
+    def _run_retrieval(self, ctx: AuditContext) -> CheckResult:
+        """Recall@1/5 in both directions of the evaluated pairs, clean and under every attack."""
+        rows = self._rows(ctx)
+        texts = [str(ctx.data.modalities["text"][i]) for i in rows]
+        positives = caption_positives(texts)
+        r = torch.as_tensor(rows)
+        clean = retrieval_hits(
+            ctx.outputs.embeddings["image"][r], ctx.outputs.embeddings["text"][r], positives
+        )
+        # {series ("linf/pgd", "text/hotflip", ...): {x label: {"i2t_R@1": (N,) hits, ...}}}
+        hits: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        for (norm, atk, e), img in self._retrieval_image_attacks(ctx, rows, texts).items():
+            hits.setdefault(f"{norm}/{atk}", {})[eps_label(e)] = retrieval_hits(
+                img, ctx.outputs.embeddings["text"][r], positives
+            )
+        for norm in self.norms:
+            hits[f"{norm}/worst"] = {
+                eps_label(e): {
+                    m: np.min([hits[f"{norm}/{a}"][eps_label(e)][m] for a in self.attacks], axis=0)
+                    for m in clean
+                }
+                for e in self.eps[norm]
+            }
+        findings: list[Finding] = [
+            Finding(
+                "info",
+                f"Attacked the images of {len(rows)} evaluated image-caption pairs (white-box, "
+                f"untargeted cross-entropy of each image's similarities to the "
+                f"{len(set(texts))} distinct captions, pixels in [0, 1]) with "
+                f"{', '.join(self.attacks)} ({self.steps} steps, {self.restarts} restart(s)); "
+                "recall@K over the same pairs (equal captions are positives); 'worst' is the "
+                "per-query worst case over the attacks. See docs/adversarial.md.",
+                {
+                    "rows": len(rows),
+                    "distinct_captions": len(set(texts)),
+                    "eps": {n: list(e) for n, e in self.eps.items()},
+                    "attacks": list(self.attacks),
+                },
+            )
+        ]
+        metrics: dict[str, Metric] = {}
+        self._retrieval_metrics(ctx, "clean", clean, clean, metrics)
+        findings += self._retrieval_extra_attacks(ctx, rows, texts, positives, hits, metrics)
+        for series, per_x in hits.items():
+            for x_label, h in per_x.items():
+                self._retrieval_metrics(
+                    ctx, f"{series}/{self._retrieval_x_key(series)}={x_label}", h, clean, metrics
+                )
+        plots = self._retrieval_plots(clean, hits)
+        for norm in self.norms:
+            findings += self._retrieval_findings(norm, metrics)
+        order = {"high": 0, "medium": 1, "low": 2, "info": 3}
+        findings.sort(key=lambda f: order[f.severity])
+        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+
+    @staticmethod
+    def _retrieval_x_key(series: str) -> str:
+        return {"text/hotflip": "flips"}.get(series, "eps")
+
+    def _retrieval_metrics(
+        self,
+        ctx: AuditContext,
+        prefix: str,
+        hits: Mapping[str, np.ndarray],
+        clean: Mapping[str, np.ndarray],
+        metrics: dict[str, Metric],
+    ) -> None:
+        """R@K per direction (with CIs), their mean R@1, its drop from clean, and the ASR."""
+        for m, h in hits.items():
+            metrics[f"{prefix}/{m}"] = Metric(
+                float(h.mean()), mean_ci(h, self.n_boot, seed=ctx.seed)
+            )
+        both = np.concatenate([hits["i2t_R@1"], hits["t2i_R@1"]])
+        both_clean = np.concatenate([clean["i2t_R@1"], clean["t2i_R@1"]])
+        metrics[f"{prefix}/mean_R@1"] = Metric(float(both.mean()))
+        if prefix != "clean":
+            metrics[f"{prefix}/R@1_drop"] = Metric(float(both_clean.mean() - both.mean()))
+            metrics[f"{prefix}/attack_success_rate"] = Metric(attack_success_rate(both_clean, both))
+
+    def _retrieval_plots(
+        self,
+        clean: Mapping[str, np.ndarray],
+        hits: Mapping[str, Mapping[str, Mapping[str, np.ndarray]]],
+    ) -> dict[str, dict[str, Any]]:
+        """R@1 (both directions) vs eps per norm (and vs tokens flipped for HotFlip)."""
+        plots: dict[str, dict[str, Any]] = {}
+        c = {d: float(clean[f"{d}_R@1"].mean()) for d in ("i2t", "t2i")}
+        for norm in self.norms:
+            names = [*self.attacks, "worst"]
+            if norm == "linf":
+                names += [
+                    n for n in ("co_attack", "sep_attack", "universal") if f"linf/{n}" in hits
+                ]
+            plots[f"recall_vs_eps_{norm}"] = {
+                "kind": "line",
+                "title": f"Retrieval R@1 under {norm} attacks vs budget (eps 0 = clean)",
+                "xlabel": f"eps ({'L-inf' if norm == 'linf' else 'L2'}, pixels in [0, 1])",
+                "ylabel": "R@1",
+                "series": [
+                    {
+                        "name": f"{n} {d}",
+                        "x": [0.0, *self.eps[norm]],
+                        "y": [
+                            c[d],
+                            *[float(h[f"{d}_R@1"].mean()) for h in hits[f"{norm}/{n}"].values()],
+                        ],
+                    }
+                    for n in names
+                    for d in ("i2t", "t2i")
+                ],
+                "ylim": [0.0, 1.0],
+            }
+        if "text/hotflip" in hits:
+            plots["recall_vs_flips"] = {
+                "kind": "line",
+                "title": "Retrieval R@1 under the HotFlip caption attack vs tokens changed",
+                "xlabel": "tokens changed per caption",
+                "ylabel": "R@1",
+                "series": [
+                    {
+                        "name": f"hotflip {d}",
+                        "x": [0, *self.flips],
+                        "y": [
+                            c[d],
+                            *[float(h[f"{d}_R@1"].mean()) for h in hits["text/hotflip"].values()],
+                        ],
+                    }
+                    for d in ("i2t", "t2i")
+                ],
+                "ylim": [0.0, 1.0],
+            }
+        return plots
+
+    def _retrieval_findings(self, norm: str, metrics: Mapping[str, Metric]) -> list[Finding]:
+        e = self.eps[norm][0]
+        key = f"{norm}/worst/eps={eps_label(e)}"
+        clean = metrics["clean/mean_R@1"].value
+        robust = metrics[f"{key}/mean_R@1"].value
+        # relative: R@1 falls with the gallery size, so an absolute drop is not comparable
+        drop = (clean - robust) / clean if clean > 0 else 0.0
+        if drop <= self.max_drop:
+            return []
+        return [
+            Finding(
+                "high" if drop > 2 * self.max_drop else "medium",
+                f"At the smallest {norm} budget (eps {e:.4g}) retrieval R@1 (mean of image->text "
+                f"and text->image) falls from {clean:.3f} to {robust:.3f}, {drop:.0%} of its "
+                f"clean value; threshold: a relative drop of {self.max_drop:.0%}.",
+                {"norm": norm, "eps": e, "clean": clean, "robust": robust, "relative_drop": drop},
+                REMEDIATION,
+            )
+        ]
+
+    def _retrieval_image_attacks(
+        self, ctx: AuditContext, rows: np.ndarray, texts: Sequence[str]
+    ) -> dict[tuple[str, str, float], Tensor]:
+        """Attacked image embeddings ``(N, D)`` per (norm, attack, eps), every row attacked.
+
+        The label space is the distinct captions of the evaluated rows
+        (:func:`retrieval_targets`); the logits are the task's (``logit_scale * I @ T.T``).
+        """
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        first, target = retrieval_targets(texts)
+        gallery = ctx.outputs.embeddings["text"][torch.as_tensor(rows[first])].to(device)
+
+        def forward(x: Tensor) -> Tensor:
+            return ctx.task.logits({"image": model.encode({"image": x})["image"], "text": gallery})
+
+        dim = ctx.outputs.embeddings["image"].shape[1]
+        out = {
+            (n, a, e): torch.zeros(len(rows), dim)
+            for n in self.norms
+            for a in self.attacks
+            for e in self.eps[n]
+        }
+        gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 17)
+        for pos in self._batches(np.arange(len(rows))):
+            x = self._pixels(ctx, rows[pos])
+            y = torch.as_tensor(target[pos], dtype=torch.long, device=device)
+            for norm in self.norms:
+                for atk in self.attacks:
+                    for e in self.eps[norm]:
+                        x_adv = run_attack(
+                            atk,
+                            forward,
+                            x,
+                            y,
+                            e,
+                            _as_norm(norm),
+                            steps=self.steps,
+                            restarts=self.restarts,
+                            random_start=self.random_start,
+                            generator=gen,
+                        )
+                        with torch.no_grad():
+                            emb = model.encode({"image": x_adv})["image"]
+                        out[(norm, atk, e)][torch.as_tensor(pos)] = emb.float().cpu()
+        return out
+
+    @staticmethod
+    def _pixels(ctx: AuditContext, idx: np.ndarray) -> Tensor:
+        images = [ctx.data.modalities["image"][i] for i in idx]
+        x = to_device(ctx.model.preprocess("image", images), ctx.engine.device)
+        assert isinstance(x, Tensor)
+        return x
+
+    def _retrieval_extra_attacks(
+        self,
+        ctx: AuditContext,
+        rows: np.ndarray,
+        texts: Sequence[str],
+        positives: np.ndarray,
+        hits: dict[str, dict[str, dict[str, np.ndarray]]],
+        metrics: dict[str, Metric],
+    ) -> list[Finding]:
+        """HotFlip, Co-Attack + Sep-Attack and the universal perturbation, as configured."""
+        findings: list[Finding] = []
+        if not (self.text_attacks or self.co_attack or self.universal):
+            return findings
+        r = torch.as_tensor(rows)
+        img0, txt0 = ctx.outputs.embeddings["image"][r], ctx.outputs.embeddings["text"][r]
+        if "substitution" in self.text_attacks:
+            findings.append(
+                Finding(
+                    "info",
+                    "Substitution attack skipped on retrieval (its black-box margin is a "
+                    "classification margin); use text_attacks=['hotflip'].",
+                    {"text_attacks": list(self.text_attacks)},
+                )
+            )
+        try:
+            if "hotflip" in self.text_attacks:
+                adv_txt = self._retrieval_hotflip(ctx, texts, img0, positives)
+                hits["text/hotflip"] = {
+                    str(k): retrieval_hits(img0, t, positives) for k, t in adv_txt.items()
+                }
+            if self.co_attack:
+                for name, per_eps in self._retrieval_co_attacks(ctx, rows, texts).items():
+                    hits[f"linf/{name}"] = {
+                        eps_label(e): retrieval_hits(i, t, positives)
+                        for e, (i, t) in per_eps.items()
+                    }
+        except AttackError as err:
+            findings.append(Finding("info", f"HotFlip/Co-Attack skipped: {err}", {}))
+        if self.universal:
+            train_px = self._universal_train_pixels(ctx)
+            if train_px is None:
+                findings.append(
+                    Finding("info", "Universal perturbation skipped: no train images.", {})
+                )
+            else:
+                hits["linf/universal"] = self._retrieval_universal(
+                    ctx, rows, train_px, txt0, positives, metrics
+                )
+        ran = [
+            k
+            for k in ("text/hotflip", "linf/co_attack", "linf/sep_attack", "linf/universal")
+            if k in hits
+        ]
+        findings.append(
+            Finding(
+                "info",
+                "Also ran: "
+                + (", ".join(k.split("/")[1] for k in ran) or "nothing")
+                + " (they do not enter 'worst'; sep_attack is Co-Attack's independent baseline: "
+                "the same caption attack and an image pushed away from its clean embedding "
+                "only). See docs/adversarial.md.",
+                {"extra_attacks": [k.split("/")[1] for k in ran]},
+            )
+        )
+        return findings
+
+    def _retrieval_hotflip(
+        self, ctx: AuditContext, texts: Sequence[str], img0: Tensor, positives: np.ndarray
+    ) -> dict[int, Tensor]:
+        """Caption embeddings ``(N, D)`` after HotFlip with each number of ``flips``.
+
+        Objective: the text side of the contrastive loss with multiple positives,
+        ``logsumexp_j s_j - logsumexp_{j positive} s_j`` over the task's logits ``s`` of the
+        caption against the clean images of the evaluated rows.
+        """
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        images = img0.to(device)
+        pos_t = torch.as_tensor(positives, dtype=torch.bool, device=device)
+        out = {k: torch.zeros_like(img0) for k in self.flips}
+        for pos in self._batches(np.arange(len(texts))):
+            p = torch.as_tensor(pos, dtype=torch.long, device=device)
+            batch = model.preprocess("text", [texts[i] for i in pos])
+            assert isinstance(batch, dict)
+
+            def objective(e: Tensor, rr: Tensor, p: Tensor = p) -> Tensor:
+                s = ctx.task.logits({"image": images, "text": e}).T.float()  # (n, N)
+                own = s.masked_fill(~pos_t[p[rr]], -torch.inf)
+                return torch.logsumexp(s, -1) - torch.logsumexp(own, -1)
+
+            for k in self.flips:  # greedy and deterministic: k flips are a prefix of k + 1
+                res = hotflip(model, batch, objective, k)
+                with torch.no_grad():
+                    emb = model.encode({"text": res.batch})["text"]
+                out[k][torch.as_tensor(pos)] = emb.float().cpu()
+        return out
+
+    def _retrieval_co_attacks(
+        self, ctx: AuditContext, rows: np.ndarray, texts: Sequence[str]
+    ) -> dict[str, dict[float, tuple[Tensor, Tensor]]]:
+        """(image, caption) embeddings under Co-Attack and Sep-Attack at every L-inf eps.
+
+        Both start from the same random point (equal generators) and share the text step (run
+        once per batch).
+        """
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        dim = ctx.outputs.embeddings["image"].shape[1]
+        out: dict[str, dict[float, tuple[Tensor, Tensor]]] = {
+            n: {
+                e: (torch.zeros(len(rows), dim), torch.zeros(len(rows), dim))
+                for e in self.eps["linf"]
+            }
+            for n in ("co_attack", "sep_attack")
+        }
+        seed = int(ctx.seed) * 7919 + 29
+        gens = {n: torch.Generator().manual_seed(seed) for n in out}
+        fns = {"co_attack": co_attack, "sep_attack": sep_attack}
+        for pos in self._batches(np.arange(len(rows))):
+            x = self._pixels(ctx, rows[pos])
+            tb = model.preprocess("text", [texts[i] for i in pos])
+            assert isinstance(tb, dict)
+            p = torch.as_tensor(pos)
+            adv_text = None  # the text step depends on neither eps nor alpha: run it once
+            for e in self.eps["linf"]:
+                for name, fn in fns.items():
+                    res = fn(model, x, tb, e, alpha=self.co_alpha, steps=self.steps,
+                             n_flips=self.co_flips, random_start=self.random_start,
+                             generator=gens[name], adversarial_text=adv_text)  # fmt: skip
+                    adv_text = res.text
+                    out[name][e][0][p] = res.image_embedding.float().cpu()
+                    out[name][e][1][p] = res.text_embedding.float().cpu()
+        return out
+
+    def _retrieval_universal(
+        self,
+        ctx: AuditContext,
+        rows: np.ndarray,
+        train_px: Tensor,
+        txt0: Tensor,
+        positives: np.ndarray,
+        metrics: dict[str, Metric],
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """Per-query hits under one universal L-inf perturbation per eps (clean captions).
+
+        Also records ``linf/universal/eps=<e>/embedding_cosine`` in ``metrics``.
+        """
+        device = ctx.engine.device
+        model = ctx.model.to(device).eval()
+        eval_px = model.preprocess("image", [ctx.data.modalities["image"][i] for i in rows])
+        assert isinstance(eval_px, Tensor)
+        gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 31)
+        out = {}
+        for e in self.eps["linf"]:
+            delta = universal_perturbation(
+                model, train_px, e, epochs=self.universal_epochs, batch_size=self.batch_size,
+                generator=gen,
+            )  # fmt: skip
+            parts = []
+            for p in self._batches(np.arange(len(rows))):
+                with torch.no_grad():
+                    x = (eval_px[p].to(device) + delta).clamp(0, 1)
+                    parts.append(model.encode({"image": x})["image"].float().cpu())
+            out[eps_label(e)] = retrieval_hits(torch.cat(parts), txt0, positives)
             cos = embedding_cosine(model, eval_px, delta)
             metrics[f"linf/universal/eps={eps_label(e)}/embedding_cosine"] = Metric(
                 float(cos.mean())

@@ -84,6 +84,32 @@ def _fare_attack(
     return x_adv.detach()
 
 
+def _free_replays(
+    tower: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    target: Tensor,
+    delta: Tensor,
+    eps: float,
+    replays: int,
+    losses: list[float],
+) -> Tensor:
+    """``replays`` free-AT steps on one batch; returns the perturbation to carry over."""
+    for _ in range(replays):
+        d = delta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = fare_loss(tower((x + d).clamp(0.0, 1.0)), target).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        assert d.grad is not None
+        # the same backward gave the ascent direction: one signed step, back into the ball
+        delta = project(d.detach() + eps * d.grad.sign(), eps, "linf")
+        delta = (x + delta).clamp(0.0, 1.0) - x
+    return delta
+
+
 def fare_finetune(
     model: EncoderModel,
     images: Tensor | Sequence[Any],
@@ -94,6 +120,7 @@ def fare_finetune(
     lr: float = 1e-4,
     batch_size: int = 64,
     seed: int = 0,
+    free: int = 0,
 ) -> EncoderModel:
     """FARE: unsupervised adversarial fine-tuning of the image tower in embedding space.
 
@@ -115,6 +142,12 @@ def fare_finetune(
         lr: AdamW learning rate.
         batch_size: images per optimisation step.
         seed: seeds the data order and the attack's random starts.
+        free: ``m > 0`` uses "free" adversarial training (Shafahi et al., 2019) instead of the
+            inner PGD: each batch is replayed ``m`` times, and every replay's single backward
+            pass updates both the weights (descent) and the perturbation (one signed ascent
+            step of size ``eps``, kept in the ball and carried over to the next batch). The
+            attack then costs nothing beyond the training passes; ``steps`` is unused. Divide
+            ``epochs`` by ``m`` for the cost of plain training.
 
     Returns:
         A fine-tuned deep copy of ``model`` in eval mode, with its fingerprint reset and (when
@@ -130,8 +163,10 @@ def fare_finetune(
         >>> torch.equal(r.image.proj.weight, m.image.proj.weight)
         False
     """
-    if not eps > 0 or steps < 1 or epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError("eps and lr must be > 0; steps, epochs and batch_size must be >= 1")
+    if not eps > 0 or steps < 1 or epochs < 1 or batch_size < 1 or not lr > 0 or free < 0:
+        raise ValueError(
+            "eps and lr must be > 0; steps, epochs and batch_size must be >= 1; free >= 0"
+        )
     _image_tower(model)
     pixels = _as_pixels(model, images)
     out = copy.deepcopy(model).eval()
@@ -146,12 +181,19 @@ def fare_finetune(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
+    delta = torch.zeros((0,))
     for _ in range(epochs):
         order = torch.randperm(len(pixels), generator=gen)
         for lo in range(0, len(order), batch_size):
             x = pixels[order[lo : lo + batch_size]].to(device)
             with torch.no_grad():
                 target = frozen(x)
+            if free:
+                if delta.shape != x.shape:  # a random start (at 0 the gradient is 0)
+                    u = torch.rand(x.shape, generator=gen, dtype=torch.float32)
+                    delta = ((2 * u - 1) * eps).to(x.device, x.dtype)
+                delta = _free_replays(tower, opt, x, target, delta, eps, free, losses)
+                continue
             x_adv = _fare_attack(tower, x, target, eps, steps, gen)
             with torch.enable_grad():
                 loss = fare_loss(tower(x_adv), target).mean()
@@ -174,6 +216,7 @@ def fare_finetune(
                 "lr": lr,
                 "batch_size": batch_size,
                 "seed": seed,
+                "free": free,
                 "n_images": len(pixels),
                 "optimizer_steps": len(losses),
                 "final_loss": round(float(np.mean(losses[-5:])), 6) if losses else math.nan,
