@@ -135,3 +135,22 @@ def test_free_adversarial_training_raises_robust_accuracy_cheaply(shapes_quick) 
     )
     assert robust1 > robust0 + 0.02, (robust0, robust1)
     assert clean0 - clean1 <= 0.08, (clean0, clean1)
+
+
+def test_harden_adversarial_on_the_fusion_task(tmp_path) -> None:
+    """The WiSE-FT sweep re-fits the fusion head on the train rows for every candidate."""
+    from mmsafe.engine import Engine
+    from mmsafe.hardening import harden_adversarial
+    from mmsafe.loading import load_data
+
+    torch.manual_seed(0)
+    model = TinyClip(TinyClipConfig.for_size("xs")).eval()
+    world = load_data("shapes:n=300,train_defects=0")
+    result = harden_adversarial(
+        model, world, task="fusion", out=tmp_path, engine=Engine(progress=False),
+        epochs=1, alphas=(0.0, 1.0), eval_steps=2, max_rows=40,
+    )  # fmt: skip
+    sweep = json.loads((tmp_path / "wise_ft_sweep.json").read_text())
+    assert [p["alpha"] for p in sweep["sweep"]] == [0.0, 1.0]
+    assert result.after.card["task"]["name"] == "fusion"
+    assert "robustness.adversarial" in result.after.card["checks"]

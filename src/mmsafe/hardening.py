@@ -186,18 +186,19 @@ def robust_sweep_point(
     eps: float,
     steps: int = 10,
     max_rows: int | None = 200,
+    fit_data: Dataset | None = None,
     seed: int = 0,
 ) -> tuple[float, float]:
     """``(clean, robust)`` accuracy of ``model`` under PGD L-inf ``eps`` on ``data``'s rows.
 
     ``data`` is evaluated as a whole (pass the calibration split to choose a hyper-parameter
-    without touching the audited test rows); ``task`` is re-prepared on the model.
+    without touching the audited test rows); ``task`` is re-prepared on the model, fitting what
+    it learns (a fusion head) on ``fit_data``.
     """
     from mmsafe.checks.adversarial import AdversarialCheck, eps_label
     from mmsafe.checks.base import AuditContext
 
-    _, _, train = evaluation_splits(data)
-    task.prepare(model, engine, data.classes, fit_data=train)
+    task.prepare(model, engine, data.classes, fit_data=fit_data)
     ctx = AuditContext(
         model=model,
         task=task,
@@ -317,6 +318,7 @@ def harden_adversarial(
             eps=eval_eps,
             steps=eval_steps,
             max_rows=max_rows,
+            fit_data=train,
             seed=seed,
         )
         sweep.append({"alpha": alpha, "clean": clean, "robust": robust})
