@@ -252,3 +252,19 @@ def test_check_skips_text_attacks_when_task_reads_no_text(colour_data) -> None:
         AdversarialCheck(text_attacks=("bert",))
     with pytest.raises(ValueError, match="linf"):
         AdversarialCheck(norms=("l2",), co_attack=True)
+
+
+def test_check_runs_co_attack_on_zero_shot(shapes_quick) -> None:
+    """Zero-shot Co-Attack: the true class's prompt is flipped, then the image pushed away from
+    its clean embedding and the adversarial prompt's."""
+    world, model = shapes_quick
+    ctx = audit_context(model, world, task="zero_shot")
+    check = AdversarialCheck(norms=("linf",), eps={"linf": [1 / 255, 4 / 255]}, attacks=("pgd",),
+                             steps=3, max_rows=40, n_boot=20, co_attack=True)  # fmt: skip
+    res = check.run(ctx)
+    assert res.status == "ok"
+    m = {k: v.value for k, v in res.metrics.items()}
+    clean = m["clean_accuracy"]
+    small, large = (m[f"linf/co_attack/eps={e:.4g}/robust_accuracy"] for e in (1 / 255, 4 / 255))
+    assert 0.0 <= large <= small <= clean
+    assert large < clean - 0.2  # a 4/255 joint attack flips many of the correct rows
