@@ -375,6 +375,45 @@ class Gate(nn.Module):
         return torch.sigmoid(self.w / 0.1)
 
 
+def tap_projections(dims: Mapping[str, Sequence[int]], width: int) -> nn.ModuleDict:
+    """``{modality: [LayerNorm(D_k) + Linear(D_k -> width)]}``, one map per tapped block."""
+    return nn.ModuleDict(
+        {
+            m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
+            for m, ds in dims.items()
+        }
+    )
+
+
+def side_blocks(
+    lengths: Mapping[str, int], width: int, bottleneck: int
+) -> tuple[nn.ModuleDict, nn.ModuleDict]:
+    """``(SANBs, gates)``: ``lengths[k]`` of each per side network ``k``."""
+    sanb = nn.ModuleDict(
+        {k: nn.ModuleList(SANB(width, bottleneck) for _ in range(n)) for k, n in lengths.items()}
+    )
+    gates = nn.ModuleDict({k: nn.ModuleList(Gate() for _ in range(n)) for k, n in lengths.items()})
+    return sanb, gates
+
+
+def intra_modal(
+    proj: nn.ModuleList, sanb: nn.ModuleList, gates: nn.ModuleList, feats: Sequence[Tensor]
+) -> Tensor:
+    """IISAN's intra-modal recurrence ``h = SANB_k(g_k * P_k(X_k) + (1 - g_k) * h)``, ``h_0 = 0``.
+
+    Example:
+        >>> p, (s, g) = tap_projections({"x": [3, 5]}, 4)["x"], side_blocks({"x": 2}, 4, 2)
+        >>> intra_modal(p, s["x"], g["x"], [torch.ones(2, 3), torch.ones(2, 5)]).shape
+        torch.Size([2, 4])
+    """
+    h: Tensor | None = None
+    for pk, sk, gk, f in zip(proj, sanb, gates, feats, strict=True):
+        g, x = gk(), pk(f)
+        h = sk(g * x if h is None else g * x + (1 - g) * h)
+    assert h is not None
+    return h
+
+
 class IISANHead(nn.Module):
     """Intra-modal (image, text) and inter-modal side networks over tapped hidden states.
 
@@ -414,21 +453,8 @@ class IISANHead(nn.Module):
             "T": len(dims["text"]),
             "M": min(len(dims["image"]), len(dims["text"])),
         }
-        self.proj = nn.ModuleDict(
-            {
-                m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
-                for m, ds in dims.items()
-            }
-        )
-        self.sanb = nn.ModuleDict(
-            {
-                k: nn.ModuleList(SANB(width, bottleneck) for _ in range(n))
-                for k, n in lengths.items()
-            }
-        )
-        self.gates = nn.ModuleDict(
-            {k: nn.ModuleList(Gate() for _ in range(n)) for k, n in lengths.items()}
-        )
+        self.proj = tap_projections(dims, width)
+        self.sanb, self.gates = side_blocks(lengths, width, bottleneck)
         self.norm = nn.LayerNorm(3 * width)
         self.classifier = nn.Linear(3 * width, num_classes)
         self.width = width
@@ -548,16 +574,10 @@ class MOMEFHead(nn.Module):
         if not dims or not all(dims.values()):
             raise ValueError("MOMEF needs at least one modality with at least one tap.")
         self.modalities: tuple[str, ...] = tuple(dims)
-        self.proj = nn.ModuleDict(
-            {
-                m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
-                for m, ds in dims.items()
-            }
+        self.proj = tap_projections(dims, width)
+        self.sanb, self.gates = side_blocks(
+            {m: len(ds) for m, ds in dims.items()}, width, bottleneck
         )
-        self.sanb = nn.ModuleDict(
-            {m: nn.ModuleList(SANB(width, bottleneck) for _ in ds) for m, ds in dims.items()}
-        )
-        self.gates = nn.ModuleDict({m: nn.ModuleList(Gate() for _ in ds) for m, ds in dims.items()})
         self.experts = nn.ModuleDict(
             {
                 m: nn.Sequential(
@@ -576,16 +596,10 @@ class MOMEFHead(nn.Module):
 
     def side_states(self, feats: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
         """``{modality: (B, width)}``: the output of each modality's side network."""
-        states = {}
-        for m in self.modalities:
-            h = None
-            for proj, sanb, gate, f in zip(
-                self.proj[m], self.sanb[m], self.gates[m], feats[m], strict=True
-            ):
-                x, g = proj(f), gate()
-                h = sanb(g * x if h is None else g * x + (1 - g) * h)
-            states[m] = h
-        return states
+        return {
+            m: intra_modal(self.proj[m], self.sanb[m], self.gates[m], feats[m])
+            for m in self.modalities
+        }
 
     def _weights(self, states: Mapping[str, Tensor]) -> Tensor:
         return torch.softmax(self.router(torch.cat([states[m] for m in self.modalities], -1)), -1)
@@ -643,16 +657,10 @@ class SideRetrievalHead(nn.Module):
         if not dims or not all(dims.values()):
             raise ValueError("SideRetrievalHead needs at least one tap of every modality.")
         self.modalities: tuple[str, ...] = tuple(dims)
-        self.proj = nn.ModuleDict(
-            {
-                m: nn.ModuleList(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width)) for d in ds)
-                for m, ds in dims.items()
-            }
+        self.proj = tap_projections(dims, width)
+        self.sanb, self.gates = side_blocks(
+            {m: len(ds) for m, ds in dims.items()}, width, bottleneck
         )
-        self.sanb = nn.ModuleDict(
-            {m: nn.ModuleList(SANB(width, bottleneck) for _ in ds) for m, ds in dims.items()}
-        )
-        self.gates = nn.ModuleDict({m: nn.ModuleList(Gate() for _ in ds) for m, ds in dims.items()})
         self.out = nn.ModuleDict(
             {m: nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim)) for m in dims}
         )
@@ -665,16 +673,12 @@ class SideRetrievalHead(nn.Module):
 
     def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> dict[str, Tensor]:
         """``{modality: (B, embed_dim)}`` L2-normalised embeddings of the modalities given."""
-        out = {}
-        for m, fs in feats.items():
-            h = fs[0].new_zeros(fs[0].shape[0], self.width)
-            for proj, sanb, gate, f in zip(
-                self.proj[m], self.sanb[m], self.gates[m], fs, strict=True
-            ):
-                g = gate()
-                h = sanb(g * proj(f) + (1 - g) * h)
-            out[m] = F.normalize(self.out[m](h), dim=-1)
-        return out
+        return {
+            m: F.normalize(
+                self.out[m](intra_modal(self.proj[m], self.sanb[m], self.gates[m], fs)), dim=-1
+            )
+            for m, fs in feats.items()
+        }
 
 
 class FeatureCache:
