@@ -10,6 +10,10 @@ fusion heads trained on frozen, cached image + text embeddings:
     Members are the labelled train rows, non-members the labelled calibration + test rows; the
     AUC of the loss attack is printed beside LiRA's, overall and on the world's duplicated items.
 
+(a2) **LiRA against the encoder** with N shadow tiny-clips (:func:`mmsafe.checks.privacy.
+    encoder_shadow_statistics`, size xs, quick schedule), each trained from scratch on a random
+    half of the same members + non-members; the target's cosine attack is printed beside it.
+
 (b) **Unlearning vs retraining** (:func:`mmsafe.harden.unlearn.compare_unlearning`): forget the
     duplicated train items (every copy) from an over-fitted MLP head, with MultiDelete and with
     gradient ascent, and retrain the same recipe without them. Prints forget-set membership AUC
@@ -28,18 +32,19 @@ import time
 import numpy as np
 import torch
 
-from mmsafe.checks.privacy import lira_fusion_scores
+from mmsafe.checks.privacy import _pool, encoder_shadow_statistics, lira_fusion_scores
 from mmsafe.engine import Engine
 from mmsafe.harden.unlearn import compare_unlearning
 from mmsafe.loading import load_data, load_model
 from mmsafe.models.heads import fit_fusion_head
-from mmsafe.privacy import loss_scores, membership_auc
+from mmsafe.privacy import cosine_scores, lira_scores, loss_scores, membership_auc, tpr_at_fpr
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--data", default="shapes:n=900,train_defects=0")
     p.add_argument("--shadows", type=int, nargs="+", default=[8, 16])
+    p.add_argument("--encoder-shadows", type=int, nargs="*", default=[4, 8])
     p.add_argument("--lira-epochs", type=int, default=30, help="epochs of target + shadow heads")
     p.add_argument("--hidden", type=int, default=128, help="MLP width of the unlearning head")
     p.add_argument("--epochs", type=int, default=200, help="epochs of the unlearning head")
@@ -111,6 +116,32 @@ def main() -> None:
             t0 = time.perf_counter()
             s = lira_fusion_scores(head, e_all, y_all, k, seed=args.seed, online=online)
             row(f"LiRA {'online' if online else 'offline'}", k, time.perf_counter() - t0, s)
+
+    # (a2) encoder LiRA ------------------------------------------------------------------
+    if args.encoder_shadows:
+        print("\n## (a2) LiRA against the encoder with shadow tiny-clips (xs, quick)\n")
+        pool = _pool([train, *(d for d, _ in held)])
+        img = torch.cat([e_tr["image"], e_held["image"]]).double().numpy()
+        txt = torch.cat([e_tr["text"], e_held["text"]]).double().numpy()
+        print("| attack | shadows | time (s) | s / shadow | AUC | TPR@1% | AUC duplicated |")
+        print("|---|---|---|---|---|---|---|")
+
+        def erow(name: str, k: int, secs: float, s: np.ndarray) -> None:
+            sel = member & dup_all | ~member
+            per = f"{secs / k:.1f}" if k else "-"
+            print(
+                f"| {name} | {k or '-'} | {secs:.1f} | {per} | {membership_auc(s, member):.3f} | "
+                f"{tpr_at_fpr(s, member, 0.01):.3f} | {membership_auc(s[sel], dup_all[sel]):.3f} |"
+            )
+
+        erow("cosine threshold", 0, 0.0, cosine_scores(img, txt))
+        for k in args.encoder_shadows:
+            es = encoder_shadow_statistics(
+                model, pool, k, seed=args.seed, engine=engine, target_embeddings=(img, txt)
+            )
+            for online in (True, False):
+                s = lira_scores(es.target, es.shadow, es.inside, online=online)
+                erow(f"LiRA encoder {'online' if online else 'offline'}", k, es.seconds, s)
 
     # (b) unlearning ----------------------------------------------------------------------
     print("\n## (b) Unlearning the duplicated items vs retraining from scratch\n")

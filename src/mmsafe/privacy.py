@@ -36,8 +36,10 @@ __all__ = [
     "attack_metrics",
     "auc_bootstrap_ci",
     "best_balanced_accuracy",
+    "caption_logit_scores",
     "confidence_scores",
     "content_groups",
+    "content_ids",
     "contrast_scores",
     "cosine_scores",
     "entropy_scores",
@@ -140,6 +142,27 @@ def contrast_scores(
         >>> bool(s[0] < 0) and bool(np.isclose(s[1], s[2]))
         True
     """
+    own, sims = _caption_logits(image_emb, text_emb, reference, temperature)
+    both = np.concatenate([sims, own[:, None]], axis=1)
+    return own - _logsumexp(both)
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    """Row-wise ``log sum exp``; a row of only ``-inf`` gives ``-inf``."""
+    top = x.max(axis=1)
+    safe = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        return safe + np.log(np.exp(x - safe[:, None]).sum(axis=1))
+
+
+def _caption_logits(
+    image_emb: Any, text_emb: Any, reference: Any, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(own, sims)``: own-pair and reference-caption logits at temperature ``τ``.
+
+    ``own_i = τ cos(x_i, t_i)``; ``sims_ij = τ cos(x_i, t_j)`` over reference rows ``j``, with
+    ``-inf`` where caption ``j`` is identical to row ``i``'s own (not a competitor).
+    """
     a = np.asarray(image_emb, dtype=np.float64)
     b = np.asarray(text_emb, dtype=np.float64)
     a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
@@ -150,10 +173,38 @@ def contrast_scores(
     sims = temperature * (a @ b[ref].T)  # (N, R)
     same_caption = b @ b[ref].T >= 1.0 - 1e-6  # includes a reference row's own caption
     sims[same_caption] = -np.inf
-    both = np.concatenate([sims, own[:, None]], axis=1)
-    top = both.max(axis=1, keepdims=True)
-    lse = top[:, 0] + np.log(np.exp(both - top).sum(axis=1))
-    return own - lse
+    return own, sims
+
+
+def caption_logit_scores(
+    image_emb: Any, text_emb: Any, temperature: float = 1.0 / 0.07, max_logit: float = 50.0
+) -> np.ndarray:
+    """LiRA's statistic for an image-text pair: ``log(p / (1 - p))`` of the own caption.
+
+    ``p`` is the softmax probability, at temperature ``τ``, of row ``i``'s own caption among
+    the captions of *all* rows (image -> text), so ``log(p / (1 - p)) = τ cos(x_i, t_i) -
+    logsumexp_{j != i} τ cos(x_i, t_j)``. Captions identical to row ``i``'s own are not
+    competitors (as in :func:`contrast_scores`). This is :func:`logit_confidence` for a
+    contrastive model whose "classes" are the candidate captions (methods reference §12b): the
+    logit of a probability is close to Gaussian across models, and subtracting the
+    competitors' log-mass cancels shifts shared by all pairs of one model (its temperature
+    and its overall cosine level), which would otherwise widen LiRA's Gaussians.
+
+    Args:
+        image_emb: ``(N, D)`` image embeddings.
+        text_emb: ``(N, D)`` text embeddings (row ``i`` is row ``i``'s caption).
+        temperature: ``τ``, e.g. the model's logit scale.
+        max_logit: clip to ``±max_logit`` (a row with no competitor gets ``+max_logit``).
+
+    Example:
+        >>> img = np.eye(3); txt = np.eye(3)
+        >>> s = caption_logit_scores(img, txt, temperature=1.0)  # log(e / 2)
+        >>> np.round(s, 4).tolist()
+        [0.3069, 0.3069, 0.3069]
+    """
+    n = np.asarray(image_emb).shape[0]
+    own, sims = _caption_logits(image_emb, text_emb, np.arange(n), temperature)
+    return np.clip(own - _logsumexp(sims), -max_logit, max_logit)
 
 
 def logit_confidence(logits: Any, labels: Any) -> np.ndarray:
@@ -412,6 +463,29 @@ def nonmember_percentile(scores: Any, reference: Any) -> np.ndarray:
     return (below + at_or_below) / (2.0 * ref.size)
 
 
+def content_ids(images: Sequence[Any], texts: Sequence[str] | None = None) -> np.ndarray:
+    """Exact-copy group ids: rows with the same image bytes (and text) share an id.
+
+    Ids are ``0..G-1`` in order of first appearance.
+
+    Example:
+        >>> a, b = np.zeros((2, 2, 3), np.uint8), np.ones((2, 2, 3), np.uint8)
+        >>> content_ids([b, a, b.copy()], ["x", "x", "x"]).tolist()
+        [0, 1, 0]
+    """
+    keys: dict[str, int] = {}
+    out = np.empty(len(images), dtype=np.int64)
+    for i, img in enumerate(images):
+        h = hashlib.blake2b(digest_size=16)
+        arr = np.ascontiguousarray(np.asarray(img))
+        h.update(str(arr.shape).encode())
+        h.update(arr.tobytes())
+        if texts is not None:
+            h.update(b"\x00" + str(texts[i]).encode())
+        out[i] = keys.setdefault(h.hexdigest(), len(keys))
+    return out
+
+
 def content_groups(images: Sequence[Any], texts: Sequence[str] | None = None) -> np.ndarray:
     """Exact-copy group sizes: per row, how many rows have the same image bytes (and text).
 
@@ -422,17 +496,8 @@ def content_groups(images: Sequence[Any], texts: Sequence[str] | None = None) ->
         >>> content_groups([a, b, a.copy()], ["x", "x", "y"]).tolist()
         [1, 1, 1]
     """
-    keys = []
-    for i, img in enumerate(images):
-        h = hashlib.blake2b(digest_size=16)
-        arr = np.ascontiguousarray(np.asarray(img))
-        h.update(str(arr.shape).encode())
-        h.update(arr.tobytes())
-        if texts is not None:
-            h.update(b"\x00" + str(texts[i]).encode())
-        keys.append(h.hexdigest())
-    _, inverse, counts = np.unique(np.asarray(keys), return_inverse=True, return_counts=True)
-    return counts[inverse].astype(np.int64)
+    ids = content_ids(images, texts)
+    return np.bincount(ids)[ids].astype(np.int64)
 
 
 def near_duplicate_counts(

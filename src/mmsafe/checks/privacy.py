@@ -6,7 +6,10 @@ Each threshold attack of :mod:`mmsafe.privacy` scores every row:
 
 - loss, confidence and entropy, on the task's logits;
 - cosine, the CLIP image-caption similarity;
-- contrast, the own caption's softmax among the non-members' captions.
+- contrast, the own caption's softmax among the non-members' captions;
+- opt-in LiRA with shadow models: shadow fusion heads on frozen embeddings (``lira_shadows``,
+  fusion tasks), or shadow tiny-clips trained from scratch against the encoder itself
+  (``encoder_shadows``, ``lira_encoder_online`` / ``lira_encoder_offline``).
 
 The check reports each attack's AUC (bootstrap CI), best balanced accuracy, and TPR at 0.1% and
 1% FPR. A memorisation report lists the training rows that score above almost every non-member
@@ -27,12 +30,15 @@ from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.checks.uncertainty import fusion_head_of
 from mmsafe.data.dataset import Dataset
+from mmsafe.models.base import EncoderModel
 from mmsafe.privacy import (
     AttackResult,
     attack_metrics,
     auc_bootstrap_ci,
+    caption_logit_scores,
     confidence_scores,
     content_groups,
+    content_ids,
     contrast_scores,
     cosine_scores,
     entropy_scores,
@@ -66,6 +72,7 @@ class MembershipScores:
         scores: ``{attack: (N,) scores}``; higher = more member-like.
         members: the member rows, as a dataset (for the memorisation report).
         embeddings: ``{"image", "text"}`` embeddings of the members (when both exist).
+        encoder_shadows: the shadow statistics behind the encoder LiRA attacks, when run.
     """
 
     ids: list[str]
@@ -73,10 +80,39 @@ class MembershipScores:
     scores: dict[str, np.ndarray]
     members: Dataset
     embeddings: dict[str, np.ndarray]
+    encoder_shadows: EncoderShadows | None = None
+
+
+@dataclass(frozen=True)
+class EncoderShadows:
+    """Per-pair LiRA statistics of a target encoder and of shadow tiny-clips.
+
+    Attributes:
+        target: ``(N,)`` the target's statistic on every pool row.
+        shadow: ``(K, N)`` each shadow's statistic on every pool row.
+        inside: ``(K, N)`` booleans, row ``n`` in shadow ``k``'s training set.
+        size: the shadows' tiny-clip size.
+        steps: training steps of each shadow.
+        seconds: wall time of training and scoring all ``K`` shadows.
+        statistic: ``"logit"`` or ``"cosine"`` (see :func:`pair_statistic`).
+    """
+
+    target: np.ndarray
+    shadow: np.ndarray
+    inside: np.ndarray
+    size: str
+    steps: int
+    seconds: float
+    statistic: str
 
 
 def membership_scores(
-    ctx: AuditContext, lira_shadows: int = 0, lira_online: bool = True
+    ctx: AuditContext,
+    lira_shadows: int = 0,
+    lira_online: bool = True,
+    encoder_shadows: int = 0,
+    encoder_shadow_size: str | None = "xs",
+    encoder_shadow_quick: bool | None = True,
 ) -> MembershipScores:
     """Every attack's score for every labelled member and non-member row of ``ctx``.
 
@@ -85,6 +121,13 @@ def membership_scores(
         lira_shadows: with a fusion task and ``> 0``, also the ``lira`` attack with this many
             shadow heads (see :func:`lira_fusion_scores`).
         lira_online: LiRA's online (IN and OUT) or offline (OUT only) test.
+        encoder_shadows: with a tiny-clip on image-text data and ``> 0``, also the
+            ``lira_encoder_online`` and ``lira_encoder_offline`` attacks with this many shadow
+            tiny-clips (see :func:`encoder_shadow_statistics`).
+        encoder_shadow_size: the shadows' tiny-clip size (None = the target's).
+        encoder_shadow_quick: train the shadows with the quick schedule (True), the full one
+            (False), or the target's recorded recipe (None: ``training_info["hyperparameters"]``,
+            else quick).
 
     Raises:
         ValueError: when ``ctx`` has no train split or no labelled held-out row.
@@ -116,6 +159,24 @@ def membership_scores(
         scale = float(getattr(model, "logit_scale", 1.0 / 0.07))
         scores["contrast"] = contrast_scores(img, txt, ~is_member, temperature=scale)
         emb = {"image": img[is_member], "text": txt[is_member]}
+    shadows = None
+    if encoder_shadows > 0 and emb and _is_tiny_clip(model):
+        pool = _pool(parts)
+        shadows = encoder_shadow_statistics(
+            model,
+            pool,
+            encoder_shadows,
+            size=encoder_shadow_size,
+            quick=True if encoder_shadow_quick is None else encoder_shadow_quick,
+            train=_recorded_recipe(model) if encoder_shadow_quick is None else None,
+            seed=ctx.seed,
+            engine=engine,
+            target_embeddings=(img, txt),
+        )
+        for name, online in (("lira_encoder_online", True), ("lira_encoder_offline", False)):
+            scores[name] = lira_scores(
+                shadows.target, shadows.shadow, shadows.inside, online=online
+            )
     head = fusion_head_of(task)
     if lira_shadows > 0 and head is not None:
         task_emb = {m: torch.cat([o.embeddings[m] for o in outs]) for m in head.modalities}
@@ -123,7 +184,158 @@ def membership_scores(
             head, task_emb, labels, lira_shadows, seed=ctx.seed, online=lira_online
         )
     ids = [i for d in parts for i in d.ids]
-    return MembershipScores(ids, is_member, scores, members, emb)
+    return MembershipScores(ids, is_member, scores, members, emb, shadows)
+
+
+def _is_tiny_clip(model: EncoderModel) -> bool:
+    from mmsafe.models.tiny_clip import TinyClip
+
+    return isinstance(model, TinyClip)
+
+
+def _recorded_recipe(model: EncoderModel) -> Any:
+    """The :class:`TrainConfig` in ``model.training_info``, or None when none is recorded."""
+    import dataclasses
+
+    from mmsafe.models.tiny_clip import TrainConfig
+
+    hp = getattr(model, "training_info", {}).get("hyperparameters")
+    if not isinstance(hp, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in hp.items() if k in names})
+
+
+def _pool(parts: Sequence[Dataset]) -> Dataset:
+    """The image-text rows of ``parts`` as one dataset, every row in split ``train``."""
+    n = sum(len(d) for d in parts)
+    return Dataset(
+        name="lira-pool",
+        ids=[i for d in parts for i in d.ids],
+        modalities={m: [v for d in parts for v in d.modalities[m]] for m in ("image", "text")},
+        labels=np.concatenate([d.labels for d in parts]),
+        classes=list(parts[0].classes),
+        splits=["train"] * n,
+    )
+
+
+def pair_statistic(
+    image_emb: np.ndarray, text_emb: np.ndarray, temperature: float, statistic: str = "logit"
+) -> np.ndarray:
+    """LiRA's per-pair statistic of an image-text model.
+
+    * ``"logit"`` (default): :func:`~mmsafe.privacy.caption_logit_scores`, the logit of the
+      own caption's softmax probability among every row's caption at the model's temperature;
+      the CLIP analogue of LiRA's ``log(p_y / (1 - p_y))``.
+    * ``"cosine"``: the raw scaled cosine ``τ cos(x_i, t_i)``.
+
+    Args:
+        image_emb: ``(N, D)`` image embeddings.
+        text_emb: ``(N, D)`` text embeddings.
+        temperature: the model's logit scale ``τ``.
+        statistic: ``"logit"`` or ``"cosine"``.
+    """
+    if statistic == "logit":
+        return caption_logit_scores(image_emb, text_emb, temperature=temperature)
+    if statistic == "cosine":
+        return temperature * cosine_scores(image_emb, text_emb)
+    raise ValueError(f"statistic must be 'logit' or 'cosine', got {statistic!r}")
+
+
+def encoder_shadow_statistics(
+    model: EncoderModel,
+    pool: Dataset,
+    n_shadows: int,
+    *,
+    size: str | None = "xs",
+    quick: bool = True,
+    train: Any = None,
+    statistic: str = "logit",
+    seed: int = 0,
+    engine: Any = None,
+    target_embeddings: tuple[np.ndarray, np.ndarray] | None = None,
+) -> EncoderShadows:
+    """Shadow tiny-clips for LiRA against the encoder itself (Carlini et al. 2022, §12b).
+
+    The population is ``pool`` (the scored members and non-members). Membership is drawn per
+    *item*: exact copies (same image bytes and caption, :func:`~mmsafe.privacy.content_ids`)
+    are IN or OUT together, and every item is IN for exactly ``n_shadows // 2`` shadows, chosen
+    at random. Drawing per row instead would put a duplicated item's other copies into almost
+    every "OUT" shadow, so its OUT Gaussian would be an IN one and LiRA would miss exactly the
+    rows that are memorised most. Shadow ``k`` is a fresh tiny-clip
+    trained from scratch, in process and uncached, by the built-in trainer
+    (:func:`~mmsafe.models.tiny_clip.train_tiny_clip`) on its IN rows. Each model, the target
+    and every shadow, is then scored on every pool row with :func:`pair_statistic` at its own
+    temperature. Feed the result to :func:`~mmsafe.privacy.lira_scores`.
+
+    Args:
+        model: the target encoder (its ``logit_scale`` sets the target's temperature).
+        pool: the population: image-text rows (members and non-members of the target).
+        n_shadows: shadow models (``>= 2``). Each is one full tiny-clip training: about 13 s
+            for ``xs`` with the quick schedule on one CPU thread.
+        size: the shadows' tiny-clip size; None = the target's (``model.cfg.size``).
+        quick: the quick (200 steps) or full (900 steps) schedule of
+            :meth:`~mmsafe.models.tiny_clip.TrainConfig.preset`; ignored when ``train`` is
+            given.
+        train: a :class:`~mmsafe.models.tiny_clip.TrainConfig` for the shadows.
+        statistic: ``"logit"`` or ``"cosine"`` (see :func:`pair_statistic`).
+        seed: seeds the IN/OUT draw and each shadow's initialisation and training.
+        engine: embeds the pool with each shadow (a fresh :class:`~mmsafe.engine.Engine` when
+            None); shadow embeddings are never cached.
+        target_embeddings: the target's ``(image, text)`` embeddings of ``pool``, when already
+            computed.
+
+    Raises:
+        ValueError: fewer than 2 shadows.
+    """
+    import time
+
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig, TrainConfig, train_tiny_clip
+
+    if n_shadows < 2:
+        raise ValueError(f"LiRA needs at least 2 shadow models, got {n_shadows}")
+    if engine is None:
+        from mmsafe.engine import Engine
+
+        engine = Engine(progress=False, seed=seed)
+    size = size or getattr(getattr(model, "cfg", None), "size", "s")
+    cfg = TinyClipConfig.for_size(str(size))
+    recipe = train if train is not None else TrainConfig.preset(quick)
+
+    def embed(m: EncoderModel) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(  # type: ignore[return-value]
+            engine.embed_values(m, k, pool.modalities[k]).double().numpy()
+            for k in ("image", "text")
+        )
+
+    def stat(m: EncoderModel, e: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        scale = float(getattr(m, "logit_scale", 1.0 / 0.07))
+        return pair_statistic(e[0], e[1], scale, statistic)
+
+    n = len(pool)
+    items = content_ids(pool.modalities["image"], [str(t) for t in pool.modalities["text"]])
+    rng = np.random.default_rng(seed + 7919)
+    inside_item = np.argsort(rng.random((n_shadows, int(items.max()) + 1)), axis=0)
+    inside = (inside_item < n_shadows // 2)[:, items]
+    target = stat(model, target_embeddings if target_embeddings is not None else embed(model))
+    stats = np.empty((n_shadows, n))
+    start = time.perf_counter()
+    for k in range(n_shadows):
+        half = pool.subset(inside[k], name=f"lira-shadow-{k}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 1 + k)
+            shadow = TinyClip(cfg).to(model.device)
+            train_tiny_clip(shadow, half, recipe, seed=seed + 1 + k, progress=False)
+        stats[k] = stat(shadow, embed(shadow))
+    return EncoderShadows(
+        target=target,
+        shadow=stats,
+        inside=inside,
+        size=cfg.size,
+        steps=recipe.steps,
+        seconds=time.perf_counter() - start,
+        statistic=statistic,
+    )
 
 
 def lira_fusion_scores(
@@ -203,6 +415,14 @@ class PrivacyCheck(Check):
         lira_shadows: shadow heads for LiRA on a fusion task (0 = off; each costs one head
             training on the frozen embeddings).
         lira_online: LiRA's online (IN and OUT) or offline (OUT only) test.
+        encoder_shadows: shadow tiny-clips for LiRA against the encoder itself, reported as
+            ``lira_encoder_online`` and ``lira_encoder_offline`` (0 = off; each shadow is one
+            tiny-clip training from scratch, about 13 s for a quick ``xs`` on one CPU thread).
+            Runs when the model is a tiny-clip and the data has image-caption pairs.
+        encoder_shadow_size: the shadows' tiny-clip size (None = the audited model's).
+        encoder_shadow_quick: train the shadows with the quick (200 steps) schedule (True),
+            the full one (900 steps, False), or the audited model's recorded recipe (None:
+            its ``training_info["hyperparameters"]``, else quick).
     """
 
     name = "controllability.privacy"
@@ -230,6 +450,9 @@ class PrivacyCheck(Check):
         n_examples: int = 10,
         lira_shadows: int = 0,
         lira_online: bool = True,
+        encoder_shadows: int = 0,
+        encoder_shadow_size: str | None = "xs",
+        encoder_shadow_quick: bool | None = True,
     ) -> None:
         if not 0.0 < outlier_level < 1.0:
             raise ValueError(f"outlier_level must be in (0, 1), got {outlier_level}")
@@ -238,8 +461,13 @@ class PrivacyCheck(Check):
         self.near_duplicate_threshold = near_duplicate_threshold
         self.max_auc = max_auc
         self.n_examples = n_examples
+        if encoder_shadows < 0 or encoder_shadows == 1:
+            raise ValueError(f"encoder_shadows must be 0 (off) or >= 2, got {encoder_shadows}")
         self.lira_shadows = lira_shadows
         self.lira_online = lira_online
+        self.encoder_shadows = encoder_shadows
+        self.encoder_shadow_size = encoder_shadow_size
+        self.encoder_shadow_quick = encoder_shadow_quick
 
     def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
         reason = super().skip_reason(ctx)
@@ -249,7 +477,14 @@ class PrivacyCheck(Check):
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
-        ms = membership_scores(ctx, self.lira_shadows, self.lira_online)
+        ms = membership_scores(
+            ctx,
+            self.lira_shadows,
+            self.lira_online,
+            self.encoder_shadows,
+            self.encoder_shadow_size,
+            self.encoder_shadow_quick,
+        )
         mem = ms.is_member
         results = {a: attack_metrics(s, mem, FPRS) for a, s in ms.scores.items()}
         metrics: dict[str, Metric] = {}
@@ -275,6 +510,8 @@ class PrivacyCheck(Check):
                     f"embeddings, and task {ctx.task.name!r} has none.",
                 )
             )
+        if self.encoder_shadows > 0:
+            findings.append(_encoder_lira_finding(ctx, ms, results))
         mem_metrics, mem_findings, mem_plots = self._memorisation(ms, results, strongest)
         metrics.update(mem_metrics)
         findings += mem_findings
@@ -448,6 +685,62 @@ class PrivacyCheck(Check):
             for i in idx
         ]
         return {"kind": "table", "title": title, "columns": cols, "rows": rows}
+
+
+_STATISTIC_WORDS = {
+    "logit": "the logit of the own caption's softmax among all scored captions",
+    "cosine": "the scaled image-caption cosine",
+}
+
+
+def _encoder_lira_finding(
+    ctx: AuditContext, ms: MembershipScores, results: dict[str, AttackResult]
+) -> Finding:
+    es = ms.encoder_shadows
+    if es is None:
+        return Finding(
+            "info",
+            "Encoder LiRA skipped: shadow encoders are tiny-clips trained by the built-in "
+            f"trainer, so it needs a tiny-clip and image-caption pairs; {ctx.model.name!r} on "
+            f"{ctx.data.name!r} is not that.",
+        )
+    k, n = es.shadow.shape
+    target_size = getattr(getattr(ctx.model, "cfg", None), "size", None)
+    target_steps = getattr(ctx.model, "training_info", {}).get("steps")
+    on, off = results["lira_encoder_online"], results["lira_encoder_offline"]
+    base = results.get("cosine")
+    mismatch = []
+    if target_size is not None and target_size != es.size:
+        mismatch.append(f"size {target_size}")
+    if target_steps is not None and int(target_steps) != es.steps:
+        mismatch.append(f"{target_steps} steps")
+    return Finding(
+        "info",
+        f"Encoder LiRA: {k} shadow tiny-clip-{es.size} ({es.steps} steps each), each trained "
+        f"from scratch on a random half of the {n} scored rows (every item IN for {k // 2}), "
+        f"took {es.seconds:.1f} s ({es.seconds / k:.1f} s per shadow). Statistic: "
+        + _STATISTIC_WORDS.get(es.statistic, es.statistic)
+        + f". AUC online {on.auc:.3f} (TPR@1% FPR "
+        f"{on.tpr_at_fpr[0.01]:.3f}), offline {off.auc:.3f} (TPR@1% FPR "
+        f"{off.tpr_at_fpr[0.01]:.3f})"
+        + (f", vs cosine {base.auc:.3f}" if base is not None else "")
+        + ". "
+        + (
+            f"The target differs from the shadows ({', '.join(mismatch)}), which weakens LiRA. "
+            if mismatch
+            else ""
+        )
+        + f"With {k} shadows the per-row Gaussians are rough; Carlini et al. use 64+.",
+        {
+            "n_shadows": k,
+            "shadow_size": es.size,
+            "shadow_steps": es.steps,
+            "seconds": es.seconds,
+            "statistic": es.statistic,
+            "auc_online": on.auc,
+            "auc_offline": off.auc,
+        },
+    )
 
 
 def _roc_plot(ms: MembershipScores, results: dict[str, AttackResult]) -> dict[str, Any]:
