@@ -74,6 +74,14 @@ def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypa
     # a different seed is a different audit: nothing is reused
     result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
     assert result.resumed == []
+    # the same audit is reused ... unless mmsafe's code changed since
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
+    assert result.resumed == ["performance"]
+    import mmsafe.audit
+
+    monkeypatch.setattr(mmsafe.audit, "code_digest", lambda: "other code")
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
+    assert result.resumed == []
 
 
 def test_a_crashing_check_is_recorded_and_logged(toy_model, colour_data, tmp_path, monkeypatch):

@@ -11,6 +11,8 @@ a power cut) reuses every finished check and runs only the rest.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import time
 import traceback
@@ -79,9 +81,29 @@ def evaluation_splits(data: Dataset) -> tuple[Dataset, Dataset | None, Dataset |
     return evaluated, calibration, train
 
 
+@functools.cache
+def code_digest() -> str:
+    """A digest of mmsafe's own source files.
+
+    Part of every resume key, so a resumed audit never reuses a result that older code computed
+    (after an upgrade, or while a check is being developed).
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(path.relative_to(Path(__file__).parent).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def check_key(name: str, config: Mapping[str, Any], fingerprints: Sequence[str], seed: int) -> str:
-    """The key under which a finished check is saved for resuming."""
-    return stable_hash("check", __version__, name, dict(config), list(fingerprints), seed)
+    """The key under which a finished check is saved for resuming.
+
+    It holds the check's name and options, the model/data/task fingerprints, the seed, and the
+    mmsafe version and source digest (:func:`code_digest`).
+    """
+    return stable_hash(
+        "check", __version__, code_digest(), name, dict(config), list(fingerprints), seed
+    )
 
 
 def _load_finished(path: Path, key: str) -> CheckResult | None:
