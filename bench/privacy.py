@@ -37,7 +37,14 @@ from mmsafe.engine import Engine
 from mmsafe.harden.unlearn import compare_unlearning
 from mmsafe.loading import load_data, load_model
 from mmsafe.models.heads import fit_fusion_head
-from mmsafe.privacy import cosine_scores, lira_scores, loss_scores, membership_auc, tpr_at_fpr
+from mmsafe.privacy import (
+    content_ids,
+    cosine_scores,
+    lira_scores,
+    loss_scores,
+    membership_auc,
+    tpr_at_fpr,
+)
 
 
 def main() -> None:
@@ -111,11 +118,17 @@ def main() -> None:
         )
 
     row("loss threshold", 0, 0.0, loss)
+    everyone = _pool([train, *(d for d, _ in held)])
+    items = content_ids(everyone.modalities["image"], [str(t) for t in everyone.modalities["text"]])
     for k in args.shadows:
         for online in (True, False):
-            t0 = time.perf_counter()
-            s = lira_fusion_scores(head, e_all, y_all, k, seed=args.seed, online=online)
-            row(f"LiRA {'online' if online else 'offline'}", k, time.perf_counter() - t0, s)
+            for draw, it in (("per row", None), ("per item", items)):
+                t0 = time.perf_counter()
+                s = lira_fusion_scores(
+                    head, e_all, y_all, k, seed=args.seed, online=online, items=it
+                )
+                name = f"LiRA {'online' if online else 'offline'}, {draw}"
+                row(name, k, time.perf_counter() - t0, s)
 
     # (a2) encoder LiRA ------------------------------------------------------------------
     if args.encoder_shadows:

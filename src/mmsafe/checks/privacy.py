@@ -180,8 +180,14 @@ def membership_scores(
     head = fusion_head_of(task)
     if lira_shadows > 0 and head is not None:
         task_emb = {m: torch.cat([o.embeddings[m] for o in outs]) for m in head.modalities}
+        items = None
+        if {"image", "text"} <= set(ctx.data.modality_names):
+            items = content_ids(
+                [v for d in parts for v in d.modalities["image"]],
+                [str(t) for d in parts for t in d.modalities["text"]],
+            )
         scores["lira"] = lira_fusion_scores(
-            head, task_emb, labels, lira_shadows, seed=ctx.seed, online=lira_online
+            head, task_emb, labels, lira_shadows, seed=ctx.seed, online=lira_online, items=items
         )
     ids = [i for d in parts for i in d.ids]
     return MembershipScores(ids, is_member, scores, members, emb, shadows)
@@ -314,9 +320,7 @@ def encoder_shadow_statistics(
 
     n = len(pool)
     items = content_ids(pool.modalities["image"], [str(t) for t in pool.modalities["text"]])
-    rng = np.random.default_rng(seed + 7919)
-    inside_item = np.argsort(rng.random((n_shadows, int(items.max()) + 1)), axis=0)
-    inside = (inside_item < n_shadows // 2)[:, items]
+    inside = half_split(items, n_shadows, np.random.default_rng(seed + 7919))
     target = stat(model, target_embeddings if target_embeddings is not None else embed(model))
     stats = np.empty((n_shadows, n))
     start = time.perf_counter()
@@ -338,6 +342,21 @@ def encoder_shadow_statistics(
     )
 
 
+def half_split(items: np.ndarray, n_shadows: int, rng: np.random.Generator) -> np.ndarray:
+    """``(K, N)`` IN/OUT draws: every item IN for exactly half of the ``K`` shadows.
+
+    ``items[n]`` names row ``n``'s item; copies of one item go in or out together, or a
+    duplicated row would sit in almost every "OUT" shadow through its copies.
+
+    Example:
+        >>> inside = half_split(np.array([0, 1, 1, 2]), 4, np.random.default_rng(0))
+        >>> inside.sum(axis=0).tolist(), bool((inside[:, 1] == inside[:, 2]).all())
+        ([2, 2, 2, 2], True)
+    """
+    order = np.argsort(rng.random((n_shadows, int(items.max()) + 1)), axis=0)
+    return (order < n_shadows // 2)[:, items]
+
+
 def lira_fusion_scores(
     head: Any,
     embeddings: dict[str, torch.Tensor],
@@ -345,15 +364,17 @@ def lira_fusion_scores(
     n_shadows: int,
     seed: int = 0,
     online: bool = True,
+    items: np.ndarray | None = None,
 ) -> np.ndarray:
     """LiRA against a fusion head, with shadow heads trained on the same frozen embeddings.
 
-    The population is every row passed in (members and non-members). Every row is IN for
-    exactly half of the ``n_shadows`` shadow heads, chosen at random, as in Carlini et al.'s
-    code. Each shadow repeats the target head's training recipe (its config and ``fit_info``)
-    on its half. The statistic is :func:`~mmsafe.privacy.logit_confidence` of the true label.
-    Only the head's membership is modelled: the encoder, trained on the members too, stays
-    fixed, so whatever it leaks is in the embeddings of every shadow alike.
+    The population is every row passed in (members and non-members). Every row (or item, with
+    ``items``: exact copies together) is IN for exactly half of the ``n_shadows`` shadow heads,
+    chosen at random, as in Carlini et al.'s code. Each shadow repeats the target head's
+    training recipe (its config and ``fit_info``) on its half. The statistic is
+    :func:`~mmsafe.privacy.logit_confidence` of the true label. Only the head's membership is
+    modelled: the encoder, trained on the members too, stays fixed, so whatever it leaks is in
+    the embeddings of every shadow alike.
 
     Args:
         head: the target :class:`~mmsafe.models.heads.FusionHead`.
@@ -362,6 +383,8 @@ def lira_fusion_scores(
         n_shadows: shadow heads (``>= 2``; 16 or more for stable per-example Gaussians).
         seed: seeds the IN/OUT draw and the shadows' training.
         online: LiRA's online (IN and OUT Gaussians) or offline (OUT only) test.
+        items: ``(N,)`` item index of each row (e.g. :func:`~mmsafe.privacy.content_ids`);
+            default: every row its own item.
 
     Returns:
         ``(N,)`` LiRA scores (higher = more member-like).
@@ -372,9 +395,8 @@ def lira_fusion_scores(
         raise ValueError(f"LiRA needs at least 2 shadow models, got {n_shadows}")
     cfg, info = head.cfg, head.fit_info
     n = len(labels)
-    rng = np.random.default_rng(seed + 104729)
-    order = np.argsort(rng.random((n_shadows, n)), axis=0)
-    inside = order < n_shadows // 2  # every row IN for exactly half of the shadows
+    items = np.arange(n) if items is None else np.asarray(items)
+    inside = half_split(items, n_shadows, np.random.default_rng(seed + 104729))
     y = torch.as_tensor(labels, dtype=torch.int64)
     stats = np.empty((n_shadows, n))
     for k in range(n_shadows):
