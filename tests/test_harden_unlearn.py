@@ -1,23 +1,20 @@
 """Unlearning a fusion head (mmsafe.harden.unlearn), checked against retraining from scratch.
 
-The world is a small shapes world (600 distinct items, 360 of them in train; 20 train items
-copied 5 times more, so 460 train rows of which 120 are duplicated) embedded by a fixed, cheap
-encoder: average-pooled pixels and a hashed bag of caption words. tiny-clip is not needed (the
-head only sees cached embeddings) and training it would dominate the test time. The original
-head is an MLP trained long enough to memorise its training rows, so the duplicated items, the
-forget set, leak through the loss attack; the non-members are the labelled calibration and test
-rows.
+The comparison runs on the quick tiny-clip's embeddings of its own world (`shapes_quick`: 640
+train rows, 120 of them the copies of 20 duplicated items, which are the forget set). The
+original head is an MLP (128 hidden units, 200 epochs) that memorises its training rows, so
+the duplicated items leak through the loss attack; the non-members are the labelled calibration
+and test rows. Measured over head/unlearning seeds 0-3 (forget MIA AUC original / unlearned /
+retrained, gap to retraining):
 
-Measured on world seed 0 (original / unlearned / retrained):
+* multidelete: 0.81-0.82 / 0.606-0.623 / 0.571-0.610, gap -0.004 to +0.047; test accuracy
+  within 0.043 of retraining;
+* gradient ascent: unlearned 0.674-0.699, gap +0.064 to +0.129 (a weaker baseline).
 
-* multidelete: forget MIA AUC 0.842 / 0.727 / 0.698; retained accuracy 1.000 / 1.000 / 1.000;
-  test accuracy 0.528 / 0.546 / 0.565 (the cheap encoder makes a weak classifier).
-* gradient ascent: forget MIA AUC 0.842 / 0.714 / 0.698.
-
-MultiDelete's AUC gap to retraining depends on the world: +0.029, +0.044 and +0.117 for world
-seeds 0, 1 and 2 (gradient ascent: +0.016, -0.066, -0.054). It decouples the forgotten *pairs*;
-a head that memorised an item from one modality alone keeps some of it (forget accuracy stays
-1.0 here, against 0.65-0.80 after retraining). The test pins seed 0 and asserts a 0.1 margin.
+With weak features (a pooled-pixel + bag-of-words encoder) MultiDelete's gap was larger
+(+0.03 to +0.12 over three worlds): it decouples the forgotten *pairs*, and a head that
+memorised an item from one modality alone keeps some of it. The cheap encoder below still
+serves the tests that need no memorisation (determinism, saving, forget-list errors).
 """
 
 from __future__ import annotations
@@ -46,10 +43,11 @@ from mmsafe.models.base import Batch, EncoderModel, images_to_tensor
 from mmsafe.models.heads import FusionHead, fit_fusion_head
 
 WORLD = "shapes:n=600,image_size=16,train_defects=0"
-N_TRAIN = 460
+N_TRAIN = 640  # the quick world's train rows
 AUC_MARGIN = 0.1
 ACC_MARGIN = 0.08
-HEAD = {"hidden": 64, "epochs": 150}
+HEAD = {"hidden": 128, "epochs": 200}
+SEEDS = (0, 1, 2)
 
 
 class PoolBagEncoder(EncoderModel):
@@ -82,30 +80,39 @@ def world() -> Dataset:
     return load_data(WORLD)
 
 
-@pytest.fixture(scope="module")
-def duplicated_ids(world: Dataset) -> list[str]:
+def _duplicated(data: Dataset) -> list[str]:
     """Every train row of a duplicated item: the originals and their copies."""
-    ids = [
+    return [
         i
-        for i, s, m in zip(world.ids, world.splits or [], world.meta, strict=True)
+        for i, s, m in zip(data.ids, data.splits or [], data.meta, strict=True)
         if s == "train" and (m.get("n_copies") or m.get("dup_of"))
     ]
+
+
+@pytest.fixture(scope="module")
+def duplicated_ids(world: Dataset) -> list[str]:
+    ids = _duplicated(world)
     assert len(ids) == 120
     return ids
 
 
 @pytest.fixture(scope="module")
-def reports(world: Dataset, duplicated_ids: list[str]) -> dict[str, UnlearnReport]:
+def reports(shapes_quick: Any) -> dict[tuple[int, str], UnlearnReport]:
+    quick_world, model = shapes_quick
+    forget = _duplicated(quick_world)
     engine = Engine(progress=False)
-    model = PoolBagEncoder()
     return {
-        method: unlearn_fusion(model, world, duplicated_ids, method=method, engine=engine, **HEAD)
+        (seed, method): unlearn_fusion(
+            model, quick_world, forget, method=method, engine=engine, seed=seed, **HEAD
+        )
+        for seed in SEEDS
         for method in ("multidelete", "gradient_ascent")
     }
 
 
-def test_multidelete_forgets_like_retraining(reports: dict[str, UnlearnReport]) -> None:
-    r = reports["multidelete"]
+@pytest.mark.parametrize("seed", SEEDS)
+def test_multidelete_forgets_like_retraining(reports: dict, seed: int) -> None:
+    r = reports[(seed, "multidelete")]
     assert r.n_forget == 120 and r.n_retain == N_TRAIN - 120
     # The original leaks the duplicated items; retraining without them removes most of it.
     assert r.original.forget_auc > r.retrained.forget_auc + 0.1
@@ -122,11 +129,14 @@ def test_multidelete_forgets_like_retraining(reports: dict[str, UnlearnReport]) 
     assert "retrained from scratch" in table and f"{r.unlearned.forget_auc:.3f}" in table
 
 
-def test_gradient_ascent_reduces_forget_auc(reports: dict[str, UnlearnReport]) -> None:
-    r = reports["gradient_ascent"]
+@pytest.mark.parametrize("seed", SEEDS)
+def test_gradient_ascent_reduces_forget_auc(reports: dict, seed: int) -> None:
+    r = reports[(seed, "gradient_ascent")]
     assert r.unlearned.forget_auc < r.original.forget_auc - 0.05
     assert r.unlearned.test_accuracy > r.retrained.test_accuracy - 0.1
-    assert r.original == reports["multidelete"].original  # same head, same rows
+    assert r.original == reports[(seed, "multidelete")].original  # same head, same rows
+    # MultiDelete, which keeps the retained behaviour explicitly, lands closer to retraining
+    assert abs(reports[(seed, "multidelete")].auc_gap) < abs(r.auc_gap)
 
 
 def test_unlearning_is_deterministic_and_leaves_the_head_alone() -> None:
