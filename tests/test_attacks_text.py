@@ -63,7 +63,13 @@ def test_substitution_budget_zero_and_asr_rises_with_budget() -> None:
 def test_substitution_queries_bounded_and_monotone(b1: int, extra: int, seed: int) -> None:
     clean = colour_margin(TEXTS, range(30))
     small = substitution_attack(colour_margin, TEXTS, b1, VOCAB, clean_margin=clean, seed=seed)
-    big = substitution_attack(colour_margin, TEXTS, b1 + extra, VOCAB, seed=seed)
+    big = substitution_attack(
+        colour_margin, TEXTS, b1 + extra, VOCAB, clean_margin=clean, seed=seed
+    )
+    # without the clean margin, the first query of each row is spent on measuring it
+    plain = substitution_attack(colour_margin, TEXTS, b1 + extra + 1, VOCAB, seed=seed)
+    assert (plain.queries <= b1 + extra + 1).all()
+    assert not (big.success & ~plain.success).any()
     assert (small.queries <= b1).all() and (big.queries <= b1 + extra).all()
     assert not (small.success & ~big.success).any()  # success is monotone in the budget
 
