@@ -41,19 +41,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from mmsafe.attacks import ATTACKS, NORMS, pixel_forward, run_attack
+from mmsafe.attacks import ATTACKS, NORMS, pixel_forward
 from mmsafe.attacks_text import TEXT_ATTACKS
 from mmsafe.checks.adversarial_common import (
     REMEDIATION,
     AttackOutcome,
     AttackSettings,
-    as_norm,
     attack_success_rate,
     by_severity,
     eps_label,
+    pixels,
     select_rows,
+    sweep,
+    task_embeddings,
 )
 from mmsafe.checks.adversarial_extra import extra_attacks
 from mmsafe.checks.adversarial_retrieval import (
@@ -64,7 +65,6 @@ from mmsafe.checks.adversarial_retrieval import (
 )
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.engine.runner import to_device
 from mmsafe.metrics import mean_ci
 
 __all__ = [
@@ -318,35 +318,13 @@ def image_attacks(
     for start in range(0, len(targets), s.batch_size):
         pos = targets[start : start + s.batch_size]
         idx = rows[pos]
-        images = [ctx.data.modalities["image"][i] for i in idx]
-        x = to_device(model.preprocess("image", images), device)
-        assert isinstance(x, Tensor)
+        x = pixels(ctx, idx)
         y = torch.as_tensor(labels[pos], dtype=torch.long, device=device)
-        fixed = {
-            m: e[torch.as_tensor(idx)].to(device)
-            for m, e in ctx.outputs.embeddings.items()
-            if m != "image" and m in ctx.task.modalities
-        }
-        forward = pixel_forward(model, ctx.task, fixed)
-        for norm in s.norms:
-            for atk in s.attacks:
-                for e in s.eps[norm]:
-                    x_adv = run_attack(
-                        atk,
-                        forward,
-                        x,
-                        y,
-                        e,
-                        as_norm(norm),
-                        steps=s.steps,
-                        restarts=s.restarts,
-                        random_start=s.random_start,
-                        generator=gen,
-                        early_stop=s.early_stop,
-                    )
-                    with torch.no_grad():
-                        pred = forward(x_adv).argmax(dim=-1)
-                    out[(norm, atk, e)][pos] = (pred == y).float().cpu().numpy()
+        forward = pixel_forward(model, ctx.task, task_embeddings(ctx, idx, device=device))
+        for key, x_adv in sweep(s, forward, x, y, gen, early_stop=s.early_stop):
+            with torch.no_grad():
+                pred = forward(x_adv).argmax(dim=-1)
+            out[key][pos] = (pred == y).float().cpu().numpy()
     return out
 
 

@@ -7,14 +7,15 @@ paths in :mod:`mmsafe.checks.adversarial`, :mod:`mmsafe.checks.adversarial_extra
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from mmsafe.attacks import Norm
+from mmsafe.attacks import Forward, Norm, run_attack
 from mmsafe.checks.base import AuditContext, Finding, Metric
 from mmsafe.engine.runner import to_device
 
@@ -151,6 +152,59 @@ def universal_train_pixels(ctx: AuditContext, n_rows: int) -> Tensor | None:
     px = ctx.model.preprocess("image", [source.modalities["image"][i] for i in pick])
     assert isinstance(px, Tensor)
     return px
+
+
+def task_embeddings(
+    ctx: AuditContext,
+    idx: np.ndarray | Tensor,
+    exclude: Sequence[str] = ("image",),
+    device: torch.device | None = None,
+) -> dict[str, Tensor]:
+    """The clean embeddings of rows ``idx`` for the task's modalities, but ``exclude``.
+
+    These are what an attack on the excluded modalities holds fixed (e.g. the caption of a
+    ``fusion`` row while its image is attacked).
+    """
+    sel = torch.as_tensor(idx)
+    return {
+        m: e[sel] if device is None else e[sel].to(device)
+        for m, e in ctx.outputs.embeddings.items()
+        if m in ctx.task.modalities and m not in exclude
+    }
+
+
+def sweep(
+    s: AttackSettings,
+    forward: Forward,
+    x: Tensor,
+    y: Tensor,
+    generator: torch.Generator,
+    early_stop: bool = False,
+) -> Iterator[tuple[tuple[str, str, float], Tensor]]:
+    """``((norm, attack, eps), x_adv)`` for every configured image attack on one batch.
+
+    The attacks run lazily, in the settings' order, drawing their random starts from
+    ``generator``.
+    """
+    for norm in s.norms:
+        for atk in s.attacks:
+            for e in s.eps[norm]:
+                yield (
+                    (norm, atk, e),
+                    run_attack(
+                        atk,
+                        forward,
+                        x,
+                        y,
+                        e,
+                        as_norm(norm),
+                        steps=s.steps,
+                        restarts=s.restarts,
+                        random_start=s.random_start,
+                        generator=generator,
+                        early_stop=early_stop,
+                    ),
+                )
 
 
 def as_norm(norm: str) -> Norm:

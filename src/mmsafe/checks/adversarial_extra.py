@@ -30,6 +30,7 @@ from mmsafe.checks.adversarial_common import (
     attack_success_rate,
     batches,
     eps_label,
+    task_embeddings,
     universal_train_pixels,
 )
 from mmsafe.checks.base import AuditContext, Finding, Metric
@@ -195,11 +196,7 @@ def text_attack_curves(
     device = ctx.engine.device
     model = ctx.model.to(device).eval()
     texts = [str(ctx.data.modalities["text"][i]) for i in rows]
-    emb = {
-        m: e[torch.as_tensor(rows)].to(device)
-        for m, e in ctx.outputs.embeddings.items()
-        if m in ctx.task.modalities and m != "text"
-    }
+    emb = task_embeddings(ctx, rows, exclude=("text",), device=device)
     y_all = torch.as_tensor(labels, dtype=torch.long, device=device)
 
     def logits_for(text_emb: Tensor, pos: Tensor) -> Tensor:
@@ -330,11 +327,7 @@ def co_attack_curves(
                     logits = res.image_embedding @ cls.T
                     logits[torch.arange(len(pos)), y] = (res.image_embedding * cls_adv).sum(-1)
                 else:
-                    fixed = {
-                        m: v[torch.as_tensor(idx)].to(device)
-                        for m, v in ctx.outputs.embeddings.items()
-                        if m in ctx.task.modalities and m not in ("image", "text")
-                    }
+                    fixed = task_embeddings(ctx, idx, exclude=("image", "text"), device=device)
                     logits = ctx.task.logits(
                         {**fixed, "image": res.image_embedding, "text": res.text_embedding}
                     )
@@ -368,11 +361,7 @@ def universal_curves(
     gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 31)
     out = {}
     cosines: dict[str, Metric] = {}
-    fixed_all = {
-        m: v[torch.as_tensor(rows)]
-        for m, v in ctx.outputs.embeddings.items()
-        if m != "image" and m in ctx.task.modalities
-    }
+    fixed_all = task_embeddings(ctx, rows)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     for e in s.eps["linf"]:
         delta = universal_perturbation(

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsafe.attacks import run_attack
 from mmsafe.attacks_text import (
     AttackError,
     co_attack,
@@ -30,13 +29,13 @@ from mmsafe.checks.adversarial_common import (
     REMEDIATION,
     AttackOutcome,
     AttackSettings,
-    as_norm,
     attack_success_rate,
     batches,
     by_severity,
     eps_label,
     pixels,
     select_rows,
+    sweep,
     universal_train_pixels,
 )
 from mmsafe.checks.base import AuditContext, Finding, Metric
@@ -295,24 +294,10 @@ def retrieval_image_attacks(
     for pos in batches(np.arange(len(rows)), s.batch_size):
         x = pixels(ctx, rows[pos])
         y = torch.as_tensor(target[pos], dtype=torch.long, device=device)
-        for norm in s.norms:
-            for atk in s.attacks:
-                for e in s.eps[norm]:
-                    x_adv = run_attack(
-                        atk,
-                        forward,
-                        x,
-                        y,
-                        e,
-                        as_norm(norm),
-                        steps=s.steps,
-                        restarts=s.restarts,
-                        random_start=s.random_start,
-                        generator=gen,
-                    )
-                    with torch.no_grad():
-                        emb = model.encode({"image": x_adv})["image"]
-                    out[(norm, atk, e)][torch.as_tensor(pos)] = emb.float().cpu()
+        for key, x_adv in sweep(s, forward, x, y, gen):
+            with torch.no_grad():
+                emb = model.encode({"image": x_adv})["image"]
+            out[key][torch.as_tensor(pos)] = emb.float().cpu()
     return out
 
 
