@@ -36,16 +36,19 @@ class HardenResult:
         before: the audit of the model as it was (``None`` when the hardener adds an output
             rather than changing one, as a conformal predictor does).
         after: the audit of the hardened model (same rows, same checks).
-        deltas: every metric both cards share, with its change.
         artifact: the file the fitted hardener was saved to.
         summary: headline numbers of the hardener (e.g. the fitted temperature).
     """
 
     before: AuditResult | None
     after: AuditResult
-    deltas: list[Delta]
     artifact: Path
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def deltas(self) -> list[Delta]:
+        """Every metric both cards share, with its change (empty without a ``before``)."""
+        return [] if self.before is None else compare_cards(self.before.card, self.after.card)
 
 
 def _calibration_outputs(
@@ -90,7 +93,6 @@ def harden_temperature(
     return HardenResult(
         before,
         after,
-        compare_cards(before.card, after.card),
         artifact,
         {"temperature": float(scaler.temperature_)},
     )
@@ -155,7 +157,12 @@ def harden_conformal(
         engine=engine,
         options=options,
     )
-    return HardenResult(None, result, [], artifact, {"confidence_level": confidence_level})
+    return HardenResult(None, result, artifact, {"confidence_level": confidence_level})
+
+
+def _privacy_summary(report: Any) -> dict[str, Any]:
+    """The headline of a DP report (:class:`~mmsafe.harden.dp.DPReport` or DP-CLIP's)."""
+    return {k: getattr(report, k) for k in ("epsilon", "delta", "noise_multiplier", "steps")}
 
 
 def _fusion_task(task: str | Task) -> Task:
@@ -354,7 +361,6 @@ def harden_adversarial(
     return HardenResult(
         before,
         after,
-        compare_cards(before.card, after.card),
         artifact,
         {"alpha": alpha, **{f"alpha={p['alpha']:g}/robust": p["robust"] for p in sweep}},
     )
@@ -413,14 +419,8 @@ def harden_dp(
     return HardenResult(
         before,
         after,
-        compare_cards(before.card, after.card),
         artifact,
-        {
-            "epsilon": report.epsilon,
-            "delta": report.delta,
-            "noise_multiplier": report.noise_multiplier,
-            "steps": report.steps,
-        },
+        _privacy_summary(report),
     )
 
 
@@ -466,7 +466,6 @@ def harden_unlearn(
     return HardenResult(
         before,
         after,
-        compare_cards(before.card, after.card),
         Path(report.artifact),
         {
             "forget_rows": report.n_forget,
@@ -540,7 +539,7 @@ def harden_fairness(
         for r in report.rows
         for m in ("accuracy", "equalized_odds_difference")
     }
-    return HardenResult(None, audit, [], artifact, summary)
+    return HardenResult(None, audit, artifact, summary)
 
 
 def harden_dp_contrastive(
@@ -602,12 +601,6 @@ def harden_dp_contrastive(
     return HardenResult(
         before,
         after,
-        compare_cards(before.card, after.card),
         artifact,
-        {
-            "epsilon": report.epsilon,
-            "delta": report.delta,
-            "noise_multiplier": report.noise_multiplier,
-            "steps": report.steps,
-        },
+        _privacy_summary(report),
     )
