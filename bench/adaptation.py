@@ -43,7 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsafe.adapt import (
+from mmsafe.data.loading import load_data
+from mmsafe.methods.adapt import (
     AdaptReport,
     adapt,
     markdown_table,
@@ -51,8 +52,8 @@ from mmsafe.adapt import (
     with_tpme,
     zero_shot_retrieval,
 )
-from mmsafe.loading import load_data, load_model
 from mmsafe.models.hf import CLIP_MEAN, CLIP_STD, HFClip
+from mmsafe.models.loading import load_model
 from mmsafe.models.tiny_clip import BOS, EOS, PAD, VOCAB_SIZE, tokenize
 
 

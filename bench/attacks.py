@@ -12,8 +12,10 @@ Two models, one process, CPU:
 Three runs per model, L-inf eps 4/255, 10 steps, step 2.5 * eps / steps, random start:
 
 * ``torchattacks``: ``torchattacks.PGD`` on every row (it has no notion of cached outputs);
-* ``mmsafe-plain``: :func:`mmsafe.attacks.pgd` on every row (same algorithm, per-step parity);
-* ``mmsafe``: :func:`mmsafe.attacks.run_attack` as the check calls it: rows the cached clean
+* ``mmsafe-plain``: :func:`mmsafe.methods.attacks.pixel.pgd` on every row (same algorithm, per-step
+parity);
+* ``mmsafe``: :func:`mmsafe.methods.attacks.pixel.run_attack` as the check calls it: rows the
+cached clean
   logits already misclassify are skipped, and ``early_stop`` drops a row at its first
   misclassifying iterate.
 
@@ -34,9 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsafe.attacks import pgd, pixel_forward, run_attack
-from mmsafe.loading import load_data, load_model
+from mmsafe.data.loading import load_data
+from mmsafe.methods.attacks.pixel import pgd, pixel_forward, run_attack
 from mmsafe.models.hf import CLIP_MEAN, CLIP_STD, HFClip
+from mmsafe.models.loading import load_model
 from mmsafe.tasks import create_task
 
 EPS, STEPS = 4 / 255, 10

@@ -29,7 +29,7 @@ import numpy as np
 from mapie.classification import SplitConformalClassifier
 from sklearn.base import BaseEstimator, ClassifierMixin
 
-from mmsafe.conformal import ConformalPredictor, set_coverage, set_sizes
+from mmsafe.methods.conformal import ConformalPredictor, set_coverage, set_sizes
 
 warnings.filterwarnings("ignore")
 

@@ -1,4 +1,4 @@
-"""Time the batched corruptions of mmsafe.corruptions (and imagecorruptions, if installed).
+"""Time the batched corruptions of mmsafe.methods.perturb (and imagecorruptions, if installed).
 
 Usage: .venv/bin/python bench/corruptions.py [--batch 256] [--side 32] [--device cpu]
        [--out bench/corruptions_results.md]
@@ -19,8 +19,13 @@ import time
 
 import torch
 
-from mmsafe.corruptions import IMAGE_CORRUPTIONS, TEXT_PERTURBATIONS, corrupt_images, perturb_texts
 from mmsafe.data.worlds import make_shapes
+from mmsafe.methods.perturb import (
+    IMAGE_CORRUPTIONS,
+    TEXT_PERTURBATIONS,
+    corrupt_images,
+    perturb_texts,
+)
 from mmsafe.models.base import images_to_tensor
 
 

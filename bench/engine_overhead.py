@@ -29,8 +29,9 @@ import time
 import torch
 
 from mmsafe.audit import evaluation_splits, run_audit
+from mmsafe.data.loading import load_data
 from mmsafe.engine import Engine
-from mmsafe.loading import load_data, load_model
+from mmsafe.models.loading import load_model
 from mmsafe.tasks import DEFAULT_TEMPLATES, build_prompts
 
 

@@ -3,14 +3,16 @@
 One process, tiny-clip (quick-trained on the world, from the model cache) on the shapes world,
 fusion heads trained on frozen, cached image + text embeddings:
 
-(a) **LiRA** against a fusion head with N shadow heads (:func:`mmsafe.checks.privacy.
+(a) **LiRA** against a fusion head with N shadow heads
+(:func:`mmsafe.checks.controllability.privacy.
     lira_fusion_scores`). The encoder runs once over every row (the embedding pass is timed);
     each shadow is then a head training on cached features. The "uncached" column estimates
     what shadows would cost if each re-ran the encoder (embedding time x N + shadow time).
     Members are the labelled train rows, non-members the labelled calibration + test rows; the
     AUC of the loss attack is printed beside LiRA's, overall and on the world's duplicated items.
 
-(a2) **LiRA against the encoder** with N shadow tiny-clips (:func:`mmsafe.checks.privacy.
+(a2) **LiRA against the encoder** with N shadow tiny-clips
+(:func:`mmsafe.checks.controllability.privacy.
     encoder_shadow_statistics`, size xs, quick schedule), each trained from scratch on a random
     half of the same members + non-members; the target's cosine attack is printed beside it.
 
@@ -32,12 +34,15 @@ import time
 import numpy as np
 import torch
 
-from mmsafe.checks.privacy import _pool, encoder_shadow_statistics, lira_fusion_scores
+from mmsafe.checks.controllability.privacy import (
+    _pool,
+    encoder_shadow_statistics,
+    lira_fusion_scores,
+)
+from mmsafe.data.loading import load_data
 from mmsafe.engine import Engine
 from mmsafe.harden.unlearn import compare_unlearning
-from mmsafe.loading import load_data, load_model
-from mmsafe.models.heads import fit_fusion_head
-from mmsafe.privacy import (
+from mmsafe.methods.privacy import (
     content_ids,
     cosine_scores,
     lira_scores,
@@ -45,6 +50,8 @@ from mmsafe.privacy import (
     membership_auc,
     tpr_at_fpr,
 )
+from mmsafe.models.heads import fit_fusion_head
+from mmsafe.models.loading import load_model
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ predictions are a softmax of noisy logits around the predicted class.
 
 For each size the script reports:
 
-* **time**: wall time of :func:`mmsafe.slices.discover_slices` (PCA to 64 dims, the mixture
+* **time**: wall time of :func:`mmsafe.methods.slices.discover_slices` (PCA to 64 dims, the mixture
   with 16 components, gamma 1 (DOMINO's default) and k-means++ initialisation, then scoring),
   with
   ``tol=0`` so every size runs exactly ``--iters`` EM iterations (the growth factor then
@@ -38,7 +38,7 @@ import tracemalloc
 import numpy as np
 import torch
 
-from mmsafe.slices import discover_slices
+from mmsafe.methods.slices import discover_slices
 
 DIM, CLUSTERS, CLASSES, PLANTED = 64, 20, 5, 7
 

@@ -110,7 +110,8 @@ def mmsafe_cache(tmp_path_factory) -> Any:
 @pytest.fixture(scope="session")
 def shapes_quick(mmsafe_cache) -> Any:
     """``(world, model)``: the quick shapes world and tiny-clip trained on its train split."""
-    from mmsafe.loading import load_data, load_model
+    from mmsafe.data.loading import load_data
+    from mmsafe.models.loading import load_model
 
     world = load_data(QUICK_WORLD_SPEC)
     model = load_model("tiny-clip", data=world, quick=True, cache_dir=mmsafe_cache, progress=False)

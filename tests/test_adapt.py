@@ -1,4 +1,5 @@
-"""Adaptation methods (mmsafe.adapt): IISAN validity, caching, and accuracy vs full fine-tuning."""
+"""Adaptation methods (mmsafe.methods.adapt): IISAN validity, caching, and accuracy vs full
+fine-tuning."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmsafe.adapt import (
+from mmsafe.data.worlds.shapes import make_shapes
+from mmsafe.methods.adapt import (
     IISANHead,
     adapt,
     compare_methods,
@@ -19,8 +21,7 @@ from mmsafe.adapt import (
     tower_layers,
     with_tpme,
 )
-from mmsafe.data.worlds.shapes import make_shapes
-from mmsafe.efficiency import count_parameters, tpme
+from mmsafe.methods.efficiency import count_parameters, tpme
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
 
 
@@ -227,11 +228,11 @@ def test_adapters_train_only_bottlenecks_and_head() -> None:
 def test_adapt_command_writes_results(tmp_path, monkeypatch) -> None:
     import json
 
-    import mmsafe.loading
-    from mmsafe.adapt import AdaptError, adapt_command, parse_methods
+    import mmsafe.models.loading
+    from mmsafe.methods.adapt import AdaptError, adapt_command, parse_methods
 
     _, model, _, _ = _xs_setup()
-    monkeypatch.setattr(mmsafe.loading, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(mmsafe.models.loading, "load_model", lambda *a, **k: model)
     reports = adapt_command(
         "tiny-clip-xs", "shapes:n=120,seed=1", "iisan, adapter", epochs=1, device="cpu",
         out=tmp_path / "out", cache_dir=tmp_path / "cache",
@@ -251,7 +252,7 @@ def test_adapt_command_writes_results(tmp_path, monkeypatch) -> None:
 
 
 def test_with_tpme_uses_time_params_and_memory() -> None:
-    from mmsafe.adapt import AdaptReport
+    from mmsafe.methods.adapt import AdaptReport
 
     def rep(method: str, t: float, p: int, m: float) -> AdaptReport:
         return AdaptReport(method, 1, t, (t,), m, "rss_hwm", p, p, 0.5, (1.0,))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmsafe.adapt import (
+from mmsafe.data.worlds.shapes import make_shapes
+from mmsafe.methods.adapt import (
     RETRIEVAL_METHODS,
     AdaptError,
     SideRetrievalHead,
@@ -26,8 +27,7 @@ from mmsafe.adapt import (
     parse_methods,
     zero_shot_retrieval,
 )
-from mmsafe.data.worlds.shapes import make_shapes
-from mmsafe.efficiency import count_parameters
+from mmsafe.methods.efficiency import count_parameters
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
 from tests.conftest import audit_context
 
@@ -130,7 +130,7 @@ def test_recalls_equal_a_direct_computation_on_the_embeddings(iisan_retrieval) -
 
 
 def test_zero_shot_recalls_agree_with_the_audit(shapes_quick) -> None:
-    from mmsafe.checks.performance import PerformanceCheck
+    from mmsafe.checks.performance.classification import PerformanceCheck
 
     world, model = shapes_quick
     ctx = audit_context(model, world, task="retrieval")
@@ -225,10 +225,10 @@ def test_every_retrieval_method_reports_cost_and_recall() -> None:
 
 
 def test_adapt_command_retrieval_writes_results(tmp_path, monkeypatch) -> None:
-    import mmsafe.loading
+    import mmsafe.models.loading
 
     _, _, model = _xs()
-    monkeypatch.setattr(mmsafe.loading, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(mmsafe.models.loading, "load_model", lambda *a, **k: model)
     reports = adapt_command(
         "tiny-clip-xs", "shapes:n=120,seed=1", "iisan,full", objective="retrieval", epochs=1,
         device="cpu", out=tmp_path / "out", cache_dir=tmp_path / "cache",

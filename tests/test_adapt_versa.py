@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmsafe.adapt import (
+from mmsafe.data.worlds.shapes import make_shapes
+from mmsafe.methods.adapt import (
     IISANHead,
     IISANVersaHead,
     MOMEFHead,
@@ -26,8 +27,7 @@ from mmsafe.adapt import (
     tower_layers,
     train_side_head,
 )
-from mmsafe.data.worlds.shapes import make_shapes
-from mmsafe.efficiency import count_parameters
+from mmsafe.methods.efficiency import count_parameters
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""Pixel attacks (mmsafe.attacks) and the robustness.adversarial check."""
+"""Pixel attacks (mmsafe.methods.attacks.pixel) and the robustness.adversarial check."""
 
 from __future__ import annotations
 
@@ -11,8 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import mmsafe.checks.adversarial  # noqa: F401  (registers the check)
-from mmsafe.attacks import (
+import mmsafe.checks.robustness.adversarial.check  # noqa: F401  (registers the check)
+from mmsafe.checks.performance.classification import PerformanceCheck
+from mmsafe.checks.registry import list_checks
+from mmsafe.checks.robustness.adversarial.check import (
+    AdversarialCheck,
+    attack_success_rate,
+    retrieval_hits,
+    retrieval_targets,
+)
+from mmsafe.engine.runner import to_device
+from mmsafe.methods.attacks.pixel import (
     apgd_ce,
     fgsm,
     perturbation_norm,
@@ -21,16 +30,7 @@ from mmsafe.attacks import (
     project,
     run_attack,
 )
-from mmsafe.attacks_text import co_attack, retrieval_recall_at_1, sep_attack
-from mmsafe.checks.adversarial import (
-    AdversarialCheck,
-    attack_success_rate,
-    retrieval_hits,
-    retrieval_targets,
-)
-from mmsafe.checks.performance import PerformanceCheck
-from mmsafe.checks.registry import list_checks
-from mmsafe.engine.runner import to_device
+from mmsafe.methods.attacks.text import co_attack, retrieval_recall_at_1, sep_attack
 from mmsafe.tasks.retrieval import caption_positives
 from tests.conftest import ToyEncoder, audit_context
 

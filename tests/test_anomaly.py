@@ -7,8 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mmsafe import anomaly as A
-from mmsafe.checks.anomaly import NO_GROUND_TRUTH, AnomalyCheck
+from mmsafe.checks.monitoring.anomaly import NO_GROUND_TRUTH, AnomalyCheck
+from mmsafe.methods import anomaly as A
 from mmsafe.metrics import anomaly as M
 from tests.conftest import audit_context
 
@@ -225,7 +225,8 @@ def defect_aware(mmsafe_cache):
     Same world and cache as ``mmsafe demo --quick`` in test_cli, so the session trains it once.
     """
     from mmsafe.cli import QUICK_WORLD
-    from mmsafe.loading import load_data, load_model
+    from mmsafe.data.loading import load_data
+    from mmsafe.models.loading import load_model
 
     world = load_data(QUICK_WORLD)
     return load_model("tiny-clip", data=world, quick=True, cache_dir=mmsafe_cache, progress=False)

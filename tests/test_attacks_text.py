@@ -1,4 +1,5 @@
-"""Text, joint (Co-Attack) and universal attacks (mmsafe.attacks_text) and their check options."""
+"""Text, joint (Co-Attack) and universal attacks (mmsafe.methods.attacks.text) and their check
+options."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmsafe.attacks import perturbation_norm, pixel_forward
-from mmsafe.attacks_text import (
+from mmsafe.checks.robustness.adversarial.check import AdversarialCheck
+from mmsafe.methods.attacks.pixel import perturbation_norm, pixel_forward
+from mmsafe.methods.attacks.text import (
     AttackError,
     caption_vocabulary,
     char_edits,
@@ -25,7 +27,6 @@ from mmsafe.attacks_text import (
     token_embedding,
     universal_perturbation,
 )
-from mmsafe.checks.adversarial import AdversarialCheck
 from mmsafe.tasks.retrieval import caption_positives
 from tests.conftest import COLOURS, ToyEncoder, audit_context
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from mmsafe.checks.base import AuditContext
-from mmsafe.checks.conformal import ConformalCheck, coverage_tolerance, holdout_split
-from mmsafe.conformal import (
+from mmsafe.checks.monitoring.conformal import ConformalCheck, coverage_tolerance, holdout_split
+from mmsafe.data.dataset import Dataset
+from mmsafe.methods.conformal import (
     ConformalPredictor,
     NotFittedError,
     aps_scores,
@@ -34,7 +35,6 @@ from mmsafe.conformal import (
     set_sizes,
     stratified_quantiles,
 )
-from mmsafe.data.dataset import Dataset
 from mmsafe.tasks.base import Outputs
 from tests.conftest import audit_context
 
@@ -385,13 +385,13 @@ def test_save_load_round_trip(tmp_path, config) -> None:
         cp.class_qhat_[0] = math.inf  # non-finite thresholds survive as JSON null
     path = cp.save(tmp_path / "cp.json")
     doc = json.loads(path.read_text())
-    assert doc["format"] == "mmsafe.conformal" and doc["params"]["seed"] == 5
+    assert doc["format"] == "mmsafe.methods.conformal" and doc["params"]["seed"] == 5
     back = ConformalPredictor.load(path)
     assert back.get_params() == cp.get_params()
     assert back.qhat_ == cp.qhat_ and back.fallback_ == cp.fallback_
     g = list(groups[400:])
     assert np.array_equal(back.predict_set(probs[400:], g), cp.predict_set(probs[400:], g))
-    with pytest.raises(ValueError, match="mmsafe.conformal"):
+    with pytest.raises(ValueError, match="mmsafe.methods.conformal"):
         ConformalPredictor.from_dict({**doc, "format": "other"})
 
 

@@ -1,4 +1,4 @@
-"""Efficiency measurements (mmsafe.efficiency) and the efficiency.profile check."""
+"""Efficiency measurements (mmsafe.methods.efficiency) and the efficiency.profile check."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import mmsafe.checks.efficiency  # noqa: F401  (registers efficiency.profile)
+import mmsafe.checks.efficiency.profile  # noqa: F401  (registers efficiency.profile)
 from mmsafe.checks import get_check, list_checks
-from mmsafe.efficiency import (
+from mmsafe.methods.efficiency import (
     PAPER_WEIGHTS,
     count_flops,
     count_parameters,

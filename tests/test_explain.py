@@ -1,4 +1,5 @@
-"""controllability.explain, mmsafe.explain: modality Shapley, DIME, IG (pixels, text), Grad-CAM."""
+"""controllability.explain, mmsafe.methods.explain: modality Shapley, DIME, IG (pixels, text),
+Grad-CAM."""
 
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-import mmsafe.checks.explain  # noqa: F401  (registers the check)
-from mmsafe.checks.explain import ExplainCheck, share_cis
+import mmsafe.checks.controllability.explain  # noqa: F401  (registers the check)
+from mmsafe.checks.controllability.explain import ExplainCheck, share_cis
 from mmsafe.checks.registry import list_checks
-from mmsafe.explain import (
+from mmsafe.methods.explain import (
     ZERO_TOKEN,
     ExplainError,
     coalition_masks,
@@ -459,7 +460,7 @@ def test_toy_fusion_metrics_match_direct_computation() -> None:
 
 
 def _ctx(shapes_quick, spec: str, task: str):
-    from mmsafe.loading import load_data
+    from mmsafe.data.loading import load_data
 
     _, model = shapes_quick
     return audit_context(model, load_data(spec), task=task)

@@ -17,7 +17,7 @@ from fairlearn.metrics import (
     true_positive_rate,
 )
 
-from mmsafe.checks.fairness import FairnessCheck, intersect, sensitive_features
+from mmsafe.checks.controllability.fairness import FairnessCheck, intersect, sensitive_features
 from mmsafe.metrics import grouped_mean_ci
 from mmsafe.metrics.fairness import (
     binary_fpr,

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from mmsafe.harden.dp import DPReport, dp_fit_fusion_head
+from mmsafe.methods.privacy import loss_scores, membership_auc
 from mmsafe.models.heads import FusionHead, fit_fusion_head
-from mmsafe.privacy import loss_scores, membership_auc
 
 pytest.importorskip("opacus")
 
@@ -117,7 +117,7 @@ def test_dp_head_on_tiny_clip_is_accurate_and_no_leakier(shapes_quick) -> None:
 def test_harden_dp_retrains_the_head_and_reaudits(toy_model, tmp_path) -> None:
     import json
 
-    from mmsafe.hardening import harden_dp
+    from mmsafe.harden.flow import harden_dp
     from mmsafe.models.heads import FusionHead
     from tests.conftest import make_colour_data
 
@@ -151,7 +151,7 @@ def test_harden_dp_retrains_the_head_and_reaudits(toy_model, tmp_path) -> None:
 
 
 def test_harden_dp_needs_the_fusion_task(toy_model, tmp_path) -> None:
-    from mmsafe.hardening import HardenError, harden_dp
+    from mmsafe.harden.flow import HardenError, harden_dp
     from tests.conftest import make_colour_data
 
     with pytest.raises(HardenError, match="--task fusion"):
@@ -312,7 +312,7 @@ def test_harden_dp_clip_cli_saves_a_model_with_its_privacy_report(tmp_path) -> N
     from typer.testing import CliRunner
 
     from mmsafe.cli import app
-    from mmsafe.loading import load_model
+    from mmsafe.models.loading import load_model
     from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
 
     torch.manual_seed(0)

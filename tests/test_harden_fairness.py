@@ -202,8 +202,8 @@ def test_one_vs_rest_override_keeps_the_binary_decision() -> None:
 
 @pytest.fixture(scope="module")
 def mitigation(shapes_quick):
+    from mmsafe.data.loading import load_data
     from mmsafe.engine import Engine
-    from mmsafe.loading import load_data
 
     _, model = shapes_quick
     world = load_data(MITIGATION_WORLD)

@@ -74,8 +74,8 @@ def test_harden_adversarial_raises_robust_accuracy_and_saves_a_loadable_model(
     clean 0.667 -> 0.660.
     """
     from mmsafe.engine import Engine
-    from mmsafe.hardening import harden_adversarial
-    from mmsafe.loading import load_model
+    from mmsafe.harden.flow import harden_adversarial
+    from mmsafe.models.loading import load_model
 
     world, model = shapes_quick
     out = tmp_path / "hardened"
@@ -116,7 +116,7 @@ def test_free_adversarial_training_raises_robust_accuracy_cheaply(shapes_quick) 
     robust 0.179; free 4 x 3 epochs 0.623 / 0.235; free 4 x 10 epochs 0.611 / 0.278; PGD-3 FARE
     10 epochs (40 passes) 0.648 / 0.253."""
     from mmsafe.engine import Engine
-    from mmsafe.hardening import robust_sweep_point
+    from mmsafe.harden.flow import robust_sweep_point
     from mmsafe.tasks import create_task
 
     world, model = shapes_quick
@@ -139,9 +139,9 @@ def test_free_adversarial_training_raises_robust_accuracy_cheaply(shapes_quick) 
 
 def test_harden_adversarial_on_the_fusion_task(tmp_path) -> None:
     """The WiSE-FT sweep re-fits the fusion head on the train rows for every candidate."""
+    from mmsafe.data.loading import load_data
     from mmsafe.engine import Engine
-    from mmsafe.hardening import harden_adversarial
-    from mmsafe.loading import load_data
+    from mmsafe.harden.flow import harden_adversarial
 
     torch.manual_seed(0)
     model = TinyClip(TinyClipConfig.for_size("xs")).eval()

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 
 from mmsafe.data.dataset import Dataset
+from mmsafe.data.loading import load_data
 from mmsafe.engine import Engine
+from mmsafe.harden.flow import HardenError
 from mmsafe.harden.unlearn import (
     ForgetListError,
     UnlearnReport,
@@ -37,8 +39,6 @@ from mmsafe.harden.unlearn import (
     unlearn,
     unlearn_fusion,
 )
-from mmsafe.hardening import HardenError
-from mmsafe.loading import load_data
 from mmsafe.models.base import Batch, EncoderModel, images_to_tensor
 from mmsafe.models.heads import FusionHead, fit_fusion_head
 

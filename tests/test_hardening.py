@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mmsafe.harden.calibration import TemperatureScaler
-from mmsafe.hardening import HardenError, harden_temperature
+from mmsafe.harden.flow import HardenError, harden_temperature
 from tests.conftest import make_colour_data
 
 
@@ -43,8 +43,8 @@ def test_temperature_is_fitted_on_calibration_rows_only(toy_model, tmp_path):
 
 
 def test_harden_conformal_exports_a_predictor_that_covers(toy_model, tmp_path):
-    from mmsafe.conformal import ConformalPredictor
-    from mmsafe.hardening import harden_conformal
+    from mmsafe.harden.flow import harden_conformal
+    from mmsafe.methods.conformal import ConformalPredictor
 
     data = make_colour_data(n=600, seed=1)
     result = harden_conformal(toy_model, data, out=tmp_path, confidence_level=0.8, score="lac")
@@ -66,7 +66,7 @@ def test_harden_unlearn_cli_forgets_rows_and_reaudits(tmp_path):
     from typer.testing import CliRunner
 
     from mmsafe.cli import app
-    from mmsafe.loading import load_data
+    from mmsafe.data.loading import load_data
     from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
 
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_harden_unlearn_cli_forgets_rows_and_reaudits(tmp_path):
 
 
 def test_harden_fairness_puts_the_mitigation_table_in_the_card(toy_model, tmp_path):
-    from mmsafe.hardening import harden_fairness
+    from mmsafe.harden.flow import harden_fairness
 
     data = make_colour_data(n=600, seed=4)
     result = harden_fairness(toy_model, data, out=tmp_path, methods=("pre", "post"))

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-import mmsafe.checks.modality  # noqa: F401  (registers the check)
-from mmsafe.checks.modality import (
+import mmsafe.checks.robustness.modality  # noqa: F401  (registers the check)
+from mmsafe.checks.registry import list_checks
+from mmsafe.checks.robustness.modality import (
     ModalityCheck,
     embedding_noise,
     mismatched_partners,
     reliance_shares,
 )
-from mmsafe.checks.registry import list_checks
 from tests.conftest import QUICK_WORLD_SPEC, ToyEncoder, audit_context, make_colour_data
 
 
@@ -104,7 +104,7 @@ def test_caption_that_names_the_colour_is_flagged_on_toy() -> None:
 
 
 def _shapes_ctx(shapes_quick, spec: str):
-    from mmsafe.loading import load_data
+    from mmsafe.data.loading import load_data
 
     _, model = shapes_quick
     return audit_context(model, load_data(spec), task="fusion")

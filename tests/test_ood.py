@@ -14,9 +14,10 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
-from mmsafe.checks.ood import NO_OOD_REASON, OODCheck, ood_masks
+from mmsafe.checks.monitoring.ood import NO_OOD_REASON, OODCheck, ood_masks
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds import make_shapes
+from mmsafe.methods.ood import energy, knn_score, max_logit, mcm, msp
 from mmsafe.metrics.ood import (
     aupr_in,
     aupr_out,
@@ -28,7 +29,6 @@ from mmsafe.metrics.ood import (
     roc_curve,
     stratified_resamples,
 )
-from mmsafe.ood import energy, knn_score, max_logit, mcm, msp
 from tests.conftest import audit_context, make_colour_data
 
 

@@ -1,4 +1,4 @@
-"""Membership inference (mmsafe.privacy) and the controllability.privacy check."""
+"""Membership inference (mmsafe.methods.privacy) and the controllability.privacy check."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from scipy.stats import entropy as scipy_entropy
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from mmsafe.checks.privacy import PrivacyCheck, membership_scores, pair_statistic
-from mmsafe.metrics import bootstrap_ci
-from mmsafe.privacy import (
+from mmsafe.checks.controllability.privacy import PrivacyCheck, membership_scores, pair_statistic
+from mmsafe.methods.privacy import (
     attack_metrics,
     auc_bootstrap_ci,
     best_balanced_accuracy,
@@ -32,6 +31,7 @@ from mmsafe.privacy import (
     roc_points,
     tpr_at_fpr,
 )
+from mmsafe.metrics import bootstrap_ci
 from tests.conftest import ToyEncoder, audit_context, make_colour_data
 
 # --------------------------------------------------------------------------- attack metrics
@@ -291,7 +291,7 @@ def test_encoder_lira_on_tiny_clip(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     import dataclasses
 
-    from mmsafe.loading import load_data
+    from mmsafe.data.loading import load_data
     from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig, TrainConfig, train_tiny_clip
 
     world = load_data("shapes:n=300,train_defects=0,defects=0,spurious=0")
@@ -308,8 +308,9 @@ def test_encoder_lira_on_tiny_clip(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append((args, kw))
         return lira_scores(*args, **kw)
 
-    # LiRA's Gaussians must come from mmsafe.privacy.lira_scores, not a second implementation
-    monkeypatch.setattr("mmsafe.checks.privacy.lira_scores", spy)
+    # LiRA's Gaussians must come from mmsafe.methods.privacy.lira_scores, not a second
+    # implementation
+    monkeypatch.setattr("mmsafe.checks.controllability.privacy.lira_scores", spy)
     check = PrivacyCheck(n_boot=200, encoder_shadows=6, encoder_shadow_quick=None)
     res = check.run(ctx)
     assert [kw["online"] for _, kw in calls] == [True, False]

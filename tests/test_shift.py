@@ -1,4 +1,4 @@
-"""Corruptions (mmsafe.corruptions) and the robustness.shift check."""
+"""Corruptions (mmsafe.methods.perturb) and the robustness.shift check."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from scipy.stats import linregress
 
-import mmsafe.checks.shift  # noqa: F401  (registers the check)
+import mmsafe.checks.robustness.shift  # noqa: F401  (registers the check)
 from mmsafe.checks.registry import list_checks
-from mmsafe.checks.shift import (
+from mmsafe.checks.robustness.shift import (
     ShiftCheck,
     effective_robustness,
     fit_logit_trend,
@@ -22,7 +22,8 @@ from mmsafe.checks.shift import (
     relative_robustness,
     sigmoid,
 )
-from mmsafe.corruptions import (
+from mmsafe.data.worlds import make_shapes
+from mmsafe.methods.perturb import (
     IMAGE_CORRUPTIONS,
     SEVERITIES,
     TEXT_PERTURBATIONS,
@@ -32,7 +33,6 @@ from mmsafe.corruptions import (
     perturb_texts,
     rgb_to_hsv,
 )
-from mmsafe.data.worlds import make_shapes
 from mmsafe.models.base import images_to_tensor
 from tests.conftest import ToyEncoder, audit_context, make_colour_data
 
@@ -107,7 +107,7 @@ def test_hsv_round_trip_and_known_values() -> None:
 
 
 def test_noise_statistics_match_their_parameters() -> None:
-    from mmsafe.corruptions import GAUSSIAN_NOISE, IMPULSE_NOISE, SHOT_NOISE
+    from mmsafe.methods.perturb import GAUSSIAN_NOISE, IMPULSE_NOISE, SHOT_NOISE
 
     mid = torch.full((8, 3, 32, 32), 0.5)  # far from the clip bounds at severity 1
     diff = corrupt_images(mid, "gaussian_noise", 1) - mid

@@ -1,4 +1,4 @@
-"""Slice discovery (``mmsafe.slices``) and the ``monitoring.slices`` check."""
+"""Slice discovery (``mmsafe.methods.slices``) and the ``monitoring.slices`` check."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mmsafe.checks.slices import SlicesCheck
-from mmsafe.slices import (
+from mmsafe.checks.monitoring.slices import SlicesCheck
+from mmsafe.methods.slices import (
     benjamini_hochberg,
     clopper_pearson,
     default_vocabulary,

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import entropy as scipy_entropy
 from torch import Tensor, nn
 
-from mmsafe.checks.uncertainty import (
+from mmsafe.checks.monitoring.uncertainty import (
     UncertaintyCheck,
     augment_pixels,
     best_avu_threshold,

@@ -30,6 +30,16 @@ err_console = Console(stderr=True)
 QUICK_WORLD = "shapes:n=900"
 
 
+def _loading_errors() -> tuple[type[Exception], ...]:
+    """The errors of ``--data`` and ``--model`` that are the user's to fix (exit 2)."""
+    from mmsafe.data.loading import DataSpecError
+    from mmsafe.data.manifest import ManifestError
+    from mmsafe.data.worlds import WorldSpecError
+    from mmsafe.models.base import ModelError
+
+    return (DataSpecError, ManifestError, WorldSpecError, ModelError)
+
+
 def _user_error(message: str) -> typer.Exit:
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
     return typer.Exit(2)
@@ -112,12 +122,13 @@ def _audit(
     from mmsafe.audit import run_audit
     from mmsafe.checks import CheckSelectionError, select_checks
     from mmsafe.checks.registry import parse_check_options
+    from mmsafe.data.loading import load_data
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
-    from mmsafe.loading import USER_ERRORS, load_data, load_model
+    from mmsafe.models.loading import load_model
     from mmsafe.report.gates import GateSyntaxError, parse_gate
     from mmsafe.tasks.base import TaskError, create_task
 
-    user_errors = (*USER_ERRORS, GateSyntaxError, CheckSelectionError, TaskError, DeviceError)
+    user_errors = (*_loading_errors(), GateSyntaxError, CheckSelectionError, TaskError, DeviceError)
     try:
         gates = [parse_gate(g) for g in fail_on]
         names = select_checks(checks)
@@ -295,13 +306,14 @@ def _harden(
     cache_dir: Path | None,
     **options: object,
 ) -> None:
-    from mmsafe import hardening
+    from mmsafe.data.loading import load_data
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
-    from mmsafe.hardening import HardenError
-    from mmsafe.loading import USER_ERRORS, load_data, load_model
+    from mmsafe.harden import flow as hardening
+    from mmsafe.harden.flow import HardenError
+    from mmsafe.models.loading import load_model
     from mmsafe.tasks.base import TaskError, create_task
 
-    user_errors = (*USER_ERRORS, TaskError, DeviceError, HardenError)
+    user_errors = (*_loading_errors(), TaskError, DeviceError, HardenError)
     try:
         task_obj = create_task(task)
         dataset = load_data(data)
@@ -586,9 +598,8 @@ def adapt_cmd(
     cache_dir: CacheOpt = None,
 ) -> None:
     """Adapt to fusion classification or retrieval with each method; compare cost and quality."""
-    from mmsafe.adapt import AdaptError, adapt_command, markdown_table
     from mmsafe.engine import DeviceError
-    from mmsafe.loading import USER_ERRORS
+    from mmsafe.methods.adapt import AdaptError, adapt_command, markdown_table
 
     try:
         reports = adapt_command(
@@ -597,7 +608,7 @@ def adapt_cmd(
             device=device, out=out,
             cache_dir=cache_dir, quick=quick,
         )  # fmt: skip
-    except (*USER_ERRORS, AdaptError, DeviceError) as exc:
+    except (*_loading_errors(), AdaptError, DeviceError) as exc:
         raise _user_error(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - crashes become exit 3 with a log
         raise _internal_error(exc, out) from None

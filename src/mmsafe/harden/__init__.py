@@ -16,7 +16,7 @@
 
 Import them explicitly (``from mmsafe.harden.unlearn import unlearn_fusion``): their optional
 dependencies load only then. The end-to-end "harden, then re-audit" flows live in
-:mod:`mmsafe.hardening`.
+:mod:`mmsafe.harden.flow`.
 """
 
 from mmsafe.harden.calibration import (

@@ -719,7 +719,7 @@ def mitigate_fairness(
         ValueError: Unknown method, missing split, or fewer than two groups.
     """
     from mmsafe.audit import evaluation_splits
-    from mmsafe.checks.fairness import SEP, intersect, sensitive_features
+    from mmsafe.checks.controllability.fairness import SEP, intersect, sensitive_features
     from mmsafe.engine.runner import Engine
 
     unknown = sorted(set(methods) - set(METHODS))

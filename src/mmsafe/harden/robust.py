@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsafe.attacks import project
+from mmsafe.methods.attacks.pixel import project
 from mmsafe.models.base import EncoderModel
 
 __all__ = ["fare_loss", "fare_finetune", "wise_ft"]

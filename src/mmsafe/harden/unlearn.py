@@ -50,9 +50,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsafe.hardening import HardenError
+from mmsafe.harden.flow import HardenError
+from mmsafe.methods.privacy import loss_scores, membership_auc
 from mmsafe.models.heads import FusionHead, _one_thread, fit_fusion_head
-from mmsafe.privacy import loss_scores, membership_auc
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
@@ -510,7 +510,7 @@ def score_head(
 ) -> HeadScores:
     """Membership AUC of the forget rows and accuracy on forget, retained and test rows.
 
-    The attack is the loss threshold (:func:`~mmsafe.privacy.loss_scores`): forget rows are
+    The attack is the loss threshold (:func:`~mmsafe.methods.privacy.loss_scores`): forget rows are
     the members, ``heldout`` rows (never trained on) the non-members.
 
     Args:

@@ -17,15 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsafe.attacks_text import (
-    AttackError,
-    co_attack,
-    embedding_cosine,
-    hotflip,
-    sep_attack,
-    universal_perturbation,
-)
-from mmsafe.checks.adversarial_common import (
+from mmsafe.checks.base import AuditContext, Finding, Metric
+from mmsafe.checks.robustness.adversarial.common import (
     REMEDIATION,
     AttackOutcome,
     AttackSettings,
@@ -38,7 +31,14 @@ from mmsafe.checks.adversarial_common import (
     sweep,
     universal_train_pixels,
 )
-from mmsafe.checks.base import AuditContext, Finding, Metric
+from mmsafe.methods.attacks.text import (
+    AttackError,
+    co_attack,
+    embedding_cosine,
+    hotflip,
+    sep_attack,
+    universal_perturbation,
+)
 from mmsafe.metrics import best_positive_rank, mean_ci
 from mmsafe.tasks.retrieval import caption_positives
 
@@ -55,7 +55,7 @@ def retrieval_hits(
     """Per-query recall@k hits of paired embeddings, in both directions.
 
     Ranks and ties follow :func:`mmsafe.metrics.best_positive_rank` (so R@1 equals
-    :func:`mmsafe.attacks_text.retrieval_recall_at_1` on the same embeddings).
+    :func:`mmsafe.methods.attacks.text.retrieval_recall_at_1` on the same embeddings).
 
     Args:
         image_emb: ``(N, D)`` unit-norm image embeddings (queries for ``i2t``, gallery for

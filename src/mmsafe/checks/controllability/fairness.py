@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.monitoring.uncertainty import fusion_head_of
 from mmsafe.checks.registry import register_check
-from mmsafe.checks.uncertainty import fusion_head_of
-from mmsafe.corruptions import TEXT_PERTURBATIONS, perturb_texts
 from mmsafe.data.dataset import Dataset
+from mmsafe.methods.perturb import TEXT_PERTURBATIONS, perturb_texts
 from mmsafe.metrics import bootstrap_ci, mean_ci
 from mmsafe.metrics.fairness import (
     FairnessReport,
@@ -98,7 +98,7 @@ def caption_variants(
     """The captions of each text variant: a meta key or a built-in text perturbation.
 
     A name that is a meta key present in every row (e.g. ``text_de``, a translation) gives
-    those captions; a name of :data:`mmsafe.corruptions.TEXT_PERTURBATIONS` (e.g.
+    those captions; a name of :data:`mmsafe.methods.perturb.TEXT_PERTURBATIONS` (e.g.
     ``paraphrase``) perturbs the ``text`` column at ``severity``.
 
     Raises:

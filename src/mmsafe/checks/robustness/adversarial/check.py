@@ -12,7 +12,8 @@ not attacked: they count as wrong under every attack. Reported (see ``docs/adver
 * an accuracy-vs-eps line plot per norm.
 
 Optional, off by default (each costs more than the default audit; see ``docs/adversarial.md``),
-from :mod:`mmsafe.attacks_text`: black-box word/char substitution and gradient-guided (HotFlip)
+from :mod:`mmsafe.methods.attacks.text`: black-box word/char substitution and gradient-guided
+(HotFlip)
 token attacks on the row's caption (tasks that read it: ``fusion``), with robust accuracy, ASR
 and mean queries against the query budget / number of flipped tokens; Co-Attack (text, then
 image) per L-inf eps; and a universal feature-space image perturbation trained on the train
@@ -27,10 +28,11 @@ universal perturbation are available there too.
 
 Layout: this module holds the check (options, validation, registration) and the image attacks
 on classification tasks; the opt-in attacks on classification are in
-:mod:`mmsafe.checks.adversarial_extra`, the whole ``retrieval`` path in
-:mod:`mmsafe.checks.adversarial_retrieval`, and the pieces they share (the
-:class:`~mmsafe.checks.adversarial_common.AttackSettings` they all take, :func:`eps_label`,
-:func:`attack_success_rate`) in :mod:`mmsafe.checks.adversarial_common`.
+:mod:`mmsafe.checks.robustness.adversarial.extra`, the whole ``retrieval`` path in
+:mod:`mmsafe.checks.robustness.adversarial.retrieval`, and the pieces they share (the
+:class:`~mmsafe.checks.robustness.adversarial.common.AttackSettings` they all take,
+:func:`eps_label`,
+:func:`attack_success_rate`) in :mod:`mmsafe.checks.robustness.adversarial.common`.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmsafe.attacks import ATTACKS, NORMS, pixel_forward
-from mmsafe.attacks_text import TEXT_ATTACKS
-from mmsafe.checks.adversarial_common import (
+from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.registry import register_check
+from mmsafe.checks.robustness.adversarial.common import (
     REMEDIATION,
     AttackOutcome,
     AttackSettings,
@@ -56,15 +58,15 @@ from mmsafe.checks.adversarial_common import (
     sweep,
     task_embeddings,
 )
-from mmsafe.checks.adversarial_extra import extra_attacks
-from mmsafe.checks.adversarial_retrieval import (
+from mmsafe.checks.robustness.adversarial.extra import extra_attacks
+from mmsafe.checks.robustness.adversarial.retrieval import (
     RETRIEVAL_KS,
     retrieval_hits,
     retrieval_targets,
     run_retrieval,
 )
-from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
-from mmsafe.checks.registry import register_check
+from mmsafe.methods.attacks.pixel import ATTACKS, NORMS, pixel_forward
+from mmsafe.methods.attacks.text import TEXT_ATTACKS
 from mmsafe.metrics import mean_ci
 
 __all__ = [

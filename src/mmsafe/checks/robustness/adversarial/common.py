@@ -1,8 +1,10 @@
 """Pieces shared by the ``robustness.adversarial`` check and its retrieval / extra-attack parts.
 
 :class:`AttackSettings` is the check's configuration as one frozen value, so that the attack
-paths in :mod:`mmsafe.checks.adversarial`, :mod:`mmsafe.checks.adversarial_extra` and
-:mod:`mmsafe.checks.adversarial_retrieval` are plain functions of ``(ctx, settings, ...)``.
+paths in :mod:`mmsafe.checks.robustness.adversarial.check`,
+:mod:`mmsafe.checks.robustness.adversarial.extra` and
+:mod:`mmsafe.checks.robustness.adversarial.retrieval` are plain functions of ``(ctx, settings,
+...)``.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsafe.attacks import Forward, Norm, run_attack
 from mmsafe.checks.base import AuditContext, Finding, Metric
 from mmsafe.engine.runner import to_device
+from mmsafe.methods.attacks.pixel import Forward, Norm, run_attack
 
 REMEDIATION = (
     "Adversarially fine-tune the image tower (e.g. TeCoA or FARE-style robust fine-tuning of "
@@ -31,7 +33,7 @@ SEVERITY_ORDER: Mapping[str, int] = {"high": 0, "medium": 1, "low": 2, "info": 3
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """The validated options of :class:`~mmsafe.checks.adversarial.AdversarialCheck`.
+    """The validated options of the adversarial check (:class:`AdversarialCheck`).
 
     The fields mirror the check's constructor arguments of the same name (see its docstring);
     ``eps`` is ``{norm: sorted budgets}`` for the selected ``norms`` only.
@@ -208,5 +210,5 @@ def sweep(
 
 
 def as_norm(norm: str) -> Norm:
-    """``norm`` as the :data:`mmsafe.attacks.Norm` literal."""
+    """``norm`` as the :data:`mmsafe.methods.attacks.pixel.Norm` literal."""
     return "linf" if norm == "linf" else "l2"

@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from mmsafe.anomaly import (
+from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.registry import register_check
+from mmsafe.data.dataset import Dataset
+from mmsafe.methods.anomaly import (
     PROMPT_SETS,
     AnomalyScores,
     MemoryBank,
@@ -33,9 +36,6 @@ from mmsafe.anomaly import (
     text_prototypes,
     zero_shot_anomaly,
 )
-from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
-from mmsafe.checks.registry import register_check
-from mmsafe.data.dataset import Dataset
 from mmsafe.metrics import bootstrap_ci
 from mmsafe.metrics.anomaly import aupro, auroc, average_precision, f1_max, pixel_auroc
 from mmsafe.report.plots import png_base64

@@ -41,7 +41,7 @@ hidden states. The inter-modal side network fuses the two modalities into one it
 a dual-encoder retrieval objective has no use for, so it is left out (as is MOMEF's fusion).
 
 Every method is trained by the same loop (AdamW, the same batch order for a seed) and reports
-training time per epoch, peak training memory (see :func:`mmsafe.efficiency.peak_memory`),
+training time per epoch, peak training memory (see :func:`mmsafe.methods.efficiency.peak_memory`),
 trainable parameters and the objective's quality metric (:attr:`AdaptReport.accuracy`);
 :func:`compare_methods` adds TPME across the compared methods. See ``docs/efficiency.md``.
 """
@@ -66,7 +66,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mmsafe.data.dataset import Dataset
-from mmsafe.efficiency import count_parameters, peak_memory, tpme
+from mmsafe.methods.efficiency import count_parameters, peak_memory, tpme
 
 Method = Literal["full", "lora", "adapter", "iisan", "iisan-versa", "momef"]
 METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa", "momef")
@@ -222,7 +222,7 @@ def lora_targets(model: nn.Module) -> list[str]:
         >>> lora_targets(TinyClip(TinyClipConfig.for_size("xs")))[:2]
         ['image.stages.0.0.0', 'image.stages.1.1.0']
     """
-    from mmsafe.efficiency import tower_prefixes
+    from mmsafe.methods.efficiency import tower_prefixes
 
     prefixes = tuple(p for ps in tower_prefixes(model).values() for p in ps)
     return [
@@ -1553,7 +1553,7 @@ def parse_methods(spec: str | Sequence[str], objective: str = "classification") 
         >>> parse_methods("iisan,momef", objective="retrieval")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mmsafe.adapt.AdaptError: Method(s) ['momef'] do not support retrieval; ...
+        mmsafe.methods.adapt.AdaptError: Method(s) ['momef'] do not support retrieval; ...
     """
     if objective not in OBJECTIVES:
         raise AdaptError(f"Unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}.")
@@ -1598,9 +1598,10 @@ def adapt_command(
             data without ``train`` and ``test`` splits.
         DeviceError: the device is not available.
     """
+    from mmsafe.data.loading import load_data
     from mmsafe.engine import default_cache_dir, resolve_device
     from mmsafe.engine.cache import atomic_write_text
-    from mmsafe.loading import load_data, load_model
+    from mmsafe.models.loading import load_model
 
     default = RETRIEVAL_METHODS if objective == "retrieval" else METHODS
     chosen = parse_methods(default if methods is None else methods, objective)

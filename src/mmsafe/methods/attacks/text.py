@@ -1,6 +1,7 @@
 """Text, joint image+text (Co-Attack) and universal attacks on CLIP-like encoders.
 
-Companion to :mod:`mmsafe.attacks` (pixel attacks against task logits). Everything here is a
+Companion to :mod:`mmsafe.methods.attacks.pixel` (pixel attacks against task logits). Everything
+here is a
 pure, batched function:
 
 * :func:`substitution_attack`: a query-bounded **black-box** word/char substitution attack. It
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsafe.attacks import _ascent_direction, _clip, _random_delta
+from mmsafe.methods.attacks.pixel import _ascent_direction, _clip, _random_delta
 from mmsafe.models.base import EncoderModel
 
 TextObjective = Callable[[Tensor, Tensor], Tensor]

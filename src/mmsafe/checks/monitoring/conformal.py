@@ -1,6 +1,7 @@
 """``monitoring.conformal``: split-conformal prediction sets and their coverage.
 
-Fits a :class:`~mmsafe.conformal.ConformalPredictor` per conformity score on the labelled rows
+Fits a :class:`~mmsafe.methods.conformal.ConformalPredictor` per conformity score on the labelled
+rows
 of the ``calibration`` split (or on a seeded random part of the evaluated rows with
 ``holdout``) and measures, on the labelled evaluated rows, how often the sets contain the true
 label (coverage), how large they are, and whether coverage holds per class and per group.
@@ -19,15 +20,15 @@ import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.conformal import (
+from mmsafe.engine.runner import to_device
+from mmsafe.methods.conformal import (
     SCORES,
     ConformalPredictor,
     coverage_under_shift,
     set_coverage,
     set_sizes,
 )
-from mmsafe.corruptions import IMAGE_CORRUPTIONS, corrupt_images
-from mmsafe.engine.runner import to_device
+from mmsafe.methods.perturb import IMAGE_CORRUPTIONS, corrupt_images
 from mmsafe.metrics import grouped_mean_ci, mean_ci
 
 HEADLINE = "aps"
@@ -82,7 +83,8 @@ class ConformalCheck(Check):
         n_boot: bootstrap resamples for the CIs.
         tolerance_se: a class or group is flagged when its coverage falls below the target by
             more than this many binomial standard errors.
-        shifts: image corruptions of ``robustness.shift`` (:mod:`mmsafe.corruptions`) under which
+        shifts: image corruptions of ``robustness.shift`` (:mod:`mmsafe.methods.perturb`) under
+        which
             the headline score's sets, calibrated on clean rows, are re-evaluated
             (``shift/<corruption>/coverage``, ``.../mean_set_size``); empty: none.
         shift_severity: the corruptions' severity (1-5).

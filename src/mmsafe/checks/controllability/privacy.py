@@ -2,7 +2,7 @@
 
 Members are the labelled rows of the ``train`` split. Non-members are the labelled held-out rows
 (``calibration`` and the evaluated ``test`` rows). Unlabelled and OOD rows are left out of both.
-Each threshold attack of :mod:`mmsafe.privacy` scores every row:
+Each threshold attack of :mod:`mmsafe.methods.privacy` scores every row:
 
 - loss, confidence and entropy, on the task's logits;
 - cosine, the CLIP image-caption similarity;
@@ -27,11 +27,10 @@ import numpy as np
 import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
+from mmsafe.checks.monitoring.uncertainty import fusion_head_of
 from mmsafe.checks.registry import register_check
-from mmsafe.checks.uncertainty import fusion_head_of
 from mmsafe.data.dataset import Dataset
-from mmsafe.models.base import EncoderModel
-from mmsafe.privacy import (
+from mmsafe.methods.privacy import (
     AttackResult,
     attack_metrics,
     auc_bootstrap_ci,
@@ -50,6 +49,7 @@ from mmsafe.privacy import (
     nonmember_percentile,
     roc_points,
 )
+from mmsafe.models.base import EncoderModel
 
 FPRS = (0.001, 0.01)
 """The low false-positive rates at which TPR is reported."""
@@ -230,7 +230,7 @@ def pair_statistic(
 ) -> np.ndarray:
     """LiRA's per-pair statistic of an image-text model.
 
-    * ``"logit"`` (default): :func:`~mmsafe.privacy.caption_logit_scores`, the logit of the
+    * ``"logit"`` (default): :func:`~mmsafe.methods.privacy.caption_logit_scores`, the logit of the
       own caption's softmax probability among every row's caption at the model's temperature;
       the CLIP analogue of LiRA's ``log(p_y / (1 - p_y))``.
     * ``"cosine"``: the raw scaled cosine ``τ cos(x_i, t_i)``.
@@ -264,7 +264,7 @@ def encoder_shadow_statistics(
     """Shadow tiny-clips for LiRA against the encoder itself (Carlini et al. 2022, §12b).
 
     The population is ``pool`` (the scored members and non-members). Membership is drawn per
-    *item*: exact copies (same image bytes and caption, :func:`~mmsafe.privacy.content_ids`)
+    *item*: exact copies (same image bytes and caption, :func:`~mmsafe.methods.privacy.content_ids`)
     are IN or OUT together, and every item is IN for exactly ``n_shadows // 2`` shadows, chosen
     at random. Drawing per row instead would put a duplicated item's other copies into almost
     every "OUT" shadow, so its OUT Gaussian would be an IN one and LiRA would miss exactly the
@@ -272,7 +272,7 @@ def encoder_shadow_statistics(
     trained from scratch, in process and uncached, by the built-in trainer
     (:func:`~mmsafe.models.tiny_clip.train_tiny_clip`) on its IN rows. Each model, the target
     and every shadow, is then scored on every pool row with :func:`pair_statistic` at its own
-    temperature. Feed the result to :func:`~mmsafe.privacy.lira_scores`.
+    temperature. Feed the result to :func:`~mmsafe.methods.privacy.lira_scores`.
 
     Args:
         model: the target encoder (its ``logit_scale`` sets the target's temperature).
@@ -372,7 +372,8 @@ def lira_fusion_scores(
     ``items``: exact copies together) is IN for exactly half of the ``n_shadows`` shadow heads,
     chosen at random, as in Carlini et al.'s code. Each shadow repeats the target head's
     training recipe (its config and ``fit_info``) on its half. The statistic is
-    :func:`~mmsafe.privacy.logit_confidence` of the true label. Only the head's membership is
+    :func:`~mmsafe.methods.privacy.logit_confidence` of the true label. Only the head's membership
+    is
     modelled: the encoder, trained on the members too, stays fixed, so whatever it leaks is in
     the embeddings of every shadow alike.
 
@@ -383,7 +384,7 @@ def lira_fusion_scores(
         n_shadows: shadow heads (``>= 2``; 16 or more for stable per-example Gaussians).
         seed: seeds the IN/OUT draw and the shadows' training.
         online: LiRA's online (IN and OUT Gaussians) or offline (OUT only) test.
-        items: ``(N,)`` item index of each row (e.g. :func:`~mmsafe.privacy.content_ids`);
+        items: ``(N,)`` item index of each row (e.g. :func:`~mmsafe.methods.privacy.content_ids`);
             default: every row its own item.
 
     Returns:

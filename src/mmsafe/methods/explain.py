@@ -1,6 +1,7 @@
 """Explanations of multimodal predictions: modality Shapley values, DIME, Integrated Gradients.
 
-Pure functions over tensors and callables; :mod:`mmsafe.checks.explain` wires them to an audit.
+Pure functions over tensors and callables; :mod:`mmsafe.checks.controllability.explain` wires them
+to an audit.
 
 * **Exact Shapley values over modalities** (:func:`shapley_matrix`, :func:`shapley_values`,
   :func:`coalition_values`). The players are the ``M`` modalities (2 to 4); the value of a
@@ -393,7 +394,7 @@ def _model_name(model: nn.Module) -> str:
 
 
 def text_embedding_layer(model: nn.Module) -> nn.Embedding:
-    """The text tower's token-embedding layer (via :func:`mmsafe.attacks_text.token_embedding`).
+    """The text tower's token-embedding layer (via :func:`~.attacks.text.token_embedding`).
 
     Raises:
         ExplainError: the model exposes no ``nn.Embedding`` over its text tokens.
@@ -403,7 +404,7 @@ def text_embedding_layer(model: nn.Module) -> nn.Embedding:
         >>> text_embedding_layer(TinyClip(TinyClipConfig.for_size("xs"))).embedding_dim
         32
     """
-    from mmsafe.attacks_text import AttackError, token_embedding
+    from mmsafe.methods.attacks.text import AttackError, token_embedding
 
     try:
         return token_embedding(model)
@@ -432,7 +433,7 @@ def text_baseline_ids(
         >>> text_baseline_ids(m, b["input_ids"], b["attention_mask"], "zeros").tolist()
         [[256, -1, -1, 257], [256, -1, 257, 258]]
     """
-    from mmsafe.attacks_text import _special_ids
+    from mmsafe.methods.attacks.text import _special_ids
 
     ids = input_ids.clone()
     special = torch.as_tensor(_special_ids(model), dtype=ids.dtype, device=ids.device)

@@ -1,6 +1,6 @@
 """``robustness.shift``: how far performance falls under corrupted inputs, per modality.
 
-Every image corruption and text perturbation of :mod:`mmsafe.corruptions` is applied at five
+Every image corruption and text perturbation of :mod:`mmsafe.methods.perturb` is applied at five
 severities to the evaluated rows, one modality at a time; only the perturbed modality is
 re-embedded, and the task's logits are recomputed from the clean embeddings of the other
 modalities. Reported per modality (see ``docs/robustness.md``):
@@ -28,14 +28,14 @@ from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.corruptions import (
+from mmsafe.engine.runner import to_device
+from mmsafe.methods.perturb import (
     IMAGE_CORRUPTIONS,
     SEVERITIES,
     TEXT_PERTURBATIONS,
     corrupt_images,
     perturb_texts,
 )
-from mmsafe.engine.runner import to_device
 from mmsafe.metrics import best_positive_rank, mean_ci, resample_counts
 
 EPS = 1e-4
@@ -201,9 +201,9 @@ class ShiftCheck(Check):
     """Accuracy under ImageNet-C-style image corruptions and graded text perturbations.
 
     Args:
-        image_corruptions: names from :data:`mmsafe.corruptions.IMAGE_CORRUPTIONS`; ``None``
+        image_corruptions: names from :data:`mmsafe.methods.perturb.IMAGE_CORRUPTIONS`; ``None``
             runs all of them.
-        text_perturbations: names from :data:`mmsafe.corruptions.TEXT_PERTURBATIONS`; ``None``
+        text_perturbations: names from :data:`mmsafe.methods.perturb.TEXT_PERTURBATIONS`; ``None``
             runs all of them (only on tasks that read the rows' text).
         severities: which of the severities 1-5 to run.
         family: ``[(clean, shifted), ...]`` accuracies of a family of standard models under the

@@ -1,7 +1,8 @@
 """``monitoring.ood``: can the model's own outputs tell never-seen inputs from familiar ones?
 
 Rows whose ``meta`` has a truthy ``"ood"`` are out-of-distribution (OOD); labelled rows without
-that flag are in-distribution (ID). Each OOD score of :mod:`mmsafe.ood` (higher = ID) is turned
+that flag are in-distribution (ID). Each OOD score of :mod:`mmsafe.methods.ood` (higher = ID) is
+turned
 into AUROC, AUPR-In, AUPR-Out and FPR@95TPR (:mod:`mmsafe.metrics.ood`), and the best score by
 AUROC is the headline.
 """
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
+from mmsafe.methods.ood import energy, knn_score, max_logit, mcm, msp
 from mmsafe.metrics.ood import (
     aupr_in,
     aupr_out,
@@ -26,7 +28,6 @@ from mmsafe.metrics.ood import (
     fpr_at_tpr,
     roc_curve,
 )
-from mmsafe.ood import energy, knn_score, max_logit, mcm, msp
 
 NO_OOD_REASON = "needs rows marked meta.ood (e.g. the shapes world's never-seen shapes)"
 SCORES: tuple[str, ...] = ("msp", "max_logit", "energy", "mcm", "knn")

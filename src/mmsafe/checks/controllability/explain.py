@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.explain import (
+from mmsafe.methods.explain import (
     ExplainError,
     Output,
     coalition_values,
@@ -72,7 +72,7 @@ REMEDIATION = (
 def share_cis(
     phi: np.ndarray, n_boot: int, seed: int, level: float = 0.95
 ) -> list[tuple[float, float]]:
-    """Bootstrap CIs of :func:`mmsafe.explain.modality_shares` from ``(N, M)`` Shapley values.
+    """Bootstrap CIs of :func:`~mmsafe.methods.explain.modality_shares` of ``(N, M)`` Shapleys.
 
     Example:
         >>> phi = np.tile([[1.0, 3.0]], (10, 1))
@@ -491,7 +491,7 @@ class ExplainCheck(Check):
         key: str = "attribution_maps",
         title: str = "Integrated Gradients (red = pixels that raise the class score)",
     ) -> None:
-        from mmsafe.checks.anomaly import overlay
+        from mmsafe.checks.monitoring.anomaly import overlay
         from mmsafe.report.plots import png_base64
 
         maps = sal.clamp(min=0).cpu().double().numpy()

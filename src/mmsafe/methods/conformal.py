@@ -50,7 +50,7 @@ import numpy as np
 Score = Literal["lac", "aps", "raps"]
 SCORES: tuple[str, ...] = ("lac", "aps", "raps")
 MONDRIAN: tuple[str | None, ...] = (None, "class", "group")
-FORMAT = "mmsafe.conformal"
+FORMAT = "mmsafe.methods.conformal"
 FORMAT_VERSION = 1
 
 __all__ = [

@@ -10,7 +10,7 @@ import numpy as np
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.slices import (
+from mmsafe.methods.slices import (
     Init,
     MixtureResult,
     SliceTable,
@@ -53,7 +53,8 @@ class SliceDiscovery:
 class SlicesCheck(Check):
     """Discover coherent, error-prone slices of the evaluation rows and describe them in words.
 
-    Fits DOMINO's error-aware Gaussian mixture (see :mod:`mmsafe.slices` and ``docs/slices.md``)
+    Fits DOMINO's error-aware Gaussian mixture (see :mod:`mmsafe.methods.slices` and
+    ``docs/slices.md``)
     to the image embeddings of the labelled rows, with their labels and predicted probabilities;
     ranks the components by the lower 95% bound of their error rate; tests each with a one-sided
     Fisher exact test (error rate above the other rows), Benjamini-Hochberg adjusted; and
@@ -67,7 +68,7 @@ class SlicesCheck(Check):
         top_k: how many slices to report.
         alpha: false discovery rate of the significance tests.
         vocabulary: candidate description phrases; ``None`` builds them from the class names and
-            the captions (:func:`mmsafe.slices.default_vocabulary`).
+            the captions (:func:`mmsafe.methods.slices.default_vocabulary`).
         init: mixture initialisation, ``"confusion"`` (DOMINO's) or ``"kmeans++"``.
         n_examples: example rows shown per slice.
         n_phrases: phrases in each slice's description.

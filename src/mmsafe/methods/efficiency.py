@@ -1,7 +1,9 @@
 """Efficiency measurements: parameters, FLOPs, latency, throughput, peak memory and TPME.
 
-Pure functions over a model (or any callable); :mod:`mmsafe.checks.efficiency` wraps them into
-the ``efficiency.profile`` check and :mod:`mmsafe.adapt` uses them to compare adaptation methods.
+Pure functions over a model (or any callable); :mod:`mmsafe.checks.efficiency.profile` wraps them
+into
+the ``efficiency.profile`` check and :mod:`mmsafe.methods.adapt` uses them to compare adaptation
+methods.
 
 - **Parameters** per tower, total and trainable (:func:`tower_parameters`).
 - **FLOPs** per sample per modality, counted by :class:`torch.utils.flop_counter.FlopCounterMode`

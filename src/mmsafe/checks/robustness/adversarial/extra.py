@@ -1,6 +1,7 @@
 """Opt-in attacks of ``robustness.adversarial`` on classification tasks (``zero_shot``, ``fusion``).
 
-From :mod:`mmsafe.attacks_text`: black-box word/char substitution and gradient-guided HotFlip
+From :mod:`mmsafe.methods.attacks.text`: black-box word/char substitution and gradient-guided
+HotFlip
 token attacks on the row's caption, Co-Attack (text, then image) per L-inf eps, and a universal
 L-inf image perturbation trained on the train split. Each returns per-row correctness curves;
 :func:`extra_attacks` turns them into metrics, plots and findings. See ``docs/adversarial.md``.
@@ -15,8 +16,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmsafe.attacks import pixel_forward
-from mmsafe.attacks_text import (
+from mmsafe.checks.base import AuditContext, Finding, Metric
+from mmsafe.checks.robustness.adversarial.common import (
+    AttackSettings,
+    attack_success_rate,
+    batches,
+    eps_label,
+    task_embeddings,
+    universal_train_pixels,
+)
+from mmsafe.engine.runner import to_device
+from mmsafe.methods.attacks.pixel import pixel_forward
+from mmsafe.methods.attacks.text import (
     AttackError,
     caption_vocabulary,
     co_attack,
@@ -25,16 +36,6 @@ from mmsafe.attacks_text import (
     substitution_attack,
     universal_perturbation,
 )
-from mmsafe.checks.adversarial_common import (
-    AttackSettings,
-    attack_success_rate,
-    batches,
-    eps_label,
-    task_embeddings,
-    universal_train_pixels,
-)
-from mmsafe.checks.base import AuditContext, Finding, Metric
-from mmsafe.engine.runner import to_device
 from mmsafe.metrics import mean_ci
 
 

@@ -5,7 +5,8 @@ per sample per modality (``torch.utils.flop_counter``), latency p50/p95 per batc
 throughput, and the peak memory of one forward pass at the largest batch size (CUDA max
 allocated on a GPU, peak RSS on the CPU). With ``methods`` set (e.g. ``["full", "iisan"]``) it
 also adapts the model with each method on the ``train`` split (fusion classification, see
-:mod:`mmsafe.adapt`) and compares training time per epoch, trainable parameters, peak training
+:mod:`mmsafe.methods.adapt`) and compares training time per epoch, trainable parameters, peak
+training
 memory, accuracy and TPME. See ``docs/efficiency.md``.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.efficiency import (
+from mmsafe.methods.efficiency import (
     LatencyRow,
     encode_flops_per_sample,
     latency_profile,
@@ -64,7 +65,7 @@ class EfficiencyCheck(Check):
             ``iisan``, ``iisan-versa``, ``momef``);
             empty: profile the model only. Needs a labelled ``train`` split.
         epochs: training epochs per adaptation method.
-        adapt_options: extra keyword arguments for :func:`mmsafe.adapt.compare_methods`.
+        adapt_options: extra keyword arguments for :func:`mmsafe.methods.adapt.compare_methods`.
     """
 
     name = "efficiency.profile"
@@ -201,7 +202,7 @@ class EfficiencyCheck(Check):
         findings: list[Finding],
     ) -> None:
         """Adapt the model with each method and add the comparison (table, TPME bar chart)."""
-        from mmsafe.adapt import compare_methods, comparison_table
+        from mmsafe.methods.adapt import compare_methods, comparison_table
 
         assert ctx.train is not None
         reports = compare_methods(

@@ -113,10 +113,11 @@ def harden_conformal(
     """A conformal predictor fitted on the calibration split and exported with the model.
 
     The exported JSON holds the fitted thresholds and the model, data and task fingerprints it
-    is valid for; :class:`mmsafe.conformal.ConformalPredictor` loads it and returns prediction
+    is valid for; :class:`mmsafe.methods.conformal.ConformalPredictor` loads it and returns
+    prediction
     sets at inference.
     """
-    from mmsafe.conformal import ConformalPredictor
+    from mmsafe.methods.conformal import ConformalPredictor
 
     engine = engine or Engine(progress=False)
     task = create_task(task) if isinstance(task, str) else task
@@ -202,8 +203,8 @@ def robust_sweep_point(
     without touching the audited test rows); ``task`` is re-prepared on the model, fitting what
     it learns (a fusion head) on ``fit_data``.
     """
-    from mmsafe.checks.adversarial import AdversarialCheck, eps_label
     from mmsafe.checks.base import AuditContext
+    from mmsafe.checks.robustness.adversarial.check import AdversarialCheck, eps_label
 
     task.prepare(model, engine, data.classes, fit_data=fit_data)
     ctx = AuditContext(
@@ -280,7 +281,7 @@ def harden_adversarial(
        and audited with ``performance`` and ``robustness.adversarial`` at ``eval_eps`` before
        and after, on the same test rows.
     """
-    from mmsafe.checks.adversarial import DEFAULT_EPS
+    from mmsafe.checks.robustness.adversarial.check import DEFAULT_EPS
     from mmsafe.harden.robust import fare_finetune, wise_ft
 
     engine = engine or Engine(progress=False)

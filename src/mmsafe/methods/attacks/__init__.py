@@ -1,0 +1,1 @@
+"""Adversarial attacks: pixel-space (``pixel``) and text-side (``text``)."""
