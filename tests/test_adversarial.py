@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -450,14 +451,14 @@ def test_retrieval_co_attack_beats_sep_attack_through_the_check(retrieval_ctx, s
     0.042/0.042 vs Sep 0.192/0.167, HotFlip 0.058/0.083, 0.008/0.008.
     """
     ctx = retrieval_ctx
-    ctx.seed = seed
+    ctx = dataclasses.replace(ctx, seed=seed)
     try:
         check = AdversarialCheck(norms=("linf",), eps={"linf": [2 / 255]}, attacks=("pgd",),
                                  steps=5, max_rows=120, n_boot=20, co_attack=True,
                                  text_attacks=("hotflip",), flips=(1, 2))  # fmt: skip
         res = check.run(ctx)
     finally:
-        ctx.seed = 0
+        ctx = dataclasses.replace(ctx, seed=0)
     m = {k: v.value for k, v in res.metrics.items()}
     assert any(f.evidence.get("rows") == 120 for f in res.findings)
     clean = _r1(m, "clean")

@@ -29,7 +29,7 @@ def test_card_validates_and_numbers_match_references(toy_model, colour_data, tmp
     jsonschema.validate(card, card_schema())
     assert set(card["checks"]) == set(list_checks())
     test = colour_data.split("test")
-    preds = result.results["performance"]  # the audit evaluates the test split
+    preds = result.results["performance.classification"]  # the audit evaluates the test split
     engine = Engine(progress=False)
     task = ZeroShotTask()
     task.prepare(toy_model, engine, colour_data.classes)
@@ -67,8 +67,8 @@ def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypa
     monkeypatch.setattr(CalibrationCheck, "run", cal)
     result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance,calibration")
     assert calls == ["performance", "calibration", "calibration"]
-    assert result.resumed == ["performance"]
-    assert result.results["performance"].status == "ok"
+    assert result.resumed == ["performance.classification", "performance.retrieval"]
+    assert result.results["performance.classification"].status == "ok"
     assert (tmp_path / "card.json").exists()
 
     # a different seed is a different audit: nothing is reused
@@ -76,7 +76,7 @@ def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypa
     assert result.resumed == []
     # the same audit is reused ... unless mmsafe's code changed since
     result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
-    assert result.resumed == ["performance"]
+    assert result.resumed == ["performance.classification", "performance.retrieval"]
     import mmsafe.audit
 
     monkeypatch.setattr(mmsafe.audit, "code_digest", lambda: "other code")
@@ -90,9 +90,9 @@ def test_a_crashing_check_is_recorded_and_logged(toy_model, colour_data, tmp_pat
 
     monkeypatch.setattr(CalibrationCheck, "run", boom)
     result = run_audit(toy_model, colour_data, out=tmp_path, checks="all")
-    assert result.results["calibration"].status == "failed"
-    assert "kaboom" in result.results["calibration"].reason
-    assert result.results["performance"].status == "ok"
+    assert result.results["monitoring.calibration"].status == "failed"
+    assert "kaboom" in result.results["monitoring.calibration"].reason
+    assert result.results["performance.classification"].status == "ok"
     assert "RuntimeError: kaboom" in (tmp_path / "mmsafe.log").read_text()
     assert result.exit_code == 3
 
@@ -109,9 +109,10 @@ def test_unlabelled_data_skips_label_checks_with_reason(toy_model):
     data = make_colour_data()
     data.labels = np.full(len(data), -1)
     result = run_audit(toy_model, data, task="retrieval", checks="all")
-    assert result.results["calibration"].status == "skipped"
-    assert "zero_shot" in result.results["calibration"].reason
-    perf = result.results["performance"]
+    assert result.results["monitoring.calibration"].status == "skipped"
+    assert "zero_shot" in result.results["monitoring.calibration"].reason
+    assert result.results["performance.classification"].status == "skipped"
+    perf = result.results["performance.retrieval"]
     assert perf.status == "ok" and "i2t_R@1" in perf.metrics
 
 
@@ -127,14 +128,18 @@ def test_label_check_says_needs_labels(toy_model, colour_data):
 
 
 def test_check_result_round_trips_through_json(toy_model, colour_data):
-    result = run_audit(toy_model, colour_data, checks="calibration").results["calibration"]
-    again = CheckResult.from_dict("calibration", json.loads(json.dumps(result.to_dict())))
+    result = run_audit(toy_model, colour_data, checks="calibration").results["monitoring.calibration"]
+    again = CheckResult.from_dict("monitoring.calibration", json.loads(json.dumps(result.to_dict())))
     assert again.to_dict() == result.to_dict()
 
 
 def test_glob_selection():
     assert select_checks("all") == list_checks()
-    assert select_checks("calib*,performance") == ["calibration", "performance"]
+    assert select_checks("calib*,performance") == [
+        "monitoring.calibration",
+        "performance.classification",
+        "performance.retrieval",
+    ]
     from mmsafe.checks import CheckSelectionError
 
     with pytest.raises(CheckSelectionError, match="Known checks"):
@@ -147,7 +152,7 @@ def test_html_escapes_a_caption_containing_script(toy_model, tmp_path):
     data.modalities["text"] = [f"{evil} {t}" for t in data.modalities["text"]]
     data.labels[::4] = (data.labels[::4] + 1) % 3  # label noise: confident errors exist
     result = run_audit(toy_model, data, out=tmp_path, checks="performance")
-    table = result.results["performance"].plots["confident_errors"]
+    table = result.results["performance.classification"].plots["confident_errors"]
     assert table["rows"] and all(evil in row[1] for row in table["rows"])
     html = (tmp_path / "index.html").read_text()
     assert "<script>" not in html

@@ -56,8 +56,8 @@ def test_quick_demo_writes_a_valid_card_with_real_accuracy(demo_out):
     card = json.loads((out / "card.json").read_text())
     jsonschema.validate(card, card_schema())
     assert card["data"]["source"].startswith("shapes")
-    assert {"performance", "calibration"} <= set(card["checks"])
-    acc = card["checks"]["performance"]["metrics"]["accuracy"]["value"]
+    assert {"performance.classification", "monitoring.calibration"} <= set(card["checks"])
+    acc = card["checks"]["performance.classification"]["metrics"]["accuracy"]["value"]
     assert acc > 0.5  # 5 classes: chance is 0.2
     html = (out / "index.html").read_text()
     assert "Reliability diagram" in html and "<svg" in html
@@ -157,7 +157,7 @@ def test_audit_options_reach_the_check_and_typos_fail_early(tmp_path) -> None:
     res = runner.invoke(app, [*base, "--options", '{"calibration": {"n_bins": 5}}'])
     assert res.exit_code in (0, 1), res.output
     card = json.loads((tmp_path / "o" / "card.json").read_text())
-    check = card["checks"]["calibration"]
+    check = card["checks"]["monitoring.calibration"]
     assert check["options"] == {"n_bins": 5}
     assert len(check["plots"]["reliability"]["bin_edges"]) == 6  # 5 bins
     opts = tmp_path / "opts.json"

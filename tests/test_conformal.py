@@ -8,6 +8,7 @@ spread is known; tolerances below are 4 standard errors of those laws.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -495,7 +496,7 @@ def test_check_on_tiny_clip_shapes(shapes_quick) -> None:
     assert m["shift/gaussian_noise/coverage"].value < m["aps/coverage"].value - 0.05
     assert res.plots["coverage_under_shift"]["labels"][0] == "clean"
     # no calibration split: skipped unless holdout is set
-    ctx.calibration = None
+    ctx = dataclasses.replace(ctx, calibration=None)
     assert ConformalCheck().skip_reason(ctx).startswith("needs a 'calibration' split")
     held = ConformalCheck(holdout=0.5, scores=("lac",), n_boot=100, shifts=()).run(ctx)
     assert held.status == "ok" and abs(held.metrics["coverage"].value - LEVEL) < 0.15

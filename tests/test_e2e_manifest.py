@@ -52,9 +52,10 @@ def test_manifest_with_a_bad_row_and_a_local_hf_clip(tmp_path, task):
     assert card["data"]["skipped"]["count"] == 1
     assert card["data"]["skipped"]["rows"][0]["row"] == 3
     assert card["model"]["name"].startswith("hf")
-    assert card["checks"]["performance"]["status"] == "ok"
+    perf = "performance.retrieval" if task == "retrieval" else "performance.classification"
+    assert card["checks"][perf]["status"] == "ok"
     expected_cal = "skipped" if task == "retrieval" else "ok"
-    assert card["checks"]["calibration"]["status"] == expected_cal
+    assert card["checks"]["monitoring.calibration"]["status"] == expected_cal
     html = (out / "index.html").read_text()
     assert "<script>alert(1)" not in html
     assert "1 invalid rows were skipped" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -249,5 +250,5 @@ def test_check_compares_adaptation_methods_with_tpme(shapes_quick) -> None:
     assert bar["kind"] == "bar" and bar["values"] == [m["full/tpme"], m["iisan/tpme"]]
     assert any("TPME" in f.message for f in res.findings)
     json.dumps(res.to_dict())
-    ctx.train = None
+    ctx = dataclasses.replace(ctx, train=None)
     assert "train" in (check.skip_reason(ctx) or "")

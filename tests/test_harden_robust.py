@@ -84,7 +84,7 @@ def test_harden_adversarial_raises_robust_accuracy_and_saves_a_loadable_model(
     )
     deltas = {d.metric: d for d in result.deltas}
     robust = deltas["robustness.adversarial.linf/pgd/eps=0.007843/robust_accuracy"]
-    clean = deltas["performance.accuracy"]
+    clean = deltas["performance.classification.accuracy"]
     assert robust.after > robust.before + 0.01, (robust, result.summary)
     assert clean.before - clean.after <= 0.05, clean
     sweep = json.loads((out / "wise_ft_sweep.json").read_text())

@@ -17,11 +17,11 @@ def test_harden_temperature_fits_on_calibration_and_reaudits(toy_model, tmp_path
     assert saved.temperature_ == pytest.approx(result.summary["temperature"])
     for side in ("before", "after"):
         card = json.loads((tmp_path / side / "card.json").read_text())
-        assert card["checks"]["calibration"]["status"] == "ok"
+        assert card["checks"]["monitoring.calibration"]["status"] == "ok"
     deltas = {d.metric: d for d in result.deltas}
     # a temperature never changes the predicted class, only the confidence
-    assert deltas["performance.accuracy"].delta == 0
-    nll = deltas["calibration.nll"]
+    assert deltas["performance.classification.accuracy"].delta == 0
+    nll = deltas["monitoring.calibration.nll"]
     assert nll.after <= nll.before + 1e-9  # T minimises NLL on calibration rows
     assert result.after.card["task"]["params"]["temperature"] == saved.temperature_
 

@@ -6,6 +6,7 @@ marked ``meta["ood"]``; the check must separate them from the known shapes bette
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -241,7 +242,7 @@ def test_check_on_fusion_skips_mcm_with_a_note(toy_model) -> None:
 def test_check_without_train_split_skips_knn(toy_model) -> None:
     data = _colours_with_grey_ood()
     ctx = audit_context(toy_model, data)
-    ctx.train = None
+    ctx = dataclasses.replace(ctx, train=None)
     res = OODCheck(n_boot=20).run(ctx)
     assert "knn/auroc" not in res.metrics and "mcm/auroc" in res.metrics
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -16,7 +17,6 @@ from mmsafe.checks.monitoring.uncertainty import (
     augment_pixels,
     best_avu_threshold,
     dropout_modules,
-    fusion_head_of,
 )
 from mmsafe.metrics.uncertainty import (
     avu,
@@ -26,6 +26,7 @@ from mmsafe.metrics.uncertainty import (
     confidence_violations,
     predictive_entropy,
 )
+from mmsafe.tasks.fusion import fusion_head_of
 from tests.conftest import ToyEncoder, audit_context
 
 # --------------------------------------------------------------------------- metrics
@@ -205,7 +206,7 @@ def test_bald_method_selection_and_zero_when_passes_agree(colour_data) -> None:
 
 def test_avu_threshold_falls_back_to_median_without_calibration(colour_data) -> None:
     ctx = audit_context(ToyEncoder(), colour_data)
-    ctx.calibration = None
+    ctx = dataclasses.replace(ctx, calibration=None)
     res = UncertaintyCheck(n_boot=50).run(ctx)
     keep = ctx.outputs.labels >= 0
     median = float(np.median(predictive_entropy(ctx.outputs.probs[keep])))

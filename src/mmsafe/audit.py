@@ -11,6 +11,7 @@ a power cut) reuses every finished check and runs only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -172,7 +173,6 @@ def run_audit(
         seed=seed,
         calibration=calibration,
         train=train,
-        options=options,
     )
     data_fp = data.fingerprint()
     fingerprints = [model.fingerprint(), data_fp, task.fingerprint()]
@@ -229,6 +229,7 @@ def _run_one(
     """Run one check; a crash becomes a ``failed`` result with the traceback in the log."""
     cls = get_check(name)
     check = cls(**config)
+    ctx = dataclasses.replace(ctx, check=name)
     reason = check.skip_reason(ctx)
     if reason is not None:
         console.print(f"[yellow]– {name}: skipped ({reason})[/yellow]")

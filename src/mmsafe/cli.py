@@ -620,16 +620,22 @@ def adapt_cmd(
 def list_checks_cmd(
     pattern: Annotated[str, typer.Argument(help="Glob over check names.")] = "*",
 ) -> None:
-    """List the registered checks with their pillar and what they need."""
+    """List the registered checks: pillar, target kinds, tasks, what they need, old names."""
     from mmsafe.checks import get_check, list_checks
 
     table = Table(title="checks")
-    for col in ("name", "pillar", "tasks", "requires", "what it measures"):
+    for col in ("name", "pillar", "kinds", "tasks", "requires", "also", "what it measures"):
         table.add_column(col)
     for name in list_checks(pattern):
         cls = get_check(name)
         table.add_row(
-            name, cls.pillar, ", ".join(cls.tasks), ", ".join(cls.requires), cls.description
+            name,
+            cls.pillar,
+            ", ".join(cls.kinds),
+            ", ".join(cls.tasks),
+            ", ".join(cls.requires),
+            ", ".join(cls.aliases),
+            cls.description,
         )
     out_console.print(table)
 
@@ -643,11 +649,11 @@ def list_models_cmd(
     from mmsafe.models.base import list_models, model_descriptions
 
     table = Table(title="models")
-    table.add_column("name")
-    table.add_column("description")
-    desc = model_descriptions()
+    for col in ("name", "kind", "description"):
+        table.add_column(col)
     for name in list_models(pattern):
-        table.add_row(name + ("<id-or-path>" if name.endswith(":") else ""), desc[name])
+        kind, desc = model_descriptions()[name]
+        table.add_row(name + ("<id-or-path>" if name.endswith(":") else ""), kind, desc)
     out_console.print(table)
 
 

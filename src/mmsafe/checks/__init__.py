@@ -1,6 +1,17 @@
-"""Checks: the contract, the registry and the built-in checks (imported here to register)."""
+"""Checks: the contract, the registry and the built-in checks (imported here to register).
 
-from mmsafe.checks.base import PILLARS, AuditContext, Check, CheckResult, Finding, Metric
+A check's name leads to its file: ``monitoring.conformal`` is ``checks/monitoring/conformal.py``.
+"""
+
+from mmsafe.checks.base import (
+    PILLARS,
+    TARGET_KINDS,
+    AuditContext,
+    Check,
+    CheckResult,
+    Finding,
+    Metric,
+)
 from mmsafe.checks.controllability.explain import ExplainCheck
 from mmsafe.checks.controllability.fairness import FairnessCheck
 from mmsafe.checks.controllability.privacy import PrivacyCheck
@@ -12,41 +23,50 @@ from mmsafe.checks.monitoring.ood import OODCheck
 from mmsafe.checks.monitoring.slices import SlicesCheck
 from mmsafe.checks.monitoring.uncertainty import UncertaintyCheck
 from mmsafe.checks.performance.classification import PerformanceCheck
+from mmsafe.checks.performance.retrieval import RetrievalPerformanceCheck
 from mmsafe.checks.registry import (
     CheckSelectionError,
+    check_aliases,
     get_check,
     list_checks,
     register_check,
+    resolve_check,
     select_checks,
 )
-from mmsafe.checks.robustness.adversarial.check import AdversarialCheck
+from mmsafe.checks.robustness.adversarial.check import AdversarialCheck, AdversarialRetrievalCheck
 from mmsafe.checks.robustness.modality import ModalityCheck
-from mmsafe.checks.robustness.shift import ShiftCheck
+from mmsafe.checks.robustness.shift import ShiftCheck, ShiftRetrievalCheck
 
 __all__ = [
     "PILLARS",
+    "TARGET_KINDS",
     "AdversarialCheck",
+    "AdversarialRetrievalCheck",
     "AnomalyCheck",
     "AuditContext",
     "CalibrationCheck",
     "Check",
+    "CheckResult",
+    "CheckSelectionError",
     "ConformalCheck",
     "EfficiencyCheck",
     "ExplainCheck",
     "FairnessCheck",
-    "CheckResult",
-    "CheckSelectionError",
     "Finding",
     "Metric",
     "ModalityCheck",
     "OODCheck",
     "PerformanceCheck",
     "PrivacyCheck",
+    "RetrievalPerformanceCheck",
     "ShiftCheck",
+    "ShiftRetrievalCheck",
     "SlicesCheck",
     "UncertaintyCheck",
+    "check_aliases",
     "get_check",
     "list_checks",
     "register_check",
+    "resolve_check",
     "select_checks",
 ]

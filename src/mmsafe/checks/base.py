@@ -8,11 +8,15 @@ HTML report and the CI gates read nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
@@ -30,6 +34,11 @@ PILLARS: tuple[str, ...] = (
     "controllability",
     "efficiency",
 )
+TARGET_KINDS: tuple[str, ...] = ("encoder",)
+"""The kinds of model a check can declare (``Check.kinds``); new kinds add entries."""
+MODALITIES: tuple[str, ...] = ("image", "text")
+"""Modality names a check may list in ``requires``: the data and the task must both have them."""
+SEVERITY_RANK: dict[str, int] = {"high": 0, "medium": 1, "low": 2, "info": 3}
 
 
 @dataclass(frozen=True)
@@ -133,20 +142,21 @@ class CheckResult:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditContext:
-    """Everything a check may read.
+    """Everything a check may read (frozen: a check cannot change what the next one sees).
 
     Attributes:
-        model: the encoder under audit.
+        model: the model under audit; its ``kind`` says which protocol it follows.
         task: the prepared task (call ``task.logits(embeddings)`` on perturbed embeddings).
         data: the rows under evaluation (the ``test`` split when there is one).
         outputs: the clean outputs of ``task`` on ``data``, computed once by the engine.
-        engine: batches, device, cache; use it to embed perturbed variants.
-        seed: the audit's seed; checks derive their randomness from it.
+        engine: batches, device, cache; every forward pass goes through it.
+        seed: the audit's seed; checks draw from :meth:`rng` / :meth:`torch_generator`.
         calibration: the ``calibration`` split, when the data has one.
         train: the ``train`` split, when the data has one.
-        options: per-check options from the user, ``{check name: {option: value}}``.
+        check: the name of the check this context was handed to (set by the audit); it keys
+            that check's own random stream.
     """
 
     model: EncoderModel
@@ -157,31 +167,62 @@ class AuditContext:
     seed: int = 0
     calibration: Dataset | None = None
     train: Dataset | None = None
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    check: str = ""
+
+    def seed_for(self, purpose: str = "") -> int:
+        """A 63-bit seed of its own for (audit seed, check, ``purpose``); stable across runs.
+
+        Example:
+            >>> ctx = AuditContext(None, None, None, None, None, seed=3, check="c")  # type: ignore
+            >>> ctx.seed_for("a") == ctx.seed_for("a") != ctx.seed_for("b")
+            True
+        """
+        blob = f"{int(self.seed)}\x00{self.check}\x00{purpose}".encode()
+        return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little") >> 1
+
+    def rng(self, purpose: str = "") -> np.random.Generator:
+        """The check's NumPy random stream for ``purpose`` (see :meth:`seed_for`)."""
+        return np.random.default_rng(self.seed_for(purpose))
+
+    def torch_generator(self, purpose: str = "") -> torch.Generator:
+        """The check's CPU torch random stream for ``purpose`` (see :meth:`seed_for`)."""
+        return torch.Generator().manual_seed(self.seed_for(purpose))
 
 
 class Check(ABC):
     """Base class of every check.
 
     Class attributes:
-        name: registered name, ``<pillar>.<what>`` or a short core name.
+        name: registered name, ``<pillar>.<what>``.
         pillar: one of :data:`PILLARS`.
-        requires: what the data must have: any of ``labels`` (for classification tasks;
-            retrieval is scored by pairs), ``groups``, ``calibration``, ``train``.
+        kinds: the target kinds of model it runs on (:data:`TARGET_KINDS`).
         tasks: the task names the check makes sense for.
+        requires: what the data must have: any of ``labels`` (for classification tasks;
+            retrieval is scored by pairs), ``groups``, ``calibration``, ``train``, or a modality
+            (``image``, ``text``) that both the data and the task must have.
         higher_is_better: ``{metric: bool}`` for the metrics it reports.
         description: one line for ``mmsafe list-checks``.
+        aliases: older names that still select it (``--checks``, ``--options``, ``--fail-on``).
     """
 
     name: ClassVar[str]
     pillar: ClassVar[str]
-    requires: ClassVar[tuple[str, ...]] = ()
+    kinds: ClassVar[tuple[str, ...]] = ("encoder",)
     tasks: ClassVar[tuple[str, ...]] = ("zero_shot", "fusion", "retrieval")
+    requires: ClassVar[tuple[str, ...]] = ()
     higher_is_better: ClassVar[Mapping[str, bool]] = {}
     description: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
-        """Why this check cannot run in ``ctx``, or ``None`` when it can."""
+        """Why this check cannot run in ``ctx``, or ``None`` when it can.
+
+        The base reads the declarations (kind, task, ``requires``); a check overrides it only
+        for conditions that depend on its options or on the data's content.
+        """
+        kind = getattr(ctx.model, "kind", "encoder")
+        if kind not in self.kinds:
+            return f"not applicable to {kind} models (runs on: {', '.join(self.kinds)})"
         if ctx.task.name not in self.tasks:
             return f"not applicable to task {ctx.task.name!r} (runs on: {', '.join(self.tasks)})"
         for need in self.requires:
@@ -194,6 +235,10 @@ class Check(ABC):
                 return "needs a 'calibration' split"
             if need == "train" and ctx.train is None:
                 return "needs a 'train' split"
+            if need in MODALITIES and need not in ctx.data.modalities:
+                return f"needs the {need} modality"
+            if need in MODALITIES and need not in ctx.task.modalities:
+                return f"task {ctx.task.name!r} does not read the {need} modality"
         return None
 
     @abstractmethod
@@ -201,5 +246,16 @@ class Check(ABC):
         """Run the check and return its result."""
 
     def result(self, **kwargs: Any) -> CheckResult:
-        """A :class:`CheckResult` carrying this check's name and pillar."""
-        return CheckResult(name=self.name, pillar=self.pillar, **kwargs)
+        """A :class:`CheckResult` carrying this check's name and pillar, findings by severity.
+
+        Example:
+            >>> class C(Check):
+            ...     name, pillar = "monitoring.c", "monitoring"
+            ...     def run(self, ctx): ...
+            >>> r = C().result(findings=(Finding("low", "a"), Finding("high", "b")))
+            >>> [f.severity for f in r.findings]
+            ['high', 'low']
+        """
+        findings = kwargs.pop("findings", ())
+        ranked = tuple(sorted(findings, key=lambda f: SEVERITY_RANK.get(f.severity, 9)))
+        return CheckResult(name=self.name, pillar=self.pillar, findings=ranked, **kwargs)

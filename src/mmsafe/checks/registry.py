@@ -1,11 +1,18 @@
 """Checks by name: ``register_check``, ``list_checks`` and glob selection.
 
+Every check is registered under ``<pillar>.<name>``. Older names stay usable as *aliases*
+(``calibration`` is ``monitoring.calibration``); an alias may stand for several checks, e.g. the
+task variants of one check (``performance`` is ``performance.classification`` and
+``performance.retrieval``), since a check has one metric schema whatever the task.
+
 Example:
     >>> import mmsafe.checks  # registers the built-in checks
-    >>> "calibration" in list_checks()
+    >>> "monitoring.calibration" in list_checks()
     True
     >>> select_checks("perf*")
-    ['performance']
+    ['performance.classification', 'performance.retrieval']
+    >>> select_checks("calibration")
+    ['monitoring.calibration']
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 from mmsafe.checks.base import Check
 
 _CHECKS: dict[str, type[Check]] = {}
+_ALIASES: dict[str, list[str]] = {}
 
 
 class CheckSelectionError(ValueError):
@@ -29,8 +37,34 @@ def register_check(cls: type[Check]) -> type[Check]:
     """Class decorator: register ``cls`` under ``cls.name``."""
     if cls.name in _CHECKS and _CHECKS[cls.name] is not cls:
         raise ValueError(f"check name {cls.name!r} registered twice")
+    pillar, dot, rest = cls.name.partition(".")
+    if not (dot and rest and pillar == cls.pillar):
+        raise ValueError(f"check name {cls.name!r} must read '<pillar>.<name>' ({cls.pillar!r})")
     _CHECKS[cls.name] = cls
+    for alias in cls.aliases:
+        targets = _ALIASES.setdefault(alias, [])
+        if cls.name not in targets:
+            targets.append(cls.name)
     return cls
+
+
+def resolve_check(name: str) -> list[str]:
+    """The registered checks a name stands for: itself, and every check it is an alias of.
+
+    Example:
+        >>> import mmsafe.checks
+        >>> resolve_check("calibration")
+        ['monitoring.calibration']
+        >>> resolve_check("nope")
+        []
+    """
+    own = [name] if name in _CHECKS else []
+    return own + [n for n in _ALIASES.get(name, []) if n not in own]
+
+
+def check_aliases() -> dict[str, list[str]]:
+    """``{alias: [check names]}`` of every registered alias."""
+    return {a: list(ns) for a, ns in sorted(_ALIASES.items())}
 
 
 def list_checks(pattern: str = "*") -> list[str]:
@@ -40,7 +74,13 @@ def list_checks(pattern: str = "*") -> list[str]:
 
 
 def get_check(name: str) -> type[Check]:
-    """The check class registered under ``name``."""
+    """The check class registered under ``name`` (or the one check an alias stands for).
+
+    Raises:
+        KeyError: no check is registered under ``name``.
+    """
+    if name not in _CHECKS and len(_ALIASES.get(name, [])) == 1:
+        return _CHECKS[_ALIASES[name][0]]
     return _CHECKS[name]
 
 
@@ -55,6 +95,8 @@ def select_checks(patterns: str) -> list[str]:
         if not pat:
             continue
         hits = list_checks("*" if pat == "all" else pat)
+        for alias in [a for a in _ALIASES if fnmatch.fnmatch(a, pat)]:  # old names match too
+            hits += [n for n in resolve_check(alias) if n not in hits]
         if not hits:
             raise CheckSelectionError(
                 f"--checks {pat!r} matches no check. Known checks: {', '.join(list_checks())}."
@@ -73,7 +115,8 @@ def parse_check_options(text: str) -> dict[str, dict[str, Any]]:
     """``--options``: JSON ``{check name: {option: value}}``, or ``@path`` to a JSON file.
 
     Every check must be registered and every option a parameter of its constructor, so a typo
-    fails before any work is done.
+    fails before any work is done. Options given under an alias apply to every check it stands
+    for; the result is keyed by registered names.
 
     Raises:
         CheckSelectionError: unreadable file, invalid JSON, wrong shape, unknown check or
@@ -82,12 +125,12 @@ def parse_check_options(text: str) -> dict[str, dict[str, Any]]:
     Example:
         >>> import mmsafe.checks
         >>> parse_check_options('{"calibration": {"n_bins": 10}}')
-        {'calibration': {'n_bins': 10}}
+        {'monitoring.calibration': {'n_bins': 10}}
         >>> try:
         ...     parse_check_options('{"calibration": {"bins": 10}}')
         ... except CheckSelectionError as err:
-        ...     print(err)
-        --options: calibration has no option 'bins' (its options: n_bins, n_boot, ece_threshold)
+        ...     print(str(err).split(" (")[0])
+        --options: monitoring.calibration has no option 'bins'
     """
     source = "--options"
     if text.startswith("@"):
@@ -108,15 +151,25 @@ def parse_check_options(text: str) -> dict[str, dict[str, Any]]:
         raise CheckSelectionError(
             f"{source}: expected a JSON object of objects, {{check name: {{option: value}}}}."
         )
-    for name, opts in doc.items():
-        if name not in _CHECKS:
+    resolved: dict[str, dict[str, Any]] = {}
+    for given, opts in doc.items():
+        targets = resolve_check(given)
+        if not targets:
             raise CheckSelectionError(
-                f"{source}: unknown check {name!r}; see `mmsafe list-checks`."
+                f"{source}: unknown check {given!r}; see `mmsafe list-checks`."
             )
-        params = [p for p in inspect.signature(_CHECKS[name].__init__).parameters if p != "self"]
+        params = {n: _options_of(n) for n in targets}
         for key in opts:
-            if key not in params:
+            if not any(key in ps for ps in params.values()):
+                name = " / ".join(targets)
+                known = ", ".join(dict.fromkeys(p for ps in params.values() for p in ps))
                 raise CheckSelectionError(
-                    f"{source}: {name} has no option {key!r} (its options: {', '.join(params)})"
+                    f"{source}: {name} has no option {key!r} (its options: {known})"
                 )
-    return doc
+        for name, ps in params.items():  # an alias's options go to the checks that take them
+            resolved.setdefault(name, {}).update({k: v for k, v in opts.items() if k in ps})
+    return resolved
+
+
+def _options_of(name: str) -> list[str]:
+    return [p for p in inspect.signature(_CHECKS[name].__init__).parameters if p != "self"]

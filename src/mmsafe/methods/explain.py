@@ -433,10 +433,10 @@ def text_baseline_ids(
         >>> text_baseline_ids(m, b["input_ids"], b["attention_mask"], "zeros").tolist()
         [[256, -1, -1, 257], [256, -1, 257, 258]]
     """
-    from mmsafe.methods.attacks.text import _special_ids
+    from mmsafe.methods.attacks.text import special_token_ids
 
     ids = input_ids.clone()
-    special = torch.as_tensor(_special_ids(model), dtype=ids.dtype, device=ids.device)
+    special = torch.as_tensor(special_token_ids(model), dtype=ids.dtype, device=ids.device)
     content = attention_mask.bool() & ~torch.isin(ids, special)
     if kind == "zeros":
         fill = ZERO_TOKEN
@@ -448,22 +448,17 @@ def text_baseline_ids(
 
 
 def _pad_id(model: nn.Module) -> int:
-    from mmsafe.models.tiny_clip import PAD, TinyClip
+    from mmsafe.methods.attacks.text import text_tokens
 
-    if isinstance(model, TinyClip):
-        return PAD
-    tok = getattr(model, "tokenizer", None)
-    cfg = getattr(getattr(getattr(model, "model", None), "config", None), "text_config", None)
-    eos = {getattr(tok, "eos_token_id", None), getattr(cfg, "eos_token_id", None)}
-    for value in (getattr(tok, "pad_token_id", None), getattr(cfg, "pad_token_id", None)):
-        if isinstance(value, int):
-            if value in eos:  # e.g. CLIP: pad = <|endoftext|>, which also marks the pooled token
-                raise ExplainError(
-                    f"{_model_name(model)}'s pad token is its end-of-text token, which the text "
-                    "tower pools on; use the 'zeros' baseline"
-                )
-            return value
-    raise ExplainError(f"{_model_name(model)} has no pad token id; use the 'zeros' baseline")
+    pad, eos = text_tokens(model).pad_ids()
+    if pad is None:
+        raise ExplainError(f"{_model_name(model)} has no pad token id; use the 'zeros' baseline")
+    if pad in eos:  # e.g. CLIP: pad = <|endoftext|>, which also marks the pooled token
+        raise ExplainError(
+            f"{_model_name(model)}'s pad token is its end-of-text token, which the text "
+            "tower pools on; use the 'zeros' baseline"
+        )
+    return pad
 
 
 @contextmanager
@@ -624,9 +619,6 @@ def random_token_saliency(input_ids: Tensor, seed: int) -> Tensor:
     return random_saliency(tuple(input_ids.shape), seed).to(input_ids.device)
 
 
-_WS = frozenset(b" \t\n\r\f\v")
-
-
 def token_words(
     model: nn.Module, input_ids: Tensor, baseline_ids: Tensor
 ) -> list[list[tuple[str, list[int]]]]:
@@ -648,49 +640,14 @@ def token_words(
         >>> token_words(m, b["input_ids"], base)
         [[('a', [1]), ('red', [3, 4, 5]), ('cat', [8, 9, 10])]]
     """
-    from mmsafe.models.tiny_clip import TinyClip
+    from mmsafe.methods.attacks.text import text_tokens
 
+    tokens = text_tokens(model)
     ids, live = input_ids.cpu(), (baseline_ids.to(input_ids) != input_ids).cpu()
-    tok = getattr(model, "tokenizer", None)
-    rows: list[list[tuple[str, list[int]]]] = []
-    for row, keep in zip(ids.tolist(), live.tolist(), strict=True):
-        pos = [j for j, k in enumerate(keep) if k]
-        groups: list[list[int]] = []
-        if isinstance(model, TinyClip):
-            prev = -2
-            for j in pos:
-                if row[j] in _WS:
-                    prev = -2
-                    continue
-                if prev == j - 1 and groups:
-                    groups[-1].append(j)
-                else:
-                    groups.append([j])
-                prev = j
-            words = [
-                bytes(row[j] for j in g if row[j] < 256).decode("utf-8", errors="replace")
-                for g in groups
-            ]
-        elif tok is not None and hasattr(tok, "convert_ids_to_tokens"):
-            pieces = tok.convert_ids_to_tokens([row[j] for j in pos])
-            words = []
-            open_word = False
-            for j, p in zip(pos, pieces, strict=True):
-                p = str(p)
-                starts = p.startswith(("▁", "Ġ")) or not open_word or not groups
-                clean = p.lstrip("▁Ġ").removesuffix("</w>")
-                if starts:
-                    groups.append([j])
-                    words.append(clean)
-                else:
-                    groups[-1].append(j)
-                    words[-1] += clean
-                open_word = not p.endswith("</w>")
-        else:
-            groups = [[j] for j in pos]
-            words = [f"#{row[j]}" for j in pos]
-        rows.append(list(zip(words, groups, strict=True)))
-    return rows
+    return [
+        tokens.words(row, [j for j, k in enumerate(keep) if k])
+        for row, keep in zip(ids.tolist(), live.tolist(), strict=True)
+    ]
 
 
 def word_attributions(

@@ -325,9 +325,9 @@ def auc_bootstrap_ci(
         >>> (lo, hi)
         (1.0, 1.0)
     """
-    from mmsafe.metrics.bootstrap import _check_options, _percentile_interval, resample_counts
+    from mmsafe.metrics.bootstrap import check_options, percentile_interval, resample_counts
 
-    _check_options(n_boot, level, seed)
+    check_options(n_boot, level, seed)
     s, m = _validate(scores, is_member)
     order = np.argsort(s, kind="stable")
     s_sorted, m_sorted = s[order], m[order]
@@ -341,7 +341,7 @@ def auc_bootstrap_ci(
         n1, n0 = pos.sum(axis=1), neg.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             stats.append((pos * (below + 0.5 * neg)).sum(axis=1) / (n1 * n0))
-    return _percentile_interval(np.concatenate(stats), level)
+    return percentile_interval(np.concatenate(stats), level)
 
 
 def roc_points(scores: Any, is_member: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

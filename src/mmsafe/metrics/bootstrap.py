@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.metrics.classification import _as_numpy
+from mmsafe.metrics.arrays import as_numpy as _as_numpy
 
 __all__ = ["bootstrap_ci", "mean_ci", "share_ci"]
 
 _CHUNK_ELEMENTS = 1 << 22  # resampling indices drawn per chunk (32 MiB of intp)
 
 
-def _check_options(n_boot: Any, level: Any, seed: Any) -> None:
+def check_options(n_boot: Any, level: Any, seed: Any) -> None:
     """Validate the shared bootstrap options."""
     if isinstance(n_boot, bool) or not isinstance(n_boot, numbers.Integral) or n_boot < 1:
         raise ValueError(f"`n_boot` must be a positive integer, got {n_boot!r}.")
@@ -47,7 +47,7 @@ def _index_chunks(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n, size=(min(rows, n_boot - start), n), dtype=np.intp)
 
 
-def _percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(stats: np.ndarray, level: float) -> tuple[float, float]:
     """Percentile interval of the finite-or-infinite (non-NaN) bootstrap statistics."""
     stats = stats[~np.isnan(stats)]
     if stats.size == 0:
@@ -91,7 +91,7 @@ def bootstrap_ci(
         >>> bool(lo < 49.5 < hi)
         True
     """
-    _check_options(n_boot, level, seed)
+    check_options(n_boot, level, seed)
     if not arrays:
         raise ValueError("bootstrap_ci needs at least one array to resample after `statistic`.")
     arrs = [_as_numpy(a, f"arrays[{i}]") for i, a in enumerate(arrays)]
@@ -110,7 +110,7 @@ def bootstrap_ci(
         for idx in chunk:
             stats[b] = float(statistic(*(a[idx] for a in arrs)))
             b += 1
-    return _percentile_interval(stats, level)
+    return percentile_interval(stats, level)
 
 
 def mean_ci(
@@ -139,7 +139,7 @@ def mean_ci(
         >>> bool(0.7 < lo < 0.8 < hi < 0.9)
         True
     """
-    _check_options(n_boot, level, seed)
+    check_options(n_boot, level, seed)
     v = _as_numpy(values, "values")
     if v.ndim != 1:
         raise ValueError(f"`values` must be 1-D (one number per sample), got shape {v.shape}.")
@@ -153,7 +153,7 @@ def mean_ci(
     means = np.concatenate(
         [v[idx].mean(axis=1) for idx in _index_chunks(v.shape[0], int(n_boot), seed)]
     )
-    return _percentile_interval(means, level)
+    return percentile_interval(means, level)
 
 
 def resample_counts(n: int, n_boot: int, seed: int = 0) -> Iterator[np.ndarray]:
@@ -202,7 +202,7 @@ def share_ci(
         >>> share_ci(np.tile([[1.0, 3.0]], (10, 1)), n_boot=50)
         [(0.25, 0.25), (0.75, 0.75)]
     """
-    _check_options(n_boot, level, seed)
+    check_options(n_boot, level, seed)
     v = np.asarray(values, dtype=np.float64)
     n = v.shape[0]
     stats = []
@@ -211,7 +211,7 @@ def share_ci(
         with np.errstate(invalid="ignore", divide="ignore"):
             stats.append(d / d.sum(axis=1, keepdims=True))
     s = np.concatenate(stats)
-    return [_percentile_interval(s[:, j], level) for j in range(v.shape[1])]
+    return [percentile_interval(s[:, j], level) for j in range(v.shape[1])]
 
 
 def grouped_mean_ci(
@@ -246,7 +246,7 @@ def grouped_mean_ci(
         >>> per
         [(1.0, 1.0), (0.0, 0.0)]
     """
-    _check_options(n_boot, level, seed)
+    check_options(n_boot, level, seed)
     v = _as_numpy(values, "values").astype(np.float64)
     g = _as_numpy(groups, "groups").astype(np.int64)
     if v.ndim != 1 or v.shape != g.shape or v.size == 0:
@@ -263,6 +263,6 @@ def grouped_mean_ci(
         per.append(np.where(count > 0, total / np.maximum(count, 1), np.nan))
     per_all = np.concatenate(per)
     return (
-        _percentile_interval(np.concatenate(overall), level),
-        [_percentile_interval(per_all[:, k], level) for k in range(n_groups)],
+        percentile_interval(np.concatenate(overall), level),
+        [percentile_interval(per_all[:, k], level) for k in range(n_groups)],
     )

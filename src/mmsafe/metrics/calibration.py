@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.metrics.classification import _as_numpy, _check_labels
+from mmsafe.metrics.arrays import as_numpy as _as_numpy
+from mmsafe.metrics.classification import _check_labels
 
 __all__ = [
     "ReliabilityDiagram",
@@ -400,7 +401,9 @@ def calibration_bootstrap(
         >>> np.allclose(calibration_bootstrap(p, y, n_boot=50)["ece"], ref)
         True
     """
-    from mmsafe.metrics.bootstrap import _check_options, _percentile_interval, resample_counts
+    from mmsafe.metrics.bootstrap import check_options as _check_options
+    from mmsafe.metrics.bootstrap import percentile_interval as _percentile_interval
+    from mmsafe.metrics.bootstrap import resample_counts
 
     n_bins = _check_n_bins(n_bins)
     _check_options(n_boot, level, seed)

@@ -18,17 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from mmsafe.metrics.arrays import as_numpy as _as_numpy
+from mmsafe.metrics.bootstrap import check_options as _check_options
+from mmsafe.metrics.bootstrap import percentile_interval as _percentile_interval
+from mmsafe.metrics.bootstrap import resample_counts
+
 __all__ = ["accuracy", "confusion_matrix", "macro_f1", "per_class_accuracy"]
-
-
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    """Convert an array-like (numpy, list, CPU/GPU torch tensor) to a numpy array."""
-    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"`{name}` could not be converted to a numpy array: {exc}") from exc
 
 
 def _check_num_classes(num_classes: Any) -> int:
@@ -224,8 +219,6 @@ def macro_f1_bootstrap(
         >>> np.allclose(macro_f1_bootstrap(p, t, 3, n_boot=50), ref)
         True
     """
-    from mmsafe.metrics.bootstrap import _check_options, _percentile_interval, resample_counts
-
     _check_options(n_boot, level, seed)
     macro_f1(preds, target, num_classes)  # validates the inputs
     p, t = np.asarray(preds, dtype=np.int64), np.asarray(target, dtype=np.int64)

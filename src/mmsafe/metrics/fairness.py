@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.metrics.bootstrap import _check_options, _percentile_interval, resample_counts
+from mmsafe.metrics.bootstrap import check_options, percentile_interval, resample_counts
 
 __all__ = [
     "SUMMARY_METRICS",
@@ -368,7 +368,7 @@ def fairness_bootstrap(
         >>> lo, hi = ci["accuracy_difference"]; bool(0.05 < hi < 0.5)
         True
     """
-    _check_options(n_boot, level, seed)
+    check_options(n_boot, level, seed)
     y = np.asarray(target, dtype=np.int64)
     p = np.asarray(preds, dtype=np.int64)
     g = np.asarray(group_codes, dtype=np.int64)
@@ -401,4 +401,4 @@ def fairness_bootstrap(
                 summ[f"selection_rate/{k}/{c}"] = sr[:, k, c]
         for key, v in summ.items():
             stats.setdefault(key, []).append(v)
-    return {k: _percentile_interval(np.concatenate(v), level) for k, v in stats.items()}
+    return {k: percentile_interval(np.concatenate(v), level) for k, v in stats.items()}

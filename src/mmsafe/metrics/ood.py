@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.metrics.classification import _as_numpy
+from mmsafe.metrics.arrays import as_numpy as _as_numpy
 
 __all__ = [
     "RocCurve",

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsafe.metrics.classification import _as_numpy
+from mmsafe.metrics.arrays import as_numpy as _as_numpy
 
 __all__ = ["best_positive_rank", "recall_at_k", "retrieval_recalls"]
 

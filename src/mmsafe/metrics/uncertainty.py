@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from mmsafe.metrics.arrays import as_numpy as _as_numpy
 from mmsafe.metrics.calibration import _check_inputs, _check_probs
-from mmsafe.metrics.classification import _as_numpy
 
 __all__ = [
     "AvUCounts",

@@ -19,11 +19,14 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mmsafe.models.tokens import TextTokens
 
 Batch = Tensor | dict[str, Tensor]
 """A preprocessed batch of one modality: a tensor, or a dict of tensors (text ids + mask)."""
@@ -38,8 +41,15 @@ class EncoderModel(nn.Module, ABC):
 
     Subclasses set ``name``, ``modalities`` and ``embed_dim`` and implement ``preprocess``,
     ``encode_modality`` and ``config``.
+
+    ``kind`` names the target kind (the protocol a model follows; checks declare the kinds they
+    run on). What an adapter can do beyond the protocol is a method it overrides, listed by
+    :meth:`capabilities`: ``hidden_states`` (per-layer features, for side adapters and patch
+    features), ``text_tokens`` (token facts for gradient text attacks and token attributions),
+    ``train_shadow`` (train a fresh copy on other rows, for LiRA shadow models).
     """
 
+    kind: ClassVar[str] = "encoder"
     name: str = "encoder"
     modalities: tuple[str, ...] = ("image", "text")
     embed_dim: int = 0
@@ -72,6 +82,34 @@ class EncoderModel(nn.Module, ABC):
         """Per-layer hidden states of one tower (for side adapters); optional."""
         raise NotImplementedError(f"{type(self).__name__} does not expose hidden states")
 
+    def text_tokens(self) -> TextTokens:
+        """Token facts of the text tower (embedding layer, special ids, decoding, words).
+
+        The default reads a Hugging Face-style ``tokenizer`` attribute and text config; adapters
+        with another tokenizer override it.
+        """
+        from mmsafe.models.tokens import TextTokens
+
+        return TextTokens(self)
+
+    def train_shadow(self, data: Any, *, seed: int, quick: bool | None = True,
+                     size: str | None = None, recipe: Any = None) -> EncoderModel:  # fmt: skip
+        """A fresh model of this architecture trained from scratch on ``data``; optional."""
+        raise NotImplementedError(f"{type(self).__name__} cannot train shadow copies of itself")
+
+    def capabilities(self) -> frozenset[str]:
+        """The optional methods this adapter implements (see the class docstring).
+
+        Example:
+            >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+            >>> sorted(TinyClip(TinyClipConfig.for_size("xs")).capabilities())
+            ['hidden_states', 'text_tokens', 'train_shadow']
+        """
+        own = {
+            n for n in OPTIONAL_METHODS if getattr(type(self), n) is not getattr(EncoderModel, n)
+        }
+        return frozenset(own)
+
     @property
     def device(self) -> torch.device:
         """The device of the first parameter (CPU when there are none)."""
@@ -94,6 +132,10 @@ class EncoderModel(nn.Module, ABC):
     def invalidate_fingerprint(self) -> None:
         """Forget the cached fingerprint (call after changing weights, e.g. in a hardener)."""
         object.__setattr__(self, "_fingerprint_cache", None)
+
+
+OPTIONAL_METHODS: tuple[str, ...] = ("hidden_states", "text_tokens", "train_shadow")
+"""Methods of :class:`EncoderModel` that an adapter may implement (its capabilities)."""
 
 
 def images_to_tensor(images: Sequence[np.ndarray], size: int) -> Tensor:
@@ -123,18 +165,21 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int) -> Tensor:
 # --------------------------------------------------------------------------- registry
 
 ModelBuilder = Callable[..., EncoderModel]
-_REGISTRY: dict[str, tuple[ModelBuilder, str]] = {}
+_REGISTRY: dict[str, tuple[ModelBuilder, str, str]] = {}
 
 
-def register_model(name: str, description: str = "") -> Callable[[ModelBuilder], ModelBuilder]:
-    """Register a builder under ``name``.
+def register_model(
+    name: str, description: str = "", kind: str = "encoder"
+) -> Callable[[ModelBuilder], ModelBuilder]:
+    """Register a builder under ``name``, for models of target ``kind``.
 
     A name ending in ``:`` is a prefix: ``hf:`` builds ``hf:<id-or-path>`` and receives the part
     after the colon as its first argument.
     """
 
     def deco(fn: ModelBuilder) -> ModelBuilder:
-        _REGISTRY[name] = (fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        doc = description or (fn.__doc__ or "").strip().splitlines()[0]
+        _REGISTRY[name] = (fn, doc, kind)
         return fn
 
     return deco
@@ -145,9 +190,9 @@ def list_models(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
 
 
-def model_descriptions() -> dict[str, str]:
-    """``{name: one-line description}`` for ``mmsafe list-models``."""
-    return {n: d for n, (_, d) in sorted(_REGISTRY.items())}
+def model_descriptions() -> dict[str, tuple[str, str]]:
+    """``{name: (target kind, one-line description)}`` for ``mmsafe list-models``."""
+    return {n: (k, d) for n, (_, d, k) in sorted(_REGISTRY.items())}
 
 
 def create_model(name: str, **kwargs: Any) -> EncoderModel:

@@ -36,6 +36,7 @@ from mmsafe.models.base import (
     images_to_tensor,
     register_model,
 )
+from mmsafe.models.tokens import TextTokens
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 """OpenAI CLIP's pixel mean (used when a checkpoint ships no ``preprocessor_config.json``)."""
@@ -323,6 +324,10 @@ class HFClip(EncoderModel):
                 return torch.zeros(0, self.embed_dim, device=self.pixel_mean.device)
             return pooled_embedding(self.model.get_text_features(**args))
         raise ModelError(f"{self.name} has modalities image and text, not {modality!r}.")
+
+    def text_tokens(self) -> TextTokens:
+        """Token facts from the tokenizer and text config (see :class:`TextTokens`)."""
+        return TextTokens(self)
 
     def hidden_states(self, modality: str, batch: Batch) -> list[Tensor]:
         """Hidden states of one tower: the embeddings output then one per layer (``L + 1``)."""

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from mmsafe.data.dataset import Dataset
 from mmsafe.engine.cache import atomic_write, default_cache_dir
 from mmsafe.models.base import Batch, EncoderModel, ModelError, images_to_tensor, register_model
+from mmsafe.models.tokens import TextTokens, Words
 
 FORMAT = "mmsafe.tiny-clip/1"
 BOS, EOS, PAD = 256, 257, 258
@@ -247,6 +248,60 @@ class TextTower(nn.Module):
         return self.proj((x * m).sum(1) / m.sum(1).clamp_min(1.0))
 
 
+class ByteTokens(TextTokens):
+    """tiny-clip's byte tokens: bytes 0-255 plus BOS/EOS/PAD; attacks write printable ASCII.
+
+    Example:
+        >>> tokens = ByteTokens(TinyClip(TinyClipConfig.for_size("xs")))
+        >>> b = tokenize(["a red  cat"])
+        >>> tokens.decode(b["input_ids"], b["attention_mask"])
+        ['a red  cat']
+        >>> tokens.words(b["input_ids"][0].tolist(), range(1, 11))
+        [('a', [1]), ('red', [3, 4, 5]), ('cat', [8, 9, 10])]
+    """
+
+    def embedding(self) -> nn.Embedding | None:  # noqa: D102
+        return self.model.text.token
+
+    def special_ids(self) -> list[int]:  # noqa: D102
+        return [BOS, EOS, PAD]
+
+    def candidates(self, vocab_size: int) -> Tensor:  # noqa: D102
+        return torch.arange(32, 127)
+
+    def editable(self, ids: Tensor, mask: Tensor) -> Tensor:  # noqa: D102
+        return mask.bool() & (ids < 128)
+
+    def pad_ids(self) -> tuple[int | None, set[int]]:  # noqa: D102
+        return PAD, {EOS}
+
+    def decode(self, ids: Tensor, mask: Tensor) -> list[str]:  # noqa: D102
+        return [
+            bytes(int(t) for t in row[m] if int(t) < 256).decode("utf-8", errors="replace")
+            for row, m in zip(ids.cpu(), mask.cpu().bool(), strict=True)
+        ]
+
+    def words(self, row: Sequence[int], positions: Sequence[int]) -> Words:  # noqa: D102
+        groups: list[list[int]] = []
+        prev = -2
+        for j in positions:
+            if row[j] in _WHITESPACE:
+                prev = -2
+                continue
+            if prev == j - 1 and groups:
+                groups[-1].append(j)
+            else:
+                groups.append([j])
+            prev = j
+        words = [
+            bytes(row[j] for j in g if row[j] < 256).decode("utf-8", "replace") for g in groups
+        ]
+        return list(zip(words, groups, strict=True))
+
+
+_WHITESPACE = frozenset(b" \t\n\r\f\v")
+
+
 class TinyClip(EncoderModel):
     """A tiny CLIP: CNN image tower + byte-level transformer text tower, shared space."""
 
@@ -289,6 +344,28 @@ class TinyClip(EncoderModel):
         if modality == "text" and isinstance(batch, dict):
             return self.text(batch["input_ids"], batch["attention_mask"])
         raise ModelError(f"{self.name}: bad batch for modality {modality!r}; use preprocess()")
+
+    def text_tokens(self) -> TextTokens:
+        """Byte-level token facts (:class:`ByteTokens`)."""
+        return ByteTokens(self)
+
+    def train_shadow(self, data: Any, *, seed: int, quick: bool | None = True,
+                     size: str | None = None, recipe: Any = None) -> TinyClip:  # fmt: skip
+        """A fresh tiny-clip of ``size`` (default: this one's) trained from scratch on ``data``.
+
+        The recipe is ``recipe`` when given; else the quick (True) or full (False) preset; else
+        (``quick=None``) the one recorded in :attr:`training_info`, falling back to quick.
+        Training is in process and uncached (shadow models for LiRA).
+        """
+        if recipe is None and quick is None:
+            recipe = _recorded_recipe(self.training_info) or TrainConfig.preset(True)
+        elif recipe is None:
+            recipe = TrainConfig.preset(bool(quick))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            shadow = TinyClip(TinyClipConfig.for_size(size or self.cfg.size)).to(self.device)
+            train_tiny_clip(shadow, data, recipe, seed=seed, progress=False)
+        return shadow
 
     def hidden_states(self, modality: str, batch: Batch) -> list[Tensor]:
         """Per-block outputs of one tower.
@@ -351,6 +428,15 @@ class TinyClip(EncoderModel):
 
 
 # --------------------------------------------------------------------------- training
+
+
+def _recorded_recipe(info: dict[str, Any]) -> TrainConfig | None:
+    """The :class:`TrainConfig` recorded in a model's ``training_info``, if any."""
+    hp = info.get("hyperparameters")
+    if not isinstance(hp, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in hp.items() if k in names})
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """Before/after deltas between two cards (a model and its hardened version, or two models).
 
 Example:
-    >>> a = {"checks": {"calibration": {"status": "ok", "metrics": {"ece": {"value": 0.2}}}}}
-    >>> b = {"checks": {"calibration": {"status": "ok", "metrics": {"ece": {"value": 0.05}}}}}
+    >>> ok = lambda ece: {"status": "ok", "metrics": {"ece": {"value": ece}}}
+    >>> a = {"checks": {"monitoring.calibration": ok(0.2)}}
+    >>> b = {"checks": {"monitoring.calibration": ok(0.05)}}
     >>> [(d.metric, round(d.delta, 2), d.improved) for d in compare_cards(a, b)]
-    [('calibration.ece', -0.15, True)]
+    [('monitoring.calibration.ece', -0.15, True)]
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ class Delta:
 
 
 def _direction(check: str, metric: str) -> bool | None:
-    """``higher_is_better`` as the registered check declares it, if it does."""
-    from mmsafe.checks import get_check
+    """``higher_is_better`` as the registered check (or a check an alias names) declares it."""
+    from mmsafe.checks import get_check, resolve_check
 
-    try:
-        declared = get_check(check).higher_is_better
-    except KeyError:
-        return None
     base = metric.split("/")[-1]
-    return declared.get(metric, declared.get(base))
+    for name in resolve_check(check):
+        declared = get_check(name).higher_is_better
+        direction = declared.get(metric, declared.get(base))
+        if direction is not None:
+            return direction
+    return None
 
 
 def compare_cards(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[Delta]:

@@ -74,10 +74,28 @@ def parse_gate(text: str) -> Gate:
 
 
 def _split_target(target: str, checks: Mapping[str, Any]) -> tuple[str, str] | None:
-    """Split ``check.metric`` at the longest check name that prefixes it (names contain dots)."""
-    for name in sorted(checks, key=len, reverse=True):
-        if target.startswith(name + "."):
-            return name, target[len(name) + 1 :]
+    """Split ``check.metric`` at the longest check name that prefixes it (names contain dots).
+
+    An alias (``calibration.ece``) stands for the check of the card it names that reports the
+    metric (``monitoring.calibration.ece``; ``performance`` is the classification or the
+    retrieval check, whichever ran).
+    """
+    from mmsafe.checks.registry import check_aliases
+
+    aliases = {a: [n for n in ns if n in checks] for a, ns in check_aliases().items()}
+    for name in sorted({*checks, *aliases}, key=len, reverse=True):
+        if not target.startswith(name + "."):
+            continue
+        metric = target[len(name) + 1 :]
+        if name in checks and metric in checks[name].get("metrics", {}):
+            return name, metric
+        for real in aliases.get(name, []):
+            if metric in checks[real].get("metrics", {}):
+                return real, metric
+        if name in checks:
+            return name, metric
+        if aliases.get(name):
+            return aliases[name][0], metric
     return None
 
 

@@ -311,3 +311,28 @@ def render_plot(spec: Mapping[str, Any]) -> str:
     if renderer is None:
         return _svg([f'<text x="10" y="40">no renderer for plot kind {_e(kind)}</text>'], "")
     return renderer(spec)
+
+
+def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """The image and, beside it, the image blended with the anomaly map in red: ``(H, 2W, 3)``.
+
+    The map is scaled to ``[0, 1]`` by ``lo``/``hi`` (shared by every shown image, so colours
+    compare across images) and used as the red layer's opacity.
+
+    Example:
+        >>> img = np.zeros((2, 2, 3), dtype=np.uint8)
+        >>> out = overlay(img, np.array([[0.0, 1.0], [0.0, 0.0]]), 0.0, 1.0)
+        >>> out.shape, out[0, 3].tolist(), out[0, 2].tolist()
+        ((2, 4, 3), [255, 0, 0], [0, 0, 0])
+    """
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    alpha = np.clip((np.asarray(amap, dtype=np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
+    if alpha.shape != img.shape[:2]:  # nearest-neighbour upsampling to the image's size
+        rows = np.arange(img.shape[0]) * alpha.shape[0] // img.shape[0]
+        cols = np.arange(img.shape[1]) * alpha.shape[1] // img.shape[1]
+        alpha = alpha[np.ix_(rows, cols)]
+    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
+    blended = img * (1 - alpha[..., None]) + red * alpha[..., None]
+    return np.concatenate([img, blended], axis=1).round().astype(np.uint8)

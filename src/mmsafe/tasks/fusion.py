@@ -127,3 +127,13 @@ class PrefitFusionTask(FusionTask):
                 f"The {self.label} head predicts {self.head_.cfg.num_classes} classes, but the "
                 f"data has {len(classes)}. Fit the head on data with the same classes."
             )
+
+
+def fusion_head_of(task: Any) -> Any:
+    """The :class:`~mmsafe.models.heads.FusionHead` of a (possibly wrapped) fusion task."""
+    while task is not None:
+        head = getattr(task, "head_", None)
+        if head is not None:
+            return head
+        task = getattr(task, "inner", None)
+    return None

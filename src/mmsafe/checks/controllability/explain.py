@@ -412,7 +412,7 @@ class ExplainCheck(Check):
             deletion_curve(
                 forward,
                 px,
-                random_saliency(tuple(sal.shape), int(ctx.seed) * 1000 + k).to(device),
+                random_saliency(tuple(sal.shape), ctx.seed_for(f"pixel-random-{k}")).to(device),
                 tgt,
                 base,
                 steps,
@@ -491,8 +491,7 @@ class ExplainCheck(Check):
         key: str = "attribution_maps",
         title: str = "Integrated Gradients (red = pixels that raise the class score)",
     ) -> None:
-        from mmsafe.checks.monitoring.anomaly import overlay
-        from mmsafe.report.plots import png_base64
+        from mmsafe.report.plots import overlay, png_base64
 
         maps = sal.clamp(min=0).cpu().double().numpy()
         shown = [k for k in np.argsort(auc, kind="stable") if images[k].ndim in (2, 3)]
@@ -537,7 +536,7 @@ class ExplainCheck(Check):
         size = tuple(px.shape[-2:])
         cam = upsample_map(grid, size)
         # ties (the ReLU's zeros) are broken in a random order, not top-left first
-        seed = int(ctx.seed) * 1000
+        seed = ctx.seed_for("cam-ties")
         cam_order = cam + 1e-6 * cam.amax().clamp_min(1e-12) * random_saliency(
             tuple(cam.shape), seed
         ).to(cam.device)
@@ -549,9 +548,9 @@ class ExplainCheck(Check):
                 deletion_curve(
                     forward,
                     px,
-                    upsample_map(random_saliency(tuple(grid.shape), seed + 7 + k), size).to(
-                        px.device
-                    ),
+                    upsample_map(
+                        random_saliency(tuple(grid.shape), ctx.seed_for(f"cam-cells-{k}")), size
+                    ).to(px.device),
                     tgt,
                     base,
                     steps,
@@ -653,7 +652,7 @@ class ExplainCheck(Check):
                 ids,
                 mask,
                 base,
-                random_token_saliency(ids, int(ctx.seed) * 1000 + k),
+                random_token_saliency(ids, ctx.seed_for(f"token-random-{k}")),
                 tgt,
                 steps,
                 extra,

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
-from mmsafe.checks.monitoring.uncertainty import fusion_head_of
 from mmsafe.checks.registry import register_check
 from mmsafe.data.dataset import Dataset
 from mmsafe.methods.perturb import TEXT_PERTURBATIONS, perturb_texts
@@ -31,6 +30,7 @@ from mmsafe.metrics.fairness import (
     fairness_bootstrap,
     group_fairness,
 )
+from mmsafe.tasks.fusion import fusion_head_of
 
 HEADLINE = (
     "statistical_parity_difference",

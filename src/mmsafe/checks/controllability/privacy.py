@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
-from mmsafe.checks.monitoring.uncertainty import fusion_head_of
 from mmsafe.checks.registry import register_check
 from mmsafe.data.dataset import Dataset
 from mmsafe.methods.privacy import (
@@ -50,6 +49,7 @@ from mmsafe.methods.privacy import (
     roc_points,
 )
 from mmsafe.models.base import EncoderModel
+from mmsafe.tasks.fusion import fusion_head_of
 
 FPRS = (0.001, 0.01)
 """The low false-positive rates at which TPR is reported."""
@@ -160,16 +160,15 @@ def membership_scores(
         scores["contrast"] = contrast_scores(img, txt, ~is_member, temperature=scale)
         emb = {"image": img[is_member], "text": txt[is_member]}
     shadows = None
-    if encoder_shadows > 0 and emb and _is_tiny_clip(model):
+    if encoder_shadows > 0 and emb and "train_shadow" in model.capabilities():
         pool = _pool(parts)
         shadows = encoder_shadow_statistics(
             model,
             pool,
             encoder_shadows,
             size=encoder_shadow_size,
-            quick=True if encoder_shadow_quick is None else encoder_shadow_quick,
-            train=_recorded_recipe(model) if encoder_shadow_quick is None else None,
-            seed=ctx.seed,
+            quick=encoder_shadow_quick,
+            seed=ctx.seed_for("encoder-shadows"),
             engine=engine,
             target_embeddings=(img, txt),
         )
@@ -187,29 +186,16 @@ def membership_scores(
                 [str(t) for d in parts for t in d.modalities["text"]],
             )
         scores["lira"] = lira_fusion_scores(
-            head, task_emb, labels, lira_shadows, seed=ctx.seed, online=lira_online, items=items
+            head,
+            task_emb,
+            labels,
+            lira_shadows,
+            seed=ctx.seed_for("fusion-shadows"),
+            online=lira_online,
+            items=items,
         )
     ids = [i for d in parts for i in d.ids]
     return MembershipScores(ids, is_member, scores, members, emb, shadows)
-
-
-def _is_tiny_clip(model: EncoderModel) -> bool:
-    from mmsafe.models.tiny_clip import TinyClip
-
-    return isinstance(model, TinyClip)
-
-
-def _recorded_recipe(model: EncoderModel) -> Any:
-    """The :class:`TrainConfig` in ``model.training_info``, or None when none is recorded."""
-    import dataclasses
-
-    from mmsafe.models.tiny_clip import TrainConfig
-
-    hp = getattr(model, "training_info", {}).get("hyperparameters")
-    if not isinstance(hp, dict):
-        return None
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in hp.items() if k in names})
 
 
 def _pool(parts: Sequence[Dataset]) -> Dataset:
@@ -254,7 +240,7 @@ def encoder_shadow_statistics(
     n_shadows: int,
     *,
     size: str | None = "xs",
-    quick: bool = True,
+    quick: bool | None = True,
     train: Any = None,
     statistic: str = "logit",
     seed: int = 0,
@@ -296,17 +282,12 @@ def encoder_shadow_statistics(
     """
     import time
 
-    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig, TrainConfig, train_tiny_clip
-
     if n_shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadow models, got {n_shadows}")
     if engine is None:
         from mmsafe.engine import Engine
 
         engine = Engine(progress=False, seed=seed)
-    size = size or getattr(getattr(model, "cfg", None), "size", "s")
-    cfg = TinyClipConfig.for_size(str(size))
-    recipe = train if train is not None else TrainConfig.preset(quick)
 
     def embed(m: EncoderModel) -> tuple[np.ndarray, np.ndarray]:
         return tuple(  # type: ignore[return-value]
@@ -320,26 +301,41 @@ def encoder_shadow_statistics(
 
     n = len(pool)
     items = content_ids(pool.modalities["image"], [str(t) for t in pool.modalities["text"]])
-    inside = half_split(items, n_shadows, np.random.default_rng(seed + 7919))
+    split_seed, shadow_seeds = spawn_seeds(seed, n_shadows)
+    inside = half_split(items, n_shadows, np.random.default_rng(split_seed))
     target = stat(model, target_embeddings if target_embeddings is not None else embed(model))
     stats = np.empty((n_shadows, n))
     start = time.perf_counter()
+    shadow: Any = None
     for k in range(n_shadows):
         half = pool.subset(inside[k], name=f"lira-shadow-{k}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 1 + k)
-            shadow = TinyClip(cfg).to(model.device)
-            train_tiny_clip(shadow, half, recipe, seed=seed + 1 + k, progress=False)
+        shadow = model.train_shadow(
+            half, seed=shadow_seeds[k], quick=quick, size=size, recipe=train
+        )
         stats[k] = stat(shadow, embed(shadow))
+    info = getattr(shadow, "training_info", {}).get("hyperparameters", {})
+    cfg = getattr(shadow, "cfg", None)
     return EncoderShadows(
         target=target,
         shadow=stats,
         inside=inside,
-        size=cfg.size,
-        steps=recipe.steps,
+        size=str(getattr(cfg, "size", "")),
+        steps=int(info.get("steps", 0)),
         seconds=time.perf_counter() - start,
         statistic=statistic,
     )
+
+
+def spawn_seeds(seed: int, n: int) -> tuple[int, list[int]]:
+    """Independent seeds from one: ``(seed of the IN/OUT draw, [seed of shadow k])``.
+
+    Example:
+        >>> a, b = spawn_seeds(0, 3)
+        >>> len(b), len({a, *b})
+        (3, 4)
+    """
+    split, *shadows = np.random.SeedSequence(int(seed)).spawn(n + 1)
+    return int(split.generate_state(1)[0]), [int(s.generate_state(1)[0]) for s in shadows]
 
 
 def half_split(items: np.ndarray, n_shadows: int, rng: np.random.Generator) -> np.ndarray:
@@ -397,7 +393,8 @@ def lira_fusion_scores(
     cfg, info = head.cfg, head.fit_info
     n = len(labels)
     items = np.arange(n) if items is None else np.asarray(items)
-    inside = half_split(items, n_shadows, np.random.default_rng(seed + 104729))
+    split_seed, shadow_seeds = spawn_seeds(seed, n_shadows)
+    inside = half_split(items, n_shadows, np.random.default_rng(split_seed))
     y = torch.as_tensor(labels, dtype=torch.int64)
     stats = np.empty((n_shadows, n))
     for k in range(n_shadows):
@@ -414,7 +411,7 @@ def lira_fusion_scores(
             weight_decay=float(info.get("weight_decay", 1e-4)),
             batch_size=int(info.get("batch_size", 256)),
             modality_dropout=float(info.get("modality_dropout", 0.0)),
-            seed=seed + 1 + k,
+            seed=shadow_seeds[k],
         )
         with torch.inference_mode():
             stats[k] = logit_confidence(shadow(embeddings).double().numpy(), labels)

@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch.nn import functional as F
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
@@ -38,7 +36,7 @@ from mmsafe.methods.anomaly import (
 )
 from mmsafe.metrics import bootstrap_ci
 from mmsafe.metrics.anomaly import aupro, auroc, average_precision, f1_max, pixel_auroc
-from mmsafe.report.plots import png_base64
+from mmsafe.report.plots import overlay, png_base64
 
 NO_GROUND_TRUTH = "needs rows with meta.defect ground truth (e.g. the shapes world's pixel defects)"
 
@@ -75,33 +73,6 @@ def defect_masks(meta: Sequence[dict[str, Any]], shape: tuple[int, int]) -> np.n
             return None
         out[i] = np.asarray(mask, dtype=bool)
     return out
-
-
-def overlay(image: np.ndarray, amap: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """The image and, beside it, the image blended with the anomaly map in red: ``(H, 2W, 3)``.
-
-    The map is scaled to ``[0, 1]`` by ``lo``/``hi`` (shared by every shown image, so colours
-    compare across images) and used as the red layer's opacity.
-
-    Example:
-        >>> img = np.zeros((2, 2, 3), dtype=np.uint8)
-        >>> out = overlay(img, np.array([[0.0, 1.0], [0.0, 0.0]]), 0.0, 1.0)
-        >>> out.shape, out[0, 3].tolist(), out[0, 2].tolist()
-        ((2, 4, 3), [255, 0, 0], [0, 0, 0])
-    """
-    img = np.asarray(image, dtype=np.float32)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    alpha = np.clip((np.asarray(amap, dtype=np.float32) - lo) / max(hi - lo, 1e-12), 0, 1)
-    if alpha.shape != img.shape[:2]:
-        alpha = np.asarray(
-            F.interpolate(torch.from_numpy(alpha)[None, None], size=img.shape[:2], mode="nearest")[
-                0, 0
-            ]
-        )
-    red = np.array([255.0, 0.0, 0.0], dtype=np.float32)
-    blended = img * (1 - alpha[..., None]) + red * alpha[..., None]
-    return np.concatenate([img, blended], axis=1).round().astype(np.uint8)
 
 
 def method_metrics(
@@ -152,6 +123,7 @@ class AnomalyCheck(Check):
 
     name = "monitoring.anomaly"
     pillar = "monitoring"
+    requires = ("image",)
     description = "WinCLIP zero-/few-shot defect detection: image AUROC, pixel AUROC, AUPRO"
     higher_is_better = {
         "image_auroc": True,
@@ -206,8 +178,6 @@ class AnomalyCheck(Check):
         reason = super().skip_reason(ctx)
         if reason is not None:
             return reason
-        if "image" not in ctx.data.modalities:
-            return "needs the image modality"
         if not any("defect" in m for m in ctx.data.meta):
             return NO_GROUND_TRUTH
         kinds = {ctx.data.meta[i]["defect"] is None for i in defect_rows(ctx.data, 1, 0)}

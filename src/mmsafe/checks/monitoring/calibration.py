@@ -27,7 +27,8 @@ class CalibrationCheck(Check):
         ece_threshold: ECE above this raises a finding.
     """
 
-    name = "calibration"
+    name = "monitoring.calibration"
+    aliases = ("calibration",)
     pillar = "monitoring"
     requires = ("labels",)
     tasks = ("zero_shot", "fusion")

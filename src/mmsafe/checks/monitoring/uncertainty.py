@@ -28,6 +28,7 @@ from mmsafe.metrics.uncertainty import (
     confidence_violations,
     predictive_entropy,
 )
+from mmsafe.tasks.fusion import fusion_head_of
 
 Method = Literal["auto", "tta", "mc_dropout"]
 CML_REMEDIATION = (
@@ -192,16 +193,6 @@ def mc_dropout(model: nn.Module) -> Iterator[None]:
     finally:
         for m, was in zip(layers, modes, strict=True):
             m.train(was)
-
-
-def fusion_head_of(task: Any) -> Any:
-    """The :class:`~mmsafe.models.heads.FusionHead` of a (possibly wrapped) fusion task."""
-    while task is not None:
-        head = getattr(task, "head_", None)
-        if head is not None:
-            return head
-        task = getattr(task, "inner", None)
-    return None
 
 
 def _probs(logits: Tensor) -> np.ndarray:

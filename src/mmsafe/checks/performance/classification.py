@@ -1,4 +1,4 @@
-"""``performance``: accuracy, macro-F1, per-class accuracy, and retrieval recall@K."""
+"""``performance.classification``: accuracy, macro-F1 and per-class accuracy, with CIs."""
 
 from __future__ import annotations
 
@@ -8,15 +8,11 @@ from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.metrics import (
     accuracy,
-    best_positive_rank,
     grouped_mean_ci,
     macro_f1,
     macro_f1_bootstrap,
-    mean_ci,
     per_class_accuracy,
 )
-
-RECALL_KS = (1, 5, 10)
 
 
 def confident_errors(ctx: AuditContext, k: int) -> dict:
@@ -45,9 +41,11 @@ def confident_errors(ctx: AuditContext, k: int) -> dict:
 class PerformanceCheck(Check):
     """How well the model does its task on the evaluation rows, with bootstrap 95% CIs."""
 
-    name = "performance"
+    name = "performance.classification"
     pillar = "performance"
-    description = "accuracy, macro-F1 and per-class accuracy; retrieval R@1/5/10"
+    aliases = ("performance",)
+    description = "accuracy, macro-F1 and per-class accuracy"
+    tasks = ("zero_shot", "fusion")
     requires = ("labels",)
     higher_is_better = {"accuracy": True, "macro_f1": True}
 
@@ -56,11 +54,6 @@ class PerformanceCheck(Check):
         self.n_examples = n_examples
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
-        if ctx.task.kind == "retrieval":
-            return self._retrieval(ctx)
-        return self._classification(ctx)
-
-    def _classification(self, ctx: AuditContext) -> CheckResult:
         out, classes, seed = ctx.outputs, ctx.data.classes, ctx.seed
         keep = out.labels >= 0
         preds, target = out.preds[keep], out.labels[keep]
@@ -130,25 +123,3 @@ class PerformanceCheck(Check):
             },
         }
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
-
-    def _retrieval(self, ctx: AuditContext) -> CheckResult:
-        out = ctx.outputs
-        sim = out.logits.double().numpy()
-        pos = out.positives if out.positives is not None else np.eye(len(sim), dtype=bool)
-        metrics = {}
-        for direction, s, p in (("i2t", sim, pos), ("t2i", sim.T, pos.T)):
-            rank = best_positive_rank(s, p)
-            for k in RECALL_KS:
-                hits = (rank < k).astype(float)
-                ci = mean_ci(hits, self.n_boot, seed=ctx.seed)
-                metrics[f"{direction}_R@{k}"] = Metric(float(hits.mean()), ci)
-        plots = {
-            "recall_at_k": {
-                "kind": "bar",
-                "title": "Recall@K",
-                "labels": list(metrics),
-                "values": [m.value for m in metrics.values()],
-                "ylim": [0.0, 1.0],
-            }
-        }
-        return self.result(metrics=metrics, plots=plots)

@@ -218,7 +218,8 @@ class ShiftCheck(Check):
 
     name = "robustness.shift"
     pillar = "robustness"
-    description = "score per corruption x severity per modality; mCA, RR, ER, MultiModal Impact"
+    description = "accuracy per corruption x severity per modality; mCA, RR, ER, MultiModal Impact"
+    tasks = ("zero_shot", "fusion")
     requires = ("labels",)
     higher_is_better = {
         f"{k}/{m}": hib
@@ -505,3 +506,18 @@ class ShiftCheck(Check):
                     )
                 )
         return out
+
+
+@register_check
+class ShiftRetrievalCheck(ShiftCheck):
+    """``robustness.shift`` on retrieval: R@1 per corruption x severity per modality.
+
+    The same options as :class:`ShiftCheck`; its metrics are named for R@1 (``clean_R@1``,
+    ``R@1/image/<corruption>``, ...), since one check keeps one metric schema. The old name
+    ``robustness.shift`` still selects it on ``--task retrieval``.
+    """
+
+    name = "robustness.shift_retrieval"
+    aliases = ("robustness.shift",)
+    tasks = ("retrieval",)
+    description = "R@1 per corruption x severity per modality; mean corruption R@1, RR, MMI"

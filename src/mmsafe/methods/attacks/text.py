@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from mmsafe.methods.attacks.pixel import _ascent_direction, _clip, _random_delta
 from mmsafe.models.base import EncoderModel
+from mmsafe.models.tokens import TextTokens
 
 TextObjective = Callable[[Tensor, Tensor], Tensor]
 """``(text_emb (n, D) unit-norm, rows (n,) batch positions) -> loss (n,)`` to maximise."""
@@ -69,8 +70,10 @@ class AttackError(ValueError):
 def token_embedding(model: nn.Module) -> nn.Embedding:
     """The text tower's token-embedding layer, for gradient-guided text attacks.
 
-    Resolved, in order: ``model.token_embedding()`` if the adapter defines it; tiny-clip's
-    ``text.token``; a Hugging Face CLIP/SigLIP's ``text_model.embeddings.token_embedding``.
+    Read from the adapter's ``text_tokens()`` capability (a
+    :class:`~mmsafe.models.tokens.TextTokens`): ``model.token_embedding()`` if the adapter
+    defines it; tiny-clip's byte embedding; a Hugging Face CLIP/SigLIP's
+    ``text_model.embeddings.token_embedding``.
 
     Raises:
         AttackError: the model has no reachable ``nn.Embedding`` for its text tokens.
@@ -80,16 +83,8 @@ def token_embedding(model: nn.Module) -> nn.Embedding:
         >>> token_embedding(TinyClip(TinyClipConfig.for_size("xs"))).num_embeddings
         259
     """
-    hook = getattr(model, "token_embedding", None)
-    layer: Any = hook() if callable(hook) else None
+    layer = text_tokens(model).embedding()
     if layer is None:
-        text = getattr(model, "text", None)
-        layer = getattr(text, "token", None)
-    if layer is None:
-        inner = getattr(model, "model", None)
-        text_model = getattr(inner, "text_model", None)
-        layer = getattr(getattr(text_model, "embeddings", None), "token_embedding", None)
-    if not isinstance(layer, nn.Embedding):
         raise AttackError(
             f"{getattr(model, 'name', type(model).__name__)} has no reachable token-embedding "
             "layer (an nn.Embedding over its text tokens), so gradient-guided text attacks "
@@ -99,20 +94,21 @@ def token_embedding(model: nn.Module) -> nn.Embedding:
     return layer
 
 
-def _special_ids(model: nn.Module) -> list[int]:
-    from mmsafe.models.tiny_clip import BOS, EOS, PAD, TinyClip
+def text_tokens(model: nn.Module) -> TextTokens:
+    """The adapter's :class:`~mmsafe.models.tokens.TextTokens` (generic when it has none)."""
+    hook = getattr(model, "text_tokens", None)
+    return hook() if callable(hook) else TextTokens(model)
 
-    if isinstance(model, TinyClip):
-        return [BOS, EOS, PAD]
-    ids: set[int] = set()
-    tok = getattr(model, "tokenizer", None)
-    ids.update(int(i) for i in getattr(tok, "all_special_ids", None) or [])
-    cfg = getattr(getattr(getattr(model, "model", None), "config", None), "text_config", None)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(cfg, key, None)
-        if isinstance(value, int):
-            ids.add(value)
-    return sorted(ids)
+
+def special_token_ids(model: nn.Module) -> list[int]:
+    """Ids of the text tower's special tokens (BOS, EOS, PAD, ...).
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> special_token_ids(TinyClip(TinyClipConfig.for_size("xs")))
+        [256, 257, 258]
+    """
+    return text_tokens(model).special_ids()
 
 
 def candidate_tokens(model: nn.Module) -> Tensor:
@@ -127,26 +123,12 @@ def candidate_tokens(model: nn.Module) -> Tensor:
         >>> len(ids), int(ids[0]), int(ids[-1])
         (95, 32, 126)
     """
-    from mmsafe.models.tiny_clip import TinyClip
-
-    if isinstance(model, TinyClip):
-        return torch.arange(32, 127)
-    n = token_embedding(model).num_embeddings
-    keep = torch.ones(n, dtype=torch.bool)
-    special = _special_ids(model)
-    keep[[i for i in special if 0 <= i < n]] = False
-    return torch.nonzero(keep).squeeze(1)
+    return text_tokens(model).candidates(token_embedding(model).num_embeddings)
 
 
 def _editable(model: nn.Module, ids: Tensor, mask: Tensor) -> Tensor:
     """Positions a token attack may change: real, non-special tokens (ASCII bytes for tiny-clip)."""
-    from mmsafe.models.tiny_clip import TinyClip
-
-    ok = mask.bool()
-    if isinstance(model, TinyClip):
-        return ok & (ids < 128)
-    special = torch.as_tensor(_special_ids(model), dtype=ids.dtype, device=ids.device)
-    return ok & ~torch.isin(ids, special)
+    return text_tokens(model).editable(ids, mask)
 
 
 def decode_tokens(model: nn.Module, batch: dict[str, Tensor]) -> list[str]:
@@ -157,19 +139,7 @@ def decode_tokens(model: nn.Module, batch: dict[str, Tensor]) -> list[str]:
         >>> decode_tokens(TinyClip(TinyClipConfig.for_size("xs")), tokenize(["a cat", "dog"]))
         ['a cat', 'dog']
     """
-    from mmsafe.models.tiny_clip import TinyClip
-
-    ids, mask = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
-    if isinstance(model, TinyClip):
-        return [
-            bytes(int(t) for t in row[m] if int(t) < 256).decode("utf-8", errors="replace")
-            for row, m in zip(ids, mask, strict=True)
-        ]
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return [""] * len(ids)
-    pairs = zip(ids, mask, strict=True)
-    return [tok.decode(row[m].tolist(), skip_special_tokens=True) for row, m in pairs]
+    return text_tokens(model).decode(batch["input_ids"], batch["attention_mask"])
 
 
 def _encode_text(model: EncoderModel, ids: Tensor, mask: Tensor) -> Tensor:
@@ -733,6 +703,8 @@ __all__ = [
     "JointAttackResult",
     "SubstitutionResult",
     "candidate_tokens",
+    "special_token_ids",
+    "text_tokens",
     "caption_vocabulary",
     "char_edits",
     "co_attack",

@@ -129,12 +129,9 @@ class AdversarialCheck(Check):
 
     name = "robustness.adversarial"
     pillar = "robustness"
-    requires = ("labels",)  # classification only: retrieval is scored by pairs
-    tasks = ("zero_shot", "fusion", "retrieval")
-    description = (
-        "robust accuracy (retrieval: R@1/5) and attack success rate under FGSM/PGD pixel "
-        "attacks (Linf, L2)"
-    )
+    requires = ("labels", "image")
+    tasks = ("zero_shot", "fusion")
+    description = "robust accuracy and attack success rate under FGSM/PGD pixel attacks (Linf, L2)"
     higher_is_better = {
         "clean_accuracy": True,
         "robust_accuracy": True,
@@ -210,12 +207,6 @@ class AdversarialCheck(Check):
         self.universal_epochs = int(universal_epochs)
         if (self.co_attack or self.universal) and "linf" not in self.norms:
             raise ValueError("co_attack and universal are L-inf attacks: add 'linf' to norms")
-
-    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
-        reason = super().skip_reason(ctx)
-        if reason is None and "image" not in ctx.task.modalities:
-            return f"task {ctx.task.name!r} does not read images"
-        return reason
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
         s = self.settings()
@@ -316,7 +307,7 @@ def image_attacks(
     model = ctx.model.to(device).eval()
     out = {(n, a, e): np.zeros(len(rows)) for n in s.norms for a in s.attacks for e in s.eps[n]}
     targets = np.flatnonzero(correct)  # positions in ``rows``
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 17)
+    gen = ctx.torch_generator("random-starts")
     for start in range(0, len(targets), s.batch_size):
         pos = targets[start : start + s.batch_size]
         idx = rows[pos]
@@ -349,3 +340,19 @@ def _drop_findings(
             REMEDIATION,
         )
     ]
+
+
+@register_check
+class AdversarialRetrievalCheck(AdversarialCheck):
+    """``robustness.adversarial`` on retrieval: R@1/R@5 both ways, clean vs attacked.
+
+    The same options as :class:`AdversarialCheck`; its own metric names (``clean/i2t_R@1``,
+    ``<norm>/<attack>/eps=<e>/i2t_R@1``, ...), since one check keeps one metric schema. The old
+    name ``robustness.adversarial`` still selects it on ``--task retrieval``.
+    """
+
+    name = "robustness.adversarial_retrieval"
+    aliases = ("robustness.adversarial",)
+    requires = ("image",)
+    tasks = ("retrieval",)
+    description = "R@1/R@5 (image-to-text, text-to-image) under FGSM/PGD pixel attacks"

@@ -118,7 +118,7 @@ def select_rows(ctx: AuditContext, max_rows: int | None) -> np.ndarray:
     else:
         rows = np.flatnonzero(ctx.outputs.labels >= 0)
     if max_rows is not None and len(rows) > max_rows:
-        rng = np.random.default_rng([int(ctx.seed), 4242])
+        rng = ctx.rng("rows")
         rows = np.sort(rng.choice(rows, size=max_rows, replace=False))
     return rows
 

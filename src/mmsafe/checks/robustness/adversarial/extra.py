@@ -288,7 +288,7 @@ def co_attack_curves(
     if zero_shot and getattr(task, "class_embeddings_", None) is None:
         raise AttackError("the zero-shot task exposes no class embeddings")
     out = {eps_label(e): np.zeros(len(rows)) for e in s.eps["linf"]}
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 29)
+    gen = ctx.torch_generator("co-attack")
     classes = list(ctx.data.classes)
     for pos in batches(np.flatnonzero(ok), s.batch_size):
         idx = rows[pos]
@@ -359,7 +359,7 @@ def universal_curves(
     model = ctx.model.to(device).eval()
     eval_px = model.preprocess("image", [ctx.data.modalities["image"][i] for i in rows])
     assert isinstance(eval_px, Tensor)
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 31)
+    gen = ctx.torch_generator("universal")
     out = {}
     cosines: dict[str, Metric] = {}
     fixed_all = task_embeddings(ctx, rows)

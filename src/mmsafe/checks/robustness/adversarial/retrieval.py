@@ -290,7 +290,7 @@ def retrieval_image_attacks(
     out = {
         (n, a, e): torch.zeros(len(rows), dim) for n in s.norms for a in s.attacks for e in s.eps[n]
     }
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 17)
+    gen = ctx.torch_generator("random-starts")
     for pos in batches(np.arange(len(rows)), s.batch_size):
         x = pixels(ctx, rows[pos])
         y = torch.as_tensor(target[pos], dtype=torch.long, device=device)
@@ -442,8 +442,7 @@ def retrieval_co_attacks(
         n: {e: (torch.zeros(len(rows), dim), torch.zeros(len(rows), dim)) for e in s.eps["linf"]}
         for n in ("co_attack", "sep_attack")
     }
-    seed = int(ctx.seed) * 7919 + 29
-    gens = {n: torch.Generator().manual_seed(seed) for n in out}
+    gens = {n: ctx.torch_generator("co-attack") for n in out}  # the same starts for both
     fns = {"co_attack": co_attack, "sep_attack": sep_attack}
     for pos in batches(np.arange(len(rows)), s.batch_size):
         x = pixels(ctx, rows[pos])
@@ -487,7 +486,7 @@ def retrieval_universal(
     model = ctx.model.to(device).eval()
     eval_px = model.preprocess("image", [ctx.data.modalities["image"][i] for i in rows])
     assert isinstance(eval_px, Tensor)
-    gen = torch.Generator().manual_seed(int(ctx.seed) * 7919 + 31)
+    gen = ctx.torch_generator("universal")
     out = {}
     cosines: dict[str, Metric] = {}
     for e in s.eps["linf"]:

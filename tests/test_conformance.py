@@ -1,0 +1,156 @@
+"""The check contract, held to every registered check (the registry drives the matrix).
+
+Each check runs on a tiny planted-flaw world (every flaw on, so every check has what it needs)
+for every task it declares, through :func:`run_audit`, whose card is validated against the card
+schema. A check must be ``ok`` on every task it declares, skipped with its reason on the others,
+keep one metric schema whatever the task, and sort its findings by severity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from mmsafe.audit import run_audit
+from mmsafe.checks import (
+    PILLARS,
+    TARGET_KINDS,
+    AuditContext,
+    check_aliases,
+    get_check,
+    list_checks,
+    resolve_check,
+    select_checks,
+)
+from mmsafe.checks.base import MODALITIES, SEVERITY_RANK
+from mmsafe.data.worlds import load_world
+from mmsafe.engine import Engine
+from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+from mmsafe.tasks import create_task
+
+TASKS = ("zero_shot", "fusion", "retrieval")
+
+# Small budgets: the contract is under test here, not the science (each check's own tests
+# and bench/ hold the figures).
+CHEAP = {
+    "performance.classification": {"n_boot": 50},
+    "performance.retrieval": {"n_boot": 50},
+    "robustness.adversarial": {"eps": {"linf": [2 / 255], "l2": [0.25]}, "steps": 2,
+                               "max_rows": 24, "n_boot": 50},
+    "robustness.adversarial_retrieval": {"eps": {"linf": [2 / 255], "l2": [0.25]}, "steps": 2,
+                                         "max_rows": 24, "n_boot": 50},
+    "robustness.modality": {"n_boot": 50},
+    "robustness.shift": {"image_corruptions": ["gaussian_noise", "contrast"],
+                         "text_perturbations": ["char_swap"], "severities": [1, 3], "n_boot": 50},
+    "robustness.shift_retrieval": {"image_corruptions": ["gaussian_noise", "contrast"],
+                                   "text_perturbations": ["char_swap"], "severities": [1, 3],
+                                   "n_boot": 50},
+    "monitoring.anomaly": {"windows": [12], "shots": [1], "max_normal": 40, "n_boot": 30,
+                           "n_examples": 2},
+    "monitoring.calibration": {"n_boot": 50},
+    "monitoring.conformal": {"n_boot": 50, "shifts": ["gaussian_noise"]},
+    "monitoring.ood": {"n_boot": 50},
+    "monitoring.slices": {"n_slices": 4},
+    "monitoring.uncertainty": {"n_passes": 2, "n_boot": 50},
+    "controllability.explain": {"max_rows": 24, "ig_rows": 2, "ig_steps": 4, "deletion_steps": 4,
+                                "random_orders": 1, "gallery": 1, "text_rows": 2, "text_steps": 4,
+                                "text_examples": 1, "n_boot": 30},
+    "controllability.fairness": {"n_boot": 50, "min_group_size": 5},
+    "controllability.privacy": {"n_boot": 50},
+    "efficiency.profile": {"batch_sizes": [4], "repeats": 1, "warmup": 0},
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cards() -> dict[str, dict]:
+    """One full audit per task of a random xs tiny-clip on a tiny world with every flaw on."""
+    data = load_world("shapes:n=400,seed=5")
+    torch.manual_seed(0)
+    model = TinyClip(TinyClipConfig.for_size("xs"))
+    out = {}
+    for task in TASKS:
+        result = run_audit(
+            model, data, task=task, checks="all", engine=Engine(progress=False), options=CHEAP
+        )
+        out[task] = result.card
+    return out
+
+
+def test_cheap_options_cover_every_check() -> None:
+    assert set(CHEAP) == set(list_checks())
+
+
+def test_every_name_reads_pillar_dot_name_and_declares_its_scope() -> None:
+    for name in list_checks():
+        cls = get_check(name)
+        assert name.split(".")[0] == cls.pillar and cls.pillar in PILLARS, name
+        assert cls.kinds and set(cls.kinds) <= set(TARGET_KINDS), name
+        assert cls.tasks and set(cls.tasks) <= set(TASKS), name
+        assert cls.description, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_each_check_runs_on_its_tasks_and_says_why_elsewhere(cards, task) -> None:
+    checks = cards[task]["checks"]
+    assert set(checks) == set(list_checks())
+    for name, entry in checks.items():
+        cls = get_check(name)
+        if task in cls.tasks:
+            assert entry["status"] == "ok", (task, name, entry["reason"])
+            assert entry["metrics"], (task, name)
+        else:
+            assert entry["status"] == "skipped", (task, name)
+            assert entry["reason"].startswith(f"not applicable to task {task!r}"), entry["reason"]
+
+
+@pytest.mark.slow
+def test_one_metric_schema_per_check_whatever_the_task(cards) -> None:
+    """A check's metric names are the same on every task it runs on, except the metrics of a
+    modality that a task does not read from the rows (zero-shot reads only the images: there
+    is no row text to perturb or drop)."""
+    reads = {task: set(create_task(task).modalities) for task in TASKS}
+    problems = []
+    for name in list_checks():
+        tasks = [task for task in TASKS if task in get_check(name).tasks]
+        unread = set(MODALITIES) - set.intersection(*(reads[t] for t in tasks))
+        keys = {
+            t: {n for n in cards[t]["checks"][name]["metrics"] if not unread & set(n.split("/"))}
+            for t in tasks
+        }
+        first = keys[tasks[0]]
+        problems += [(name, t, sorted(k ^ first)) for t, k in keys.items() if k != first]
+    assert not problems, problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_findings_come_most_severe_first(cards, task) -> None:
+    for name, entry in cards[task]["checks"].items():
+        ranks = [SEVERITY_RANK[f["severity"]] for f in entry["findings"]]
+        assert ranks == sorted(ranks), name
+
+
+def test_aliases_keep_old_names_working() -> None:
+    assert resolve_check("calibration") == ["monitoring.calibration"]
+    assert select_checks("performance") == ["performance.classification", "performance.retrieval"]
+    assert "robustness.adversarial_retrieval" in select_checks("robustness.adversarial")
+    for alias, targets in check_aliases().items():
+        assert targets and all(alias in get_check(t).aliases for t in targets)
+
+
+def test_context_is_frozen_and_streams_are_per_check() -> None:
+    ctx = AuditContext(None, None, None, None, None, seed=1)  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.seed = 2  # type: ignore[misc]
+    a = dataclasses.replace(ctx, check="monitoring.ood")
+    b = dataclasses.replace(ctx, check="monitoring.slices")
+    draws = {c.check: c.rng().random(4) for c in (a, b)}
+    assert not np.allclose(draws["monitoring.ood"], draws["monitoring.slices"])
+    assert np.array_equal(a.rng("x").random(4), a.rng("x").random(4))
+    assert not np.array_equal(a.rng("x").random(4), a.rng("y").random(4))
+    g1, g2 = a.torch_generator("x"), a.torch_generator("x")
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
