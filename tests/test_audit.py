@@ -128,8 +128,12 @@ def test_label_check_says_needs_labels(toy_model, colour_data):
 
 
 def test_check_result_round_trips_through_json(toy_model, colour_data):
-    result = run_audit(toy_model, colour_data, checks="calibration").results["monitoring.calibration"]
-    again = CheckResult.from_dict("monitoring.calibration", json.loads(json.dumps(result.to_dict())))
+    result = run_audit(toy_model, colour_data, checks="calibration").results[
+        "monitoring.calibration"
+    ]
+    again = CheckResult.from_dict(
+        "monitoring.calibration", json.loads(json.dumps(result.to_dict()))
+    )
     assert again.to_dict() == result.to_dict()
 
 

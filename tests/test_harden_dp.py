@@ -145,7 +145,9 @@ def test_harden_dp_retrains_the_head_and_reaudits(toy_model, tmp_path) -> None:
     }
     with torch.no_grad():
         acc = float((saved(emb).argmax(-1).numpy() == test.labels).mean())
-    assert after["checks"]["performance.classification"]["metrics"]["accuracy"]["value"] == pytest.approx(acc)
+    assert after["checks"]["performance.classification"]["metrics"]["accuracy"][
+        "value"
+    ] == pytest.approx(acc)
     # the colour task is easy: DP at eps 2 keeps it well above chance (1/3)
     assert acc > 0.6
 

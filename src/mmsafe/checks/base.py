@@ -189,6 +189,51 @@ class AuditContext:
         return torch.Generator().manual_seed(self.seed_for(purpose))
 
 
+def condition_holds(condition: str, task_name: str, task_modalities: tuple[str, ...]) -> bool:
+    """Whether a ``conditional_metrics`` condition holds for a task.
+
+    Example:
+        >>> condition_holds("multimodal", "fusion", ("image", "text"))
+        True
+        >>> condition_holds("reads:text", "zero_shot", ("image",))
+        False
+        >>> condition_holds("task:zero_shot", "zero_shot", ("image",))
+        True
+    """
+    kind, _, arg = condition.partition(":")
+    if kind == "multimodal":
+        return len(task_modalities) >= 2
+    if kind == "reads":
+        return arg in task_modalities
+    if kind == "task":
+        return task_name == arg
+    raise ValueError(f"unknown metric condition {condition!r}")
+
+
+def expected_metric(
+    check: type[Check], metric: str, task_name: str, task_modalities: tuple[str, ...]
+) -> bool:
+    """Whether ``check`` reports ``metric`` on a task, by its ``conditional_metrics``.
+
+    Example:
+        >>> class C(Check):
+        ...     name, pillar = "monitoring.c", "monitoring"
+        ...     conditional_metrics = {"mcm/*": "task:zero_shot"}
+        ...     def run(self, ctx): ...
+        >>> expected_metric(C, "mcm/auroc", "fusion", ("image", "text"))
+        False
+        >>> expected_metric(C, "msp/auroc", "fusion", ("image", "text"))
+        True
+    """
+    import fnmatch
+
+    return all(
+        condition_holds(cond, task_name, task_modalities)
+        for pattern, cond in check.conditional_metrics.items()
+        if fnmatch.fnmatchcase(metric, pattern)
+    )
+
+
 class Check(ABC):
     """Base class of every check.
 
@@ -203,6 +248,10 @@ class Check(ABC):
         higher_is_better: ``{metric: bool}`` for the metrics it reports.
         description: one line for ``mmsafe list-checks``.
         aliases: older names that still select it (``--checks``, ``--options``, ``--fail-on``).
+        conditional_metrics: ``{metric glob: condition}`` for the metrics reported only when a
+            condition on the task holds: ``multimodal`` (it reads two or more modalities of the
+            rows), ``reads:<modality>``, ``task:<name>``. Every other metric is reported on
+            every task the check declares: one metric schema (see :func:`expected_metric`).
     """
 
     name: ClassVar[str]
@@ -213,6 +262,7 @@ class Check(ABC):
     higher_is_better: ClassVar[Mapping[str, bool]] = {}
     description: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
+    conditional_metrics: ClassVar[Mapping[str, str]] = {}
 
     def skip_reason(self, ctx: AuditContext) -> str | None:
         """Why this check cannot run in ``ctx``, or ``None`` when it can.

@@ -116,6 +116,12 @@ class ExplainCheck(Check):
     """
 
     name = "controllability.explain"
+    conditional_metrics = {
+        "dime/*": "multimodal",
+        "shapley*": "multimodal",
+        "value/*": "multimodal",
+        "text_ig/*": "reads:text",
+    }
     pillar = "controllability"
     tasks = ("zero_shot", "fusion")
     description = "modality Shapley shares, DIME interaction share, pixel IG + deletion AUC"

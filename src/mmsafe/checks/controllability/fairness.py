@@ -163,6 +163,7 @@ class FairnessCheck(Check):
     """
 
     name = "controllability.fairness"
+    conditional_metrics = {"*/without_*": "multimodal", "*/attributed_to_*": "multimodal"}
     pillar = "controllability"
     requires = ("labels",)
     tasks = ("zero_shot", "fusion")

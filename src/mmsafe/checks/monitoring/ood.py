@@ -68,6 +68,7 @@ class OODCheck(Check):
     """
 
     name = "monitoring.ood"
+    conditional_metrics = {"mcm/*": "task:zero_shot"}  # MCM needs class-prompt embeddings
     pillar = "monitoring"
     tasks = ("zero_shot", "fusion")
     description = "OOD detection (MSP, max-logit, energy, MCM, kNN): AUROC, AUPR, FPR@95TPR"

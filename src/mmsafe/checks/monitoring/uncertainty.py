@@ -220,6 +220,7 @@ class UncertaintyCheck(Check):
     """
 
     name = "monitoring.uncertainty"
+    conditional_metrics = {"violation_rate": "multimodal", "violation_rate/*": "multimodal"}
     pillar = "monitoring"
     requires = ("labels",)
     tasks = ("zero_shot", "fusion")

@@ -217,6 +217,7 @@ class ShiftCheck(Check):
     """
 
     name = "robustness.shift"
+    conditional_metrics = {"*/text": "reads:text", "*/text/*": "reads:text"}
     pillar = "robustness"
     description = "accuracy per corruption x severity per modality; mCA, RR, ER, MultiModal Impact"
     tasks = ("zero_shot", "fusion")
