@@ -144,7 +144,7 @@ class AnomalyCheck(Check):
             (16x16 for a 32-pixel image); on a Hugging Face ViT pick mid blocks, e.g.
             ``(6, 9)``. Skipped, with an info finding, when the model exposes no hidden states.
         fpr_limit: FPR limit of AUPRO.
-        auroc_threshold: best image AUROC below this raises a finding.
+        auroc_threshold: a headline image AUROC below this raises a finding.
         n_boot: bootstrap resamples for the image-AUROC intervals (0 = none).
         n_examples: rows of the top-anomalies table.
         seed: overrides the audit seed for the subsample and the references.

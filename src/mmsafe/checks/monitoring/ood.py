@@ -2,10 +2,9 @@
 
 Rows whose ``meta`` has a truthy ``"ood"`` are out-of-distribution (OOD); labelled rows without
 that flag are in-distribution (ID). Each OOD score of :mod:`mmsafe.methods.ood` (higher = ID) is
-turned
-into AUROC, AUPR-In, AUPR-Out and FPR@95TPR (:mod:`mmsafe.metrics.ood`). The headline score is
-chosen without the evaluated rows' labels: the best by AUROC on the calibration split when it has
-OOD and ID rows, else :attr:`OODCheck.default_headline`.
+turned into AUROC, AUPR-In, AUPR-Out and FPR@95TPR (:mod:`mmsafe.metrics.ood`). The headline score
+is chosen without the evaluated rows' labels: the best by AUROC on the calibration split when it
+has OOD and ID rows, else :attr:`OODCheck.default_headline`.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ class OODCheck(Check):
         k: the neighbour of the kNN score (distance to the k-th nearest train image).
         temperature: the energy score's temperature.
         mcm_tau: the MCM softmax temperature over cosine similarities.
-        auroc_threshold: a best AUROC below this raises a finding.
+        auroc_threshold: a headline AUROC below this raises a finding.
         max_points: the most points drawn per ROC curve.
 
     The headline ``auroc`` / ``fpr95`` are one score's, chosen on the calibration split's OOD and
