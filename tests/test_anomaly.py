@@ -210,12 +210,107 @@ def test_check_runs_on_toy_with_planted_defects(toy_model, colour_data):
     # the toy encoder exposes no hidden states: the patch bank is skipped, with a finding
     assert not any(n.startswith("patch_") for n in names)
     assert any("patch memory bank was skipped" in f.message for f in res.findings)
-    assert res.metrics["image_auroc"].value == max(
-        res.metrics[f"{m}/image_auroc"].value
-        for m in ("zero_shot", "few_shot_k1", "few_shot_k2", "few_shot_k4")
-        + ("memory_k1", "memory_k2", "memory_k4")
+    # calibration has no defective row to choose on, and the toy has no feature maps: the
+    # headline is the declared default's next family, WinCLIP+ at its largest k
+    assert res.metrics["image_auroc"] == res.metrics["few_shot_k4/image_auroc"]
+    assert res.metrics["image_auroc"].ci is not None
+    assert res.metrics["aupro"] == res.metrics["few_shot_k4/aupro"]
+    info = next(f for f in res.findings if "headline_method" in f.evidence)
+    assert (info.evidence["headline_method"], info.evidence["chosen_on"]) == (
+        "few_shot_k4",
+        "default",
     )
+    assert "declared default" in info.message
     res.to_dict()  # JSON-able
+
+
+PLANTED = ("zero_shot", "few_shot_k1", "memory_k1", "patch_k1")
+
+
+def _planted_defects(data, seed: int = 0):
+    """Defects (no masks) on a third of calibration and test rows, and planted method scores.
+
+    Calibration: ``zero_shot`` separates defective from normal rows perfectly, the others are
+    noise. Test: ``few_shot_k1`` separates perfectly, ``zero_shot`` only partly (AUROC ~0.64).
+    """
+    rng = np.random.default_rng(seed)
+    for split, m in zip(data.splits, data.meta, strict=True):
+        bad = split != "train" and rng.random() < 0.35
+        m["defect"], m["defect_mask"] = ("blob" if bad else None), None
+        m["planted"] = {name: rng.normal() for name in PLANTED}
+        if split == "calibration":
+            m["planted"]["zero_shot"] = bad + rng.uniform(0, 0.5)
+        else:
+            m["planted"]["zero_shot"] = bad / 2 + rng.normal()
+            m["planted"]["few_shot_k1"] = 2 * bad + rng.uniform()
+    return data
+
+
+class _PlantedAnomaly(AnomalyCheck):
+    """The check with its method scores replaced by the planted ones; records what it scored."""
+
+    def __init__(self, **kw):
+        super().__init__(shots=(1,), **kw)
+        self.scored: list[list[str]] = []
+
+    def _methods(self, model, data, refs, usable):  # noqa: D102
+        self.scored.append(list(data.ids))
+        n = len(data.ids)
+        out = {
+            name: A.AnomalyScores(
+                torch.tensor([m["planted"][name] for m in data.meta]), torch.zeros(n, 8, 8)
+            )
+            for name in PLANTED
+        }
+        return out, 8, []
+
+
+def test_headline_is_chosen_on_calibration_not_on_the_evaluated_rows(toy_model, colour_data):
+    ctx = audit_context(toy_model, _planted_defects(colour_data))
+    check = _PlantedAnomaly(n_boot=50)
+    res = check.run(ctx)
+    m = res.metrics
+    # the evaluated rows favour few_shot_k1; the headline is the calibration split's zero_shot
+    assert m["few_shot_k1/image_auroc"].value == 1.0 and m["zero_shot/image_auroc"].value < 0.9
+    assert m["image_auroc"] == m["zero_shot/image_auroc"]  # value and CI
+    assert m["image_auroc"].ci is not None and m["image_auroc"].ci[1] < 1.0
+    info = next(f for f in res.findings if "headline_method" in f.evidence)
+    assert (info.evidence["headline_method"], info.evidence["chosen_on"]) == (
+        "zero_shot",
+        "calibration",
+    )
+    assert "calibration split" in info.message
+    # scored: the evaluated rows, then the calibration rows without the 1-shot reference
+    evaluated, selection = check.scored
+    assert evaluated == ctx.data.ids
+    ref_split, order = check._references(ctx, 0)
+    assert ref_split is ctx.calibration
+    reference = ctx.calibration.ids[order[0]]
+    assert set(selection) == set(ctx.calibration.ids) - {reference}
+    rows = [ctx.calibration.ids.index(i) for i in selection]
+    y = [ctx.calibration.meta[i]["defect"] is not None for i in rows]
+    for name in PLANTED:
+        s = [ctx.calibration.meta[i]["planted"][name] for i in rows]
+        want = roc_auc_score(y, s)
+        assert info.evidence["calibration_image_auroc"][name] == pytest.approx(want, abs=1e-12)
+    # the low-AUROC finding and the maps follow the headline too
+    low = [f for f in res.findings if f.severity in ("medium", "high")]
+    assert low and "(zero_shot)" in low[0].message
+    assert "(zero_shot" in res.plots["top_anomalies"]["title"]
+
+
+def test_headline_without_a_calibration_split_is_the_declared_default(toy_model, colour_data):
+    ctx = audit_context(toy_model, _planted_defects(colour_data))
+    ctx.calibration = None  # the references come from train; nothing to choose on
+    check = _PlantedAnomaly(n_boot=0)
+    res = check.run(ctx)
+    assert len(check.scored) == 1  # only the evaluated rows were scored
+    assert AnomalyCheck.default_headline[0] == "patch"
+    assert res.metrics["image_auroc"] == res.metrics["patch_k1/image_auroc"]
+    info = next(f for f in res.findings if "headline_method" in f.evidence)
+    assert (info.evidence["headline_method"], info.evidence["chosen_on"]) == ("patch_k1", "default")
+    assert info.evidence["calibration_image_auroc"] == {}
+    assert "declared default" in info.message
 
 
 @pytest.fixture(scope="module")
@@ -266,6 +361,15 @@ def test_planted_defects_found_on_shapes(defect_aware, shapes_quick):
         assert m[f"patch_k{k}/aupro"] > 0.85
     assert m["aupro"] > 0.85  # far above a constant map's 0.15
     assert m["image_auroc"] > 0.9  # the issue's bar
+    # shapes has defects in calibration: the headline method is chosen there, and the headline
+    # figures are that method's evaluated-row figures
+    info = next(f for f in res.findings if "headline_method" in f.evidence)
+    head, cal_aucs = info.evidence["headline_method"], info.evidence["calibration_image_auroc"]
+    assert info.evidence["chosen_on"] == "calibration"
+    assert set(cal_aucs) == {k.split("/")[0] for k in m if "/" in k}
+    assert head == max(cal_aucs, key=cal_aucs.__getitem__)
+    assert res.metrics["image_auroc"] == res.metrics[f"{head}/image_auroc"]
+    assert res.metrics["aupro"] == res.metrics[f"{head}/aupro"]
     assert res.plots["top_anomaly_maps"]["kind"] == "images"
     assert len(res.plots["top_anomaly_maps"]["items"]) == 10
 

@@ -181,26 +181,30 @@ def test_knn_score_matches_brute_force_with_chunking() -> None:
 
 
 # --------------------------------------------------------------------------- the check
-def _colours_with_grey_ood(n_ood: int = 20) -> Dataset:
-    """The toy colour data plus grey images (no dominant colour) in test, marked meta.ood."""
+def _colours_with_grey_ood(n_ood: int = 20, n_cal_ood: int = 0) -> Dataset:
+    """The toy colour data plus grey images (no dominant colour) marked meta.ood.
+
+    ``n_ood`` of them are in the test split, ``n_cal_ood`` more in the calibration split.
+    """
     base = make_colour_data(n=150)
     rng = np.random.default_rng(1)
+    n_grey = n_ood + n_cal_ood
     greys = [
         np.clip(rng.integers(60, 200) + rng.normal(0, 4, (8, 8, 3)), 0, 255).astype(np.uint8)
-        for _ in range(n_ood)
+        for _ in range(n_grey)
     ]
     return Dataset(
         name="colours+grey",
-        ids=[*base.ids, *(f"g{i}" for i in range(n_ood))],
+        ids=[*base.ids, *(f"g{i}" for i in range(n_grey))],
         modalities={
             "image": [*base.modalities["image"], *greys],
-            "text": [*base.modalities["text"], *(["a grey square"] * n_ood)],
+            "text": [*base.modalities["text"], *(["a grey square"] * n_grey)],
         },
-        labels=np.r_[base.labels, -np.ones(n_ood, dtype=np.int64)],
+        labels=np.r_[base.labels, -np.ones(n_grey, dtype=np.int64)],
         classes=base.classes,
-        groups=[*(base.groups or []), *(["g0"] * n_ood)],
-        splits=[*(base.splits or []), *(["test"] * n_ood)],
-        meta=[*({} for _ in base.ids), *({"ood": True} for _ in range(n_ood))],
+        groups=[*(base.groups or []), *(["g0"] * n_grey)],
+        splits=[*(base.splits or []), *(["test"] * n_ood), *(["calibration"] * n_cal_ood)],
+        meta=[*({} for _ in base.ids), *({"ood": True} for _ in range(n_grey))],
         source="test://colours+grey",
     )
 
@@ -219,16 +223,102 @@ def test_check_on_toy_data_with_planted_grey_ood(toy_model) -> None:
         for m in ("auroc", "aupr_in", "aupr_out", "fpr95"):
             assert f"{s}/{m}" in res.metrics
         assert res.metrics[f"{s}/auroc"].value > 0.95  # grey is far from every colour class
-    best = max(res.metrics[f"{s}/auroc"].value for s in ("msp", "max_logit", "energy", "mcm"))
-    assert res.metrics["auroc"].value >= best
+    # no OOD row in calibration: the headline is the declared default, and the card says so
+    assert res.metrics["auroc"] == res.metrics["energy/auroc"]
+    assert res.metrics["fpr95"] == res.metrics["energy/fpr95"]
     assert res.metrics["auroc"].ci is not None
     assert [f.severity for f in res.findings] == ["info"]  # no "hard to tell apart" finding
-    assert res.findings[0].evidence["n_ood"] == 20
+    ev = res.findings[0].evidence
+    assert ev["n_ood"] == 20
+    assert (ev["headline_method"], ev["chosen_on"], ev["calibration_auroc"]) == (
+        "energy",
+        "default",
+        {},
+    )
+    assert "declared default" in res.findings[0].message
     roc = res.plots["roc"]
     assert roc["kind"] == "line" and len(roc["series"]) == 5
     assert all(len(s["x"]) <= 200 and s["x"][0] == 0.0 for s in roc["series"])
     assert res.plots["auroc"]["kind"] == "bar"
     json.dumps(res.to_dict())  # the card entry is JSON
+
+
+def _with_planted_scores(data: Dataset, seed: int = 0) -> Dataset:
+    """Planted ``msp`` / ``energy`` scores in meta: msp is best on calibration, energy on test.
+
+    Calibration: msp separates ID from OOD perfectly, energy is noise (AUROC ~0.5). Test: energy
+    separates perfectly, msp only partly (ID ~ N(0.5, 1) against OOD ~ N(0, 1), AUROC ~0.64).
+    """
+    rng = np.random.default_rng(seed)
+    for split, m in zip(data.splits or [], data.meta, strict=True):
+        shift = 0.0 if m.get("ood") else 1.0
+        if split == "calibration":
+            m["planted"] = {"msp": shift + rng.uniform(0, 0.5), "energy": rng.normal()}
+        else:
+            m["planted"] = {"msp": shift / 2 + rng.normal(), "energy": 2 * shift + rng.uniform()}
+    return data
+
+
+class _PlantedOOD(OODCheck):
+    """The check with its scores replaced by the planted ones (only the headline logic runs)."""
+
+    def scores(self, ctx, data=None):  # noqa: D102
+        data = ctx.data if data is None else data
+        return {n: np.array([m["planted"][n] for m in data.meta]) for n in ("msp", "energy")}, {}
+
+
+def test_headline_is_chosen_on_calibration_not_on_the_evaluated_rows(toy_model) -> None:
+    ctx = audit_context(toy_model, _with_planted_scores(_colours_with_grey_ood(40, n_cal_ood=30)))
+    res = _PlantedOOD(n_boot=50).run(ctx)
+    m = res.metrics
+    # the evaluated rows favour energy; the headline is msp, the calibration split's choice
+    assert m["energy/auroc"].value == 1.0 and m["msp/auroc"].value < 0.9
+    assert m["auroc"] == m["msp/auroc"] and m["fpr95"] == m["msp/fpr95"]  # value and CI
+    assert m["auroc"].ci is not None and m["auroc"].ci[1] < 1.0
+    info = next(f for f in res.findings if "headline_method" in f.evidence and f.severity == "info")
+    assert (info.evidence["headline_method"], info.evidence["chosen_on"]) == ("msp", "calibration")
+    cal = ctx.calibration
+    y = np.array([not meta.get("ood") for meta in cal.meta])
+    for name in ("msp", "energy"):
+        planted = np.array([meta["planted"][name] for meta in cal.meta])
+        want = roc_auc_score(y, planted)
+        assert info.evidence["calibration_auroc"][name] == pytest.approx(want, abs=1e-12)
+    assert info.evidence["calibration_auroc"]["msp"] == pytest.approx(1.0)
+    assert "calibration split" in info.message
+    # the medium finding names the headline score, not the best one on the evaluated rows
+    medium = [f for f in res.findings if f.severity == "medium"]
+    assert medium and medium[0].evidence["headline_method"] == "msp"
+
+
+def test_headline_on_calibration_ood_rows_with_the_real_scores(toy_model) -> None:
+    ctx = audit_context(toy_model, _colours_with_grey_ood(20, n_cal_ood=20))
+    res = OODCheck(n_boot=20).run(ctx)
+    info = next(f for f in res.findings if "headline_method" in f.evidence)
+    assert info.evidence["chosen_on"] == "calibration"
+    cal_aucs = info.evidence["calibration_auroc"]
+    assert list(cal_aucs) == ["msp", "max_logit", "energy", "mcm", "knn"]
+    # the calibration AUROCs, recomputed from the calibration logits with scikit-learn
+    cal = ctx.engine.outputs(ctx.model, ctx.task, ctx.calibration)
+    is_ood, is_id = ood_masks(ctx.calibration.meta, cal.labels)
+    keep = is_ood | is_id
+    for name, fn in (("msp", msp), ("max_logit", max_logit), ("energy", energy)):
+        s = fn(cal.logits).numpy()
+        assert cal_aucs[name] == pytest.approx(roc_auc_score(is_id[keep], s[keep]), abs=1e-12)
+    head = max(cal_aucs, key=cal_aucs.__getitem__)  # the first of the best, in SCORES order
+    assert info.evidence["headline_method"] == head
+    assert res.metrics["auroc"] == res.metrics[f"{head}/auroc"]
+    assert res.metrics["fpr95"] == res.metrics[f"{head}/fpr95"]
+
+
+def test_headline_without_a_calibration_split_is_the_declared_default(toy_model) -> None:
+    ctx = audit_context(toy_model, _with_planted_scores(_colours_with_grey_ood(40, n_cal_ood=30)))
+    ctx.calibration = None
+    res = _PlantedOOD(n_boot=20).run(ctx)
+    assert OODCheck.default_headline == "energy"
+    assert res.metrics["auroc"] == res.metrics["energy/auroc"]
+    info = next(f for f in res.findings if f.severity == "info")
+    assert (info.evidence["headline_method"], info.evidence["chosen_on"]) == ("energy", "default")
+    assert "declared default" in info.message
 
 
 def test_check_on_fusion_skips_mcm_with_a_note(toy_model) -> None:
@@ -267,4 +357,6 @@ def test_planted_flaw_never_seen_shapes_are_detected(shapes_quick) -> None:
     assert res.metrics["fpr95"].value < 1.0
     # the logit scores carry the signal; the check says the detector is weak
     assert res.metrics["energy/auroc"].value > 0.55
+    # shapes puts no OOD row in calibration: the headline is the declared default, energy
+    assert res.metrics["auroc"] == res.metrics["energy/auroc"]
     assert res.findings[0].severity == "medium" and "hard to tell apart" in res.findings[0].message

@@ -7,13 +7,14 @@ normal rows are kept (a seeded subsample) together with every defective row. Few
 images are normal rows of the calibration split (else the train split), never evaluated rows.
 Besides WinCLIP+'s window memory bank, a patch memory bank on the image tower's intermediate
 feature maps (``patch_k{k}``, PatchCore-style) is scored when the model exposes hidden states.
-See ``docs/anomaly.md``.
+The headline method is chosen on the calibration split's defect rows (else a declared default),
+never on the evaluated rows' labels. See ``docs/anomaly.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -114,11 +115,17 @@ class AnomalyCheck(Check):
             (16x16 for a 32-pixel image); on a Hugging Face ViT pick mid blocks, e.g.
             ``(6, 9)``. Skipped, with an info finding, when the model exposes no hidden states.
         fpr_limit: FPR limit of AUPRO.
-        auroc_threshold: best image AUROC below this raises a finding.
+        auroc_threshold: a headline image AUROC below this raises a finding.
         n_boot: bootstrap resamples for the image-AUROC intervals (0 = none).
         n_examples: rows of the top-anomalies table.
         seed: overrides the audit seed for the subsample and the references.
         batch_size: crops per forward pass.
+
+    The headline ``image_auroc`` / ``aupro`` are one method's, chosen without the evaluated rows'
+    labels: the best by image AUROC on the calibration split's defective and normal rows (the
+    few-shot references left out), or, when it has none, the declared default
+    :attr:`default_headline`: the patch memory bank at its largest ``k`` when the model exposes
+    feature maps, else WinCLIP+ (``few_shot_k{k}``), else zero-shot.
     """
 
     name = "monitoring.anomaly"
@@ -137,6 +144,7 @@ class AnomalyCheck(Check):
             for k in ("image_auroc", "image_aupr", "f1_max", "pixel_auroc", "aupro")
         },
     }
+    default_headline: ClassVar[tuple[str, ...]] = ("patch", "few_shot", "zero_shot")
 
     def __init__(
         self,
@@ -193,27 +201,20 @@ class AnomalyCheck(Check):
                     return split, order
         return None, np.zeros(0, dtype=np.int64)
 
-    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
-        seed = ctx.seed if self.seed is None else self.seed
-        rows = defect_rows(ctx.data, self.max_normal, seed)
-        data = ctx.data.subset(rows)
+    def _methods(
+        self, model: Any, data: Dataset, refs: Sequence[np.ndarray], usable: Sequence[int]
+    ) -> tuple[dict[str, AnomalyScores], int, list[Finding]]:
+        """Every method's scores on ``data``'s images, the pixel grid's side, info findings."""
         images = data.modalities["image"]
-        is_defect = np.array([m["defect"] is not None for m in data.meta])
-        model = ctx.model.to(ctx.engine.device).eval()
-
         emb = embed_windows(model, images, self.windows, self.stride, self.batch_size)
-        masks = defect_masks(data.meta, (emb.image_size, emb.image_size))
         prototypes = text_prototypes(
             model, self.object_name, self.normal_states, self.anomalous_states
         )
         methods: dict[str, AnomalyScores] = {
             "zero_shot": zero_shot_anomaly(emb, prototypes, model.logit_scale)
         }
-        ref_split, order = self._references(ctx, seed)
         findings: list[Finding] = []
-        usable = [k for k in self.shots if k <= len(order)]
-        if usable and ref_split is not None:
-            refs = [ref_split.modalities["image"][i] for i in order[: max(usable)]]
+        if usable:
             ref_emb = embed_windows(
                 model, refs, self.windows, self.stride, self.batch_size, emb.image_size
             )
@@ -223,6 +224,56 @@ class AnomalyCheck(Check):
                 methods[f"few_shot_k{k}"] = fuse(methods["zero_shot"], vision)
                 methods[f"memory_k{k}"] = vision
             findings += self._patch_methods(model, emb.image_size, images, refs, usable, methods)
+        return methods, emb.image_size, findings
+
+    def headline(
+        self,
+        ctx: AuditContext,
+        available: Sequence[str],
+        score: Callable[[Dataset], dict[str, AnomalyScores]],
+        exclude: Sequence[str] = (),
+    ) -> tuple[str, str, dict[str, float]]:
+        """``(method, chosen_on, calibration image AUROCs)``: the headline and how it was chosen.
+
+        ``chosen_on`` is ``"calibration"`` when the calibration split has defective and normal
+        rows (OOD rows, rows ``exclude``-d by id, i.e. the few-shot references, and normal rows
+        beyond ``max_normal`` left out): the best of ``available`` by image AUROC on them, scored
+        by ``score``, the first in ``available`` on ties. Otherwise ``"default"``: the last
+        (largest-``k``) available method of the first family in :attr:`default_headline`. The
+        evaluated rows are not looked at.
+        """
+        seed = ctx.seed if self.seed is None else self.seed
+        cal = ctx.calibration
+        if cal is not None and "image" in cal.modalities and any("defect" in m for m in cal.meta):
+            skip = set(exclude)
+            rows = [i for i in defect_rows(cal, self.max_normal, seed) if cal.ids[i] not in skip]
+            sel = cal.subset(np.array(rows, dtype=np.int64))
+            is_defect = np.array([m["defect"] is not None for m in sel.meta], dtype=bool)
+            if is_defect.any() and not is_defect.all():
+                methods = score(sel)
+                aucs = {
+                    m: float(auroc(methods[m].image.double().numpy(), is_defect)) for m in available
+                }
+                return max(aucs, key=lambda m: _nan_low(aucs[m])), "calibration", aucs
+        for family in self.default_headline:
+            members = [m for m in available if m.split("_k")[0] == family]
+            if members:
+                return members[-1], "default", {}
+        return available[0], "default", {}
+
+    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        seed = ctx.seed if self.seed is None else self.seed
+        rows = defect_rows(ctx.data, self.max_normal, seed)
+        data = ctx.data.subset(rows)
+        is_defect = np.array([m["defect"] is not None for m in data.meta])
+        model = ctx.model.to(ctx.engine.device).eval()
+
+        ref_split, order = self._references(ctx, seed)
+        usable = [k for k in self.shots if k <= len(order)]
+        ref_rows = order[: max(usable, default=0)]
+        refs = [ref_split.modalities["image"][i] for i in ref_rows] if ref_split else []
+        methods, image_size, findings = self._methods(model, data, refs, usable)
+        masks = defect_masks(data.meta, (image_size, image_size))
         if len(usable) < len(self.shots):
             findings.append(
                 Finding(
@@ -252,16 +303,20 @@ class AnomalyCheck(Check):
                     img = methods[m].image.double().numpy()
                     ci = bootstrap_ci(auroc, img, is_defect, n_boot=self.n_boot, seed=seed)
                 metrics[f"{m}/{key}"] = Metric(float(v), ci)
-        best = max(per_method, key=lambda m: _nan_low(per_method[m]["image_auroc"]))
-        metrics["image_auroc"] = metrics[f"{best}/image_auroc"]
+        head, chosen_on, cal_aucs = self.headline(
+            ctx,
+            list(methods),
+            lambda sel: self._methods(model, sel, refs, usable)[0],
+            exclude=[ref_split.ids[i] for i in ref_rows] if ref_split else (),
+        )
+        metrics["image_auroc"] = metrics[f"{head}/image_auroc"]
         if masks is not None:
-            best_pro = max(per_method, key=lambda m: _nan_low(per_method[m]["aupro"]))
-            metrics["aupro"] = metrics[f"{best_pro}/aupro"]
+            metrics["aupro"] = metrics[f"{head}/aupro"]
         metrics["n_defective"] = Metric(float(is_defect.sum()))
         metrics["n_normal"] = Metric(float((~is_defect).sum()))
 
-        findings = self._findings(per_method, best) + findings
-        plots = self._plots(data, methods, per_method, best, is_defect)
+        findings = self._findings(per_method, head, chosen_on, cal_aucs) + findings
+        plots = self._plots(data, methods, per_method, head, is_defect)
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
 
     def _patch_methods(
@@ -292,22 +347,46 @@ class AnomalyCheck(Check):
             methods[f"patch_k{k}"] = patch_anomaly(queries, bank, image_size)
         return []
 
-    def _findings(self, per_method: dict[str, dict[str, float]], best: str) -> list[Finding]:
+    def _findings(
+        self,
+        per_method: dict[str, dict[str, float]],
+        head: str,
+        chosen_on: str,
+        cal_aucs: dict[str, float],
+    ) -> list[Finding]:
         out = []
-        best_auc = per_method[best]["image_auroc"]
+        head_auc = per_method[head]["image_auroc"]
         evidence = {m: v["image_auroc"] for m, v in per_method.items()}
-        if np.isfinite(best_auc) and best_auc < self.auroc_threshold:
+        if np.isfinite(head_auc) and head_auc < self.auroc_threshold:
             out.append(
                 Finding(
-                    "medium" if best_auc >= 0.6 else "high",
-                    f"Defective images are hard to tell from normal ones: the best method "
-                    f"({best}) reaches image AUROC {best_auc:.3f} < {self.auroc_threshold:.2f}.",
+                    "medium" if head_auc >= 0.6 else "high",
+                    f"Defective images are hard to tell from normal ones: the headline method "
+                    f"({head}) reaches image AUROC {head_auc:.3f} < {self.auroc_threshold:.2f}.",
                     {"image_auroc": evidence},
                     "Do not rely on this encoder for zero-/few-shot defect monitoring; use more "
                     "normal reference images, an encoder that knows defect words, or a "
                     "detector trained on normal data (e.g. PatchCore).",
                 )
             )
+        how = (
+            f"chosen by image AUROC on the calibration split, {cal_aucs[head]:.3f} there"
+            if chosen_on == "calibration"
+            else "the declared default: the calibration split has no defective and normal rows "
+            "to choose on"
+        )
+        out.append(
+            Finding(
+                "info",
+                f"Headline method: {head} ({how}); on the evaluated rows image AUROC "
+                f"{head_auc:.3f}. The headline image_auroc and aupro are this method's.",
+                {
+                    "headline_method": head,
+                    "chosen_on": chosen_on,
+                    "calibration_image_auroc": {m: _json(v) for m, v in cal_aucs.items()},
+                },
+            )
+        )
         zs = per_method["zero_shot"]["image_auroc"]
         if np.isfinite(zs) and zs < 0.6:
             out.append(
