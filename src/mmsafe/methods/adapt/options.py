@@ -1,0 +1,37 @@
+"""The adaptation methods, objectives and their defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Method = Literal["full", "lora", "adapter", "iisan", "iisan-versa", "momef"]
+METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa", "momef")
+"""The adaptation methods :func:`adapt` implements."""
+
+SIDE_METHODS: tuple[str, ...] = ("iisan", "iisan-versa", "momef")
+"""The decoupled methods: frozen backbones, side networks over cached hidden states."""
+
+DEFAULT_LR: dict[str, float] = {
+    "full": 3e-4,
+    "lora": 2e-3,
+    "adapter": 2e-3,
+    "iisan": 2e-3,
+    "iisan-versa": 2e-3,
+    "momef": 2e-3,
+}
+"""AdamW learning rate per method (when ``lr`` is not given)."""
+
+MODALITIES: tuple[str, str] = ("image", "text")
+
+MAX_SCALE = 100.0  # the largest contrastive temperature, as in CLIP
+
+Objective = Literal["classification", "retrieval"]
+OBJECTIVES: tuple[str, ...] = ("classification", "retrieval")
+"""The downstream tasks :func:`adapt` trains for."""
+
+RETRIEVAL_METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa")
+"""The methods that support ``objective="retrieval"`` (MOMEF fuses the modalities into one
+vector, so it is not a dual encoder)."""
+
+RETRIEVAL_KS: tuple[int, ...] = (1, 5)
+"""Recall cut-offs :func:`adapt` reports for ``objective="retrieval"``."""
