@@ -6,7 +6,8 @@ has the engine compute the clean outputs once, runs every selected check on them
 
 Each finished check is saved at once under ``<out>/.mmsafe/checks/`` with a key made of the model,
 data, task, check configuration and seed. Running the same audit again (after Ctrl-C, a crash or
-a power cut) reuses every finished check and runs only the rest.
+a power cut) reuses every finished check and runs only the rest; the card it writes equals an
+uninterrupted run's outside the ``timings`` and ``environment`` sections.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +114,7 @@ def _load_finished(path: Path, key: str) -> CheckResult | None:
         return None
     if saved.get("key") != key:
         return None
-    return CheckResult.from_dict(saved["name"], saved["result"])
+    return CheckResult.from_dict(saved["name"], saved["result"], saved.get("timings"))
 
 
 def run_audit(
@@ -149,6 +150,7 @@ def run_audit(
     Returns:
         An :class:`AuditResult`; its ``exit_code`` is what the CLI exits with.
     """
+    start = time.perf_counter()
     console = console or Console(quiet=True)
     engine = engine or Engine(progress=False)
     options = {k: dict(v) for k, v in (options or {}).items()}
@@ -192,7 +194,8 @@ def run_audit(
         result = _run_one(name, config, ctx, out_dir, console)
         results[name] = result
         if saved_path is not None and result.status != "failed":
-            atomic_write_json(saved_path, {"key": key, "name": name, "result": result.to_dict()})
+            saved = {"key": key, "name": name, "result": result.to_dict()}
+            atomic_write_json(saved_path, {**saved, "timings": result.timings_dict()})
 
     card = build_card(
         model=model,
@@ -203,6 +206,8 @@ def run_audit(
         seed=seed,
         device=str(engine.device),
         data_fingerprint=data_fp,
+        total_seconds=time.perf_counter() - start,
+        reused=resumed,
     )
     for name in results:  # what was asked of each check, for reproducing the card
         if options.get(name):
@@ -251,16 +256,7 @@ def _run_one(
         )
     seconds = time.perf_counter() - start
     console.print(f"[green]✓ {name}[/green] [dim]({seconds:.2f} s)[/dim]")
-    return CheckResult(
-        name=result.name,
-        pillar=result.pillar,
-        status=result.status,
-        reason=result.reason,
-        metrics=result.metrics,
-        findings=result.findings,
-        plots=result.plots,
-        seconds=seconds,
-    )
+    return replace(result, seconds=seconds)
 
 
 def _log_failure(out_dir: Path | None, name: str, exc: BaseException) -> Path | None:
