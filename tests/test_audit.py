@@ -88,6 +88,14 @@ def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypa
     assert card["timings"]["reused"] == ["performance"]
     assert card["timings"]["seconds"]["performance"] > 0  # the interrupted run's time, kept
 
+    # a run killed mid-write leaves temporary files; the next run removes them
+    leftovers = [tmp_path / ".card.json.k1x2.tmp", tmp_path / ".mmsafe/checks/.a.json.k3y4.tmp"]
+    for p in leftovers:
+        p.write_text("{partial")
+    run_audit(toy_model, colour_data, out=tmp_path, checks="performance")
+    assert not any(p.exists() for p in leftovers)
+    assert not list(tmp_path.rglob("*.tmp"))
+
     # a different seed is a different audit: nothing is reused
     result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
     assert result.resumed == []

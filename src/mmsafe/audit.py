@@ -159,6 +159,8 @@ def run_audit(
     out_dir = None if out is None else Path(out)
     state = None if out_dir is None else out_dir / STATE_DIR / "checks"
 
+    if out_dir is not None:
+        _remove_partial_writes(out_dir)
     set_seed(seed)
     evaluated, calibration, train = evaluation_splits(data)
     task.check_data(evaluated)
@@ -257,6 +259,17 @@ def _run_one(
     seconds = time.perf_counter() - start
     console.print(f"[green]✓ {name}[/green] [dim]({seconds:.2f} s)[/dim]")
     return replace(result, seconds=seconds)
+
+
+def _remove_partial_writes(out_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed run left in the report folder.
+
+    They are named ``.<file>.<random>.tmp`` (:func:`mmsafe.engine.cache.atomic_write`); a run
+    killed mid-write (SIGKILL, power cut) cannot delete its own.
+    """
+    for folder in (out_dir, out_dir / STATE_DIR / "checks"):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _log_failure(out_dir: Path | None, name: str, exc: BaseException) -> Path | None:
