@@ -31,7 +31,10 @@ CHECKS = (
     "performance,calibration,monitoring.conformal,monitoring.ood,monitoring.slices,"
     "monitoring.uncertainty,controllability.fairness,efficiency.profile"
 )
-OPTIONS = {"efficiency.profile": {"batch_sizes": [1, 8], "repeats": 2}}
+OPTIONS = {
+    "monitoring.uncertainty": {"n_passes": 4},
+    "efficiency.profile": {"batch_sizes": [1, 4], "repeats": 1, "warmup": 0},
+}
 TIMEOUT = 1800  # a guard against a hung subprocess, not an assertion on speed
 
 

@@ -212,8 +212,8 @@ class EfficiencyCheck(Check):
         ctx: AuditContext,
         metrics: dict[str, Metric],
         timings: dict[str, Metric],
-        plots: dict[str, dict[str, Any]],
-        findings: list[Finding],
+        timing_plots: dict[str, dict[str, Any]],
+        timing_findings: list[Finding],
     ) -> None:
         """Adapt the model with each method and add the comparison (table, TPME bar chart).
 
@@ -240,8 +240,8 @@ class EfficiencyCheck(Check):
             metrics[f"{r.method}/trainable_params"] = Metric(float(r.trainable_params))
             metrics[f"{r.method}/accuracy"] = Metric(r.accuracy)
             timings[f"{r.method}/tpme"] = Metric(r.tpme)
-        plots["methods"] = comparison_table(reports)
-        plots["tpme"] = {
+        timing_plots["methods"] = comparison_table(reports)
+        timing_plots["tpme"] = {
             "kind": "bar",
             "title": "TPME per adaptation method (lower is better)",
             "ylabel": "TPME",
@@ -250,7 +250,7 @@ class EfficiencyCheck(Check):
             "ylim": [0.0, 1.0],
         }
         best = min(reports, key=lambda r: r.tpme)
-        findings.append(
+        timing_findings.append(
             Finding(
                 "info",
                 f"Most efficient adaptation method by TPME: {best.method} (TPME {best.tpme:.3f}, "
