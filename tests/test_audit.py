@@ -39,6 +39,21 @@ def test_card_validates_and_numbers_match_references(toy_model, colour_data, tmp
     assert lo <= ref <= hi
     assert card["data"]["n_evaluated"] == len(test)
     assert "<svg" in (tmp_path / "index.html").read_text()
+    # schema 2.0: what varies run to run is in `timings` / `environment`, not in `checks`
+    assert card["schema_version"] == "2.0" and "created" not in card
+    assert all("seconds" not in c for c in card["checks"].values())
+    timings = card["timings"]
+    assert list(timings["seconds"]) == list(card["checks"]) and timings["reused"] == []
+    assert timings["total_seconds"] >= sum(timings["seconds"].values()) > 0
+    profile = card["checks"]["efficiency.profile"]
+    assert "params_total" in profile["metrics"]
+    assert not any("latency" in m or "throughput" in m for m in profile["metrics"])
+    assert not any("atency" in f["message"] for f in profile["findings"])
+    timed = timings["checks"]["efficiency.profile"]
+    assert "image/bs1/latency_p50_ms" in timed["metrics"] and "latency" in timed["plots"]
+    assert any("wall-clock" in f["message"] for f in timed["findings"])
+    assert set(timings["checks"]) == {"efficiency.profile"}  # the only check that times itself
+    assert card["environment"]["threads"] >= 1 and card["environment"]["device"] == "cpu"
 
 
 def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypatch):
@@ -69,7 +84,19 @@ def test_resume_skips_finished_checks(toy_model, colour_data, tmp_path, monkeypa
     assert calls == ["performance", "calibration", "calibration"]
     assert result.resumed == ["performance.classification", "performance.retrieval"]
     assert result.results["performance.classification"].status == "ok"
-    assert (tmp_path / "card.json").exists()
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["timings"]["reused"] == ["performance.classification", "performance.retrieval"]
+    assert (
+        card["timings"]["seconds"]["performance.classification"] > 0
+    )  # the interrupted run's time, kept
+
+    # a run killed mid-write leaves temporary files; the next run removes them
+    leftovers = [tmp_path / ".card.json.k1x2.tmp", tmp_path / ".mmsafe/checks/.a.json.k3y4.tmp"]
+    for p in leftovers:
+        p.write_text("{partial")
+    run_audit(toy_model, colour_data, out=tmp_path, checks="performance")
+    assert not any(p.exists() for p in leftovers)
+    assert not list(tmp_path.rglob("*.tmp"))
 
     # a different seed is a different audit: nothing is reused
     result = run_audit(toy_model, colour_data, out=tmp_path, checks="performance", seed=1)
@@ -127,14 +154,14 @@ def test_label_check_says_needs_labels(toy_model, colour_data):
     assert CalibrationCheck().skip_reason(ctx) == "needs labels"
 
 
-def test_check_result_round_trips_through_json(toy_model, colour_data):
-    result = run_audit(toy_model, colour_data, checks="calibration").results[
-        "monitoring.calibration"
-    ]
-    again = CheckResult.from_dict(
-        "monitoring.calibration", json.loads(json.dumps(result.to_dict()))
-    )
+@pytest.mark.parametrize("name", ["monitoring.calibration", "efficiency.profile"])
+def test_check_result_round_trips_through_json(toy_model, colour_data, name):
+    result = run_audit(toy_model, colour_data, checks=name).results[name]
+    saved = json.loads(json.dumps({"r": result.to_dict(), "t": result.timings_dict()}))
+    again = CheckResult.from_dict(name, saved["r"], saved["t"])
     assert again.to_dict() == result.to_dict()
+    assert again.timings_dict() == result.timings_dict() and again.seconds > 0
+    assert bool(result.timings) == (name == "efficiency.profile")
 
 
 def test_glob_selection():

@@ -185,23 +185,28 @@ def test_check_is_registered_and_profiles_the_toy_encoder(colour_data) -> None:
     ctx = audit_context(ToyEncoder(), colour_data)
     res = cls(batch_sizes=(1, 8, 1000), repeats=2, warmup=0).run(ctx)
     m = {k: v.value for k, v in res.metrics.items()}
+    t = {k: v.value for k, v in res.timings.items()}  # measured: kept apart from the metrics
     assert res.status == "ok"
+    assert not any("latency" in k or "throughput" in k or "memory" in k for k in m)
     assert m["params_total"] == 1 and m["params_trainable"] == 1  # the toy's one scale
     assert m["shared/params"] == 1
     # The toy encoder has no matrix product or convolution: 0 FLOPs by construction.
     assert m["image/flops"] == 0 and m["text/flops"] == 0
     for mod in ("image", "text"):
         # batch size 1000 > 40 evaluated rows: skipped
-        assert {k for k in m if k.startswith(f"{mod}/bs")} == {
+        assert {k for k in t if k.startswith(f"{mod}/bs")} == {
             f"{mod}/bs{b}/latency_p{q}_ms" for b in (1, 8) for q in (50, 95)
         }
-        assert m[f"{mod}/bs8/latency_p95_ms"] >= m[f"{mod}/bs8/latency_p50_ms"] > 0
-        assert m[f"{mod}/throughput"] > 0 and m[f"{mod}/peak_memory_mib"] >= 0
-    table = res.plots["latency"]
+        assert t[f"{mod}/bs8/latency_p95_ms"] >= t[f"{mod}/bs8/latency_p50_ms"] > 0
+        assert t[f"{mod}/throughput"] > 0 and t[f"{mod}/peak_memory_mib"] >= 0
+    table = res.timing_plots["latency"]
     assert table["kind"] == "table" and len(table["rows"]) == 4
-    assert res.plots["throughput"]["kind"] == "bar" and len(res.plots["throughput"]["values"]) == 4
-    assert res.findings[0].severity == "info" and "cpu" in res.findings[0].message
+    bar = res.timing_plots["throughput"]
+    assert bar["kind"] == "bar" and len(bar["values"]) == 4
+    assert set(res.plots) == {"parameters"} and res.findings == ()
+    assert res.timing_findings[0].severity == "info" and "cpu" in res.timing_findings[0].message
     json.dumps(res.to_dict())
+    json.dumps(res.timings_dict())
 
 
 def test_check_on_tiny_clip_reports_tower_params_and_flops(shapes_quick) -> None:
@@ -237,18 +242,21 @@ def test_check_compares_adaptation_methods_with_tpme(shapes_quick) -> None:
     assert check.skip_reason(ctx) is None
     res = check.run(ctx)
     m = {k: v.value for k, v in res.metrics.items()}
+    t = {k: v.value for k, v in res.timings.items()}
     for method in ("full", "iisan"):
-        for key in ("epoch_seconds", "train_peak_memory_mib", "trainable_params", "accuracy"):
+        for key in ("trainable_params", "accuracy"):
             assert f"{method}/{key}" in m
-        assert 0.0 <= m[f"{method}/tpme"] <= 1.0
+        for key in ("epoch_seconds", "train_peak_memory_mib"):  # measured, so a timing
+            assert f"{method}/{key}" in t and f"{method}/{key}" not in m
+        assert 0.0 <= t[f"{method}/tpme"] <= 1.0  # derived from timings: a timing too
     # Two methods: each axis normalises to {0, 1}; IISAN trains fewer parameters than FFT.
     assert m["iisan/trainable_params"] < m["full/trainable_params"]
-    assert m["full/tpme"] + m["iisan/tpme"] == pytest.approx(1.0)
-    table = res.plots["methods"]
+    assert t["full/tpme"] + t["iisan/tpme"] == pytest.approx(1.0)
+    table = res.timing_plots["methods"]
     assert table["kind"] == "table" and [r[0] for r in table["rows"]] == ["full", "iisan"]
-    bar = res.plots["tpme"]
-    assert bar["kind"] == "bar" and bar["values"] == [m["full/tpme"], m["iisan/tpme"]]
-    assert any("TPME" in f.message for f in res.findings)
+    bar = res.timing_plots["tpme"]
+    assert bar["kind"] == "bar" and bar["values"] == [t["full/tpme"], t["iisan/tpme"]]
+    assert any("TPME" in f.message for f in res.timing_findings)
     json.dumps(res.to_dict())
     ctx = dataclasses.replace(ctx, train=None)
     assert "train" in (check.skip_reason(ctx) or "")

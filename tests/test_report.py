@@ -17,8 +17,7 @@ from mmsafe.report import (
 
 def _card(**checks):
     return {
-        "schema_version": "1.0",
-        "created": "2026-11-22T00:00:00+00:00",
+        "schema_version": "2.0",
         "model": {"name": "m", "fingerprint": "f", "config": {}, "parameters": 1},
         "data": {
             "name": "d",
@@ -32,11 +31,36 @@ def _card(**checks):
             "skipped": {"count": 0, "rows": []},
         },
         "task": {"name": "zero_shot"},
-        "environment": {"mmsafe": "0", "python": "3", "torch": "2"},
         "seed": 0,
         "checks": checks,
         "gates": [],
+        "timings": {
+            "created": "2026-11-22T00:00:00+00:00",
+            "total_seconds": 1.5,
+            "seconds": {name: 0.5 for name in checks},
+            "reused": [],
+            "checks": {},
+        },
+        "environment": {
+            "mmsafe": "0",
+            "python": "3",
+            "platform": "p",
+            "torch": "2",
+            "numpy": "1",
+            "device": "cpu",
+            "threads": 2,
+        },
     }
+
+
+def _timed(card, check, findings=(), **metrics):
+    """Give ``check`` timing metrics (and findings) in the card's ``timings`` section."""
+    card["timings"]["checks"][check] = {
+        "metrics": {k: {"value": v, "ci": None} for k, v in metrics.items()},
+        "findings": list(findings),
+        "plots": {},
+    }
+    return card
 
 
 def _check(status="ok", **metrics):
@@ -109,6 +133,70 @@ def test_schema_accepts_a_minimal_card_and_rejects_a_bad_status():
         jsonschema.validate(card, card_schema())
 
 
+def test_schema_2_keeps_run_to_run_values_out_of_checks():
+    card = _timed(_card(**{"efficiency.profile": _check()}), "efficiency.profile", p50_ms=3.0)
+    card["engine"] = {"anything": "the engine reports"}  # an optional section, left open
+    jsonschema.validate(card, card_schema())
+    for bad in ("seconds", "timings", "environment", "old_version"):
+        broken = _card(calibration=_check(ece=0.1))
+        if bad == "seconds":  # schema 1.0 kept per-check seconds inside the check entry
+            broken["checks"]["calibration"]["seconds"] = 0.5
+        elif bad == "old_version":
+            broken["schema_version"] = "1.0"
+        else:
+            del broken[bad]
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, card_schema())
+    broken = _timed(_card(x=_check()), "x", p50_ms=3.0)
+    broken["timings"]["checks"]["x"]["metrics"]["p50_ms"] = {"value": "fast", "ci": None}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, card_schema())
+
+
+def test_a_gate_on_a_timing_fails_and_says_timings_cannot_be_gated():
+    card = _timed(
+        _card(**{"efficiency.profile": _check(params_total=10.0)}),
+        "efficiency.profile",
+        **{"image/bs1/latency_p50_ms": 3.0},
+    )
+    timing, real = evaluate_gates(
+        [
+            parse_gate("efficiency.profile.image/bs1/latency_p50_ms>1000"),  # would pass
+            parse_gate("efficiency.profile.params_total>5"),
+        ],
+        card,
+    )
+    assert timing.failed and timing.value is None
+    assert "timing" in timing.message and "cannot be gated" in timing.message
+    assert real.failed and real.value == 10.0  # metrics outside timings are gated as before
+
+
+def test_compare_cards_ignores_timings():
+    from mmsafe.report import compare_cards
+
+    before = _timed(_card(p=_check(params=1.0)), "p", latency_ms=1.0)
+    after = _timed(_card(p=_check(params=2.0)), "p", latency_ms=9.0)
+    assert [d.metric for d in compare_cards(before, after)] == ["p.params"]
+
+
+def test_html_shows_timings_in_their_own_section():
+    finding = {"severity": "low", "message": "Latency is unstable", "evidence": {}}
+    card = _timed(
+        _card(**{"efficiency.profile": _check(params_total=7.0)}),
+        "efficiency.profile",
+        [{**finding, "remediation": "re-measure"}],
+        **{"image/bs1/latency_p50_ms": 3.25},
+    )
+    card["timings"]["reused"] = ["efficiency.profile"]
+    html = render_html(card)
+    results, timings = html.split('<h2 id="timings">Timings</h2>')
+    assert "params_total" in results and "latency_p50_ms" not in results
+    assert "Latency is unstable" not in results
+    assert "image/bs1/latency_p50_ms" in timings and "3.25" in timings
+    assert "Latency is unstable" in timings and "reused from an interrupted run" in timings
+    assert "2026-11-22T00:00:00+00:00" in html
+
+
 def test_html_escapes_every_user_string():
     evil = "<script>alert(1)</script>"
     card = _card(**{"calibration": _check(ece=0.1)})
@@ -125,9 +213,11 @@ def test_html_escapes_every_user_string():
         "count": 1,
         "rows": [{"row": 3, "id": evil, "field": "text", "reason": evil}],
     }
+    _timed(card, evil, [{"severity": "low", "message": evil, "evidence": {}, "remediation": ""}])
+    card["timings"]["seconds"][evil] = 1.0
     html = render_html(card)
     assert "<script>" not in html
-    assert html.count("&lt;script&gt;") >= 8
+    assert html.count("&lt;script&gt;") >= 11
 
 
 @pytest.mark.parametrize(

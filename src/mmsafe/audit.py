@@ -6,7 +6,8 @@ has the engine compute the clean outputs once, runs every selected check on them
 
 Each finished check is saved at once under ``<out>/.mmsafe/checks/`` with a key made of the model,
 data, task, check configuration and seed. Running the same audit again (after Ctrl-C, a crash or
-a power cut) reuses every finished check and runs only the rest.
+a power cut) reuses every finished check and runs only the rest; the card it writes equals an
+uninterrupted run's outside the ``timings`` and ``environment`` sections.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import json
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +115,7 @@ def _load_finished(path: Path, key: str) -> CheckResult | None:
         return None
     if saved.get("key") != key:
         return None
-    return CheckResult.from_dict(saved["name"], saved["result"])
+    return CheckResult.from_dict(saved["name"], saved["result"], saved.get("timings"))
 
 
 def run_audit(
@@ -150,6 +151,7 @@ def run_audit(
     Returns:
         An :class:`AuditResult`; its ``exit_code`` is what the CLI exits with.
     """
+    start = time.perf_counter()
     console = console or Console(quiet=True)
     engine = engine or Engine(progress=False)
     options = {k: dict(v) for k, v in (options or {}).items()}
@@ -158,6 +160,8 @@ def run_audit(
     out_dir = None if out is None else Path(out)
     state = None if out_dir is None else out_dir / STATE_DIR / "checks"
 
+    if out_dir is not None:
+        _remove_partial_writes(out_dir)
     set_seed(seed)
     evaluated, calibration, train = evaluation_splits(data)
     task.check_data(evaluated)
@@ -192,7 +196,8 @@ def run_audit(
         result = _run_one(name, config, ctx, out_dir, console)
         results[name] = result
         if saved_path is not None and result.status != "failed":
-            atomic_write_json(saved_path, {"key": key, "name": name, "result": result.to_dict()})
+            saved = {"key": key, "name": name, "result": result.to_dict()}
+            atomic_write_json(saved_path, {**saved, "timings": result.timings_dict()})
 
     card = build_card(
         model=model,
@@ -203,6 +208,8 @@ def run_audit(
         seed=seed,
         device=str(engine.device),
         data_fingerprint=data_fp,
+        total_seconds=time.perf_counter() - start,
+        reused=resumed,
     )
     for name in results:  # what was asked of each check, for reproducing the card
         if options.get(name):
@@ -252,16 +259,18 @@ def _run_one(
         )
     seconds = time.perf_counter() - start
     console.print(f"[green]✓ {name}[/green] [dim]({seconds:.2f} s)[/dim]")
-    return CheckResult(
-        name=result.name,
-        pillar=result.pillar,
-        status=result.status,
-        reason=result.reason,
-        metrics=result.metrics,
-        findings=result.findings,
-        plots=result.plots,
-        seconds=seconds,
-    )
+    return replace(result, seconds=seconds)
+
+
+def _remove_partial_writes(out_dir: Path) -> None:
+    """Delete the temporary files of atomic writes that a killed run left in the report folder.
+
+    They are named ``.<file>.<random>.tmp`` (:func:`mmsafe.engine.cache.atomic_write`); a run
+    killed mid-write (SIGKILL, power cut) cannot delete its own.
+    """
+    for folder in (out_dir, out_dir / STATE_DIR / "checks"):
+        for tmp in folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def _log_failure(out_dir: Path | None, name: str, exc: BaseException) -> Path | None:

@@ -97,6 +97,11 @@ class CheckResult:
         plots: ``{plot name: plot spec}``; a spec is a JSON-able dict with a ``kind`` key that
             :mod:`mmsafe.report.plots` knows how to draw.
         seconds: wall time of ``run``.
+        timings: metrics measured on the clock or the machine (latency, throughput, seconds per
+            epoch, peak memory); they vary run to run, so the card keeps them apart (in its
+            ``timings`` section) and ``--fail-on`` never reads them.
+        timing_findings: findings derived from ``timings`` (e.g. unstable latency).
+        timing_plots: plots of ``timings``.
     """
 
     name: str
@@ -107,39 +112,63 @@ class CheckResult:
     findings: tuple[Finding, ...] = ()
     plots: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    timings: Mapping[str, Metric] = field(default_factory=dict)
+    timing_findings: tuple[Finding, ...] = ()
+    timing_plots: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``card.json`` entry of this check."""
+        """The ``card.json`` entry of this check: nothing that varies run to run."""
         return {
             "status": self.status,
             "reason": self.reason or None,
             "pillar": self.pillar,
-            "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
+            "metrics": _metrics_dict(self.metrics),
             "findings": [asdict(f) for f in self.findings],
             "plots": {k: dict(v) for k, v in self.plots.items()},
+        }
+
+    def timings_dict(self) -> dict[str, Any]:
+        """What varies run to run: ``seconds`` and the timing metrics, findings and plots."""
+        return {
             "seconds": round(self.seconds, 4),
+            "metrics": _metrics_dict(self.timings),
+            "findings": [asdict(f) for f in self.timing_findings],
+            "plots": {k: dict(v) for k, v in self.timing_plots.items()},
         }
 
     @classmethod
-    def from_dict(cls, name: str, d: Mapping[str, Any]) -> CheckResult:
-        """Rebuild a result from its ``card.json`` entry (used to resume an audit)."""
-
-        def metric(m: Mapping[str, Any]) -> Metric:
-            v = math.nan if m["value"] is None else m["value"]
-            ci = m.get("ci")
-            lohi = None if ci is None else tuple(math.nan if c is None else c for c in ci)
-            return Metric(v, lohi)  # type: ignore[arg-type]
-
+    def from_dict(
+        cls, name: str, d: Mapping[str, Any], timings: Mapping[str, Any] | None = None
+    ) -> CheckResult:
+        """Rebuild a result from :meth:`to_dict` and :meth:`timings_dict` (to resume an audit)."""
+        t = timings or {}
         return cls(
             name=name,
             pillar=d.get("pillar", ""),
             status=d["status"],
             reason=d.get("reason") or "",
-            metrics={k: metric(m) for k, m in d.get("metrics", {}).items()},
+            metrics=_metrics_from(d.get("metrics", {})),
             findings=tuple(Finding(**f) for f in d.get("findings", [])),
             plots=d.get("plots", {}),
-            seconds=d.get("seconds", 0.0),
+            seconds=t.get("seconds", 0.0),
+            timings=_metrics_from(t.get("metrics", {})),
+            timing_findings=tuple(Finding(**f) for f in t.get("findings", [])),
+            timing_plots=t.get("plots", {}),
         )
+
+
+def _metrics_dict(metrics: Mapping[str, Metric]) -> dict[str, Any]:
+    return {k: m.to_dict() for k, m in metrics.items()}
+
+
+def _metrics_from(d: Mapping[str, Mapping[str, Any]]) -> dict[str, Metric]:
+    def metric(m: Mapping[str, Any]) -> Metric:
+        v = math.nan if m["value"] is None else m["value"]
+        ci = m.get("ci")
+        lohi = None if ci is None else tuple(math.nan if c is None else c for c in ci)
+        return Metric(v, lohi)  # type: ignore[arg-type]
+
+    return {k: metric(m) for k, m in d.items()}
 
 
 @dataclass(frozen=True)

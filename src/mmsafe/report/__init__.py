@@ -1,6 +1,14 @@
 """The AuditCard: JSON, HTML, plots and CI gates."""
 
-from mmsafe.report.card import SCHEMA_VERSION, build_card, card_schema, load_card, validate_card
+from mmsafe.report.card import (
+    RUN_SECTIONS,
+    SCHEMA_VERSION,
+    build_card,
+    card_schema,
+    load_card,
+    validate_card,
+    without_run_sections,
+)
 from mmsafe.report.compare import Delta, compare_cards
 from mmsafe.report.gates import Gate, GateOutcome, GateSyntaxError, evaluate_gates, parse_gate
 from mmsafe.report.html import render_html, write_html
@@ -9,6 +17,7 @@ from mmsafe.report.plots import render_plot
 __all__ = [
     "Delta",
     "compare_cards",
+    "RUN_SECTIONS",
     "SCHEMA_VERSION",
     "Gate",
     "GateOutcome",
@@ -21,5 +30,6 @@ __all__ = [
     "render_html",
     "render_plot",
     "validate_card",
+    "without_run_sections",
     "write_html",
 ]

@@ -2,20 +2,31 @@
 
 Layout (stable; extend, don't break)::
 
-    {"schema_version": ..., "model": {...}, "data": {...}, "environment": {...}, "seed": ...,
+    {"schema_version": "2.0", "model": {...}, "data": {...}, "task": {...}, "seed": ...,
      "checks": {"<check name>": {"status": "ok" | "skipped" | "failed", "reason": ...,
                                  "metrics": {"<metric>": {"value": float, "ci": [lo, hi] | null}},
                                  "findings": [{"severity", "message", "evidence", "remediation"}],
-                                 "plots": {...}}}}
+                                 "plots": {...}}},
+     "gates": [...],
+     "timings": {"created": ..., "total_seconds": ..., "seconds": {"<check>": s}, "reused": [...],
+                 "checks": {"<check>": {"metrics": {...}, "findings": [...], "plots": {...}}}},
+     "environment": {"mmsafe", "python", "platform", "torch", "numpy", "device", ...}}
+
+Everything that varies from run to run is in ``timings`` (the clock: creation time, seconds per
+check, and what checks measure on the clock or the machine, such as latency, with the findings
+and plots derived from it) or ``environment`` (the machine). The rest is a function of the
+model, data, task, options and seed: two runs with the same seed write the same bytes there.
+``--fail-on`` and verdicts read ``checks`` only.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -29,7 +40,9 @@ if TYPE_CHECKING:
     from mmsafe.models.base import EncoderModel
     from mmsafe.tasks.base import Task
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "2.0"
+RUN_SECTIONS: tuple[str, ...] = ("timings", "environment")
+"""Top-level card sections that vary from run to run (and never feed a gate or a verdict)."""
 
 
 @functools.cache
@@ -49,7 +62,7 @@ def card_schema() -> dict[str, Any]:
 
 
 def environment_info(device: str) -> dict[str, Any]:
-    """Versions and hardware that affect results."""
+    """Versions and hardware: everything machine-specific about a run."""
     import numpy
     import torch
 
@@ -62,6 +75,7 @@ def environment_info(device: str) -> dict[str, Any]:
         "device": device,
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
     }
 
 
@@ -111,19 +125,58 @@ def build_card(
     device: str,
     gates: list[dict[str, Any]] | None = None,
     data_fingerprint: str | None = None,
+    total_seconds: float = 0.0,
+    reused: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Assemble the card dict (validate it with :func:`validate_card`)."""
+    """Assemble the card dict (validate it with :func:`validate_card`).
+
+    ``total_seconds`` is the audit's wall time and ``reused`` the checks taken from an
+    interrupted run; both go to the ``timings`` section with each result's timings.
+    """
     return {
         "schema_version": SCHEMA_VERSION,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model_info(model),
         "data": data_info(data, evaluated, data_fingerprint),
         "task": {"name": task.name, "kind": task.kind, "params": task.params()},
-        "environment": environment_info(device),
         "seed": seed,
         "checks": {name: r.to_dict() for name, r in results.items()},
         "gates": gates or [],
+        "timings": timings_info(results, total_seconds, reused),
+        "environment": environment_info(device),
     }
+
+
+def timings_info(
+    results: Mapping[str, CheckResult], total_seconds: float = 0.0, reused: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The ``timings`` section: when, how long, and what each check measured on the clock.
+
+    Only checks with timing metrics, findings or plots appear under ``checks``.
+    """
+    per_check = {}
+    for name, r in results.items():
+        t = r.timings_dict()
+        if t["metrics"] or t["findings"] or t["plots"]:
+            per_check[name] = {k: t[k] for k in ("metrics", "findings", "plots")}
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "total_seconds": round(total_seconds, 4),
+        "seconds": {name: round(r.seconds, 4) for name, r in results.items()},
+        "reused": list(reused),
+        "checks": per_check,
+    }
+
+
+def without_run_sections(card: Mapping[str, Any]) -> dict[str, Any]:
+    """The card without the sections that vary run to run (``timings``, ``environment``).
+
+    Two audits with the same model, data, task, options and seed give equal results here.
+
+    Example:
+        >>> without_run_sections({"seed": 0, "timings": {}, "environment": {}})
+        {'seed': 0}
+    """
+    return {k: v for k, v in card.items() if k not in RUN_SECTIONS}
 
 
 def validate_card(card: Mapping[str, Any]) -> None:

@@ -1,5 +1,8 @@
 """Before/after deltas between two cards (a model and its hardened version, or two models).
 
+Only the ``checks`` sections are compared: a card's ``timings`` (latency, seconds, ...) vary
+run to run, so a delta there says more about the machine's load than about the model.
+
 Example:
     >>> ok = lambda ece: {"status": "ok", "metrics": {"ece": {"value": ece}}}
     >>> a = {"checks": {"monitoring.calibration": ok(0.2)}}

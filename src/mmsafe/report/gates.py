@@ -4,6 +4,11 @@ A gate *fails* when its condition holds, e.g. ``calibration.ece>0.05`` fails whe
 above 0.05. A gate naming a check or metric that is not in the card fails too, with a message
 that lists what is there, so a typo never passes silently.
 
+Gates read the card's ``checks`` section only, never its ``timings``: latency, throughput and
+the like vary run to run, so a verdict on them would not be reproducible. A gate on a timing
+metric fails and says so (measure latency with a benchmark instead; see
+``docs/efficiency.md``).
+
 Example:
     >>> g = parse_gate("calibration.ece>0.05")
     >>> (g.target, g.op, g.threshold)
@@ -100,8 +105,9 @@ def _split_target(target: str, checks: Mapping[str, Any]) -> tuple[str, str] | N
 
 
 def evaluate_gates(gates: Sequence[Gate], card: Mapping[str, Any]) -> list[GateOutcome]:
-    """Evaluate every gate against a card's ``checks`` section."""
+    """Evaluate every gate against a card's ``checks`` section (never its ``timings``)."""
     checks = card.get("checks", {})
+    timed = card.get("timings", {}).get("checks", {})
     outcomes = []
     for gate in gates:
         split = _split_target(gate.target, checks)
@@ -130,6 +136,20 @@ def evaluate_gates(gates: Sequence[Gate], card: Mapping[str, Any]) -> list[GateO
             )
             continue
         value = entry.get("metrics", {}).get(metric, {}).get("value")
+        if metric not in entry.get("metrics", {}) and metric in timed.get(check, {}).get(
+            "metrics", {}
+        ):
+            outcomes.append(
+                GateOutcome(
+                    str(gate),
+                    True,
+                    None,
+                    f"{gate}: {gate.target!r} is a timing (it varies run to run and lives in "
+                    "the card's 'timings' section), and timings cannot be gated; gate on "
+                    "what does not depend on the machine's load (e.g. parameters or FLOPs)",
+                )
+            )
+            continue
         if metric not in entry.get("metrics", {}) or value is None or math.isnan(value):
             known = ", ".join(entry.get("metrics", {})) or "none"
             outcomes.append(
