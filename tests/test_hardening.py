@@ -194,6 +194,9 @@ def test_the_cli_parses_flag_values_into_the_hardener(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert seen["options"]["alphas"] == (0.0, 0.5) and seen["options"]["eps"] == 0.01
     assert seen["task"] == "zero_shot" and seen["options"]["max_rows"] == 200
+    res = runner.invoke(cli.app, ["harden", "adversarial", "--alphas", "0,half"])
+    assert res.exit_code == 2 and "--alphas takes comma-separated float" in res.output
+    assert "Traceback" not in res.output
     res = runner.invoke(cli.app, ["harden", "unlearn"])  # --forget is required
     assert res.exit_code == 2 and "--forget" in res.output
     res = runner.invoke(cli.app, ["harden", "calibration", "--no-such-flag"])

@@ -373,7 +373,13 @@ def _harden_command(name: str) -> click.Command:
 
     def command(**kwargs: typing.Any) -> None:
         for opt, item in lists.items():
-            kwargs[opt] = tuple(item(v.strip()) for v in kwargs[opt].split(",") if v.strip())
+            try:
+                kwargs[opt] = tuple(item(v.strip()) for v in kwargs[opt].split(",") if v.strip())
+            except ValueError:
+                flag = "--" + opt.replace("_", "-")
+                raise _user_error(
+                    f"{flag} takes comma-separated {item.__name__} values, got {kwargs[opt]!r}."
+                ) from None
         common = {k: kwargs.pop(k) for k in ("model", "data", "task", "out", "device", "seed")}
         _harden(name, quick=kwargs.pop("quick"), cache_dir=kwargs.pop("cache_dir"),
                 options=kwargs, **common)  # fmt: skip
