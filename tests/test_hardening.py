@@ -273,3 +273,23 @@ def test_harden_validates_before_any_audit_runs(toy_model, tmp_path):
     with pytest.raises(HardenError, match="score"):
         harden(ConformalHardener(score="bogus"), toy_model, data, out=tmp_path)
     assert not (tmp_path / "before").exists() and not (tmp_path / "after").exists()
+
+
+def test_harden_imports_no_private_names_and_no_flow_at_import_time():
+    """The old circle (unlearn <-> flow) and the private imports from models.heads stay gone."""
+    import ast
+    from pathlib import Path
+
+    import mmsafe.harden
+
+    root = Path(mmsafe.harden.__file__).parent
+    for path in sorted(root.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmsafe."):
+                foreign = not node.module.startswith("mmsafe.harden")
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                assert not (foreign and private), f"{path.name}: {private} from {node.module}"
+        top_level = [n for n in tree.body if isinstance(n, ast.ImportFrom)]
+        if path.name != "flow.py":
+            assert all(n.module != "mmsafe.harden.flow" for n in top_level), path.name
