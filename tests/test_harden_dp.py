@@ -117,14 +117,14 @@ def test_dp_head_on_tiny_clip_is_accurate_and_no_leakier(shapes_quick) -> None:
 def test_harden_dp_retrains_the_head_and_reaudits(toy_model, tmp_path) -> None:
     import json
 
-    from mmsafe.harden.flow import harden_dp
+    from mmsafe.harden.dp import DPHardener
+    from mmsafe.harden.flow import harden
     from mmsafe.models.heads import FusionHead
     from tests.conftest import make_colour_data
 
     data = make_colour_data(n=600, seed=2)
-    result = harden_dp(
-        toy_model, data, out=tmp_path, target_epsilon=2.0, epochs=10, checks="performance"
-    )
+    dp = DPHardener(target_epsilon=2.0, epochs=10)
+    result = harden(dp, toy_model, data, out=tmp_path, checks="performance")
     assert 0 < result.summary["epsilon"] <= 2.0 + 0.05
     assert result.summary["delta"] == pytest.approx(1 / 200)
     saved = FusionHead.load(result.artifact)
@@ -153,11 +153,13 @@ def test_harden_dp_retrains_the_head_and_reaudits(toy_model, tmp_path) -> None:
 
 
 def test_harden_dp_needs_the_fusion_task(toy_model, tmp_path) -> None:
-    from mmsafe.harden.flow import HardenError, harden_dp
+    from mmsafe.harden.base import HardenError
+    from mmsafe.harden.dp import DPHardener
+    from mmsafe.harden.flow import harden
     from tests.conftest import make_colour_data
 
     with pytest.raises(HardenError, match="--task fusion"):
-        harden_dp(toy_model, make_colour_data(n=60), task="zero_shot", out=tmp_path)
+        harden(DPHardener(), toy_model, make_colour_data(n=60), task="zero_shot", out=tmp_path)
 
 
 # --------------------------------------------------------------------------- DP-CLIP

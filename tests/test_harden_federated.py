@@ -59,7 +59,7 @@ def test_federated_head_on_shapes_with_missing_modalities(flwr_simulation, shape
         alpha=0.5,
         missing=missing,
         rounds=4,
-        local_epochs=3,
+        epochs=3,
         num_cpus=1,
         num_classes=len(world.classes),
     )

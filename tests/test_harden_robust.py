@@ -74,14 +74,14 @@ def test_harden_adversarial_raises_robust_accuracy_and_saves_a_loadable_model(
     clean 0.667 -> 0.660.
     """
     from mmsafe.engine import Engine
-    from mmsafe.harden.flow import harden_adversarial
+    from mmsafe.harden.flow import harden
+    from mmsafe.harden.robust import AdversarialHardener
     from mmsafe.models.loading import load_model
 
     world, model = shapes_quick
     out = tmp_path / "hardened"
-    result = harden_adversarial(
-        model, world, out=out, engine=Engine(progress=False), alphas=(0.0, 0.5, 1.0), eval_steps=5
-    )
+    hardener = AdversarialHardener(alphas=(0.0, 0.5, 1.0), eval_steps=5)
+    result = harden(hardener, model, world, out=out, engine=Engine(progress=False))
     deltas = {d.metric: d for d in result.deltas}
     robust = deltas["robustness.adversarial.linf/pgd/eps=0.007843/robust_accuracy"]
     clean = deltas["performance.classification.accuracy"]
@@ -116,7 +116,7 @@ def test_free_adversarial_training_raises_robust_accuracy_cheaply(shapes_quick) 
     robust 0.179; free 4 x 3 epochs 0.623 / 0.235; free 4 x 10 epochs 0.611 / 0.278; PGD-3 FARE
     10 epochs (40 passes) 0.648 / 0.253."""
     from mmsafe.engine import Engine
-    from mmsafe.harden.flow import robust_sweep_point
+    from mmsafe.harden.robust import robust_sweep_point
     from mmsafe.tasks import create_task
 
     world, model = shapes_quick
@@ -141,15 +141,16 @@ def test_harden_adversarial_on_the_fusion_task(tmp_path) -> None:
     """The WiSE-FT sweep re-fits the fusion head on the train rows for every candidate."""
     from mmsafe.data.loading import load_data
     from mmsafe.engine import Engine
-    from mmsafe.harden.flow import harden_adversarial
+    from mmsafe.harden.flow import harden
+    from mmsafe.harden.robust import AdversarialHardener
 
     torch.manual_seed(0)
     model = TinyClip(TinyClipConfig.for_size("xs")).eval()
     world = load_data("shapes:n=300,train_defects=0")
-    result = harden_adversarial(
-        model, world, task="fusion", out=tmp_path, engine=Engine(progress=False),
-        epochs=1, alphas=(0.0, 1.0), eval_steps=2, max_rows=40,
-    )  # fmt: skip
+    hardener = AdversarialHardener(epochs=1, alphas=(0.0, 1.0), eval_steps=2, max_rows=40)
+    result = harden(
+        hardener, model, world, task="fusion", out=tmp_path, engine=Engine(progress=False)
+    )
     sweep = json.loads((tmp_path / "wise_ft_sweep.json").read_text())
     assert [p["alpha"] for p in sweep["sweep"]] == [0.0, 1.0]
     assert result.after.card["task"]["name"] == "fusion"

@@ -31,7 +31,7 @@ from torch import Tensor
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.loading import load_data
 from mmsafe.engine import Engine
-from mmsafe.harden.flow import HardenError
+from mmsafe.harden.base import HardenError
 from mmsafe.harden.unlearn import (
     ForgetListError,
     UnlearnReport,

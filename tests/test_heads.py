@@ -11,7 +11,13 @@ import torch
 from torch.nn.functional import normalize
 
 from mmsafe.models.base import ModelError
-from mmsafe.models.heads import FusionConfig, FusionHead, fit_fusion_head
+from mmsafe.models.heads import (
+    FusionConfig,
+    FusionHead,
+    HeadTrainConfig,
+    HeadTrainHooks,
+    fit_fusion_head,
+)
 
 
 def clustered(n: int, dim: int, labels: torch.Tensor, noise: float, seed: int) -> torch.Tensor:
@@ -196,3 +202,83 @@ def test_config_validation() -> None:
         FusionConfig(("image",), (4,), 2, mode="gated", width=0)
     cfg = FusionConfig(("image", "text"), (4, 3), 3, mode="gated", hidden=5, width=6)
     assert FusionConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# --------------------------------------------------------------------------- the one trainer
+
+
+def _same_weights(a: FusionHead, b: FusionHead) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_config_and_keyword_options_are_the_same_trainer() -> None:
+    train, ytr, _, _ = split_data(n=200)
+    config = HeadTrainConfig(mode="gated", hidden=8, epochs=3, lr=5e-3, seed=4)
+    a = fit_fusion_head(train, ytr, config)
+    b = fit_fusion_head(train, ytr, mode="gated", hidden=8, epochs=3, lr=5e-3, seed=4)
+    c = fit_fusion_head(train, ytr, config.replace(seed=5))
+    assert _same_weights(a, b) and not _same_weights(a, c)
+    assert a.fit_info == b.fit_info and a.fit_info["lr"] == 5e-3
+    with pytest.raises(TypeError):
+        fit_fusion_head(train, ytr, config, no_such_option=1)
+    with pytest.raises(ValueError, match="modality_dropout"):
+        HeadTrainConfig(modality_dropout=1.0)
+    with pytest.raises(ValueError, match="threads"):
+        HeadTrainConfig(threads=0)
+
+
+def test_a_heads_recipe_retrains_it_exactly() -> None:
+    """``HeadTrainConfig.of(head)`` is the recipe: the same rows give the same weights."""
+    train, ytr, _, _ = split_data(n=200)
+    head = fit_fusion_head(
+        train, ytr, mode="gated", hidden=6, width=5, epochs=4, batch_size=32, seed=2,
+        modality_dropout=0.2, weight_decay=1e-3,
+    )  # fmt: skip
+    recipe = HeadTrainConfig.of(head)
+    assert (recipe.width, recipe.batch_size, recipe.modality_dropout) == (5, 32, 0.2)
+    assert _same_weights(fit_fusion_head(train, ytr, recipe), head)
+
+
+def test_hooks_change_only_what_they_override() -> None:
+    """Plain hooks reproduce plain training; a loss hook sees every batch, once per step."""
+    train, ytr, _, _ = split_data(n=200)
+    plain = fit_fusion_head(train, ytr, epochs=3, batch_size=64)
+    assert _same_weights(
+        fit_fusion_head(train, ytr, epochs=3, batch_size=64, hooks=HeadTrainHooks()), plain
+    )
+
+    class Counting(HeadTrainHooks):
+        def __init__(self) -> None:
+            self.rows: list[int] = []
+
+        def loss(self, head, batch, y, idx):
+            self.rows += idx.tolist()
+            return 0.0 * super().loss(head, batch, y, idx)  # no gradient signal at all
+
+        def finish(self, head, embs, y):
+            return {"batches": len(self.rows)}
+
+    hooks = Counting()
+    frozen = fit_fusion_head(train, ytr, epochs=3, batch_size=64, hooks=hooks)
+    # 3 epochs, each a permutation of the 200 rows in batches of 64
+    assert sorted(hooks.rows) == sorted(list(range(200)) * 3)
+    assert frozen.fit_info["batches"] == 600
+    init = fit_fusion_head(train, ytr, epochs=1, lr=1e-12)  # (almost) the initial weights
+    for k, v in frozen.state_dict().items():  # a zero loss leaves AdamW only its weight decay
+        torch.testing.assert_close(v, init.state_dict()[k], atol=1e-4, rtol=0)
+
+
+def test_continuing_a_head_keeps_its_statistics() -> None:
+    """``head=`` (a federated client's local round) trains on from the given weights."""
+    train, ytr, _, _ = split_data(n=200)
+    head = fit_fusion_head(train, ytr, epochs=1)
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    shifted = {m: x + 1.0 for m, x in train.items()}  # other data: other means, same head
+    again = fit_fusion_head(shifted, ytr, epochs=2, seed=9, head=head)
+    assert again is head
+    for m in train:
+        assert torch.equal(head.null_embeddings[m], before[f"null_{m}"])
+    assert not torch.equal(head.state_dict()["classifier.weight"], before["classifier.weight"])
+    with pytest.raises(ValueError, match="out of range"):
+        fit_fusion_head(train, ytr + 3, epochs=1, head=head)

@@ -10,9 +10,11 @@ import traceback
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from mmsafe import __version__
 
@@ -287,15 +289,112 @@ def demo(
     )
 
 
+class _HardenGroup(TyperGroup):
+    """``mmsafe harden``: one subcommand per registered hardener, built when first asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:  # noqa: D102
+        from mmsafe.harden.base import list_hardeners
+
+        return list_hardeners()
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:  # noqa: D102
+        if cmd_name not in self.commands and cmd_name in self.list_commands(ctx):
+            self.commands[cmd_name] = _harden_command(cmd_name)
+        return self.commands.get(cmd_name)
+
+
 harden_app = typer.Typer(
-    help="Fit a hardener on the calibration split, re-audit, and show the before/after delta.",
+    cls=_HardenGroup,
+    help="Fit a hardener, re-audit, and show the before/after delta.",
     no_args_is_help=True,
 )
 app.add_typer(harden_app, name="harden")
 
 
+def _option_help(cls: type) -> dict[str, str]:
+    """``{option: help}`` from the ``Args:`` section of a hardener's class docstring."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(cls) or ""
+    section = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)*)", doc, re.M)
+    helps: dict[str, str] = {}
+    name = None
+    for line in (section.group(1) if section else "").splitlines():
+        head = re.match(r"^    (\w+): (.*)", line)
+        if head:
+            name, helps[head.group(1)] = head.group(1), head.group(2)
+        elif name and line.strip():
+            helps[name] += " " + line.strip()
+    return helps
+
+
+def _harden_command(name: str) -> click.Command:
+    """The click command of ``mmsafe harden <name>``: common flags + the hardener's options."""
+    import inspect
+    import typing
+
+    from mmsafe.harden.base import get_hardener
+
+    cls = get_hardener(name)
+    hints = typing.get_type_hints(cls.__init__)
+    helps = _option_help(cls)
+    lists: dict[str, type] = {}
+    tasks = " or ".join(cls.tasks or ("zero_shot", "fusion"))
+    params = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=a, default=d)
+        for n, a, d in (
+            ("model", ModelOpt, "tiny-clip"),
+            ("data", DataOpt, "shapes"),
+            ("task", Annotated[str, typer.Option(help=f"{tasks}.")], cls.default_task),
+            ("out", OutOpt, Path("mmsafe-hardened")),
+            ("device", DeviceOpt, "auto"),
+            ("seed", SeedOpt, 0),
+            ("quick", QuickOpt, False),
+            ("cache_dir", CacheOpt, None),
+        )
+    ]
+    for opt, p in cls.options().items():
+        kind, default = hints[opt], p.default
+        if typing.get_origin(kind) is tuple:  # a comma-separated list on the command line
+            lists[opt] = typing.get_args(kind)[0]
+            kind = str
+            default = ",".join(str(v) for v in default)
+        required = default is inspect.Parameter.empty
+        option = typer.Option(help=helps.get(opt, ""), show_default=not required)
+        params.append(
+            inspect.Parameter(
+                opt,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=Annotated[kind, option],
+                default=default,
+            )
+        )
+
+    def command(**kwargs: typing.Any) -> None:
+        for opt, item in lists.items():
+            try:
+                kwargs[opt] = tuple(item(v.strip()) for v in kwargs[opt].split(",") if v.strip())
+            except ValueError:
+                flag = "--" + opt.replace("_", "-")
+                raise _user_error(
+                    f"{flag} takes comma-separated {item.__name__} values, got {kwargs[opt]!r}."
+                ) from None
+        common = {k: kwargs.pop(k) for k in ("model", "data", "task", "out", "device", "seed")}
+        _harden(name, quick=kwargs.pop("quick"), cache_dir=kwargs.pop("cache_dir"),
+                options=kwargs, **common)  # fmt: skip
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = (inspect.getdoc(cls) or cls.description).split("\n\nArgs:")[0]
+    sub = typer.Typer(add_completion=False)
+    sub.command(name, help=command.__doc__, short_help=cls.description)(command)
+    return typer.main.get_command(sub)
+
+
 def _harden(
     kind: str,
+    *,
     model: str,
     data: str,
     task: str,
@@ -304,17 +403,18 @@ def _harden(
     seed: int,
     quick: bool,
     cache_dir: Path | None,
-    **options: object,
+    options: dict[str, object],
 ) -> None:
     from mmsafe.data.loading import load_data
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
-    from mmsafe.harden import flow as hardening
-    from mmsafe.harden.flow import HardenError
+    from mmsafe.harden.base import HardenError, get_hardener
+    from mmsafe.harden.flow import harden
     from mmsafe.models.loading import load_model
     from mmsafe.tasks.base import TaskError, create_task
 
     user_errors = (*_loading_errors(), TaskError, DeviceError, HardenError)
     try:
+        hardener = get_hardener(kind)(**options)
         task_obj = create_task(task)
         dataset = load_data(data)
         cache = cache_dir or default_cache_dir()
@@ -322,16 +422,9 @@ def _harden(
         encoder = load_model(
             model, data=dataset, quick=quick, seed=seed, device=str(engine.device), cache_dir=cache
         )
-        fn = {
-            "calibration": hardening.harden_temperature,
-            "conformal": hardening.harden_conformal,
-            "adversarial": hardening.harden_adversarial,
-            "dp": hardening.harden_dp,
-            "unlearn": hardening.harden_unlearn,
-            "fairness": hardening.harden_fairness,
-            "dp-clip": hardening.harden_dp_contrastive,
-        }[kind]
-        result = fn(encoder, dataset, task=task_obj, out=out, engine=engine, seed=seed, **options)
+        result = harden(
+            hardener, encoder, dataset, task=task_obj, out=out, engine=engine, seed=seed
+        )
     except user_errors as exc:
         raise _user_error(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - crashes become exit 3 with a log
@@ -343,232 +436,6 @@ def _harden(
         _print_deltas(result.before.card, result.after.card, f"{kind}: before → after")
     else:
         _summary(result.after.card, out / "after")
-
-
-@harden_app.command("calibration")
-def harden_calibration_cmd(
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    task: Annotated[str, typer.Option(help="zero_shot or fusion.")] = "zero_shot",
-    out: OutOpt = Path("mmsafe-hardened"),
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """Temperature scaling: fit T on the calibration split; ECE before/after on the test split."""
-    _harden("calibration", model, data, task, out, device, seed, quick, cache_dir)
-
-
-@harden_app.command("adversarial")
-def harden_adversarial_cmd(
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    task: Annotated[str, typer.Option(help="zero_shot or fusion.")] = "zero_shot",
-    out: OutOpt = Path("mmsafe-hardened"),
-    eps: Annotated[float, typer.Option(min=0.0, help="FARE training budget (L-inf, [0, 1]).")] = (
-        4 / 255
-    ),
-    eval_eps: Annotated[
-        float, typer.Option(min=0.0, help="PGD budget of the sweep and the re-audit.")
-    ] = 2 / 255,
-    epochs: Annotated[int, typer.Option(min=1, help="FARE passes over the train images.")] = 10,
-    max_clean_drop: Annotated[
-        float, typer.Option(min=0.0, help="Largest clean-accuracy fall WiSE-FT may cost.")
-    ] = 0.02,
-    free: Annotated[
-        int, typer.Option(min=0, help="Free adversarial training: replays per batch (0: PGD).")
-    ] = 0,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """FARE fine-tuning of the image tower + a WiSE-FT sweep; robust accuracy before/after.
-
-    The hardened model is saved under OUT/model; audit it later with --model tiny-clip:OUT/model.
-    """
-    _harden(
-        "adversarial",
-        model,
-        data,
-        task,
-        out,
-        device,
-        seed,
-        quick,
-        cache_dir,
-        eps=eps,
-        eval_eps=eval_eps,
-        epochs=epochs,
-        max_clean_drop=max_clean_drop,
-        free=free,
-    )
-
-
-@harden_app.command("dp")
-def harden_dp_cmd(
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    out: OutOpt = Path("mmsafe-hardened"),
-    target_epsilon: Annotated[float, typer.Option(min=0.0, help="Privacy budget to spend.")] = 8.0,
-    delta: Annotated[float | None, typer.Option(help="Default: 1 / training rows.")] = None,
-    max_grad_norm: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """DP-SGD (opacus) fusion head: epsilon, utility and membership-inference AUC before/after."""
-    _harden(
-        "dp",
-        model,
-        data,
-        "fusion",
-        out,
-        device,
-        seed,
-        quick,
-        cache_dir,
-        target_epsilon=target_epsilon,
-        delta=delta,
-        max_grad_norm=max_grad_norm,
-        epochs=epochs,
-    )
-
-
-@harden_app.command("dp-clip")
-def harden_dp_clip_cmd(
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    out: OutOpt = Path("mmsafe-hardened"),
-    split: Annotated[
-        str, typer.Option(help="The private fine-tuning pairs (best: rows the model never saw).")
-    ] = "train",
-    target_epsilon: Annotated[float, typer.Option(min=0.0, help="Privacy budget to spend.")] = 8.0,
-    delta: Annotated[float | None, typer.Option(help="Default: 1 / fine-tuning rows.")] = None,
-    max_grad_norm: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
-    lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """DP-CLIP contrastive fine-tuning (per-batch noisy SGD): epsilon, utility, MIA before/after."""
-    _harden(
-        "dp-clip",
-        model,
-        data,
-        "zero_shot",
-        out,
-        device,
-        seed,
-        quick,
-        cache_dir,
-        split=split,
-        target_epsilon=target_epsilon,
-        delta=delta,
-        max_grad_norm=max_grad_norm,
-        epochs=epochs,
-        lr=lr,
-    )
-
-
-@harden_app.command("unlearn")
-def harden_unlearn_cmd(
-    forget: Annotated[
-        Path, typer.Option(help="Text file of train row ids to forget, one per line.")
-    ],
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    out: OutOpt = Path("mmsafe-hardened"),
-    method: Annotated[str, typer.Option(help="multidelete or gradient_ascent.")] = "multidelete",
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """Unlearn rows from the fusion head; compare with retraining from scratch; re-audit."""
-    _harden(
-        "unlearn",
-        model,
-        data,
-        "fusion",
-        out,
-        device,
-        seed,
-        quick,
-        cache_dir,
-        forget=forget,
-        method=method,
-    )
-
-
-@harden_app.command("fairness")
-def harden_fairness_cmd(
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    out: OutOpt = Path("mmsafe-hardened"),
-    methods: Annotated[str, typer.Option(help="Comma-separated: pre, in, post.")] = "pre,in,post",
-    constraints: Annotated[
-        str, typer.Option(help="post: equalized_odds or demographic_parity.")
-    ] = "equalized_odds",
-    positive_class: Annotated[
-        str | None, typer.Option(help="post: class to threshold (default: the least fair).")
-    ] = None,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """Group norming (pre), adversarial head (in), group thresholds (post): gaps before/after."""
-    _harden(
-        "fairness",
-        model,
-        data,
-        "fusion",
-        out,
-        device,
-        seed,
-        quick,
-        cache_dir,
-        methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
-        constraints=constraints,
-        positive_class=positive_class,
-    )
-
-
-@harden_app.command("conformal")
-def harden_conformal_cmd(
-    model: ModelOpt = "tiny-clip",
-    data: DataOpt = "shapes",
-    task: Annotated[str, typer.Option(help="zero_shot or fusion.")] = "zero_shot",
-    out: OutOpt = Path("mmsafe-hardened"),
-    confidence_level: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.9,
-    score: Annotated[str, typer.Option(help="lac, aps or raps.")] = "aps",
-    mondrian: Annotated[str | None, typer.Option(help="class or group.")] = None,
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
-    quick: QuickOpt = False,
-    cache_dir: CacheOpt = None,
-) -> None:
-    """Export a conformal predictor (prediction sets at a confidence level) with the model."""
-    _harden(
-        "conformal",
-        model,
-        data,
-        task,
-        out,
-        device,
-        seed,
-        quick,
-        cache_dir,
-        confidence_level=confidence_level,
-        score=score,
-        mondrian=mondrian,
-    )
 
 
 @app.command("adapt")

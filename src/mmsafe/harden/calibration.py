@@ -22,16 +22,24 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mmsafe.engine.cache import atomic_write_json
-from mmsafe.models.heads import FusionHead, _check_inputs, _one_thread
+from mmsafe.harden.base import Hardened, Hardener, register_hardener
+from mmsafe.models.heads import FusionHead, check_inputs, num_threads
+
+if TYPE_CHECKING:
+    from mmsafe.data.dataset import Dataset
+    from mmsafe.engine.runner import Engine
+    from mmsafe.models.base import EncoderModel
+    from mmsafe.tasks.base import Task
 
 __all__ = [
+    "TemperatureHardener",
     "TemperatureScaler",
     "cml_finetune",
     "cml_loss",
@@ -231,6 +239,53 @@ class TemperatureScaler:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+@register_hardener
+class TemperatureHardener(Hardener):
+    """``mmsafe harden calibration``: a :class:`TemperatureScaler` fitted on the calibration rows.
+
+    The after-audit wraps the task in a :class:`~mmsafe.tasks.base.TemperatureScaledTask`, so
+    accuracy is unchanged and ECE / NLL show the effect.
+
+    Attributes:
+        scaler_: the fitted :class:`TemperatureScaler`.
+    """
+
+    name = "calibration"
+    description = "Temperature scaling: fit T on the calibration split; ECE before/after."
+    needs = ("calibration",)
+    checks = "performance,calibration"
+    artifact = "temperature.json"
+
+    def __init__(self) -> None:
+        self.scaler_: TemperatureScaler | None = None
+
+    def fit(  # noqa: D102
+        self, model: EncoderModel, task: Task, data: Dataset, engine: Engine, *, seed: int = 0
+    ) -> TemperatureHardener:
+        from mmsafe.harden.flow import calibration_outputs
+
+        cal, _ = calibration_outputs(model, data, task, engine)
+        keep = cal.labels >= 0
+        self.scaler_ = TemperatureScaler().fit(cal.logits[keep], cal.labels[keep])
+        return self
+
+    def _scaler(self) -> TemperatureScaler:
+        if self.scaler_ is None:
+            raise RuntimeError("TemperatureHardener.fit() must run first.")
+        return self.scaler_
+
+    def transform(self, model: EncoderModel, task: Task) -> Hardened:  # noqa: D102
+        from mmsafe.tasks.base import TemperatureScaledTask
+
+        return Hardened(model, TemperatureScaledTask(task, self._scaler()._t()))
+
+    def summary(self) -> dict[str, Any]:  # noqa: D102
+        return {"temperature": self._scaler()._t()}
+
+    def save(self, path: Path) -> Path:  # noqa: D102
+        return self._scaler().save(path)
+
+
 def fit_temperature(
     scores: Any,
     labels: Any,
@@ -381,7 +436,7 @@ def cml_finetune(
         >>> tuned is head, tuned.fit_info["cml"]["lam"]
         (False, 10.0)
     """
-    embs, y = _check_inputs(embeddings, torch.as_tensor(np.asarray(labels)))
+    embs, y = check_inputs(embeddings, torch.as_tensor(np.asarray(labels)))
     missing = [m for m in head.modalities if m not in embs]
     if missing:
         raise ValueError(
@@ -396,7 +451,7 @@ def cml_finetune(
     opt = torch.optim.AdamW(tuned.parameters(), lr=lr, weight_decay=weight_decay)
     n, v = int(y.shape[0]), len(tuned.modalities)
     tuned.train()
-    with _one_thread(), torch.enable_grad():
+    with num_threads(), torch.enable_grad():
         for _ in range(epochs):
             order = torch.randperm(n, generator=gen)
             ranks = torch.argsort(torch.rand(n, v, generator=gen), dim=1)

@@ -41,18 +41,20 @@ import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmsafe.harden.base import Hardened, Hardener, HardenError, register_hardener
 from mmsafe.metrics.fairness import FairnessReport, group_fairness
 from mmsafe.models.heads import (
     FusionHead,
-    _check_inputs,
-    _head_config,
-    _one_thread,
+    HeadTrainConfig,
+    HeadTrainHooks,
+    check_inputs,
     fit_fusion_head,
 )
 
@@ -60,9 +62,12 @@ if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
     from mmsafe.engine.runner import Engine
     from mmsafe.models.base import EncoderModel
+    from mmsafe.tasks.base import Task
 
 __all__ = [
     "METHODS",
+    "AdversaryHooks",
+    "FairnessHardener",
     "FairnessMitigationReport",
     "GroupStandardizer",
     "GroupThresholdOptimizer",
@@ -210,36 +215,84 @@ class _GradReverse(torch.autograd.Function):
 
 def _representation(head: FusionHead, inputs: Mapping[str, Tensor]) -> Tensor:
     """The fused hidden representation: the classifier's hidden layer (after its activation)."""
-    xs = head._standardised(inputs)
-    if head.gate is None:
-        fused = torch.cat(xs, dim=-1)
-    else:
-        weights = torch.softmax(head.gate(torch.cat(xs, dim=-1)), dim=-1)
-        proj = torch.stack(
-            [head.proj[m](x) for m, x in zip(head.cfg.modalities, xs, strict=True)], dim=1
+    return head.classifier[1](head.classifier[0](head.fused(inputs)))
+
+
+ADVERSARIAL_DEFAULTS = HeadTrainConfig(hidden=64)
+"""The head recipe of :func:`fit_adversarial_fusion_head` (an MLP: it has a hidden layer)."""
+
+
+class AdversaryHooks(HeadTrainHooks):
+    """A gradient-reversal adversary that reads the head's hidden layer and predicts the group.
+
+    Args:
+        groups: ``(N,)`` group code of each labelled training row.
+        n_groups: Number of groups.
+        weight: Scale of the reversed gradient.
+        sees_label: Give the adversary the one-hot true label too.
+        hidden: Hidden width of the adversary MLP.
+    """
+
+    def __init__(
+        self, groups: Tensor, n_groups: int, *, weight: float, sees_label: bool, hidden: int
+    ) -> None:
+        self.groups = groups
+        self.n_groups = n_groups
+        self.weight = float(weight)
+        self.sees_label = sees_label
+        self.hidden = hidden
+        self.adversary_: nn.Module | None = None
+
+    def init(self, head: FusionHead, config: HeadTrainConfig) -> None:  # noqa: D102
+        assert head.cfg.hidden is not None
+        extra = head.cfg.num_classes if self.sees_label else 0
+        self.adversary_ = nn.Sequential(
+            nn.Linear(head.cfg.hidden + extra, self.hidden),
+            nn.GELU(),
+            nn.Linear(self.hidden, self.n_groups),
         )
-        fused = (weights.unsqueeze(-1) * proj).sum(dim=1)
-    return head.classifier[1](head.classifier[0](fused))
+
+    def parameters(self, head: FusionHead) -> list[nn.Parameter]:  # noqa: D102
+        assert self.adversary_ is not None
+        return [*head.parameters(), *self.adversary_.parameters()]
+
+    def _adversary(self, head: FusionHead, r: Tensor, y: Tensor) -> Tensor:
+        assert self.adversary_ is not None
+        a = _GradReverse.apply(r, self.weight)
+        if self.sees_label:
+            a = torch.cat([a, torch.eye(head.cfg.num_classes)[y]], dim=-1)
+        return self.adversary_(a)
+
+    def loss(  # noqa: D102
+        self, head: FusionHead, batch: Mapping[str, Tensor], y: Tensor, idx: Tensor
+    ) -> Tensor:
+        r = _representation(head, batch)
+        loss = nn.functional.cross_entropy(head.classifier[2](r), y)
+        return loss + nn.functional.cross_entropy(self._adversary(head, r, y), self.groups[idx])
+
+    def finish(  # noqa: D102
+        self, head: FusionHead, embs: Mapping[str, Tensor], y: Tensor
+    ) -> dict[str, Any]:
+        with torch.no_grad():
+            r = _representation(head, embs)
+            acc = float(self._adversary(head, r, y).argmax(-1).eq(self.groups).float().mean())
+        return {
+            "adversary_weight": self.weight,
+            "adversary_sees_label": self.sees_label,
+            "adversary_group_accuracy": acc,
+        }
 
 
 def fit_adversarial_fusion_head(
     embeddings: Mapping[str, Tensor],
     labels: Tensor,
     groups: Sequence[Any],
+    config: HeadTrainConfig = ADVERSARIAL_DEFAULTS,
     *,
     adversary_weight: float = 1.0,
     adversary_sees_label: bool = True,
     adversary_hidden: int = 32,
-    mode: str = "concat",
-    hidden: int = 64,
-    width: int | None = None,
-    num_classes: int | None = None,
-    classes: tuple[str, ...] = (),
-    epochs: int = 60,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    batch_size: int = 256,
-    seed: int = 0,
+    **options: Any,
 ) -> FusionHead:
     """Train a :class:`~mmsafe.models.heads.FusionHead` whose hidden layer hides the group.
 
@@ -247,11 +300,12 @@ def fit_adversarial_fusion_head(
     cross-entropy on the label. An adversary MLP reads ``r`` through a gradient-reversal layer
     (and, with ``adversary_sees_label``, the one-hot true label) and minimises cross-entropy on
     the group; the reversed gradient pushes ``r`` to carry no group information the adversary
-    can use. Both train jointly with one AdamW optimiser. The adversary is dropped afterwards:
-    the result is a plain head (same config, statistics and ``save``/``load`` as
-    :func:`~mmsafe.models.heads.fit_fusion_head`'s). ``adversary_weight=0`` trains the head
-    without any pressure from the adversary. Rows labelled ``-1`` are dropped; deterministic for
-    a given ``seed``.
+    can use. Both train jointly with one AdamW optimiser: this is
+    :func:`~mmsafe.models.heads.fit_fusion_head` with :class:`AdversaryHooks`. The adversary
+    is dropped afterwards: the result is a plain head (same config, statistics and
+    ``save``/``load`` as any other). ``adversary_weight=0`` trains the head without any
+    pressure from the adversary. Rows labelled ``-1`` are dropped; deterministic for a given
+    seed.
 
     What it does and does not do: the head stops *using* the group (its group gaps and its
     reliance on a group shortcut shrink), but a fresh probe trained afterwards can usually still
@@ -267,16 +321,11 @@ def fit_adversarial_fusion_head(
         adversary_weight: Scale of the reversed gradient (0 = no adversarial pressure).
         adversary_sees_label: Give the adversary the true label too (equalized-odds flavour).
         adversary_hidden: Hidden width of the adversary MLP.
-        mode: ``"concat"`` or ``"gated"``.
-        hidden: Hidden width of the classifier (the representation the adversary reads).
-        width: Projection width of the gated mode.
-        num_classes: Number of classes (default ``max(label) + 1``).
-        classes: Optional class names stored in the config.
-        epochs: Passes over the labelled rows.
-        lr: AdamW learning rate (head and adversary).
-        weight_decay: AdamW weight decay.
-        batch_size: Rows per step.
-        seed: Seeds initialisation and shuffling.
+        config: The head and its recipe (default :data:`ADVERSARIAL_DEFAULTS`, an MLP with 64
+            hidden units: the representation the adversary reads). The adversary trains with
+            the head, on the same AdamW optimiser.
+        **options: Fields of :class:`~mmsafe.models.heads.HeadTrainConfig` overriding
+            ``config``'s (``hidden=8``, ``epochs=20``, ``seed=1``, ...).
 
     Returns:
         The trained head in eval mode; ``fit_info`` records the settings, the training accuracy
@@ -291,86 +340,31 @@ def fit_adversarial_fusion_head(
         >>> head.fit_info["train_accuracy"] > 0.9, head({"image": x[:2]}).shape
         (True, torch.Size([2, 2]))
     """
-    if hidden is None or hidden < 1:
+    config = config.replace(**options)
+    if config.hidden is None or config.hidden < 1:
         raise ValueError(
-            f"The adversary reads the hidden layer: hidden must be >= 1, got {hidden}."
+            f"The adversary reads the hidden layer: hidden must be >= 1, got {config.hidden}."
         )
     if adversary_weight < 0 or adversary_hidden < 1:
         raise ValueError(
             f"Need adversary_weight >= 0 and adversary_hidden >= 1, got {adversary_weight}, "
             f"{adversary_hidden}."
         )
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"Need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}."
-        )
     raw_y = torch.as_tensor(labels)
     g_all = _groups_array(groups, int(raw_y.shape[0]))
-    embs, y = _check_inputs(embeddings, raw_y)
+    check_inputs(embeddings, raw_y)
     g_names, g_codes = np.unique(g_all[raw_y.cpu().numpy() >= 0], return_inverse=True)
     if len(g_names) < 2:
         raise ValueError("The adversary needs at least two groups among the labelled rows.")
-    gy = torch.as_tensor(g_codes, dtype=torch.long)
-    cfg = _head_config(embs, y, num_classes, mode, hidden, width, classes)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = FusionHead(cfg)
-        adversary = nn.Sequential(
-            nn.Linear(hidden + (cfg.num_classes if adversary_sees_label else 0), adversary_hidden),
-            nn.GELU(),
-            nn.Linear(adversary_hidden, len(g_names)),
-        )
-    null = {m: x.mean(0) for m, x in embs.items()}
-    scale = {
-        m: float((x - null[m]).pow(2).sum(1).mean().sqrt().clamp_min(1e-6)) for m, x in embs.items()
-    }
-    head.set_statistics(null, scale)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(
-        [*head.parameters(), *adversary.parameters()], lr=lr, weight_decay=weight_decay
+    hooks = AdversaryHooks(
+        torch.as_tensor(g_codes, dtype=torch.long),
+        len(g_names),
+        weight=adversary_weight,
+        sees_label=adversary_sees_label,
+        hidden=adversary_hidden,
     )
-    eye = torch.eye(cfg.num_classes)
-    n = int(y.shape[0])
-
-    def adversary_logits(r: Tensor, yb: Tensor) -> Tensor:
-        a = _GradReverse.apply(r, float(adversary_weight))
-        if adversary_sees_label:
-            a = torch.cat([a, eye[yb]], dim=-1)
-        return adversary(a)
-
-    with _one_thread():
-        head.train()
-        adversary.train()
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for start in range(0, n, batch_size):
-                idx = order[start : start + batch_size]
-                batch = {m: x[idx] for m, x in embs.items()}
-                r = _representation(head, batch)
-                loss = nn.functional.cross_entropy(head.classifier[2](r), y[idx])
-                loss = loss + nn.functional.cross_entropy(adversary_logits(r, y[idx]), gy[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        head.eval()
-        adversary.eval()
-        with torch.no_grad():
-            r = _representation(head, embs)
-            train_acc = float(head.classifier[2](r).argmax(-1).eq(y).float().mean())
-            adv_acc = float(adversary_logits(r, y).argmax(-1).eq(gy).float().mean())
-    head.fit_info = {
-        "epochs": epochs,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "batch_size": batch_size,
-        "n_train": n,
-        "train_accuracy": train_acc,
-        "adversary_weight": float(adversary_weight),
-        "adversary_sees_label": adversary_sees_label,
-        "adversary_group_accuracy": adv_acc,
-        "groups": [str(x) for x in g_names],
-    }
+    head = fit_fusion_head(embeddings, raw_y, config, hooks=hooks)
+    head.fit_info["groups"] = [str(x) for x in g_names]
     return head
 
 
@@ -847,3 +841,109 @@ def _thresholds(post: GroupThresholdOptimizer) -> dict[str, Any]:
             for k, v in dict(rule).items()
         }
     return out
+
+
+# --------------------------------------------------------------------------- the hardener
+
+
+@register_hardener
+class FairnessHardener(Hardener):
+    """``mmsafe harden fairness``: pre / in / post mitigation of the fusion head, with a table.
+
+    :func:`mitigate_fairness` trains the unmitigated head and one head (or threshold set) per
+    method and measures each on the test rows; :meth:`save` writes the table as
+    ``fairness_mitigation.json`` and :meth:`annotate` adds it to the card of the audit
+    (``performance`` and ``controllability.fairness``) of the unmitigated fusion head, as the
+    plot ``mitigation`` of the fairness check. Nothing is deployed, so there is no
+    before-audit.
+
+    Args:
+        methods: Comma-separated: pre, in, post.
+        constraints: post: equalized_odds or demographic_parity.
+        positive_class: post: class to threshold (default: the least fair).
+
+    Attributes:
+        report_: the :class:`FairnessMitigationReport`.
+    """
+
+    name = "fairness"
+    description = "Group norming (pre), adversarial head (in), group thresholds (post): gaps."
+    tasks = ("fusion",)
+    default_task = "fusion"
+    checks = "performance,controllability.fairness"
+    artifact = "fairness_mitigation.json"
+    audits_before = False
+
+    def __init__(
+        self,
+        *,
+        methods: tuple[str, ...] = METHODS,
+        constraints: str = "equalized_odds",
+        positive_class: str | None = None,
+    ) -> None:
+        self.methods = methods
+        self.constraints = constraints
+        self.positive_class = positive_class
+        self.report_: FairnessMitigationReport | None = None
+
+    def validate(self, model: EncoderModel, task: Task, data: Dataset) -> None:  # noqa: D102
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise HardenError(f"Unknown mitigation method(s) {unknown}; use any of {METHODS}.")
+        if self.constraints not in CONSTRAINTS:
+            raise HardenError(
+                f"Unknown constraints {self.constraints!r}; use one of {', '.join(CONSTRAINTS)}."
+            )
+        super().validate(model, task, data)
+
+    def fit(  # noqa: D102
+        self, model: EncoderModel, task: Task, data: Dataset, engine: Engine, *, seed: int = 0
+    ) -> FairnessHardener:
+        try:
+            self.report_ = mitigate_fairness(
+                model,
+                data,
+                self.methods,
+                engine=engine,
+                seed=seed,
+                constraints=self.constraints,  # type: ignore[arg-type]
+                positive_class=self.positive_class,
+            )
+        except ValueError as exc:
+            raise HardenError(str(exc)) from None
+        return self
+
+    def _report(self) -> FairnessMitigationReport:
+        if self.report_ is None:
+            raise RuntimeError("FairnessHardener.fit() must run first.")
+        return self.report_
+
+    def transform(self, model: EncoderModel, task: Task) -> Hardened:  # noqa: D102
+        return Hardened(model, task)
+
+    def summary(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            f"{r.method}/{m}": getattr(r, m)
+            for r in self._report().rows
+            for m in ("accuracy", "equalized_odds_difference")
+        }
+
+    def save(self, path: Path) -> Path:  # noqa: D102
+        from mmsafe.engine.cache import atomic_write_json
+
+        return atomic_write_json(path, self._report().to_dict())
+
+    def annotate(self, card: dict[str, Any]) -> bool:
+        """Add the mitigation table to the fairness check's plots (when that check ran)."""
+        report = self._report()
+        fairness = card["checks"].get("controllability.fairness")
+        if fairness is None or fairness.get("status") != "ok":
+            return False
+        fairness["plots"]["mitigation"] = {
+            "kind": "table",
+            "title": f"Mitigation on the test rows (post thresholds class "
+            f"{report.positive_class!r}, {report.constraints})",
+            "columns": ["method", *(m.replace("_", " ") for m in TABLE_METRICS)],
+            "rows": [[r["method"], *(r[m] for m in TABLE_METRICS)] for r in report.table()],
+        }
+        return True

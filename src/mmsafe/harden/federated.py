@@ -49,18 +49,22 @@ from torch import Tensor
 
 from mmsafe.models.heads import (
     FusionHead,
-    _check_inputs,
-    _head_config,
-    _one_thread,
-    _train,
+    HeadTrainConfig,
+    check_inputs,
     fit_fusion_head,
+    head_config,
 )
 
 __all__ = [
+    "FEDERATED_DEFAULTS",
     "FederatedReport",
     "dirichlet_split",
     "federated_fit_fusion_head",
 ]
+
+
+FEDERATED_DEFAULTS = HeadTrainConfig(epochs=5, batch_size=64)
+"""The local recipe of :func:`federated_fit_fusion_head`: 5 local epochs, batches of 64."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ def _accuracy(head: FusionHead, emb: Mapping[str, Tensor], y: Tensor) -> float:
 def federated_fit_fusion_head(
     train_embeddings: Mapping[str, Tensor],
     labels: Tensor,
+    config: HeadTrainConfig = FEDERATED_DEFAULTS,
     *,
     test_embeddings: Mapping[str, Tensor],
     test_labels: Tensor,
@@ -172,18 +177,9 @@ def federated_fit_fusion_head(
     alpha: float = 0.5,
     missing: Mapping[int, Sequence[str]] | None = None,
     rounds: int = 5,
-    local_epochs: int = 5,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    batch_size: int = 64,
-    mode: str = "concat",
-    hidden: int | None = None,
-    width: int | None = None,
-    num_classes: int | None = None,
-    classes: tuple[str, ...] = (),
-    seed: int = 0,
     num_cpus: int = 1,
     startup_timeout: float = 120.0,
+    **options: Any,
 ) -> tuple[FusionHead, FederatedReport]:
     """Train a fusion head with FedAvg over simulated non-IID clients (flwr simulation).
 
@@ -195,19 +191,17 @@ def federated_fit_fusion_head(
         n_clients: Simulated clients (Flower SuperNodes).
         alpha: Dirichlet concentration of the label split; ``float("inf")`` = IID.
         missing: ``{client index: modalities}`` that client never observes.
+        config: The head and its local recipe (default :data:`FEDERATED_DEFAULTS`):
+            ``epochs`` are each client's local passes over its rows per round, and the
+            AdamW optimiser is re-created each round (each round is one
+            :func:`~mmsafe.models.heads.fit_fusion_head` call continuing the global head);
+            ``seed`` seeds the split, the initial head and local shuffling. The centralised
+            reference trains ``rounds * epochs`` epochs with the same recipe.
         rounds: FedAvg rounds (every client trains in every round).
-        local_epochs: Local passes over its rows per client per round.
-        lr: Local AdamW learning rate (the optimiser is re-created each round).
-        weight_decay: AdamW weight decay.
-        batch_size: Local rows per step.
-        mode: ``"concat"`` or ``"gated"``.
-        hidden: Hidden width of the classifier MLP; ``None`` for a linear classifier.
-        width: Projection width of the gated mode.
-        num_classes: Number of classes (default ``max(label) + 1``).
-        classes: Optional class names stored in the config.
-        seed: Seeds the split, the initial head and local shuffling.
         num_cpus: CPUs Ray may use (clients run one per CPU).
         startup_timeout: Seconds to wait for the simulated clients to register.
+        **options: Fields of :class:`~mmsafe.models.heads.HeadTrainConfig` overriding
+            ``config``'s (``epochs=3``, ``num_classes=5``, ...).
 
     Returns:
         ``(head, report)``: the global FedAvg head in eval mode and a :class:`FederatedReport`.
@@ -229,8 +223,10 @@ def federated_fit_fusion_head(
             "Federated training needs Flower: pip install 'flwr[simulation]==1.41.0'."
         ) from err
 
-    embs, y = _check_inputs(train_embeddings, labels)
-    test_embs, y_test = _check_inputs(test_embeddings, test_labels)
+    config = config.replace(**options)
+    seed = config.seed
+    embs, y = check_inputs(train_embeddings, labels)
+    test_embs, y_test = check_inputs(test_embeddings, test_labels)
     mods = tuple(embs)
     missing = {int(k): tuple(v) for k, v in (missing or {}).items()}
     for k, ms in missing.items():
@@ -240,12 +236,9 @@ def federated_fit_fusion_head(
             raise ValueError(f"Client {k} misses unknown modalities {sorted(set(ms) - set(mods))}.")
         if set(ms) >= set(mods):
             raise ValueError(f"Client {k} would miss every modality; keep at least one.")
-    if rounds < 1 or local_epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"Need rounds, local_epochs, batch_size >= 1 and lr > 0; got {rounds}, "
-            f"{local_epochs}, {batch_size}, {lr}."
-        )
-    cfg = _head_config(embs, y, num_classes, mode, hidden, width, classes)
+    if rounds < 1:
+        raise ValueError(f"Need rounds >= 1, got {rounds}.")
+    cfg = head_config(embs, y, config)
     parts = dirichlet_split(y.numpy(), n_clients, alpha, seed=seed, min_size=2)
     client_data = [
         ({m: x[torch.as_tensor(idx)] for m, x in embs.items() if m not in missing.get(k, ())},
@@ -286,23 +279,10 @@ def federated_fit_fusion_head(
         head = FusionHead(cfg)
         head.load_state_dict(msg.content["arrays"].to_torch_state_dict())
         rnd = int(msg.content["config"].get("server-round", 0))
-        gen = torch.Generator().manual_seed(seed * 100_003 + rnd * 1_009 + k)
         null = head.null_embeddings
         full = {m: data.get(m, null[m].expand(yk.shape[0], -1)) for m in mods}
-        with _one_thread():
-            _train(
-                head,
-                full,
-                yk,
-                null={m: v.clone() for m, v in null.items()},
-                lr=lr,
-                weight_decay=weight_decay,
-                epochs=local_epochs,
-                batch_size=batch_size,
-                modality_dropout=0.0,
-                gen=gen,
-                progress=False,
-            )
+        local = config.replace(seed=seed * 100_003 + rnd * 1_009 + k)
+        head = fit_fusion_head(full, yk, local, head=head)
         reply = RecordDict(
             {
                 "arrays": ArrayRecord(head.state_dict()),
@@ -409,24 +389,13 @@ def federated_fit_fusion_head(
     }
     pooled_y = torch.cat([yk for _, yk in client_data])
     central = fit_fusion_head(
-        pooled,
-        pooled_y,
-        mode=mode,
-        hidden=hidden,
-        width=width,
-        num_classes=cfg.num_classes,
-        classes=classes,
-        epochs=rounds * local_epochs,
-        lr=lr,
-        weight_decay=weight_decay,
-        batch_size=batch_size,
-        seed=seed,
+        pooled, pooled_y, config, num_classes=cfg.num_classes, epochs=rounds * config.epochs
     )
     central_acc = _accuracy(central, test_embs, y_test)
     report = FederatedReport(
         n_clients=n_clients,
         rounds=rounds,
-        local_epochs=local_epochs,
+        local_epochs=config.epochs,
         alpha=float(alpha),
         client_sizes=tuple(int(yk.shape[0]) for _, yk in client_data),
         client_classes=tuple(int(torch.unique(yk).numel()) for _, yk in client_data),
@@ -441,5 +410,5 @@ def federated_fit_fusion_head(
         flwr_version=str(flwr.__version__),
         extra={"scale": {m: float(v) for m, v in outcome["scale"].items()}},
     )
-    head.fit_info = {"federated": report.to_dict(), "seed": seed, "lr": lr}
+    head.fit_info = {"federated": report.to_dict(), **config.settings()}
     return head, report

@@ -16,17 +16,32 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmsafe.engine.cache import atomic_write_json
+from mmsafe.harden.base import Hardened, Hardener, HardenError, register_hardener
 from mmsafe.methods.attacks.pixel import project
 from mmsafe.models.base import EncoderModel
 
-__all__ = ["fare_loss", "fare_finetune", "wise_ft"]
+if TYPE_CHECKING:
+    from mmsafe.data.dataset import Dataset
+    from mmsafe.engine.runner import Engine
+    from mmsafe.tasks.base import Task
+
+__all__ = [
+    "AdversarialHardener",
+    "choose_alpha",
+    "fare_finetune",
+    "fare_loss",
+    "robust_sweep_point",
+    "wise_ft",
+]
 
 
 def _image_tower(model: nn.Module) -> nn.Module:
@@ -297,3 +312,228 @@ def wise_ft(
     if isinstance(info, dict):
         out.training_info = {**info, "wise_ft": {"alpha": alpha}}
     return out
+
+
+# --------------------------------------------------------------------------- the hardener
+
+
+def robust_sweep_point(
+    model: EncoderModel,
+    data: Dataset,
+    task: Task,
+    engine: Engine,
+    *,
+    eps: float,
+    steps: int = 10,
+    max_rows: int | None = 200,
+    fit_data: Dataset | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(clean, robust)`` accuracy of ``model`` under PGD L-inf ``eps`` on ``data``'s rows.
+
+    ``data`` is evaluated as a whole (pass the calibration split to choose a hyper-parameter
+    without touching the audited test rows); ``task`` is re-prepared on the model, fitting what
+    it learns (a fusion head) on ``fit_data``.
+    """
+    from mmsafe.checks.base import AuditContext
+    from mmsafe.checks.robustness.adversarial.check import AdversarialCheck, eps_label
+
+    task.prepare(model, engine, data.classes, fit_data=fit_data)
+    ctx = AuditContext(
+        model=model,
+        task=task,
+        data=data,
+        outputs=engine.outputs(model, task, data),
+        engine=engine,
+        seed=seed,
+    )
+    check = AdversarialCheck(
+        norms=("linf",),
+        eps={"linf": [eps]},
+        attacks=("pgd",),
+        steps=steps,
+        max_rows=max_rows,
+        n_boot=100,
+    )
+    metrics = check.run(ctx).metrics
+    return (
+        metrics["clean_accuracy"].value,
+        metrics[f"linf/pgd/eps={eps_label(eps)}/robust_accuracy"].value,
+    )
+
+
+def choose_alpha(sweep: Sequence[Mapping[str, float]], max_clean_drop: float) -> float:
+    """The WiSE-FT ``alpha`` with the best robust accuracy among those that keep clean accuracy.
+
+    A point qualifies when its clean accuracy is at most ``max_clean_drop`` below that of
+    ``alpha = 0`` (the original model, which always qualifies). Ties go to the smaller alpha.
+
+    Example:
+        >>> sweep = [{"alpha": 0.0, "clean": 0.70, "robust": 0.20},
+        ...          {"alpha": 0.5, "clean": 0.69, "robust": 0.26},
+        ...          {"alpha": 1.0, "clean": 0.60, "robust": 0.30}]
+        >>> choose_alpha(sweep, 0.02), choose_alpha(sweep, 0.2)
+        (0.5, 1.0)
+    """
+    base = next(p for p in sweep if p["alpha"] == 0.0)["clean"]
+    ok = [p for p in sweep if p["clean"] >= base - max_clean_drop - 1e-12]
+    best = max(ok, key=lambda p: (p["robust"], -p["alpha"]))
+    return float(best["alpha"])
+
+
+@register_hardener
+class AdversarialHardener(Hardener):
+    """``mmsafe harden adversarial``: FARE fine-tuning, a WiSE-FT sweep, and the chosen model.
+
+    1. FARE (:func:`fare_finetune`) fine-tunes the image tower on the ``train`` images (no
+       labels) against PGD L-inf ``eps`` (or, with ``free = m``, with free adversarial
+       training: ``m`` replays per batch, no separate attack passes).
+    2. WiSE-FT (:func:`wise_ft`) interpolates original and fine-tuned weights for every
+       ``alpha``; clean and PGD-``eval_eps`` robust accuracy of each are measured on the
+       ``calibration`` rows, and :func:`choose_alpha` keeps the most robust one whose clean
+       accuracy falls by at most ``max_clean_drop``.
+    3. :meth:`save` writes the chosen model (safetensors; load it with
+       ``--model tiny-clip:<out>/model``) and ``wise_ft_sweep.json`` beside it; the audits run
+       ``performance`` and ``robustness.adversarial`` at ``eval_eps`` (and 1/255, 2/255,
+       4/255).
+
+    Args:
+        eps: FARE training budget (L-inf, in [0, 1] pixels).
+        eval_eps: PGD budget of the sweep and the re-audit.
+        steps: PGD steps of each FARE training attack.
+        epochs: FARE passes over the train images.
+        lr: FARE learning rate (AdamW).
+        alphas: WiSE-FT weights swept (comma-separated; must include 0).
+        max_clean_drop: Largest clean-accuracy fall WiSE-FT may cost.
+        eval_steps: PGD steps of the sweep and the re-audit.
+        max_rows: Rows attacked per sweep point and audit (``None``: all).
+        free: Free adversarial training: replays per batch (0: PGD).
+
+    Attributes:
+        model_: the chosen model.
+        alpha_: its WiSE-FT weight.
+        sweep_: ``{"alpha", "clean", "robust"}`` per swept alpha (calibration rows).
+    """
+
+    name = "adversarial"
+    description = "FARE fine-tuning of the image tower + a WiSE-FT sweep; robust accuracy."
+    needs = ("train", "calibration")
+    checks = "performance,robustness.adversarial"
+    artifact = "model"
+
+    def __init__(
+        self,
+        *,
+        eps: float = 4 / 255,
+        eval_eps: float = 2 / 255,
+        steps: int = 3,
+        epochs: int = 10,
+        lr: float = 1e-4,
+        alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        max_clean_drop: float = 0.02,
+        eval_steps: int = 10,
+        max_rows: int | None = 200,
+        free: int = 0,
+    ) -> None:
+        self.eps = eps
+        self.eval_eps = eval_eps
+        self.steps = steps
+        self.epochs = epochs
+        self.lr = lr
+        self.alphas = alphas
+        self.max_clean_drop = max_clean_drop
+        self.eval_steps = eval_steps
+        self.max_rows = max_rows
+        self.free = free
+        self.model_: EncoderModel | None = None
+        self.alpha_: float | None = None
+        self.sweep_: list[dict[str, float]] = []
+
+    def validate(self, model: EncoderModel, task: Task, data: Dataset) -> None:  # noqa: D102
+        if not hasattr(model, "save_pretrained"):
+            raise HardenError(
+                f"{model.name} cannot be saved after fine-tuning; adversarial hardening "
+                "supports tiny-clip models for now."
+            )
+        alphas = list(self.alphas)
+        if 0.0 not in alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise HardenError(f"alphas must lie in [0, 1] and include 0, got {alphas}")
+        super().validate(model, task, data)
+
+    def audit_options(self) -> dict[str, dict[str, Any]]:  # noqa: D102
+        from mmsafe.checks.robustness.adversarial.check import DEFAULT_EPS
+
+        return {
+            "robustness.adversarial": {
+                "norms": ("linf",),
+                "eps": {"linf": sorted({self.eval_eps, *DEFAULT_EPS["linf"]})},
+                "attacks": ("pgd",),
+                "steps": self.eval_steps,
+                "max_rows": self.max_rows,
+            }
+        }
+
+    def fit(  # noqa: D102
+        self, model: EncoderModel, task: Task, data: Dataset, engine: Engine, *, seed: int = 0
+    ) -> AdversarialHardener:
+        train, calibration = data.split("train"), data.split("calibration")
+        try:
+            fare = fare_finetune(
+                model,
+                train.modalities["image"],
+                eps=self.eps,
+                steps=self.steps,
+                epochs=self.epochs,
+                lr=self.lr,
+                seed=seed,
+                free=self.free,
+            )
+        except ValueError as exc:
+            raise HardenError(f"FARE cannot fine-tune {model.name}: {exc}") from None
+        self.sweep_, candidates = [], {}
+        for alpha in sorted({float(a) for a in self.alphas}):
+            candidate = model if alpha == 0.0 else wise_ft(model, fare, alpha)
+            clean, robust = robust_sweep_point(
+                candidate,
+                calibration,
+                task,
+                engine,
+                eps=self.eval_eps,
+                steps=self.eval_steps,
+                max_rows=self.max_rows,
+                fit_data=train,
+                seed=seed,
+            )
+            self.sweep_.append({"alpha": alpha, "clean": clean, "robust": robust})
+            candidates[alpha] = candidate
+        self.alpha_ = choose_alpha(self.sweep_, self.max_clean_drop)
+        self.model_ = candidates[self.alpha_]
+        return self
+
+    def transform(self, model: EncoderModel, task: Task) -> Hardened:  # noqa: D102
+        if self.model_ is None:
+            raise RuntimeError("AdversarialHardener.fit() must run first.")
+        return Hardened(self.model_, task)
+
+    def summary(self) -> dict[str, Any]:  # noqa: D102
+        return {
+            "alpha": self.alpha_,
+            **{f"alpha={p['alpha']:g}/robust": p["robust"] for p in self.sweep_},
+        }
+
+    def save(self, path: Path) -> Path:  # noqa: D102
+        if self.model_ is None:
+            raise RuntimeError("AdversarialHardener.fit() must run first.")
+        artifact = self.model_.save_pretrained(path)  # type: ignore[attr-defined]
+        atomic_write_json(
+            path.parent / "wise_ft_sweep.json",
+            {
+                "split": "calibration",
+                "eval_eps": self.eval_eps,
+                "train_eps": self.eps,
+                "chosen_alpha": self.alpha_,
+                "max_clean_drop": self.max_clean_drop,
+                "sweep": self.sweep_,
+            },
+        )
+        return Path(artifact)

@@ -42,7 +42,7 @@ import difflib
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -50,18 +50,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsafe.harden.flow import HardenError
+from mmsafe.harden.base import Hardened, Hardener, HardenError, register_hardener
 from mmsafe.methods.privacy import loss_scores, membership_auc
-from mmsafe.models.heads import FusionHead, _one_thread, fit_fusion_head
+from mmsafe.models.heads import FusionHead, HeadTrainConfig, fit_fusion_head, num_threads
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
     from mmsafe.engine.runner import Engine
     from mmsafe.models.base import EncoderModel
+    from mmsafe.tasks.base import Task
 
 __all__ = [
     "METHODS",
     "ForgetListError",
+    "UnlearnHardener",
     "HeadScores",
     "UnlearnReport",
     "compare_unlearning",
@@ -395,7 +397,7 @@ def unlearn(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(new.parameters(), lr=lr)
     taken = 0
-    with _one_thread():
+    with num_threads():
         for _ in range(steps):
             fi = torch.randperm(n_f, generator=gen)[:batch_size]
             ri = torch.randperm(n_r, generator=gen)[:batch_size]
@@ -440,9 +442,10 @@ def retrain_from_scratch(
 ) -> FusionHead:
     """Train a new head on the retained rows only, with ``head``'s architecture and recipe.
 
-    The recipe is ``head.cfg`` plus the settings :func:`~mmsafe.models.heads.fit_fusion_head`
-    recorded in ``head.fit_info`` (epochs, learning rate, weight decay, batch size, modality
-    dropout, seed), as LiRA's shadow heads do.
+    The recipe is :meth:`HeadTrainConfig.of(head) <mmsafe.models.heads.HeadTrainConfig.of>`:
+    ``head.cfg`` plus the settings :func:`~mmsafe.models.heads.fit_fusion_head` recorded in
+    ``head.fit_info`` (epochs, learning rate, weight decay, batch size, modality dropout,
+    seed), as LiRA's shadow heads do.
 
     Args:
         head: The original head.
@@ -453,21 +456,9 @@ def retrain_from_scratch(
     Returns:
         The retrained head, in eval mode.
     """
-    cfg, info = head.cfg, head.fit_info
+    config = HeadTrainConfig.of(head)
     return fit_fusion_head(
-        retain,
-        retain_labels,
-        mode=cfg.mode,
-        hidden=cfg.hidden,
-        width=cfg.width or None,
-        num_classes=cfg.num_classes,
-        classes=cfg.classes,
-        epochs=int(info.get("epochs", 60)),
-        lr=float(info.get("lr", 1e-2)),
-        weight_decay=float(info.get("weight_decay", 1e-4)),
-        batch_size=int(info.get("batch_size", 256)),
-        modality_dropout=float(info.get("modality_dropout", 0.0)),
-        seed=int(info.get("seed", 0)) if seed is None else seed,
+        retain, retain_labels, config if seed is None else config.replace(seed=seed)
     )
 
 
@@ -570,6 +561,7 @@ class UnlearnReport:
         n_heldout: Held-out (non-member) rows of the attack.
         n_test: Test rows of the test accuracy.
         artifact: Directory of the saved unlearned head, when one was saved.
+        head: The unlearned head itself (not part of :meth:`to_dict`).
     """
 
     method: str
@@ -587,10 +579,13 @@ class UnlearnReport:
     n_heldout: int
     n_test: int
     artifact: str | None = None
+    head: FusionHead | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able form."""
-        return asdict(self)
+        """JSON-able form (without the head)."""
+        d = asdict(replace(self, head=None))
+        del d["head"]
+        return d
 
     def to_markdown(self) -> str:
         """The comparison as a markdown table (one row per head).
@@ -721,6 +716,7 @@ def compare_unlearning(
         n_heldout=_n(h_emb),
         n_test=_n(h_emb) if test is None else _n(_as_embeddings(test, "test")),
         artifact=artifact,
+        head=new,
     )
 
 
@@ -835,3 +831,99 @@ def unlearn_fusion(
     if out is not None:
         atomic_write_json(Path(out) / "unlearn.json", {**report.to_dict(), "forget_ids": ids})
     return report
+
+
+@register_hardener
+class UnlearnHardener(Hardener):
+    """``mmsafe harden unlearn``: make the fusion head forget training rows, checked by retraining.
+
+    Every forget id must be a labelled ``train`` row (see :func:`read_forget_ids`). The head the
+    fusion task fits is unlearned with ``method`` and compared with a head retrained without
+    those rows (:func:`unlearn_fusion`); :meth:`save` writes the unlearned head and
+    ``unlearn.json`` (that comparison and the forget ids) into one folder.
+
+    Args:
+        forget: Text file of train row ids to forget, one per line.
+        method: multidelete or gradient_ascent.
+
+    Attributes:
+        ids_: the forgotten row ids.
+        report_: the :class:`UnlearnReport` (its ``head`` is the unlearned head).
+    """
+
+    name = "unlearn"
+    description = "Unlearn rows from the fusion head; compare with retraining from scratch."
+    needs = ("train",)
+    tasks = ("fusion",)
+    default_task = "fusion"
+    artifact = "head"
+
+    def __init__(self, *, forget: Path, method: str = "multidelete") -> None:
+        self.forget = forget
+        self.method = method
+        self.ids_: list[str] = []
+        self.report_: UnlearnReport | None = None
+
+    def validate(self, model: EncoderModel, task: Task, data: Dataset) -> None:  # noqa: D102
+        if self.method not in METHODS:
+            raise HardenError(
+                f"Unknown unlearning method {self.method!r}; use one of {', '.join(METHODS)}."
+            )
+        super().validate(model, task, data)
+        if isinstance(self.forget, str | Path):
+            read_forget_ids(self.forget, data)  # a bad line fails before any audit runs
+
+    def fit(  # noqa: D102
+        self, model: EncoderModel, task: Task, data: Dataset, engine: Engine, *, seed: int = 0
+    ) -> UnlearnHardener:
+        from mmsafe.harden.flow import prepare
+
+        forget = self.forget
+        self.ids_ = (
+            read_forget_ids(forget, data) if isinstance(forget, str | Path) else list(forget)
+        )
+        prepare(model, data, task, engine)
+        self.report_ = unlearn_fusion(
+            model,
+            data,
+            self.ids_,
+            method=self.method,  # type: ignore[arg-type]
+            head=getattr(task, "head_", None),
+            engine=engine,
+            seed=seed,
+        )
+        return self
+
+    def _report(self) -> UnlearnReport:
+        if self.report_ is None or self.report_.head is None:
+            raise RuntimeError("UnlearnHardener.fit() must run first.")
+        return self.report_
+
+    def transform(self, model: EncoderModel, task: Task) -> Hardened:  # noqa: D102
+        from mmsafe.tasks.fusion import PrefitFusionTask
+
+        head = self._report().head
+        assert head is not None
+        label = f"unlearned ({self.method}, {len(self.ids_)} rows)"
+        return Hardened(model, PrefitFusionTask(head, label=label))
+
+    def summary(self) -> dict[str, Any]:  # noqa: D102
+        r = self._report()
+        return {
+            "forget_rows": r.n_forget,
+            "forget_auc/original": r.original.forget_auc,
+            "forget_auc/unlearned": r.unlearned.forget_auc,
+            "forget_auc/retrained": r.retrained.forget_auc,
+            "test_accuracy/retrained": r.retrained.test_accuracy,
+            "speedup_vs_retraining": r.time_ratio,
+        }
+
+    def save(self, path: Path) -> Path:  # noqa: D102
+        from mmsafe.engine.cache import atomic_write_json
+
+        r = self._report()
+        assert r.head is not None
+        out = r.head.save(path)
+        self.report_ = r = replace(r, artifact=str(out))
+        atomic_write_json(out / "unlearn.json", {**r.to_dict(), "forget_ids": self.ids_})
+        return out

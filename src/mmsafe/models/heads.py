@@ -25,8 +25,9 @@ Heads are saved as ``head.safetensors`` (weights) + ``head.json`` (config) in a 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,15 +197,19 @@ class FusionHead(nn.Module):
             raise ValueError("Only a 'gated' fusion head has gates.")
         return torch.softmax(self.gate(torch.cat(self._standardised(inputs), dim=-1)), dim=-1)
 
-    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
-        """Logits ``(B, num_classes)``; missing modalities take their null embedding."""
+    def fused(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The classifier's input ``(B, width)``: concatenated or gated standardised inputs."""
         xs = self._standardised(inputs)
         if self.gate is None:
-            return self.classifier(torch.cat(xs, dim=-1))
+            return torch.cat(xs, dim=-1)
         weights = torch.softmax(self.gate(torch.cat(xs, dim=-1)), dim=-1)
         mods = self.cfg.modalities
         projected = torch.stack([self.proj[m](x) for m, x in zip(mods, xs, strict=True)], dim=1)
-        return self.classifier((weights.unsqueeze(-1) * projected).sum(dim=1))
+        return (weights.unsqueeze(-1) * projected).sum(dim=1)
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """Logits ``(B, num_classes)``; missing modalities take their null embedding."""
+        return self.classifier(self.fused(inputs))
 
     def save(self, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``head.safetensors`` and ``head.json`` into directory ``path``, each atomically.
@@ -260,10 +265,91 @@ class FusionHead(nn.Module):
 # --------------------------------------------------------------------------- training
 
 
-def _check_inputs(
+@dataclass(frozen=True)
+class HeadTrainConfig:
+    """How :func:`fit_fusion_head` trains a head: the architecture and the optimiser settings.
+
+    Attributes:
+        mode: ``"concat"`` or ``"gated"``.
+        hidden: Hidden width of the classifier MLP; ``None`` for a linear classifier.
+        width: Projection width of the gated mode (default ``hidden`` or the largest ``D_m``).
+        num_classes: Number of classes (default ``max(label) + 1``, at least 2).
+        classes: Optional class names stored in the config.
+        epochs: Passes over the labelled rows.
+        lr: Learning rate (AdamW; a trainer's hooks may use another optimiser).
+        weight_decay: Weight decay.
+        batch_size: Rows per step.
+        seed: Seeds initialisation, shuffling and modality dropout.
+        modality_dropout: Probability of replacing each modality of a training row by its null
+            embedding, so the head learns to answer with a modality missing.
+        threads: torch intra-op threads while training (``None`` leaves torch's setting). The
+            head's matrices are tiny: on a busy machine an oversubscribed pool made the same fit
+            20-100x slower (measured), hence the default of one.
+        progress: Show a progress bar over epochs.
+
+    Example:
+        >>> HeadTrainConfig(epochs=5).replace(lr=0.1).lr
+        0.1
+    """
+
+    mode: str = "concat"
+    hidden: int | None = None
+    width: int | None = None
+    num_classes: int | None = None
+    classes: tuple[str, ...] = ()
+    epochs: int = 60
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    seed: int = 0
+    modality_dropout: float = 0.0
+    threads: int | None = 1
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(
+                f"Need epochs >= 1, batch_size >= 1, lr > 0; got {self.epochs}, "
+                f"{self.batch_size}, {self.lr}."
+            )
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}.")
+
+    def replace(self, **changes: Any) -> HeadTrainConfig:
+        """A copy with some fields changed (unknown names raise ``TypeError``)."""
+        return dataclasses.replace(self, **changes)
+
+    def settings(self) -> dict[str, Any]:
+        """The optimiser settings recorded in a head's ``fit_info`` (what retraining repeats)."""
+        keys = ("epochs", "lr", "weight_decay", "seed", "batch_size", "modality_dropout")
+        return {k: getattr(self, k) for k in keys}
+
+    @classmethod
+    def of(cls, head: FusionHead) -> HeadTrainConfig:
+        """The recipe of a trained head: its architecture and the settings in its ``fit_info``."""
+        cfg, info = head.cfg, head.fit_info
+        base = cls()
+        return cls(
+            mode=cfg.mode,
+            hidden=cfg.hidden,
+            width=cfg.width or None,
+            num_classes=cfg.num_classes,
+            classes=cfg.classes,
+            **{k: type(v)(info.get(k, v)) for k, v in base.settings().items()},
+        )
+
+
+def check_inputs(
     embeddings: Mapping[str, Tensor], labels: Tensor
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Validate shapes and drop rows labelled -1 (returns float embeddings, long labels)."""
+    """Validate shapes and drop rows labelled -1 (returns float CPU embeddings, long labels).
+
+    Raises:
+        ValueError: No modality, mismatched row counts, non-integer labels, labels below -1,
+            or no labelled row.
+    """
     if not embeddings:
         raise ValueError("fit_fusion_head needs at least one modality of embeddings.")
     y = torch.as_tensor(labels)
@@ -287,17 +373,9 @@ def _check_inputs(
     return {m: x[keep] for m, x in embs.items()}, y.cpu()[keep]
 
 
-def _head_config(
-    embs: Mapping[str, Tensor],
-    y: Tensor,
-    num_classes: int | None,
-    mode: str,
-    hidden: int | None,
-    width: int | None,
-    classes: Sequence[str],
-) -> FusionConfig:
+def head_config(embs: Mapping[str, Tensor], y: Tensor, config: HeadTrainConfig) -> FusionConfig:
     """The :class:`FusionConfig` for training on ``embs``/``y`` (validates the labels)."""
-    n_cls = int(num_classes) if num_classes is not None else max(int(y.max()) + 1, 2)
+    n_cls = int(config.num_classes) if config.num_classes is not None else max(int(y.max()) + 1, 2)
     if int(y.max()) >= n_cls:
         raise ValueError(f"Label {int(y.max())} is out of range for {n_cls} classes.")
     mods = tuple(embs)
@@ -306,167 +384,184 @@ def _head_config(
         modalities=mods,
         dims=dims,
         num_classes=n_cls,
-        mode=mode,
-        hidden=hidden,
-        width=int(width or hidden or max(dims)) if mode == "gated" else 0,
-        classes=tuple(classes),
+        mode=config.mode,
+        hidden=config.hidden,
+        width=int(config.width or config.hidden or max(dims)) if config.mode == "gated" else 0,
+        classes=tuple(config.classes),
     )
 
 
-def fit_fusion_head(
-    embeddings: Mapping[str, Tensor],
-    labels: Tensor,
-    *,
-    mode: str = "concat",
-    hidden: int | None = None,
-    width: int | None = None,
-    num_classes: int | None = None,
-    classes: tuple[str, ...] = (),
-    epochs: int = 60,
-    lr: float = 1e-2,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-    batch_size: int = 256,
-    modality_dropout: float = 0.0,
-    progress: bool = False,
-) -> FusionHead:
-    """Train a :class:`FusionHead` on frozen embeddings with AdamW and cross-entropy.
-
-    Rows labelled ``-1`` are dropped before anything else (they affect neither the weights nor
-    the recorded statistics). Deterministic for a given ``seed`` (it uses its own generator and
-    leaves the global RNG alone).
-
-    Args:
-        embeddings: ``{modality: (N, D_m)}`` precomputed embeddings.
-        labels: ``(N,)`` class indices, ``-1`` = unlabelled.
-        mode: ``"concat"`` or ``"gated"``.
-        hidden: Hidden width of the classifier MLP; ``None`` for a linear classifier.
-        width: Projection width of the gated mode (default ``hidden`` or the largest ``D_m``).
-        num_classes: Number of classes (default ``max(label) + 1``, at least 2).
-        classes: Optional class names stored in the config.
-        epochs: Passes over the labelled rows.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        seed: Seeds initialisation, shuffling and modality dropout.
-        batch_size: Rows per step.
-        modality_dropout: Probability of replacing each modality of a training row by its null
-            embedding, so the head learns to answer with a modality missing.
-        progress: Show a progress bar over epochs.
-
-    Returns:
-        The trained head in eval mode, with ``fit_info`` (settings, training accuracy).
-
-    Example:
-        >>> import torch
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
-        >>> y = torch.tensor([0, 1]).repeat(8)
-        >>> head = fit_fusion_head({"image": x}, y, epochs=20)
-        >>> head({"image": x}).argmax(-1).eq(y).float().mean().item()
-        1.0
-    """
-    embs, y = _check_inputs(embeddings, labels)
-    if not 0.0 <= modality_dropout < 1.0:
-        raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}.")
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(
-            f"Need epochs >= 1, batch_size >= 1, lr > 0; got {epochs}, {batch_size}, {lr}."
-        )
-    cfg = _head_config(embs, y, num_classes, mode, hidden, width, classes)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        head = FusionHead(cfg)
+def data_statistics(embs: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Per-modality training mean (the null embedding) and RMS distance to it (the scale)."""
     null = {m: x.mean(0) for m, x in embs.items()}
     scale = {
         m: float((x - null[m]).pow(2).sum(1).mean().sqrt().clamp_min(1e-6)) for m, x in embs.items()
     }
-    head.set_statistics(null, scale)
-
-    with _one_thread():
-        _train(
-            head,
-            embs,
-            y,
-            null=null,
-            lr=lr,
-            weight_decay=weight_decay,
-            epochs=epochs,
-            batch_size=batch_size,
-            modality_dropout=modality_dropout,
-            gen=gen,
-            progress=progress,
-        )
-    head.eval()
-    with torch.no_grad():
-        train_acc = float(head(embs).argmax(-1).eq(y).float().mean())
-    head.fit_info = {
-        "epochs": epochs,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "seed": seed,
-        "batch_size": batch_size,
-        "modality_dropout": modality_dropout,
-        "n_train": int(y.shape[0]),
-        "train_accuracy": train_acc,
-    }
-    return head
+    return null, scale
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one intra-op thread, then restore the previous count.
+def num_threads(n: int | None = 1) -> Iterator[None]:
+    """Run torch on ``n`` intra-op threads (``None``: unchanged), then restore the previous count.
 
     The head's matrices are tiny: extra threads only add synchronisation, and on a busy
     machine an oversubscribed thread pool made the same fit 20-100x slower (measured).
     """
     previous = torch.get_num_threads()
-    if previous == 1:
+    if n is None or previous == n:
         yield
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
 
 
-def _train(
-    head: FusionHead,
-    embs: dict[str, Tensor],
-    y: Tensor,
+class HeadTrainHooks:
+    """Where a trainer differs from plain supervised training; each method is the plain default.
+
+    :func:`fit_fusion_head` calls, in order: :meth:`init` (in the seeded RNG, right after the
+    head is built), :meth:`statistics`, :meth:`optimise` (which, by default, runs AdamW epochs
+    on :meth:`loss` over :meth:`parameters`), then :meth:`finish` (extra ``fit_info``). DP-SGD
+    replaces :meth:`optimise` (opacus), the adversarial fairness head adds an adversary in
+    :meth:`init`, :meth:`parameters` and :meth:`loss`.
+    """
+
+    def init(self, head: FusionHead, config: HeadTrainConfig) -> None:
+        """Build extra modules (seeded with the head's RNG); nothing by default."""
+
+    def statistics(
+        self, cfg: FusionConfig, embs: Mapping[str, Tensor]
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The head's per-modality centre and scale (default: :func:`data_statistics`)."""
+        return data_statistics(embs)
+
+    def parameters(self, head: FusionHead) -> list[nn.Parameter]:
+        """What the optimiser updates (default: the head's parameters)."""
+        return list(head.parameters())
+
+    def loss(self, head: FusionHead, batch: Mapping[str, Tensor], y: Tensor, idx: Tensor) -> Tensor:
+        """The loss of one batch (``idx``: its rows among the labelled training rows)."""
+        return nn.functional.cross_entropy(head(batch), y)
+
+    def optimise(
+        self,
+        head: FusionHead,
+        embs: dict[str, Tensor],
+        y: Tensor,
+        config: HeadTrainConfig,
+        gen: torch.Generator,
+    ) -> FusionHead:
+        """Train ``head`` and return the trained head (default: AdamW epochs, in place)."""
+        opt = torch.optim.AdamW(
+            self.parameters(head), lr=config.lr, weight_decay=config.weight_decay
+        )
+        null = head.null_embeddings
+        n = y.shape[0]
+        epoch_iter: Any = range(config.epochs)
+        if config.progress:
+            from tqdm.auto import tqdm
+
+            epoch_iter = tqdm(epoch_iter, desc="fusion head", unit="epoch")
+        head.train()
+        for _ in epoch_iter:
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, config.batch_size):
+                idx = order[start : start + config.batch_size]
+                batch = {m: x[idx] for m, x in embs.items()}
+                if config.modality_dropout > 0:
+                    for m in embs:
+                        drop = torch.rand(len(idx), generator=gen) < config.modality_dropout
+                        batch[m] = torch.where(drop[:, None], null[m].expand_as(batch[m]), batch[m])
+                loss = self.loss(head, batch, y[idx], idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return head
+
+    def finish(self, head: FusionHead, embs: Mapping[str, Tensor], y: Tensor) -> dict[str, Any]:
+        """Extra ``fit_info`` entries of the trained head (in eval mode); none by default."""
+        return {}
+
+
+def fit_fusion_head(
+    embeddings: Mapping[str, Tensor],
+    labels: Tensor,
+    config: HeadTrainConfig | None = None,
     *,
-    null: dict[str, Tensor],
-    lr: float,
-    weight_decay: float,
-    epochs: int,
-    batch_size: int,
-    modality_dropout: float,
-    gen: torch.Generator,
-    progress: bool,
-) -> None:
-    """The AdamW / cross-entropy loop of :func:`fit_fusion_head` (in place)."""
-    mods = tuple(embs)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    n = y.shape[0]
-    epoch_iter: Any = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
+    hooks: HeadTrainHooks | None = None,
+    head: FusionHead | None = None,
+    **options: Any,
+) -> FusionHead:
+    """Train a :class:`FusionHead` on frozen embeddings: the one trainer every head goes through.
 
-        epoch_iter = tqdm(epoch_iter, desc="fusion head", unit="epoch")
-    head.train()
-    for _ in epoch_iter:
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            batch = {m: x[idx] for m, x in embs.items()}
-            if modality_dropout > 0:
-                for m in mods:
-                    drop = torch.rand(len(idx), generator=gen) < modality_dropout
-                    batch[m] = torch.where(drop[:, None], null[m].expand_as(batch[m]), batch[m])
-            loss = nn.functional.cross_entropy(head(batch), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    Plain training is AdamW on cross-entropy; ``hooks`` change what differs (DP-SGD, an
+    adversary, ...). Rows labelled ``-1`` are dropped before anything else (they affect neither
+    the weights nor the recorded statistics). Deterministic for a given seed (it uses its own
+    generator and leaves the global RNG alone).
+
+    Args:
+        embeddings: ``{modality: (N, D_m)}`` precomputed embeddings.
+        labels: ``(N,)`` class indices, ``-1`` = unlabelled.
+        config: The architecture and optimiser settings (default :class:`HeadTrainConfig()`).
+        hooks: Where training differs from the plain recipe (default: nowhere).
+        head: Continue training this head (its architecture and statistics are kept; used by
+            federated clients for their local epochs) instead of building a new one.
+        **options: Fields of :class:`HeadTrainConfig` overriding ``config``'s, e.g.
+            ``epochs=20``.
+
+    Returns:
+        The trained head in eval mode, with ``fit_info`` (settings, training accuracy and
+        whatever ``hooks.finish`` adds).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).repeat(8, 1)
+        >>> y = torch.tensor([0, 1]).repeat(8)
+        >>> head = fit_fusion_head({"image": x}, y, HeadTrainConfig(epochs=20))
+        >>> head({"image": x}).argmax(-1).eq(y).float().mean().item()
+        1.0
+    """
+    config = (config or HeadTrainConfig()).replace(**options)
+    hooks = hooks or HeadTrainHooks()
+    embs, y = check_inputs(embeddings, labels)
+    gen = torch.Generator().manual_seed(config.seed)
+    if head is None:
+        cfg = head_config(embs, y, config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            head = FusionHead(cfg)
+            hooks.init(head, config)
+        head.set_statistics(*hooks.statistics(cfg, embs))
+    elif int(y.max()) >= head.cfg.num_classes:
+        raise ValueError(
+            f"Label {int(y.max())} is out of range for {head.cfg.num_classes} classes."
+        )
+    with num_threads(config.threads):
+        head = hooks.optimise(head, embs, y, config, gen)
+        head.eval()
+        with torch.no_grad():
+            train_acc = float(head(embs).argmax(-1).eq(y).float().mean())
+        extra = hooks.finish(head, embs, y)
+    head.fit_info = {
+        **config.settings(),
+        "n_train": int(y.shape[0]),
+        "train_accuracy": train_acc,
+        **extra,
+    }
+    return head
 
 
-__all__ = ["FUSION_MODES", "FusionConfig", "FusionHead", "fit_fusion_head"]
+__all__ = [
+    "FUSION_MODES",
+    "FusionConfig",
+    "FusionHead",
+    "HeadTrainConfig",
+    "HeadTrainHooks",
+    "check_inputs",
+    "data_statistics",
+    "fit_fusion_head",
+    "head_config",
+    "num_threads",
+]
