@@ -490,21 +490,15 @@ def list_checks_cmd(
     """List the registered checks: pillar, target kinds, tasks, what they need, old names."""
     from mmsafe.checks import get_check, list_checks
 
-    table = Table(title="checks")
-    for col in ("name", "pillar", "kinds", "tasks", "requires", "also", "what it measures"):
-        table.add_column(col)
-    for name in list_checks(pattern):
+    for name in list_checks(pattern):  # one block per check: readable at any width
         cls = get_check(name)
-        table.add_row(
-            name,
-            cls.pillar,
-            ", ".join(cls.kinds),
-            ", ".join(cls.tasks),
-            ", ".join(cls.requires),
-            ", ".join(cls.aliases),
-            cls.description,
+        also = f" [dim](also: {', '.join(cls.aliases)})[/dim]" if cls.aliases else ""
+        needs = f" · needs {', '.join(cls.requires)}" if cls.requires else ""
+        out_console.print(f"[bold]{name}[/bold]{also}", highlight=False)
+        out_console.print(
+            f"    {', '.join(cls.kinds)} · {', '.join(cls.tasks)}{needs}", highlight=False
         )
-    out_console.print(table)
+        out_console.print(f"    {cls.description}", highlight=False, style="dim")
 
 
 @app.command("list-models")

@@ -521,4 +521,5 @@ class ShiftRetrievalCheck(ShiftCheck):
     name = "robustness.shift_retrieval"
     aliases = ("robustness.shift",)
     tasks = ("retrieval",)
+    requires = ()  # retrieval is scored by pairs
     description = "R@1 per corruption x severity per modality; mean corruption R@1, RR, MMI"
