@@ -32,6 +32,7 @@ paired in the diff by :data:`ALIASES`, or else by the last dotted component of t
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -244,16 +245,28 @@ def _covered(configs: Iterable[Config]) -> set[str]:
 
 # ---------------------------------------------------------------------------------- capture
 def _runtime_options(options: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The options keyed by the old name and, when the running code renamed it, the new one."""
-    from mmsafe.checks import list_checks
+    """The options under the old name and under every check the running code maps it to.
 
-    known = set(list_checks())
+    The old code gets them exactly as written. With the new code an old name may stand for
+    renamed or split checks (``resolve_check``, :data:`ALIASES`); each of those also gets the
+    options its constructor takes.
+    """
+    from mmsafe.checks import registry
+
+    known = set(registry.list_checks())
+    resolve = getattr(registry, "resolve_check", None)
     out: dict[str, dict[str, Any]] = {}
     for name, opts in options.items():
         out[name] = dict(opts)
-        new = _match_name(name, known)
-        if new is not None and new != name:
-            out[new] = dict(opts)
+        targets = list(resolve(name)) if resolve is not None else []
+        targets.append(_match_name(name, known) or name)
+        for target in targets:
+            if target == name or target not in known or target in out:
+                continue
+            params = inspect.signature(registry.get_check(target).__init__).parameters
+            taken = {k: v for k, v in opts.items() if k in params}
+            if taken:
+                out[target] = taken
     return out
 
 
@@ -294,7 +307,9 @@ def capture(outdir: Path) -> int:
                 model,
                 data,
                 task=cfg.task,
-                checks=cfg.checks,
+                # a comma-separated string goes through select_checks, as `--checks` does, so
+                # the new code expands an old name to every check it stands for
+                checks=cfg.checks if isinstance(cfg.checks, str) else ",".join(cfg.checks),
                 engine=engine,
                 seed=SEED,
                 resume=False,
@@ -347,13 +362,33 @@ def _match_name(name: str, others: Iterable[str]) -> str | None:
     return tail[0] if len(tail) == 1 else None
 
 
+def _candidates(name: str, pool: Sequence[str]) -> list[str]:
+    """Names in ``pool`` that may be ``name`` renamed or split, most likely first."""
+    reverse = {v: k for k, v in ALIASES.items()}
+    order = [name, ALIASES.get(name), reverse.get(name)]
+    order += [k for k in pool if k.startswith((name + ".", name + "_"))]  # split by task
+    order += [k for k in pool if _last(k) == _last(name)]
+    out: list[str] = []
+    for k in order:
+        if k is not None and k in pool and k not in out:
+            out.append(k)
+    return out
+
+
 def _pair_checks(
     old: Mapping[str, Any], new: Mapping[str, Any]
 ) -> list[tuple[str | None, str | None]]:
+    """Pair old and new checks: same name, alias or split; the most shared metric names wins."""
     pairs: list[tuple[str | None, str | None]] = []
     used: set[str] = set()
     for o in old:
-        n = _match_name(o, [k for k in new if k not in used])
+        cands = _candidates(o, [k for k in new if k not in used])
+        mine = set((old[o] or {}).get("metrics") or {})
+        n = max(
+            cands,
+            key=lambda k: (len(mine & set((new[k] or {}).get("metrics") or {})), -cands.index(k)),
+            default=None,
+        )
         if n is not None:
             used.add(n)
         pairs.append((o, n))
@@ -462,7 +497,8 @@ def compare_cards(
     other: list[str] = []
     for o, n in _pair_checks(old.get("checks", {}), new.get("checks", {})):
         if o is None or n is None:
-            paths.append(f"checks.{o or n} (only {'new' if o is None else 'old'})")
+            side, c = ("new", new["checks"][n]) if o is None else ("old", old["checks"][o])
+            paths.append(f"checks.{o or n} (only {side}, {c.get('status')})")
             continue
         co, cn = old["checks"][o], new["checks"][n]
         label = o if o == n else f"{o}->{n}"
