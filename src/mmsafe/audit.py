@@ -203,6 +203,7 @@ def run_audit(
         seed=seed,
         device=str(engine.device),
         data_fingerprint=data_fp,
+        engine=engine.accounting(),
     )
     for name in results:  # what was asked of each check, for reproducing the card
         if options.get(name):

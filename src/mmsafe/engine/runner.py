@@ -9,10 +9,11 @@ check of an audit reads the same clean outputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, overload
 
@@ -51,6 +52,13 @@ def _entry_key(*parts: Any, shard: int = SHARD) -> str:
     The suffix keeps every shard of one entry side by side on disk (``<hash>-0000``).
     """
     return f"{stable_hash('embed', *parts, shard)}-{shard:04d}"
+
+
+def _batch_rows(batch: Any) -> int:
+    """The number of rows of a preprocessed batch (a tensor or a dict of tensors)."""
+    if isinstance(batch, dict):
+        return max((_batch_rows(v) for v in batch.values()), default=0)
+    return int(batch.shape[0]) if isinstance(batch, Tensor) and batch.ndim else 0
 
 
 def _value_digest(value: Any) -> str:
@@ -132,6 +140,7 @@ class Engine:
         self._encoded: dict[str, int] = {}
         self._distinct: dict[str, set[tuple[Any, ...]]] = {}
         self._counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self._in_forward = False
 
     # ------------------------------------------------------------------ accounting
     def count(self, name: str, n: int = 1) -> None:
@@ -139,6 +148,32 @@ class Engine:
         if name not in COUNTERS:
             raise ValueError(f"unknown pass counter {name!r}; known: {', '.join(COUNTERS)}")
         self._counters[name] += int(n)
+
+    @contextlib.contextmanager
+    def counting(self, model: EncoderModel, name: str) -> Iterator[None]:
+        """Count every row ``model.encode`` sees inside the block under ``name``.
+
+        For passes the cache cannot serve (an attack's forward/backward steps, integrated
+        gradients): wrap the code that calls ``model.encode`` directly. Passes made through
+        the engine inside the block are counted as encoded rows, not twice.
+        """
+        self.count(name, 0)  # validates the name
+        inner = model.encode
+
+        def encode(batch: Any, *args: Any, **kwargs: Any) -> Any:
+            if not self._in_forward:
+                self.count(name, sum(_batch_rows(v) for v in batch.values()))
+            return inner(batch, *args, **kwargs)
+
+        shadowed = model.__dict__.get("encode")  # an outer block's wrapper, if any
+        object.__setattr__(model, "encode", encode)
+        try:
+            yield
+        finally:
+            if shadowed is None:
+                object.__delattr__(model, "encode")
+            else:
+                object.__setattr__(model, "encode", shadowed)
 
     def accounting(self) -> dict[str, Any]:
         """What went through the models: rows encoded vs distinct (row, variant) pairs.
@@ -319,7 +354,9 @@ class Engine:
             file=stream,
             disable=not (self.progress and tty) or len(starts) < 2,
         )
-        with torch.inference_mode():
+        self._in_forward = True
+        with contextlib.ExitStack() as done, torch.inference_mode():
+            done.callback(setattr, self, "_in_forward", False)
             for start in bar:
                 stop = start + self.batch_size
                 raw = values[start:stop]

@@ -111,9 +111,13 @@ def build_card(
     device: str,
     gates: list[dict[str, Any]] | None = None,
     data_fingerprint: str | None = None,
+    engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the card dict (validate it with :func:`validate_card`)."""
-    return {
+    """Assemble the card dict (validate it with :func:`validate_card`).
+
+    ``engine`` is the engine's pass accounting (:meth:`mmsafe.engine.Engine.accounting`).
+    """
+    card = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": model_info(model),
@@ -124,6 +128,9 @@ def build_card(
         "checks": {name: r.to_dict() for name, r in results.items()},
         "gates": gates or [],
     }
+    if engine is not None:
+        card["engine"] = dict(engine)
+    return card
 
 
 def validate_card(card: Mapping[str, Any]) -> None:
