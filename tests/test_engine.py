@@ -217,3 +217,28 @@ def test_progress_off_writes_nothing(toy_model, colour_data):
     out = _Pipe()
     Engine(batch_size=4, progress=False, stream=out).embed(toy_model, colour_data)
     assert out.getvalue() == ""
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def test_card_records_the_engine_accounting(toy_model, colour_data, tmp_path):
+    import json
+
+    from mmsafe.audit import evaluation_splits, run_audit
+
+    engine = Engine(progress=False)
+    checks = "performance,robustness.shift"
+    opts = {
+        "robustness.shift": {"image_corruptions": ["contrast"], "severities": [2], "n_boot": 20}
+    }
+    result = run_audit(
+        toy_model, colour_data, checks=checks, engine=engine, out=tmp_path, options=opts
+    )
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["engine"] == engine.accounting() == result.card["engine"]
+    evaluated, _, _ = evaluation_splits(colour_data)
+    image = card["engine"]["modalities"]["image"]
+    # clean evaluated rows, then the one contrast cell on the same (labelled) rows
+    assert image["rows_encoded"] == image["distinct_row_variants"] == 2 * len(evaluated)
+    assert image["duplication"] == 1.0 and card["engine"]["attack_iterations"] == 0

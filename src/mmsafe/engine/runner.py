@@ -267,24 +267,42 @@ class Engine:
         self,
         model: EncoderModel,
         modality: str,
-        values: Sequence[Any],
+        values: Sequence[Any] | Tensor,
         desc: str = "",
         variant: Variant | None = None,
+        preprocessed: bool = False,
     ) -> Tensor:
         """Embed raw values of one modality (prompts, crops, views); ``(N, D)`` float32, CPU.
 
         Cached and counted like :meth:`embed`, keyed by a digest of the values; a variant's
         row ``i`` draws from ``row_seed(variant.seed, i)``.
+
+        Args:
+            model: the encoder.
+            modality: the values' modality.
+            values: what ``model.preprocess(modality, ...)`` takes, or with ``preprocessed``
+                an already preprocessed ``(N, ...)`` tensor (e.g. window crops at the model's
+                input size).
+            desc: a label for progress.
+            variant: a transform of the values (``None``: as they are).
+            preprocessed: ``values`` is a preprocessed tensor; ``model.preprocess`` is skipped.
         """
-        digests = [_value_digest(v) for v in values]
+        if preprocessed:
+            assert isinstance(values, Tensor)
+            whole = _value_digest(values)
+            idents = [("pixels", whole, i) for i in range(len(values))]
+        else:
+            digests = [_value_digest(v) for v in values]
+            whole = stable_hash(digests)
+            idents = [("value", d) for d in digests]
         vkey = None if variant is None else variant.key
-        key = _entry_key("values", model.fingerprint(), stable_hash(digests), modality, vkey)
+        key = _entry_key("values", model.fingerprint(), whole, modality, vkey, preprocessed)
         hit = self.cache.get(key)
         if hit is not None:
             return hit["embeddings"]
         seeds = None if variant is None else [row_seed(variant.seed, i) for i in range(len(values))]
-        idents = [("value", d) for d in digests]
-        emb = self._forward(model, modality, list(values), variant, seeds, idents, desc)
+        vals = values if preprocessed else list(values)
+        emb = self._forward(model, modality, vals, variant, seeds, idents, desc, preprocessed)
         self.cache.put(key, {"embeddings": emb})
         return emb
 
@@ -331,11 +349,12 @@ class Engine:
         self,
         model: EncoderModel,
         modality: str,
-        values: list[Any],
+        values: list[Any] | Tensor,
         variant: Variant | None,
         row_seeds: list[int] | None,
         identities: list[tuple[Any, ...]],
         desc: str,
+        preprocessed: bool = False,
     ) -> Tensor:
         """Encode ``values`` in batches (the only place a model's forward pass runs)."""
         model = model.to(self.device).eval()
@@ -363,7 +382,8 @@ class Engine:
                 if variant is not None and variant.stage == "values":
                     assert row_seeds is not None
                     raw = variant.apply(raw, row_seeds[start:stop])
-                batch = to_device(model.preprocess(modality, raw), self.device)
+                batch = raw if preprocessed else model.preprocess(modality, raw)
+                batch = to_device(batch, self.device)
                 if variant is not None and variant.stage == "pixels":
                     assert row_seeds is not None
                     batch = variant.apply(batch, row_seeds[start:stop])
@@ -374,7 +394,7 @@ class Engine:
                 else:
                     emb = model.encode({modality: batch})[modality]
                 chunks.append(emb.float().cpu())
-        if self.progress and not tty and values:
+        if self.progress and not tty and len(values):
             stream.write(f"{label}: {len(values)} rows\n")
             stream.flush()
         fp = model.fingerprint()

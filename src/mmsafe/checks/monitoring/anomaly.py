@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
@@ -231,10 +232,24 @@ class AnomalyCheck(Check):
         is_defect = np.array([m["defect"] is not None for m in data.meta])
         model = ctx.model.to(ctx.engine.device).eval()
 
-        emb = embed_windows(model, images, self.windows, self.stride, self.batch_size)
+        engine = ctx.engine
+
+        def crops(px: Tensor) -> Tensor:  # window crops, already at the model's input size
+            return engine.embed_values(
+                model, "image", px, desc="anomaly windows", preprocessed=True
+            )
+
+        whole = engine.embed(model, ctx.data, "image", rows=rows)  # the clean rows: cached
+        emb = embed_windows(
+            model, images, self.windows, self.stride, self.batch_size, None, crops, whole
+        )
         masks = defect_masks(data.meta, (emb.image_size, emb.image_size))
         prototypes = text_prototypes(
-            model, self.object_name, self.normal_states, self.anomalous_states
+            model,
+            self.object_name,
+            self.normal_states,
+            self.anomalous_states,
+            encode=lambda p: engine.embed_values(model, "text", p, desc="anomaly prompts"),
         )
         methods: dict[str, AnomalyScores] = {
             "zero_shot": zero_shot_anomaly(emb, prototypes, model.logit_scale)
@@ -244,8 +259,16 @@ class AnomalyCheck(Check):
         usable = [k for k in self.shots if k <= len(order)]
         if usable and ref_split is not None:
             refs = [ref_split.modalities["image"][i] for i in order[: max(usable)]]
+            ref_whole = engine.embed(model, ref_split, "image", rows=order[: max(usable)])
             ref_emb = embed_windows(
-                model, refs, self.windows, self.stride, self.batch_size, emb.image_size
+                model,
+                refs,
+                self.windows,
+                self.stride,
+                self.batch_size,
+                emb.image_size,
+                crops,
+                ref_whole,
             )
             for k in usable:
                 bank = MemoryBank.from_embeddings(ref_emb.subset(np.arange(k)))
