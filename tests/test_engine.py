@@ -104,10 +104,18 @@ def test_variant_key_is_stable_and_checked():
 
 
 @pytest.mark.parametrize(
-    "name", ["gaussian_noise", "shot_noise", "motion_blur", "fog", "elastic_transform"]
+    "variant",
+    [
+        *(
+            Variant.of(f"corrupt/{name}", seed=3, severity=4)
+            for name in ("gaussian_noise", "shot_noise", "motion_blur", "fog", "elastic_transform")
+        ),
+        Variant.of("tta", seed=5, max_shift=2, brightness=0.2, flip=True),
+    ],
+    ids=lambda v: v.name,
 )
-def test_corrupted_embeddings_do_not_depend_on_batch_size(toy_model, colour_data, name):
-    v = Variant.of(f"corrupt/{name}", seed=3, severity=4)
+def test_corrupted_embeddings_do_not_depend_on_batch_size(toy_model, colour_data, variant):
+    v = variant
     small = Engine(batch_size=7, progress=False).embed(toy_model, colour_data, "image", variant=v)
     big = Engine(batch_size=256, progress=False).embed(toy_model, colour_data, "image", variant=v)
     assert torch.equal(small, big)

@@ -298,13 +298,16 @@ class Engine:
         vkey = None if variant is None else variant.key
         key = _entry_key("values", model.fingerprint(), whole, modality, vkey, preprocessed)
         hit = self.cache.get(key)
-        if hit is not None:
-            return hit["embeddings"]
-        seeds = None if variant is None else [row_seed(variant.seed, i) for i in range(len(values))]
-        vals = values if preprocessed else list(values)
-        emb = self._forward(model, modality, vals, variant, seeds, idents, desc, preprocessed)
-        self.cache.put(key, {"embeddings": emb})
-        return emb
+        if hit is None:
+            seeds = (
+                None if variant is None else [row_seed(variant.seed, i) for i in range(len(values))]
+            )
+            vals = values if preprocessed else list(values)
+            emb = self._forward(model, modality, vals, variant, seeds, idents, desc, preprocessed)
+            self.cache.put(key, {"embeddings": emb})
+            hit = self.cache.get(key)
+            assert hit is not None
+        return hit["embeddings"].clone()  # the cached tensor stays untouched by the caller
 
     def _embed_rows(
         self,
