@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 
 import pytest
 import torch
 
+from mmsafe.data.dataset import Dataset
 from mmsafe.engine import Engine, TensorCache, Variant, atomic_write_json, stable_hash
 from mmsafe.tasks import ZeroShotTask
 from tests.conftest import audit_context, make_colour_data
@@ -139,6 +141,38 @@ def test_rows_are_encoded_once_and_returned_in_the_asked_order(toy_model, colour
     torch.testing.assert_close(b, whole[[2, 7, 5]], atol=1e-6, rtol=0)
 
 
+def rebuilt(data: Dataset, rows: Sequence[int]) -> Dataset:
+    """The rows of ``data`` as a new dataset (not a ``subset``: no link to ``data``)."""
+    sub = data.subset(rows)
+    return Dataset(
+        name=sub.name,
+        ids=list(sub.ids),
+        modalities={k: list(v) for k, v in sub.modalities.items()},
+        labels=sub.labels.copy(),
+        classes=list(sub.classes),
+        source=sub.source,
+    )
+
+
+def test_subsets_share_their_parents_cache_entry(toy_model, colour_data):
+    engine = Engine(batch_size=8, progress=False)
+    test = colour_data.split("test")
+    v = Variant.of("corrupt/fog", seed=0, severity=2)
+    a = engine.embed(toy_model, test, "image", variant=v, rows=[0, 3])
+    n = encoded(engine)
+    assert n == 2
+    # the same two rows asked through the parent and through a subset of the subset: hits
+    parent_rows = [colour_data.ids.index(test.ids[i]) for i in (0, 3)]
+    b = engine.embed(toy_model, colour_data, "image", variant=v, rows=parent_rows)
+    c = engine.embed(toy_model, test.subset([3, 0]), "image", variant=v)
+    assert encoded(engine) == n
+    assert torch.equal(a, b) and torch.equal(a, c.flip(0))
+    # a rebuilt dataset of the same rows misses (but draws the same corruption: same ids)
+    d = engine.embed(toy_model, rebuilt(test, [0, 3]), "image", variant=v)
+    assert encoded(engine) == n + 2
+    torch.testing.assert_close(a, d, atol=1e-6, rtol=0)
+
+
 def test_accounting_counts_match_hand_counts(toy_model, colour_data):
     engine = Engine(batch_size=8, progress=False)
     n = len(colour_data)
@@ -149,8 +183,10 @@ def test_accounting_counts_match_hand_counts(toy_model, colour_data):
     prompts = ["red", "green", "blue"]
     engine.embed_values(toy_model, "text", prompts)  # 3 text values
     engine.embed_values(toy_model, "text", prompts)  # cached: nothing new
-    # the same rows under another fingerprint (a subset) miss the cache: encoded again
-    engine.embed(toy_model, colour_data.subset(range(5)), ["image"])  # 5 duplicated pairs
+    # a subset's rows are its parent's: a cache hit
+    engine.embed(toy_model, colour_data.subset(range(5)), ["image"])
+    # the same rows in a dataset built anew (another fingerprint) miss: 5 duplicated pairs
+    engine.embed(toy_model, rebuilt(colour_data, range(5)), ["image"])
     engine.count("attack_iterations", 10)
     engine.count("gradient_passes", 4)
     engine.count("training_passes", 2)

@@ -54,6 +54,27 @@ def _entry_key(*parts: Any, shard: int = SHARD) -> str:
     return f"{stable_hash('embed', *parts, shard)}-{shard:04d}"
 
 
+def _root_rows(data: Dataset, modality: str, rows: np.ndarray) -> tuple[Dataset, np.ndarray]:
+    """The dataset ``data`` was cut from by ``Dataset.subset`` and ``rows`` as its positions.
+
+    Follows the subset chain while the modality's column is still the parent's selection, so
+    the test split, the calibration split and any subset of them share the root's cache entry
+    (and a row is never encoded twice because two checks cut different subsets).
+    """
+    while True:
+        origin = getattr(data, "_origin", None)  # set by Dataset.subset: (parent, rows, columns)
+        if origin is None:
+            return data, rows
+        parent, raw, built = origin
+        source, column = built.get(modality, (None, None))
+        if column is not data.modalities.get(modality) or source is not parent.modalities.get(
+            modality
+        ):
+            return data, rows
+        rows = np.frombuffer(raw, dtype=np.int64)[rows]
+        data = parent
+
+
 def _batch_rows(batch: Any) -> int:
     """The number of rows of a preprocessed batch (a tensor or a dict of tensors)."""
     if isinstance(batch, dict):
@@ -323,6 +344,9 @@ class Engine:
         want = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
         if want.size and (want.min() < 0 or want.max() >= n):
             raise IndexError(f"rows must lie in [0, {n}) for {data.name!r}")
+        root, want = _root_rows(data, modality, want)
+        if root is not data:  # a subset's rows are its parent's: one cache entry for both
+            data, data_fp = root, root.fingerprint()
         vkey = None if variant is None else variant.key
         key = _entry_key("rows", model.fingerprint(), data_fp, modality, vkey)
         entry = self.cache.get(key)
