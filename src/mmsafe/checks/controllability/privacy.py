@@ -330,6 +330,7 @@ def encoder_shadow_statistics(
             torch.manual_seed(seed + 1 + k)
             shadow = TinyClip(cfg).to(model.device)
             train_tiny_clip(shadow, half, recipe, seed=seed + 1 + k, progress=False)
+        engine.count("training_passes", recipe.steps * recipe.batch_size)  # pairs seen
         stats[k] = stat(shadow, embed(shadow))
     return EncoderShadows(
         target=target,
