@@ -1,23 +1,31 @@
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Sequence
 
+import pytest
 import torch
 
-from mmsafe.engine import Engine, TensorCache, atomic_write_json, stable_hash
+from mmsafe.data.dataset import Dataset
+from mmsafe.engine import Engine, TensorCache, Variant, atomic_write_json, stable_hash
 from mmsafe.tasks import ZeroShotTask
+from tests.conftest import audit_context, make_colour_data
+
+
+def encoded(engine: Engine) -> int:
+    return engine.accounting()["rows_encoded"]
 
 
 def test_embed_is_cached_in_memory_and_on_disk(toy_model, colour_data, tmp_path):
     engine = Engine(batch_size=16, cache_dir=tmp_path, progress=False)
     first = engine.embed(toy_model, colour_data)
-    batches = engine.forward_batches
-    assert batches == 2 * -(-len(colour_data) // 16)  # image + text, ceil division
+    assert encoded(engine) == 2 * len(colour_data)  # image + text
     again = engine.embed(toy_model, colour_data)
-    assert engine.forward_batches == batches  # no new forward pass
+    assert encoded(engine) == 2 * len(colour_data)  # no new forward pass
     fresh = Engine(batch_size=16, cache_dir=tmp_path, progress=False)
     from_disk = fresh.embed(toy_model, colour_data)
-    assert fresh.forward_batches == 0
+    assert encoded(fresh) == 0
     for m in ("image", "text"):
         torch.testing.assert_close(first[m], again[m])
         torch.testing.assert_close(first[m], from_disk[m])
@@ -33,12 +41,12 @@ def test_batch_size_does_not_change_embeddings(toy_model, colour_data):
 def test_changed_weights_miss_the_cache(toy_model, colour_data):
     engine = Engine(progress=False)
     engine.embed(toy_model, colour_data, ["image"])
-    n = engine.forward_batches
+    n = encoded(engine)
     with torch.no_grad():
         toy_model.scale.fill_(2.0)
     toy_model.invalidate_fingerprint()
     engine.embed(toy_model, colour_data, ["image"])
-    assert engine.forward_batches > n
+    assert encoded(engine) == n + len(colour_data)
 
 
 def test_outputs_are_computed_once_per_task(toy_model, colour_data):
@@ -46,9 +54,9 @@ def test_outputs_are_computed_once_per_task(toy_model, colour_data):
     task = ZeroShotTask(templates=["{}"])
     task.prepare(toy_model, engine, colour_data.classes)
     out1 = engine.outputs(toy_model, task, colour_data)
-    n = engine.forward_batches
+    n = encoded(engine)
     out2 = engine.outputs(toy_model, task, colour_data)
-    assert out1 is out2 and engine.forward_batches == n
+    assert out1 is out2 and encoded(engine) == n
     assert (out1.preds == colour_data.labels).mean() > 0.9
 
 
@@ -80,3 +88,201 @@ def test_corrupt_cache_entry_is_a_miss(tmp_path):
 def test_stable_hash_depends_on_content():
     assert stable_hash("a", 1) != stable_hash("a", 2)
     assert stable_hash({"x": [1, 2]}) == stable_hash({"x": [1, 2]})
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def test_variant_key_is_stable_and_checked():
+    a = Variant.of("corrupt/fog", seed=1, severity=2)
+    assert a.key == Variant.of("corrupt/fog", severity=2, seed=1).key
+    assert a.key != Variant.of("corrupt/fog", seed=2, severity=2).key
+    assert a.key != Variant.of("corrupt/fog", seed=1, severity=3).key
+    assert len(a.key) == 16 and int(a.key, 16) >= 0  # a 16-hex digest
+    with pytest.raises(ValueError, match="unknown variant kind"):
+        Variant.of("blur/fog")
+    with pytest.raises(ValueError, match="JSON-able"):
+        Variant.of("corrupt/fog", severity=object())
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        *(
+            Variant.of(f"corrupt/{name}", seed=3, severity=4)
+            for name in ("gaussian_noise", "shot_noise", "motion_blur", "fog", "elastic_transform")
+        ),
+        Variant.of("tta", seed=5, max_shift=2, brightness=0.2, flip=True),
+    ],
+    ids=lambda v: v.name,
+)
+def test_corrupted_embeddings_do_not_depend_on_batch_size(toy_model, colour_data, variant):
+    v = variant
+    small = Engine(batch_size=7, progress=False).embed(toy_model, colour_data, "image", variant=v)
+    big = Engine(batch_size=256, progress=False).embed(toy_model, colour_data, "image", variant=v)
+    assert torch.equal(small, big)
+    clean = Engine(progress=False).embed(toy_model, colour_data, "image")
+    assert not torch.equal(small, clean)  # the variant really changed the inputs
+    # a row's draw follows its id, not its position: the same rows of a subset match
+    sub = colour_data.subset([9, 4, 50])
+    part = Engine(batch_size=2, progress=False).embed(toy_model, sub, "image", variant=v)
+    torch.testing.assert_close(part, big[[9, 4, 50]], atol=1e-6, rtol=0)
+
+
+def test_rows_are_encoded_once_and_returned_in_the_asked_order(toy_model, colour_data):
+    engine = Engine(batch_size=4, progress=False)
+    v = Variant.of("corrupt/gaussian_noise", seed=0, severity=3)
+    a = engine.embed(toy_model, colour_data, "image", variant=v, rows=[5, 2, 2])
+    assert encoded(engine) == 2  # rows 2 and 5
+    b = engine.embed(toy_model, colour_data, "image", variant=v, rows=[2, 7, 5])
+    assert encoded(engine) == 3  # only row 7 is new
+    torch.testing.assert_close(a[0], b[2]) and torch.testing.assert_close(a[1], b[0])
+    whole = Engine(progress=False).embed(toy_model, colour_data, "image", variant=v)
+    torch.testing.assert_close(b, whole[[2, 7, 5]], atol=1e-6, rtol=0)
+
+
+def rebuilt(data: Dataset, rows: Sequence[int]) -> Dataset:
+    """The rows of ``data`` as a new dataset (not a ``subset``: no link to ``data``)."""
+    sub = data.subset(rows)
+    return Dataset(
+        name=sub.name,
+        ids=list(sub.ids),
+        modalities={k: list(v) for k, v in sub.modalities.items()},
+        labels=sub.labels.copy(),
+        classes=list(sub.classes),
+        source=sub.source,
+    )
+
+
+def test_subsets_share_their_parents_cache_entry(toy_model, colour_data):
+    engine = Engine(batch_size=8, progress=False)
+    test = colour_data.split("test")
+    v = Variant.of("corrupt/fog", seed=0, severity=2)
+    a = engine.embed(toy_model, test, "image", variant=v, rows=[0, 3])
+    n = encoded(engine)
+    assert n == 2
+    # the same two rows asked through the parent and through a subset of the subset: hits
+    parent_rows = [colour_data.ids.index(test.ids[i]) for i in (0, 3)]
+    b = engine.embed(toy_model, colour_data, "image", variant=v, rows=parent_rows)
+    c = engine.embed(toy_model, test.subset([3, 0]), "image", variant=v)
+    assert encoded(engine) == n
+    assert torch.equal(a, b) and torch.equal(a, c.flip(0))
+    # a rebuilt dataset of the same rows misses (but draws the same corruption: same ids)
+    d = engine.embed(toy_model, rebuilt(test, [0, 3]), "image", variant=v)
+    assert encoded(engine) == n + 2
+    torch.testing.assert_close(a, d, atol=1e-6, rtol=0)
+
+
+def test_accounting_counts_match_hand_counts(toy_model, colour_data):
+    engine = Engine(batch_size=8, progress=False)
+    n = len(colour_data)
+    engine.embed(toy_model, colour_data, ["image"])  # n clean image rows
+    v = Variant.of("corrupt/contrast", seed=0, severity=1)
+    engine.embed(toy_model, colour_data, "image", variant=v, rows=[0, 1, 2])  # 3 new pairs
+    engine.embed(toy_model, colour_data, "image", variant=v, rows=[1, 2, 3, 3])  # 1 new pair
+    prompts = ["red", "green", "blue"]
+    engine.embed_values(toy_model, "text", prompts)  # 3 text values
+    engine.embed_values(toy_model, "text", prompts)  # cached: nothing new
+    # a subset's rows are its parent's: a cache hit
+    engine.embed(toy_model, colour_data.subset(range(5)), ["image"])
+    # the same rows in a dataset built anew (another fingerprint) miss: 5 duplicated pairs
+    engine.embed(toy_model, rebuilt(colour_data, range(5)), ["image"])
+    engine.count("attack_iterations", 10)
+    engine.count("gradient_passes", 4)
+    engine.count("training_passes", 2)
+    acc = engine.accounting()
+    assert acc["modalities"]["image"] == {
+        "rows_encoded": n + 3 + 1 + 5,
+        "distinct_row_variants": n + 4,
+        "variants": 2,
+        "duplication": round((n + 9) / (n + 4), 4),
+    }
+    assert acc["modalities"]["text"] == {
+        "rows_encoded": 3,
+        "distinct_row_variants": 3,
+        "variants": 1,
+        "duplication": 1.0,
+    }
+    assert (acc["rows_encoded"], acc["distinct_row_variants"]) == (n + 12, n + 7)
+    assert acc["duplication"] == round((n + 12) / (n + 7), 4)
+    assert (acc["attack_iterations"], acc["gradient_passes"], acc["training_passes"]) == (10, 4, 2)
+    with pytest.raises(ValueError, match="unknown pass counter"):
+        engine.count("forward_batches")
+
+
+def test_shift_and_conformal_share_corrupted_embeddings(toy_model):
+    from mmsafe.checks.monitoring.conformal import SHIFTS, ConformalCheck
+    from mmsafe.checks.robustness.shift import ShiftCheck
+
+    ctx = audit_context(toy_model, make_colour_data(240))
+    ctx.engine.outputs(ctx.model, ctx.task, ctx.calibration)  # conformal's clean calibration rows
+    ShiftCheck(image_corruptions=SHIFTS, severities=(1, 3), n_boot=20).run(ctx)
+    before = ctx.engine.accounting()["modalities"]["image"]
+    assert before["variants"] == 1 + 2 * len(SHIFTS)  # clean + every cell
+    res = ConformalCheck(shifts=SHIFTS, shift_severity=3, n_boot=20).run(ctx)
+    after = ctx.engine.accounting()["modalities"]["image"]
+    assert after == before  # conformal encoded zero new rows: every shifted pass was a hit
+    assert set(SHIFTS) <= {k.split("/")[1] for k in res.metrics if k.startswith("shift/")}
+    # and the other order: conformal first, then shift encodes only the severity-1 cells
+    ctx2 = audit_context(toy_model, make_colour_data(240))
+    ConformalCheck(shifts=SHIFTS, shift_severity=3, n_boot=20).run(ctx2)
+    mid = ctx2.engine.accounting()["modalities"]["image"]["rows_encoded"]
+    ShiftCheck(image_corruptions=SHIFTS, severities=(1, 3), n_boot=20).run(ctx2)
+    rows = int((ctx2.outputs.labels >= 0).sum())
+    assert (
+        ctx2.engine.accounting()["modalities"]["image"]["rows_encoded"] == mid + len(SHIFTS) * rows
+    )
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class _Pipe(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+
+def test_progress_on_a_pipe_is_one_line_per_stage(toy_model, colour_data):
+    out = _Pipe()
+    engine = Engine(batch_size=4, progress=True, stream=out)
+    engine.embed(toy_model, colour_data, ["image"])
+    v = Variant.of("corrupt/gaussian_noise", seed=0, severity=3)
+    engine.embed(toy_model, colour_data, "image", variant=v, rows=range(10))
+    engine.embed(toy_model, colour_data, "image", variant=v, rows=range(10))  # cached: silent
+    text = out.getvalue()
+    assert "\r" not in text
+    assert text.splitlines() == [
+        f"embed image [colours]: {len(colour_data)} rows",
+        "embed image (corrupt/gaussian_noise severity=3 seed=0) [colours]: 10 rows",
+    ]
+
+
+def test_progress_off_writes_nothing(toy_model, colour_data):
+    out = _Pipe()
+    Engine(batch_size=4, progress=False, stream=out).embed(toy_model, colour_data)
+    assert out.getvalue() == ""
+
+
+# --------------------------------------------------------------------------- the card
+
+
+def test_card_records_the_engine_accounting(toy_model, colour_data, tmp_path):
+    import json
+
+    from mmsafe.audit import evaluation_splits, run_audit
+
+    engine = Engine(progress=False)
+    checks = "performance,robustness.shift"
+    opts = {
+        "robustness.shift": {"image_corruptions": ["contrast"], "severities": [2], "n_boot": 20}
+    }
+    result = run_audit(
+        toy_model, colour_data, checks=checks, engine=engine, out=tmp_path, options=opts
+    )
+    card = json.loads((tmp_path / "card.json").read_text())
+    assert card["engine"] == engine.accounting() == result.card["engine"]
+    evaluated, _, _ = evaluation_splits(colour_data)
+    image = card["engine"]["modalities"]["image"]
+    # clean evaluated rows, then the one contrast cell on the same (labelled) rows
+    assert image["rows_encoded"] == image["distinct_row_variants"] == 2 * len(evaluated)
+    assert image["duplication"] == 1.0 and card["engine"]["attack_iterations"] == 0

@@ -255,9 +255,11 @@ def test_a_registered_hardener_gets_a_subcommand_and_runs_the_flow(toy_model, tm
     assert json.loads(result.artifact.read_text()) == {"temperature": 0.25}
     assert result.summary == {"temperature": 0.25}
     deltas = {d.metric: d for d in result.deltas}
-    assert deltas["performance.classification.accuracy"].delta == 0  # a temperature keeps every prediction
+    # a temperature keeps every prediction
+    assert deltas["performance.classification.accuracy"].delta == 0
     # logits halved twice over: the NLL changes (the colour task is confident and right)
-    assert deltas["monitoring.calibration.nll"].after != pytest.approx(deltas["monitoring.calibration.nll"].before)
+    nll = deltas["monitoring.calibration.nll"]
+    assert nll.after != pytest.approx(nll.before)
     assert result.after.card["task"]["params"]["temperature"] == 0.25
     for side in ("before", "after"):
         assert (tmp_path / side / "card.json").is_file()

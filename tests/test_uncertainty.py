@@ -227,3 +227,21 @@ def test_entropy_that_does_not_separate_errors_is_a_finding() -> None:
     assert finding.severity == "medium" and "does not separate" in finding.message
     metrics["entropy_gap"] = Metric(0.3, (0.2, 0.4))
     assert check._separation_findings(metrics, n_wrong=20) == []
+
+
+def test_tta_passes_go_through_the_engine_and_do_not_depend_on_batch_size(colour_data) -> None:
+    ctx = audit_context(ToyEncoder(), colour_data)
+    ctx.engine.outputs(ctx.model, ctx.task, ctx.calibration)  # the AvU threshold's clean rows
+    before = ctx.engine.accounting()["modalities"]["image"]
+    check = UncertaintyCheck(method="tta", n_passes=4, n_boot=20)
+    first = check.run(ctx)
+    after = ctx.engine.accounting()["modalities"]["image"]
+    rows = int((ctx.outputs.labels >= 0).sum())
+    assert after["variants"] == before["variants"] + 4  # one seeded variant per pass
+    assert after["rows_encoded"] == before["rows_encoded"] + 4 * rows
+    again = check.run(ctx)  # every pass is a cache hit
+    assert ctx.engine.accounting()["modalities"]["image"] == after
+    assert again.metrics["bald"].value == first.metrics["bald"].value
+    other = audit_context(ToyEncoder(), colour_data)
+    other.engine.batch_size = 5
+    assert check.run(other).metrics["bald"].value == first.metrics["bald"].value

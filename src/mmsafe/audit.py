@@ -210,6 +210,7 @@ def run_audit(
         data_fingerprint=data_fp,
         total_seconds=time.perf_counter() - start,
         reused=resumed,
+        engine=engine.accounting(),
     )
     for name in results:  # what was asked of each check, for reproducing the card
         if options.get(name):

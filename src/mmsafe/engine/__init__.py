@@ -9,14 +9,17 @@ from mmsafe.engine.cache import (
     stable_hash,
 )
 from mmsafe.engine.runner import DeviceError, Engine, resolve_device, set_seed
+from mmsafe.engine.variants import Variant, corruption_variant
 
 __all__ = [
     "DeviceError",
     "Engine",
     "TensorCache",
+    "Variant",
     "atomic_write",
     "atomic_write_json",
     "atomic_write_text",
+    "corruption_variant",
     "default_cache_dir",
     "resolve_device",
     "set_seed",

@@ -33,7 +33,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -147,21 +147,26 @@ def text_prototypes(
     normal_states: Sequence[str] = NORMAL_STATES,
     anomalous_states: Sequence[str] = ANOMALOUS_STATES,
     templates: Sequence[str] = TEMPLATES,
+    encode: Callable[[list[str]], Tensor] | None = None,
 ) -> Tensor:
     """``(2, D)`` unit-norm prototypes ``[normal, anomalous]``: the mean prompt embedding of each.
 
     Each prompt embedding is unit-norm; the mean of each state class is renormalised.
+    ``encode(prompts) -> (N, D)`` embeds the prompts (e.g. through the engine); by default
+    ``model.encode`` in one batch.
     """
     normal, anomalous = prompt_ensemble(object_name, normal_states, anomalous_states, templates)
     device = model.device
+
+    def direct(prompts: list[str]) -> Tensor:
+        batch = model.preprocess("text", prompts)
+        batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
+        return model.encode({"text": batch})["text"]
+
     with torch.inference_mode():
         protos = []
         for prompts in (normal, anomalous):
-            batch = model.preprocess("text", prompts)
-            batch = (
-                {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
-            )
-            emb = model.encode({"text": batch})["text"].float().cpu()
+            emb = (encode or direct)(list(prompts)).float().cpu()
             protos.append(F.normalize(emb.mean(dim=0), dim=-1))
     return torch.stack(protos)
 
@@ -310,14 +315,23 @@ def embed_windows(
     stride: int = 4,
     batch_size: int = 512,
     image_size: int | None = None,
+    encode_pixels: Callable[[Tensor], Tensor] | None = None,
+    image_embeddings: Tensor | None = None,
 ) -> WindowEmbeddings:
     """Embed every image whole and every window of it, at each window size.
 
     Images are turned into ``[0, 1]`` pixels at ``image_size`` (default: the first image's
     height), windows are cropped there and resized to the model's input size in one batched
-    interpolation, then encoded with ``model.encode``. Window sizes and the stride are in pixels
-    of that grid.
+    interpolation, then encoded with ``model.encode`` (or ``encode_pixels(pixels) -> (N, D)``,
+    e.g. the engine). Window sizes and the stride are in pixels of that grid.
+    ``image_embeddings``: the images' whole-image embeddings when already known (the engine's
+    clean rows); they are then not encoded again.
     """
+    if encode_pixels is None:
+
+        def encode_pixels(px: Tensor) -> Tensor:
+            return _encode_pixels(model, px, batch_size)
+
     if not len(images):
         raise ValueError("embed_windows needs at least one image")
     model.eval()
@@ -330,15 +344,16 @@ def embed_windows(
     with torch.inference_mode():
         for start in range(0, len(images), per_chunk):
             chunk = list(images[start : start + per_chunk])
-            batch = model.preprocess("image", chunk)
-            assert isinstance(batch, Tensor)
-            whole.append(_encode_pixels(model, batch, batch_size))
+            if image_embeddings is None:
+                batch = model.preprocess("image", chunk)
+                assert isinstance(batch, Tensor)
+                whole.append(encode_pixels(batch))
             pixels = images_to_tensor(chunk, size)
             for w, b in boxes.items():
-                emb = _encode_pixels(model, crop_windows(pixels, b, input_size), batch_size)
+                emb = encode_pixels(crop_windows(pixels, b, input_size))
                 win_emb[w].append(emb.reshape(len(chunk), len(b), -1))
     return WindowEmbeddings(
-        image=torch.cat(whole),
+        image=torch.cat(whole) if image_embeddings is None else image_embeddings.float(),
         windows={w: torch.cat(e) for w, e in win_emb.items()},
         boxes=boxes,
         image_size=size,

@@ -20,8 +20,11 @@ word-order shuffle, case noise, punctuation noise and paraphrase-like rewrites. 
 draw is made for every position before the rate is applied, so a higher rate perturbs a
 superset of the positions a lower one does (same seed).
 
-Everything is deterministic for a given ``seed``: the random numbers come from a CPU
-``torch.Generator`` / ``numpy.random.Generator`` and are moved to the batch's device.
+Everything is deterministic for a given ``seed``, and every row draws from its own stream: row
+``i`` uses a CPU ``torch.Generator`` / ``numpy.random.Generator`` seeded by
+:func:`row_seed` ``(seed, i)`` (or by a seed the caller gives per row, as the engine does from
+row ids), and the numbers are moved to the batch's device. So a row's corruption is a pure
+function of its pixels and its seed: the same for any batch size, batch position or device.
 
 Example:
     >>> px = torch.rand(2, 3, 16, 16)
@@ -34,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -46,7 +50,7 @@ from torch.nn import functional as F  # noqa: N812
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 """The five severities of every corruption and perturbation."""
 
-ImageCorruption = Callable[[Tensor, int, torch.Generator], Tensor]
+ImageCorruption = Callable[[Tensor, int, Sequence[torch.Generator]], Tensor]
 TextPerturbation = Callable[[str, float, np.random.Generator], str]
 
 # --------------------------------------------------------------------------- parameters
@@ -78,12 +82,36 @@ def _check_severity(severity: int) -> int:
     return int(severity) - 1
 
 
-def _rand(shape: Sequence[int], gen: torch.Generator, like: Tensor) -> Tensor:
-    return torch.rand(tuple(shape), generator=gen).to(like.device, like.dtype)
+def row_seed(seed: int, row: int | str) -> int:
+    """The seed of one row's random stream: a 63-bit hash of ``(seed, row)``.
+
+    ``row`` is a row's position or its id; the result never depends on other rows.
+
+    Example:
+        >>> row_seed(0, 1) == row_seed(0, 1) != row_seed(0, 2)
+        True
+    """
+    blob = f"{int(seed)}\x1f{type(row).__name__}\x1f{row}".encode()
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little") >> 1
 
 
-def _randn(shape: Sequence[int], gen: torch.Generator, like: Tensor) -> Tensor:
-    return torch.randn(tuple(shape), generator=gen).to(like.device, like.dtype)
+def generators(row_seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU ``torch.Generator`` per row seed."""
+    return [torch.Generator().manual_seed(int(s)) for s in row_seeds]
+
+
+def _per_row(gens: Sequence[torch.Generator], draw: Callable[[torch.Generator], Tensor]) -> Tensor:
+    return torch.stack([draw(g) for g in gens])
+
+
+def _rand(shape: Sequence[int], gens: Sequence[torch.Generator], like: Tensor) -> Tensor:
+    one = tuple(shape[1:])
+    return _per_row(gens, lambda g: torch.rand(one, generator=g)).to(like.device, like.dtype)
+
+
+def _randn(shape: Sequence[int], gens: Sequence[torch.Generator], like: Tensor) -> Tensor:
+    one = tuple(shape[1:])
+    return _per_row(gens, lambda g: torch.randn(one, generator=g)).to(like.device, like.dtype)
 
 
 def _scale(x: Tensor) -> float:
@@ -189,50 +217,51 @@ def _disk_kernel(radius: float, alias_sigma: float, like: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- noise
 
 
-def gaussian_noise(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def gaussian_noise(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Additive Gaussian noise with standard deviation ``GAUSSIAN_NOISE[severity - 1]``."""
     c = GAUSSIAN_NOISE[_check_severity(severity)]
-    return (x + c * _randn(x.shape, gen, x)).clamp(0, 1)
+    return (x + c * _randn(x.shape, gens, x)).clamp(0, 1)
 
 
-def shot_noise(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def shot_noise(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Poisson (photon) noise: ``Poisson(x * c) / c`` with ``c = SHOT_NOISE[severity - 1]``."""
     c = SHOT_NOISE[_check_severity(severity)]
     rate = (x.detach().double().cpu() * c).clamp_min(0)
-    return (torch.poisson(rate, generator=gen) / c).to(x.device, x.dtype).clamp(0, 1)
+    counts = torch.stack([torch.poisson(r, generator=g) for r, g in zip(rate, gens, strict=True)])
+    return (counts / c).to(x.device, x.dtype).clamp(0, 1)
 
 
-def impulse_noise(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def impulse_noise(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Salt-and-pepper noise on a fraction ``IMPULSE_NOISE[severity - 1]`` of the values."""
     amount = IMPULSE_NOISE[_check_severity(severity)]
-    u = _rand(x.shape, gen, x)
-    salt = _rand(x.shape, gen, x) < 0.5
+    u = _rand(x.shape, gens, x)
+    salt = _rand(x.shape, gens, x) < 0.5
     hit = u < amount
     return torch.where(hit, salt.to(x.dtype), x)
 
 
-def speckle_noise(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def speckle_noise(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Multiplicative noise ``x + x * N(0, c^2)`` with ``c = SPECKLE_NOISE[severity - 1]``."""
     c = SPECKLE_NOISE[_check_severity(severity)]
-    return (x + x * c * _randn(x.shape, gen, x)).clamp(0, 1)
+    return (x + x * c * _randn(x.shape, gens, x)).clamp(0, 1)
 
 
 # --------------------------------------------------------------------------- blur
 
 
-def gaussian_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def gaussian_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Gaussian blur with ``sigma = GAUSSIAN_BLUR[severity - 1]`` pixels at side 32."""
     return gaussian_filter(x, GAUSSIAN_BLUR[_check_severity(severity)] * _scale(x)).clamp(0, 1)
 
 
-def defocus_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def defocus_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Convolution with a Gaussian-smoothed disk (``DEFOCUS_BLUR``: radius, smoothing sigma)."""
     radius, alias = DEFOCUS_BLUR[_check_severity(severity)]
     s = _scale(x)
     return _conv_same(x, _disk_kernel(radius * s, alias * s, x)).clamp(0, 1)
 
 
-def motion_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def motion_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """One-sided Gaussian line kernel at a random angle in ``[-45, 45]`` degrees per image.
 
     ``MOTION_BLUR`` gives ``(radius, sigma)`` at side 32 as in ImageMagick's motion blur: taps
@@ -242,7 +271,8 @@ def motion_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
     s = _scale(x)
     radius, sigma = radius * s, sigma * s
     b = x.shape[0]
-    angles = (torch.rand(b, generator=gen, dtype=torch.float64) * 90 - 45) * math.pi / 180
+    u = _per_row(gens, lambda g: torch.rand((), generator=g, dtype=torch.float64))
+    angles = (u * 90 - 45) * math.pi / 180
     r = max(1, math.ceil(min(radius, 3 * sigma)))
     taps = torch.arange(0, r + 1, dtype=torch.float64)
     weights = torch.exp(-(taps**2) / (2 * sigma**2))
@@ -258,7 +288,7 @@ def motion_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
     return _conv_same(x, kernel.to(x.device, x.dtype)).clamp(0, 1)
 
 
-def zoom_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def zoom_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """The mean of the image and centre zooms up to ``1 + ZOOM_BLUR[severity - 1]``."""
     top = ZOOM_BLUR[_check_severity(severity)]
     factors = np.arange(1.01, 1.0 + top + 1e-9, 0.01 if top <= 0.16 else 0.02)
@@ -280,17 +310,17 @@ def zoom_blur(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
 # --------------------------------------------------------------------------- weather
 
 
-def _fractal(b: int, h: int, w: int, decay: float, gen: torch.Generator, like: Tensor) -> Tensor:
+def _fractal(h: int, w: int, decay: float, gens: Sequence[torch.Generator], like: Tensor) -> Tensor:
     """Plasma-like fractal noise in ``[0, 1]`` per image.
 
     Octaves of bilinearly upsampled uniform noise, amplitude ``decay ** -k`` at octave ``k``
     (the same draws for every ``decay``).
     """
     size = 2 ** math.ceil(math.log2(max(h, w, 2)))
-    out = torch.zeros(b, 1, size, size, dtype=torch.float64)
+    out = torch.zeros(len(gens), 1, size, size, dtype=torch.float64)
     k, n = 0, 2
     while n <= size:
-        noise = torch.rand(b, 1, n, n, generator=gen, dtype=torch.float64)
+        noise = _per_row(gens, lambda g, n=n: torch.rand(1, n, n, generator=g, dtype=torch.float64))
         out += F.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False) * (
             decay**-k
         )
@@ -301,11 +331,11 @@ def _fractal(b: int, h: int, w: int, decay: float, gen: torch.Generator, like: T
     return ((out - lo) / (hi - lo).clamp_min(1e-12)).to(like.device, like.dtype)
 
 
-def fog(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def fog(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """ImageNet-C fog: ``(x + c0 * fractal(decay=c1)) * max(x) / (max(x) + c0)``."""
     c0, c1 = FOG[_check_severity(severity)]
-    b, _, h, w = x.shape
-    f = _fractal(b, h, w, c1, gen, x)
+    h, w = x.shape[-2:]
+    f = _fractal(h, w, c1, gens, x)
     mx = x.amax(dim=(1, 2, 3), keepdim=True)
     return ((x + c0 * f) * mx / (mx + c0)).clamp(0, 1)
 
@@ -313,21 +343,21 @@ def fog(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
 # --------------------------------------------------------------------------- digital
 
 
-def brightness(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def brightness(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Add ``BRIGHTNESS[severity - 1]`` to the HSV value channel."""
     hsv = rgb_to_hsv(x)
     hsv[:, 2] = (hsv[:, 2] + BRIGHTNESS[_check_severity(severity)]).clamp(0, 1)
     return hsv_to_rgb(hsv).clamp(0, 1)
 
 
-def contrast(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def contrast(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Shrink every pixel towards the image mean by the factor ``CONTRAST[severity - 1]``."""
     c = CONTRAST[_check_severity(severity)]
     m = x.mean(dim=(1, 2, 3), keepdim=True)
     return ((x - m) * c + m).clamp(0, 1)
 
 
-def saturate(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def saturate(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Over-saturate: HSV saturation ``s * c0 + c1`` with ``SATURATE[severity - 1]``."""
     c0, c1 = SATURATE[_check_severity(severity)]
     hsv = rgb_to_hsv(x)
@@ -335,7 +365,7 @@ def saturate(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
     return hsv_to_rgb(hsv).clamp(0, 1)
 
 
-def pixelate(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def pixelate(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Downsample to ``PIXELATE[severity - 1]`` of the side, then upsample to blocks.
 
     Antialiased bilinear down, ``nearest-exact`` up (centre-aligned blocks, so the error grows
@@ -348,7 +378,7 @@ def pixelate(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
     return F.interpolate(small, size=(h, w), mode="nearest-exact").clamp(0, 1)
 
 
-def jpeg_compression(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def jpeg_compression(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Encode and decode each image as JPEG (PIL) at quality ``JPEG_QUALITY[severity - 1]``."""
     from PIL import Image
 
@@ -364,7 +394,7 @@ def jpeg_compression(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
     return back
 
 
-def elastic_transform(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
+def elastic_transform(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Warp by a smoothed random displacement field of RMS ``ELASTIC[severity - 1]`` pixels.
 
     The field is uniform noise smoothed by a Gaussian of sigma 2 px (both lengths at side 32);
@@ -372,7 +402,7 @@ def elastic_transform(x: Tensor, severity: int, gen: torch.Generator) -> Tensor:
     """
     b, _, h, w = x.shape
     s = _scale(x)
-    field = (torch.rand(b, 2, h, w, generator=gen) * 2 - 1).to(x.device, x.dtype)
+    field = (_rand((b, 2, h, w), gens, x) * 2 - 1).to(x.device, x.dtype)
     field = gaussian_filter(field, 2.0 * s)
     rms = field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
     disp = field / rms * ELASTIC[_check_severity(severity)] * s  # pixels
@@ -406,14 +436,21 @@ IMAGE_CORRUPTIONS: dict[str, ImageCorruption] = {
 """Every image corruption by name, in ImageNet-C family order (noise, blur, weather, digital)."""
 
 
-def corrupt_images(pixels: Tensor, name: str, severity: int, seed: int = 0) -> Tensor:
+def corrupt_images(
+    pixels: Tensor,
+    name: str,
+    severity: int,
+    seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
+) -> Tensor:
     """Apply the image corruption ``name`` at ``severity`` (1-5) to a batch of pixels.
 
     Args:
         pixels: ``(B, 3, H, W)`` floats in ``[0, 1]``, on any device.
         name: a key of :data:`IMAGE_CORRUPTIONS`.
         severity: 1 (mild) to 5 (severe).
-        seed: seeds the CPU generator of every random draw (same seed, same output).
+        seed: row ``i`` draws from a CPU generator seeded by ``row_seed(seed, i)``.
+        row_seeds: one seed per row instead (the engine derives them from row ids).
 
     Returns:
         The corrupted pixels, same shape, dtype and device, in ``[0, 1]``.
@@ -423,6 +460,9 @@ def corrupt_images(pixels: Tensor, name: str, severity: int, seed: int = 0) -> T
         >>> a = corrupt_images(px, "shot_noise", 2, seed=1)
         >>> bool(torch.equal(a, corrupt_images(px, "shot_noise", 2, seed=1)))
         True
+        >>> bool(torch.equal(a[2:], corrupt_images(px[2:], "shot_noise", 2, row_seeds=[
+        ...     row_seed(1, 2)])))
+        True
     """
     if name not in IMAGE_CORRUPTIONS:
         raise ValueError(
@@ -430,9 +470,60 @@ def corrupt_images(pixels: Tensor, name: str, severity: int, seed: int = 0) -> T
         )
     if pixels.ndim != 4 or pixels.shape[1] != 3:
         raise ValueError(f"pixels must be (B, 3, H, W), got {tuple(pixels.shape)}")
-    gen = torch.Generator().manual_seed(int(seed))
+    if row_seeds is None:
+        row_seeds = [row_seed(seed, i) for i in range(len(pixels))]
+    if len(row_seeds) != len(pixels):
+        raise ValueError(f"{len(row_seeds)} row seeds for {len(pixels)} rows")
     with torch.no_grad():
-        return IMAGE_CORRUPTIONS[name](pixels, severity, gen).to(pixels.dtype)
+        if not len(pixels):
+            return pixels.clone()
+        return IMAGE_CORRUPTIONS[name](pixels, severity, generators(row_seeds)).to(pixels.dtype)
+
+
+def augment_pixels(
+    pixels: Tensor,
+    gen: torch.Generator | Sequence[torch.Generator],
+    max_shift: int = 2,
+    brightness: float = 0.1,
+    flip: bool = True,
+) -> Tensor:
+    """A small random augmentation of pixels in ``[0, 1]``, one draw per image.
+
+    Random translation by up to ``max_shift`` pixels each way (edge-replicated), horizontal
+    flip with probability 1/2 (when ``flip``), and brightness scaled by a factor uniform in
+    ``[1 - brightness, 1 + brightness]``; the result is clipped to ``[0, 1]``. Random numbers
+    come from the CPU generator ``gen`` (or one generator per image), so the draw is the same
+    on any device.
+
+    Example:
+        >>> px = torch.rand(4, 3, 8, 8)
+        >>> out = augment_pixels(px, torch.Generator().manual_seed(0))
+        >>> out.shape == px.shape, bool(out.min() >= 0), bool(out.max() <= 1)
+        (True, True, True)
+    """
+    b, _, h, w = pixels.shape
+
+    def draws(g: torch.Generator, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        shifts = torch.randint(-max_shift, max_shift + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+        return shifts, flips, 1.0 + (2 * torch.rand(n, generator=g) - 1) * brightness
+
+    if isinstance(gen, torch.Generator):
+        shifts, flips, factors = draws(gen, b)
+    else:
+        per = [draws(g, 1) for g in gen]
+        shifts, flips, factors = (torch.cat([p[k] for p in per]) for k in range(3))
+    s = max_shift
+    padded = F.pad(pixels, (s, s, s, s), mode="replicate") if s > 0 else pixels
+    out = []
+    for i in range(b):
+        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
+        img = padded[i, :, s + dy : s + dy + h, s + dx : s + dx + w]
+        if flips[i]:
+            img = img.flip(-1)
+        out.append(img)
+    scaled = torch.stack(out) * factors.to(pixels.device, pixels.dtype).view(b, 1, 1, 1)
+    return scaled.clamp(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- text
@@ -642,11 +733,17 @@ TEXT_PERTURBATIONS: dict[str, TextPerturbation] = {
 """Every text perturbation by name (character, word, then sentence level)."""
 
 
-def perturb_texts(texts: Sequence[str], name: str, severity: int, seed: int = 0) -> list[str]:
+def perturb_texts(
+    texts: Sequence[str],
+    name: str,
+    severity: int,
+    seed: int = 0,
+    row_seeds: Sequence[int] | None = None,
+) -> list[str]:
     """Apply the text perturbation ``name`` at ``severity`` (rate ``TEXT_RATES[severity - 1]``).
 
-    Each text draws from its own stream seeded by ``(seed, row index)``, so the result of a row
-    does not depend on the other rows.
+    Each text draws from its own stream seeded by ``(seed, row index)`` (or by ``row_seeds``,
+    one per text), so the result of a row does not depend on the other rows.
 
     Example:
         >>> perturb_texts(["a red circle", "a blue square"], "case_noise", 5, seed=3)
@@ -658,6 +755,13 @@ def perturb_texts(texts: Sequence[str], name: str, severity: int, seed: int = 0)
         )
     rate = TEXT_RATES[_check_severity(severity)]
     fn = TEXT_PERTURBATIONS[name]
+    if row_seeds is not None:
+        if len(row_seeds) != len(texts):
+            raise ValueError(f"{len(row_seeds)} row seeds for {len(texts)} texts")
+        return [
+            fn(str(t), rate, np.random.default_rng(int(s)))
+            for t, s in zip(texts, row_seeds, strict=True)
+        ]
     return [fn(str(t), rate, np.random.default_rng([int(seed), i])) for i, t in enumerate(texts)]
 
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from mmsafe.tasks.base import Task
 
 SCHEMA_VERSION = "2.0"
-RUN_SECTIONS: tuple[str, ...] = ("timings", "environment")
+RUN_SECTIONS: tuple[str, ...] = ("timings", "environment", "engine")
 """Top-level card sections that vary from run to run (and never feed a gate or a verdict)."""
 
 
@@ -127,13 +127,15 @@ def build_card(
     data_fingerprint: str | None = None,
     total_seconds: float = 0.0,
     reused: Sequence[str] = (),
+    engine: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the card dict (validate it with :func:`validate_card`).
 
     ``total_seconds`` is the audit's wall time and ``reused`` the checks taken from an
-    interrupted run; both go to the ``timings`` section with each result's timings.
+    interrupted run; both go to the ``timings`` section with each result's timings. ``engine``
+    is the engine's pass accounting (:meth:`mmsafe.engine.Engine.accounting`).
     """
-    return {
+    card = {
         "schema_version": SCHEMA_VERSION,
         "model": model_info(model),
         "data": data_info(data, evaluated, data_fingerprint),
@@ -144,6 +146,9 @@ def build_card(
         "timings": timings_info(results, total_seconds, reused),
         "environment": environment_info(device),
     }
+    if engine is not None:
+        card["engine"] = dict(engine)
+    return card
 
 
 def timings_info(

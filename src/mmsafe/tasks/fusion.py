@@ -76,6 +76,8 @@ class FusionTask(Task):
             seed=self.seed,
         )
         self.head_.eval()
+        # the head's training: rows x epochs, counted apart from the encoder's forward passes
+        engine.count("training_passes", int(fit_data.labelled.sum()) * self.epochs)
 
     def state_fingerprint(self) -> str:  # noqa: D102
         if self.head_ is None:

@@ -220,14 +220,21 @@ class ExplainCheck(Check):
         plots: dict[str, dict[str, Any]] = {}
         if ctx.task.name == "fusion" and len(ctx.task.modalities) >= 2:
             self._modalities(ctx, pool, target, metrics, findings, plots)
-        if "image" in ctx.data.modalities and "image" in ctx.outputs.embeddings and self.ig_rows:
-            self._pixels(
-                ctx, pool[: self.ig_rows], target[: self.ig_rows], metrics, findings, plots
-            )
-        if "text" in ctx.task.modalities and "text" in ctx.data.modalities and self.text_rows:
-            self._text(
-                ctx, pool[: self.text_rows], target[: self.text_rows], metrics, findings, plots
-            )
+        # integrated gradients and deletion curves differentiate through the encoder: their
+        # forward/backward passes cannot be cached, so the engine counts them apart
+        with ctx.engine.counting(ctx.model, "gradient_passes"):
+            if (
+                "image" in ctx.data.modalities
+                and "image" in ctx.outputs.embeddings
+                and self.ig_rows
+            ):
+                self._pixels(
+                    ctx, pool[: self.ig_rows], target[: self.ig_rows], metrics, findings, plots
+                )
+            if "text" in ctx.task.modalities and "text" in ctx.data.modalities and self.text_rows:
+                self._text(
+                    ctx, pool[: self.text_rows], target[: self.text_rows], metrics, findings, plots
+                )
         order = {"high": 0, "medium": 1, "low": 2, "info": 3}
         findings.sort(key=lambda f: order[f.severity])
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)

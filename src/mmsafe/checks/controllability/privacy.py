@@ -312,6 +312,8 @@ def encoder_shadow_statistics(
         shadow = model.train_shadow(
             half, seed=shadow_seeds[k], quick=quick, size=size, recipe=train
         )
+        hp = getattr(shadow, "training_info", {}).get("hyperparameters", {})
+        engine.count("training_passes", int(hp.get("steps", 0)) * int(hp.get("batch_size", 0)))
         stats[k] = stat(shadow, embed(shadow))
     info = getattr(shadow, "training_info", {}).get("hyperparameters", {})
     cfg = getattr(shadow, "cfg", None)

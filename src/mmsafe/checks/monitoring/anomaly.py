@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
@@ -202,21 +203,54 @@ class AnomalyCheck(Check):
         return None, np.zeros(0, dtype=np.int64)
 
     def _methods(
-        self, model: Any, data: Dataset, refs: Sequence[np.ndarray], usable: Sequence[int]
+        self,
+        ctx: AuditContext,
+        data: Dataset,
+        ref_split: Dataset | None,
+        ref_rows: Sequence[int],
+        usable: Sequence[int],
     ) -> tuple[dict[str, AnomalyScores], int, list[Finding]]:
-        """Every method's scores on ``data``'s images, the pixel grid's side, info findings."""
+        """Every method's scores on ``data``'s images, the pixel grid's side, info findings.
+
+        Whole images, window crops and prompts are encoded through the engine (cached and
+        counted); ``ref_split``'s ``ref_rows`` are the few-shot references.
+        """
+        engine = ctx.engine
+        model = ctx.model.to(engine.device).eval()
         images = data.modalities["image"]
-        emb = embed_windows(model, images, self.windows, self.stride, self.batch_size)
+
+        def crops(px: Tensor) -> Tensor:  # window crops, already at the model's input size
+            return engine.embed_values(
+                model, "image", px, desc="anomaly windows", preprocessed=True
+            )
+
+        whole = engine.embed(model, data, "image")  # the clean rows: cached
+        emb = embed_windows(
+            model, images, self.windows, self.stride, self.batch_size, None, crops, whole
+        )
         prototypes = text_prototypes(
-            model, self.object_name, self.normal_states, self.anomalous_states
+            model,
+            self.object_name,
+            self.normal_states,
+            self.anomalous_states,
+            encode=lambda p: engine.embed_values(model, "text", p, desc="anomaly prompts"),
         )
         methods: dict[str, AnomalyScores] = {
             "zero_shot": zero_shot_anomaly(emb, prototypes, model.logit_scale)
         }
         findings: list[Finding] = []
-        if usable:
+        if usable and ref_split is not None:
+            refs = [ref_split.modalities["image"][i] for i in ref_rows]
+            ref_whole = engine.embed(model, ref_split, "image", rows=ref_rows)
             ref_emb = embed_windows(
-                model, refs, self.windows, self.stride, self.batch_size, emb.image_size
+                model,
+                refs,
+                self.windows,
+                self.stride,
+                self.batch_size,
+                emb.image_size,
+                crops,
+                ref_whole,
             )
             for k in usable:
                 bank = MemoryBank.from_embeddings(ref_emb.subset(np.arange(k)))
@@ -266,13 +300,11 @@ class AnomalyCheck(Check):
         rows = defect_rows(ctx.data, self.max_normal, seed)
         data = ctx.data.subset(rows)
         is_defect = np.array([m["defect"] is not None for m in data.meta])
-        model = ctx.model.to(ctx.engine.device).eval()
 
         ref_split, order = self._references(ctx, seed)
         usable = [k for k in self.shots if k <= len(order)]
         ref_rows = order[: max(usable, default=0)]
-        refs = [ref_split.modalities["image"][i] for i in ref_rows] if ref_split else []
-        methods, image_size, findings = self._methods(model, data, refs, usable)
+        methods, image_size, findings = self._methods(ctx, data, ref_split, ref_rows, usable)
         masks = defect_masks(data.meta, (image_size, image_size))
         if len(usable) < len(self.shots):
             findings.append(
@@ -306,7 +338,7 @@ class AnomalyCheck(Check):
         head, chosen_on, cal_aucs = self.headline(
             ctx,
             list(methods),
-            lambda sel: self._methods(model, sel, refs, usable)[0],
+            lambda sel: self._methods(ctx, sel, ref_split, ref_rows, usable)[0],
             exclude=[ref_split.ids[i] for i in ref_rows] if ref_split else (),
         )
         metrics["image_auroc"] = metrics[f"{head}/image_auroc"]

@@ -10,8 +10,7 @@ augmentation), and, for fusion tasks, how often removing a modality *raises* the
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -20,7 +19,8 @@ from torch import Tensor, nn
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.engine.runner import to_device
+from mmsafe.engine.variants import Variant, dropout_modules, mc_dropout
+from mmsafe.methods.perturb import augment_pixels, row_seed
 from mmsafe.metrics import mean_ci, resample_counts
 from mmsafe.metrics.uncertainty import (
     avu_indicator,
@@ -29,6 +29,8 @@ from mmsafe.metrics.uncertainty import (
     predictive_entropy,
 )
 from mmsafe.tasks.fusion import fusion_head_of
+
+__all__ = ["UncertaintyCheck", "augment_pixels", "dropout_modules", "mc_dropout"]
 
 Method = Literal["auto", "tta", "mc_dropout"]
 CML_REMEDIATION = (
@@ -131,68 +133,6 @@ def entropy_histogram(
         "ylabel": "share of rows",
         "series": series,
     }
-
-
-def augment_pixels(
-    pixels: Tensor,
-    gen: torch.Generator,
-    max_shift: int = 2,
-    brightness: float = 0.1,
-    flip: bool = True,
-) -> Tensor:
-    """A small random augmentation of pixels in ``[0, 1]``, one draw per image.
-
-    Random translation by up to ``max_shift`` pixels each way (edge-replicated), horizontal
-    flip with probability 1/2 (when ``flip``), and brightness scaled by a factor uniform in
-    ``[1 - brightness, 1 + brightness]``; the result is clipped to ``[0, 1]``. Random numbers
-    come from the CPU generator ``gen``, so the draw is the same on any device.
-
-    Example:
-        >>> px = torch.rand(4, 3, 8, 8)
-        >>> out = augment_pixels(px, torch.Generator().manual_seed(0))
-        >>> out.shape == px.shape, bool(out.min() >= 0), bool(out.max() <= 1)
-        (True, True, True)
-    """
-    b, _, h, w = pixels.shape
-    shifts = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=gen)
-    flips = torch.rand(b, generator=gen) < 0.5 if flip else torch.zeros(b, dtype=torch.bool)
-    factors = 1.0 + (2 * torch.rand(b, generator=gen) - 1) * brightness
-    s = max_shift
-    padded = nn.functional.pad(pixels, (s, s, s, s), mode="replicate") if s > 0 else pixels
-    out = []
-    for i in range(b):
-        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
-        img = padded[i, :, s + dy : s + dy + h, s + dx : s + dx + w]
-        if flips[i]:
-            img = img.flip(-1)
-        out.append(img)
-    scaled = torch.stack(out) * factors.to(pixels.device, pixels.dtype).view(b, 1, 1, 1)
-    return scaled.clamp(0.0, 1.0)
-
-
-def dropout_modules(model: nn.Module) -> list[nn.Module]:
-    """The dropout layers of ``model`` with ``p > 0`` (any ``nn.Dropout*`` kind).
-
-    Example:
-        >>> len(dropout_modules(nn.Sequential(nn.Dropout(0.1), nn.Dropout(0.0), nn.Linear(2, 2))))
-        1
-    """
-    kinds = (nn.modules.dropout._DropoutNd,)
-    return [m for m in model.modules() if isinstance(m, kinds) and float(m.p) > 0]
-
-
-@contextlib.contextmanager
-def mc_dropout(model: nn.Module) -> Iterator[None]:
-    """Put only the dropout layers in training mode (batch norm etc. stay in eval)."""
-    layers = dropout_modules(model)
-    modes = [m.training for m in layers]
-    try:
-        for m in layers:
-            m.train()
-        yield
-    finally:
-        for m, was in zip(layers, modes, strict=True):
-            m.train(was)
 
 
 def _probs(logits: Tensor) -> np.ndarray:
@@ -369,31 +309,24 @@ class UncertaintyCheck(Check):
 
     def _pass_probs(self, ctx: AuditContext, keep: np.ndarray, method: str) -> np.ndarray:
         """``(T, N, C)`` class probabilities from ``T`` stochastic image embeddings."""
-        model, engine = ctx.model, ctx.engine
-        images = [ctx.data.modalities["image"][i] for i in np.flatnonzero(keep)]
+        rows = np.flatnonzero(keep)
         others = {m: e[torch.as_tensor(keep)] for m, e in ctx.outputs.embeddings.items()}
-        gen = torch.Generator().manual_seed(int(ctx.seed) + 7919)
-        device = engine.device
-        model = model.to(device).eval()
-        chunks: list[list[Tensor]] = [[] for _ in range(self.n_passes)]
-        rng_devices = [device] if device.type == "cuda" else []
-        ctx_mgr = mc_dropout(model) if method == "mc_dropout" else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=rng_devices), ctx_mgr, torch.inference_mode():
-            torch.manual_seed(int(ctx.seed))
-            for start in range(0, len(images), engine.batch_size):
-                batch = model.preprocess("image", images[start : start + engine.batch_size])
-                pixels = to_device(batch, device)
-                for t in range(self.n_passes):
-                    x = pixels
-                    if method == "tta":
-                        assert isinstance(x, Tensor)
-                        x = augment_pixels(x, gen, self.max_shift, self.brightness, self.flip)
-                    emb = model.encode({"image": x})["image"].float().cpu()
-                    chunks[t].append(emb)
-            passes = []
-            for t in range(self.n_passes):
-                emb = {**others, "image": torch.cat(chunks[t])}
-                passes.append(_probs(ctx.task.logits(emb)))
+        passes = []
+        for t in range(self.n_passes):
+            seed = row_seed(int(ctx.seed), f"{method}/{t}")  # one stream per pass
+            if method == "tta":
+                variant = Variant.of(
+                    "tta",
+                    seed=seed,
+                    max_shift=int(self.max_shift),
+                    brightness=float(self.brightness),
+                    flip=bool(self.flip),
+                )
+            else:
+                variant = Variant.of("dropout", seed=seed)
+            image = ctx.engine.embed(ctx.model, ctx.data, "image", variant=variant, rows=rows)
+            with torch.inference_mode():
+                passes.append(_probs(ctx.task.logits({**others, "image": image})))
         return np.stack(passes)
 
     def _violations(

@@ -28,14 +28,8 @@ from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
-from mmsafe.engine.runner import to_device
-from mmsafe.methods.perturb import (
-    IMAGE_CORRUPTIONS,
-    SEVERITIES,
-    TEXT_PERTURBATIONS,
-    corrupt_images,
-    perturb_texts,
-)
+from mmsafe.engine.variants import corruption_variant
+from mmsafe.methods.perturb import IMAGE_CORRUPTIONS, SEVERITIES, TEXT_PERTURBATIONS
 from mmsafe.metrics import best_positive_rank, mean_ci, resample_counts
 
 EPS = 1e-4
@@ -324,11 +318,7 @@ class ShiftCheck(Check):
             names = self.image_corruptions if m == "image" else self.text_perturbations
             if not names:
                 continue
-            shifted_emb = (
-                self._image_embeddings(ctx, rows)
-                if m == "image"
-                else self._text_embeddings(ctx, rows)
-            )
+            shifted_emb = self._shifted_embeddings(ctx, m, rows)
             table = np.stack(
                 [
                     np.stack([score({**emb, m: shifted_emb[(k, s)]}) for s in self.severities])
@@ -377,42 +367,23 @@ class ShiftCheck(Check):
             rows = np.sort(rng.choice(rows, size=self.max_rows, replace=False))
         return rows
 
-    def _image_embeddings(
-        self, ctx: AuditContext, rows: np.ndarray
+    def _shifted_embeddings(
+        self, ctx: AuditContext, m: str, rows: np.ndarray
     ) -> dict[tuple[str, int], Tensor]:
-        model, engine = ctx.model, ctx.engine
-        device = engine.device
-        model = model.to(device).eval()
-        images = [ctx.data.modalities["image"][i] for i in rows]
-        chunks: dict[tuple[str, int], list[Tensor]] = {
-            (k, s): [] for k in self.image_corruptions for s in self.severities
-        }
-        with torch.inference_mode():
-            for start in range(0, len(images), engine.batch_size):
-                pixels = to_device(
-                    model.preprocess("image", images[start : start + engine.batch_size]), device
-                )
-                assert isinstance(pixels, Tensor)
-                for j, k in enumerate(self.image_corruptions):
-                    # the same draws at every severity: a higher one perturbs the same way, more
-                    seed = int(
-                        np.random.SeedSequence([int(ctx.seed), j, start]).generate_state(1)[0]
-                    )
-                    for s in self.severities:
-                        x = corrupt_images(pixels, k, s, seed=seed)
-                        chunks[(k, s)].append(model.encode({"image": x})["image"].float().cpu())
-        return {key: torch.cat(v) for key, v in chunks.items()}
+        """Embeddings of ``rows`` under every corruption x severity of modality ``m``.
 
-    def _text_embeddings(
-        self, ctx: AuditContext, rows: np.ndarray
-    ) -> dict[tuple[str, int], Tensor]:
-        texts = [str(ctx.data.modalities["text"][i]) for i in rows]
-        out = {}
-        for j, k in enumerate(self.text_perturbations):
-            for s in self.severities:
-                perturbed = perturb_texts(texts, k, s, seed=int(ctx.seed) * 1000 + j)
-                out[(k, s)] = ctx.engine.embed_values(ctx.model, "text", perturbed, desc=k)
-        return out
+        One :func:`corruption_variant` per cell: the same seed at every severity (a higher one
+        perturbs the same way, more), shared through the engine's cache with the checks that
+        ask for the same corruption (``monitoring.conformal``).
+        """
+        names = self.image_corruptions if m == "image" else self.text_perturbations
+        return {
+            (k, s): ctx.engine.embed(
+                ctx.model, ctx.data, m, variant=corruption_variant(m, k, s, ctx.seed), rows=rows
+            )
+            for k in names
+            for s in self.severities
+        }
 
     def _modality_metrics(
         self,

@@ -210,7 +210,10 @@ class AdversarialCheck(Check):
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
         s = self.settings()
-        out = run_retrieval(ctx, s) if ctx.task.kind == "retrieval" else run_classification(ctx, s)
+        # attack steps (forward + backward per row) cannot be cached: counted apart
+        with ctx.engine.counting(ctx.model, "attack_iterations"):
+            run = run_retrieval if ctx.task.kind == "retrieval" else run_classification
+            out = run(ctx, s)
         return self.result(metrics=out.metrics, findings=out.findings, plots=out.plots)
 
     def settings(self) -> AttackSettings:
