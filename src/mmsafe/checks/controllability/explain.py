@@ -211,7 +211,7 @@ class ExplainCheck(Check):
         labels = ctx.outputs.labels
         preds = ctx.outputs.preds
         pool = np.flatnonzero(labels >= 0) if self.target == "true" else np.arange(len(labels))
-        rng = np.random.default_rng([int(ctx.seed), 808])
+        rng = ctx.rng("rows")
         if len(pool) > self.max_rows:
             pool = np.sort(rng.choice(pool, self.max_rows, replace=False))
         target = (labels if self.target == "true" else preds)[pool]

@@ -69,7 +69,7 @@ def mismatched_partners(labels: np.ndarray, seed: int) -> np.ndarray:
     n = len(y)
     if n < 2:
         raise ValueError("swapping a modality needs at least two rows")
-    rng = np.random.default_rng([int(seed), 4242])
+    rng = np.random.default_rng(int(seed))
     out = np.empty(n, dtype=np.int64)
     for i in range(n):
         pool = np.flatnonzero(y != y[i])
@@ -182,7 +182,7 @@ class ModalityCheck(Check):
             return (pred == labels).astype(np.float64), pred
 
         clean, _ = correct(emb)
-        partners = mismatched_partners(labels, ctx.seed)
+        partners = mismatched_partners(labels, ctx.seed_for("partners"))
         metrics: dict[str, Metric] = {
             "clean_accuracy": Metric(
                 float(clean.mean()), mean_ci(clean, self.n_boot, seed=ctx.seed)
@@ -197,7 +197,7 @@ class ModalityCheck(Check):
             variants = {
                 "drop": self._constant(ctx, m, x).expand_as(x),
                 "swap": x[torch.as_tensor(partners)],
-                "noise": embedding_noise(x, self.noise_scale, int(ctx.seed) + 17 * j),
+                "noise": embedding_noise(x, self.noise_scale, ctx.seed_for(f"noise-{m}")),
             }
             for p, xv in variants.items():
                 ok, pred = correct({**emb, m: xv})

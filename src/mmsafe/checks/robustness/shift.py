@@ -363,7 +363,7 @@ class ShiftCheck(Check):
             np.arange(len(labels)) if ctx.task.kind == "retrieval" else np.flatnonzero(labels >= 0)
         )
         if self.max_rows is not None and len(rows) > self.max_rows:
-            rng = np.random.default_rng([int(ctx.seed), 31337])
+            rng = ctx.rng("rows")
             rows = np.sort(rng.choice(rows, size=self.max_rows, replace=False))
         return rows
 

@@ -149,7 +149,7 @@ def universal_train_pixels(ctx: AuditContext, n_rows: int) -> Tensor | None:
     source = ctx.train if ctx.train is not None and len(ctx.train) else ctx.calibration
     if source is None or "image" not in source.modalities or len(source) == 0:
         return None
-    rng = np.random.default_rng([int(ctx.seed), 4243])
+    rng = ctx.rng("universal-rows")
     pick = rng.permutation(len(source))[:n_rows]
     px = ctx.model.preprocess("image", [source.modalities["image"][i] for i in pick])
     assert isinstance(px, Tensor)
