@@ -44,7 +44,7 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
         >>> len(cal), len(ev), sorted(np.r_[cal, ev].tolist()) == list(range(10))
         (5, 5, True)
     """
-    perm = np.random.default_rng([int(seed), 0xC0F]).permutation(n)
+    perm = np.random.default_rng(int(seed)).permutation(n)
     k = int(round(n * fraction))
     return np.sort(perm[:k]), np.sort(perm[k:])
 
@@ -181,7 +181,7 @@ class ConformalCheck(Check):
             ev = np.flatnonzero(labelled)
         else:
             idx = np.flatnonzero(labelled)
-            c, e = holdout_split(idx.size, float(self.holdout), ctx.seed)  # type: ignore[arg-type]
+            c, e = holdout_split(idx.size, float(self.holdout), ctx.seed_for("holdout"))  # type: ignore[arg-type]
             cal_idx, ev = idx[c], idx[e]
             source = f"holdout ({self.holdout:g} of the labelled evaluated rows)"
             cal_probs, cal_labels = probs[cal_idx], labels[cal_idx]
