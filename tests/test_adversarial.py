@@ -32,7 +32,7 @@ from mmsafe.methods.attacks.pixel import (
 )
 from mmsafe.methods.attacks.text import co_attack, retrieval_recall_at_1, sep_attack
 from mmsafe.tasks.retrieval import caption_positives
-from tests.conftest import ToyEncoder, audit_context
+from tests.conftest import ToyEncoder, audit_context, require
 
 TOL = 1e-5  # float rounding on the budget
 
@@ -243,9 +243,7 @@ def _acc(forward, x: Tensor, y: Tensor) -> float:
 
 
 def test_agrees_with_torchattacks(clip_batch) -> None:
-    torchattacks = pytest.importorskip(
-        "torchattacks", reason="torchattacks not installed (pip install --no-deps torchattacks)"
-    )
+    torchattacks = require("torchattacks")
     x, y, forward, ctx = clip_batch
 
     class PixelsToLogits(nn.Module):

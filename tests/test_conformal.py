@@ -36,7 +36,7 @@ from mmsafe.methods.conformal import (
     stratified_quantiles,
 )
 from mmsafe.tasks.base import Outputs
-from tests.conftest import audit_context
+from tests.conftest import audit_context, require
 
 LEVEL = 0.9
 N_SEEDS = 200
@@ -255,7 +255,7 @@ def test_stratum_fallback_is_recorded() -> None:
 
 # --------------------------------------------------------------------------- MAPIE
 def _mapie_setup() -> Any:
-    pytest.importorskip("mapie")
+    require("mapie")
     from mapie.classification import SplitConformalClassifier
     from mapie.conformity_scores import APSConformityScore, RAPSConformityScore
     from mapie.conformity_scores.sets.utils import get_true_label_position
