@@ -22,33 +22,19 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
-from mapie.classification import SplitConformalClassifier
-from sklearn.base import BaseEstimator, ClassifierMixin
 
 from mmsafe.methods.conformal import ConformalPredictor, set_coverage, set_sizes
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the MAPIE wrapper lives in tests/
+from tests.mapie_reference import mapie_sets  # noqa: E402
+
 warnings.filterwarnings("ignore")
-
-
-class Lookup(ClassifierMixin, BaseEstimator):
-    """A prefit classifier whose input is a row index into precomputed probabilities."""
-
-    def __init__(self, probs: np.ndarray | None = None) -> None:
-        self.probs = probs
-
-    def fit(self, X, y=None):  # noqa: N803
-        self.classes_ = np.arange(self.probs.shape[1])
-        return self
-
-    def predict_proba(self, X):  # noqa: N803
-        return self.probs[np.asarray(X)[:, 0]]
-
-    def predict(self, X):  # noqa: N803
-        return self.predict_proba(X).argmax(1)
 
 
 def make_data(n: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,32 +46,15 @@ def make_data(n: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_mapie(score, probs, labels, cal, test, level):
-    x = np.arange(len(probs))[:, None]
-    est = Lookup(probs).fit(x[:1], labels[:1])
     t = time.perf_counter()
-    m = SplitConformalClassifier(
-        est, confidence_level=level, conformity_score=score, prefit=True, random_state=0
-    ).conformalize(x[cal], labels[cal])
-    ill = True if score == "lac" else "randomized"
-    _, sets = m.predict_set(x[test], conformity_score_params={"include_last_label": ill})
-    seconds = time.perf_counter() - t
-    fn = m._mapie_classifier.conformity_score_function_
-    extra = {}
-    if score == "raps":
-        extra = {
-            "k_reg": int(np.ravel(fn.k_star)[0]),
-            "lam": float(np.ravel(fn.lambda_star)[0]),
-            "rows": np.setdiff1d(cal, fn.X_raps[:, 0]),
-        }
-    return sets[:, :, 0], seconds, extra
+    run = mapie_sets(score, probs, labels, cal, test, level, randomized=True)
+    return run, time.perf_counter() - t
 
 
-def run_mmsafe(score, probs, labels, cal, test, level, extra):
-    rows = extra.get("rows", cal)
-    kw = {k: v for k, v in extra.items() if k != "rows"}
+def run_mmsafe(score, probs, labels, test, level, run):
     t = time.perf_counter()
-    cp = ConformalPredictor(level, score=score, randomized=score != "lac", **kw)
-    sets = cp.fit(probs[rows], labels[rows]).predict_set(probs[test])
+    cp = ConformalPredictor(level, score=score, randomized=score != "lac", **run.kw)
+    sets = cp.fit(probs[run.rows], labels[run.rows]).predict_set(probs[test])
     return sets, time.perf_counter() - t
 
 
@@ -112,12 +81,13 @@ def main() -> None:
         for score in ("lac", "aps", "raps"):
             t_m, t_p, ratios = [], [], []
             for _ in range(args.repeats):
-                theirs, s_p, extra = run_mapie(score, probs, labels, cal, test, args.level)
-                ours, s_m = run_mmsafe(score, probs, labels, cal, test, args.level, extra)
+                run, s_p = run_mapie(score, probs, labels, cal, test, args.level)
+                ours, s_m = run_mmsafe(score, probs, labels, test, args.level, run)
                 t_m.append(s_m)
                 t_p.append(s_p)
                 ratios.append(s_m / s_p)
             cov_o = set_coverage(ours, labels[test]).mean()
+            theirs = run.sets
             cov_t = set_coverage(theirs, labels[test]).mean()
             same = "yes" if np.array_equal(ours, theirs) else "no (randomized)"
             print(

@@ -6,9 +6,11 @@ need a trained model use tiny-clip (quick) on a small shapes world, trained once
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,27 @@ from mmsafe.data.dataset import Dataset
 from mmsafe.models.base import Batch, EncoderModel, images_to_tensor
 
 COLOURS = ["red", "green", "blue"]
+
+# a helper, not a test module: --doctest-modules would import it, and without MAPIE stop the run
+# at collection; the MAPIE tests import it themselves and fail one by one instead
+collect_ignore = ["mapie_reference.py"]
+
+INSTALL = "run `make test`, or `pip install -e '.[test]'`"
+"""How to get the test extra (the reference libraries and the optional extras)."""
+INSTALL_HOW = {"torchattacks": "`pip install --no-deps torchattacks==3.5.1` (`make test` does)"}
+
+
+def require(module: str) -> ModuleType:
+    """Import a library a test needs (a reference or an extra); fail, never skip, without it.
+
+    A skipped reference test would silently drop the only evidence for a claim, so a missing
+    library fails the test with how to install it.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        how = INSTALL_HOW.get(module.split(".")[0], INSTALL)
+        pytest.fail(f"{module} is required by the tests but cannot be imported ({err}): {how}")
 
 
 class ToyEncoder(EncoderModel):

@@ -23,6 +23,7 @@ from mmsafe.methods.adapt import (
 )
 from mmsafe.methods.efficiency import count_parameters, tpme
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+from tests.conftest import require
 
 
 def test_layerdrop_taps_group_layers() -> None:
@@ -184,7 +185,7 @@ def _xs_setup() -> tuple[Any, Any, Any, int]:
 
 
 def test_lora_trains_only_low_rank_factors_and_head() -> None:
-    pytest.importorskip("peft")
+    require("peft")
     world, model, head, base = _xs_setup()
     (lora,) = compare_methods(
         model, world.split("train"), world.split("test"), ["lora"], epochs=1, batch_size=32

@@ -29,7 +29,7 @@ from mmsafe.methods.adapt import (
 )
 from mmsafe.methods.efficiency import count_parameters
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
-from tests.conftest import audit_context
+from tests.conftest import audit_context, require
 
 EPOCHS, SEED = 6, 3
 
@@ -196,7 +196,7 @@ def _xs() -> tuple[Any, Any, Any]:
 
 
 def test_every_retrieval_method_reports_cost_and_recall() -> None:
-    pytest.importorskip("peft")
+    require("peft")
     train, test, model = _xs()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reports = compare_methods(

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from mmsafe.data.worlds.shapes import make_shapes
 from mmsafe.methods.adapt import (
@@ -28,8 +29,6 @@ from mmsafe.methods.adapt import (
     train_side_head,
 )
 from mmsafe.methods.efficiency import count_parameters
-
-transformers = pytest.importorskip("transformers")
 
 IMAGE_LAYERS, IMAGE_WIDTH, TEXT_LAYERS, TEXT_WIDTH = 4, 32, 8, 48
 

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -92,7 +93,6 @@ def test_hotflip_needs_token_embedding() -> None:
 
 
 def test_hotflip_on_random_hf_clip() -> None:
-    transformers = pytest.importorskip("transformers")
     from mmsafe.models.hf import CLIP_MEAN, CLIP_STD, HFClip
 
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ from mmsafe.methods.conformal import (
     stratified_quantiles,
 )
 from mmsafe.tasks.base import Outputs
-from tests.conftest import audit_context
+from tests.conftest import audit_context, require
 
 LEVEL = 0.9
 N_SEEDS = 200
@@ -255,105 +255,65 @@ def test_stratum_fallback_is_recorded() -> None:
 
 
 # --------------------------------------------------------------------------- MAPIE
-def _mapie_setup() -> Any:
-    pytest.importorskip("mapie")
-    from mapie.classification import SplitConformalClassifier
-    from mapie.conformity_scores import APSConformityScore, RAPSConformityScore
-    from mapie.conformity_scores.sets.utils import get_true_label_position
-    from sklearn.base import BaseEstimator, ClassifierMixin
+def _mapie() -> Any:
+    require("mapie")
+    from tests import mapie_reference
 
-    class Lookup(ClassifierMixin, BaseEstimator):
-        """A 'prefit' classifier whose input is a row index into precomputed probabilities."""
-
-        def __init__(self, probs: np.ndarray | None = None) -> None:
-            self.probs = probs
-
-        def fit(self, X, y=None):  # noqa: N803
-            self.classes_ = np.arange(self.probs.shape[1])
-            return self
-
-        def predict_proba(self, X):  # noqa: N803
-            return self.probs[np.asarray(X)[:, 0].astype(int)]
-
-        def predict(self, X):  # noqa: N803
-            return self.predict_proba(X).argmax(1)
-
-    class DeterministicAPS(APSConformityScore):
-        """MAPIE's APS always randomizes calibration scores; this is its u = 1 version."""
-
-        def get_conformity_scores(self, y, y_pred, y_enc=None, **kwargs):
-            scores, self.cutoff = self.get_true_label_cumsum_proba(y, y_pred, self.classes)
-            return scores
-
-    class DeterministicRAPS(RAPSConformityScore):
-        def get_conformity_scores(self, y, y_pred, y_enc=None, **kwargs):
-            params = kwargs.pop("predict_params", {})
-            est = self.predictor.single_estimator_
-            self.y_pred_proba_raps = est.predict_proba(self.X_raps, **params)
-            self.position_raps = get_true_label_position(self.y_pred_proba_raps, self.y_raps)
-            scores, self.cutoff = self.get_true_label_cumsum_proba(y, y_pred, self.classes)
-            return scores
-
-    return SplitConformalClassifier, Lookup, DeterministicAPS, DeterministicRAPS
-
-
-def _mapie_fit(score: Any, probs, labels, cal, level=LEVEL) -> Any:
-    scc, lookup, _, _ = _mapie_setup()
-    x = np.arange(len(probs))[:, None]
-    est = lookup(probs).fit(x, labels)
-    m = scc(est, confidence_level=level, conformity_score=score, prefit=True, random_state=0)
-    return m.conformalize(x[cal], labels[cal]), x
+    return mapie_reference
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_identical_sets_to_mapie_deterministic() -> None:
     """LAC, and APS/RAPS without randomization (MAPIE's include_last_label=False on u=1
     calibration scores), give exactly MAPIE's sets on the same data."""
-    _, _, det_aps, det_raps = _mapie_setup()
+    ref = _mapie()
     probs, labels = synthetic(7, 6000)
     cal, test = np.arange(3000), np.arange(3000, 6000)
-    for name, score in [("lac", "lac"), ("aps", det_aps()), ("raps", det_raps())]:
-        m, x = _mapie_fit(score, probs, labels, cal)
-        _, theirs = m.predict_set(x[test], conformity_score_params={"include_last_label": False})
-        theirs = theirs[:, :, 0]
-        rows, kw = cal, {}
-        if name == "raps":  # MAPIE tunes k and lambda on a held-out part of the calibration rows
-            fn = m._mapie_classifier.conformity_score_function_
-            kw = {"k_reg": int(np.ravel(fn.k_star)[0]), "lam": float(np.ravel(fn.lambda_star)[0])}
-            rows = np.setdiff1d(cal, fn.X_raps[:, 0])
-        mine = ConformalPredictor(LEVEL, score=name, **kw).fit(probs[rows], labels[rows])
-        ours = mine.predict_set(probs[test])
-        assert np.array_equal(ours, theirs), name
-        fitted = m._mapie_classifier.conformity_score_function_.quantiles_[0]
-        assert mine.qhat_ == pytest.approx(fitted, abs=1e-12)
+    for name in ["lac", "aps", "raps"]:
+        theirs = ref.mapie_sets(name, probs, labels, cal, test, LEVEL, randomized=False)
+        rows = theirs.rows
+        mine = ConformalPredictor(LEVEL, score=name, **theirs.kw).fit(probs[rows], labels[rows])
+        assert np.array_equal(mine.predict_set(probs[test]), theirs.sets), name
+        assert mine.qhat_ == pytest.approx(theirs.qhat, abs=1e-12)
+
+
+# Randomized APS/RAPS vs MAPIE: the two draw different uniforms, so the sets differ and the
+# agreement is statistical. Coverage: each side's coverage given its calibration is a Beta law
+# (sd sqrt(L(1-L)/n_cal)) seen through n_test binomial rows; the two sides share the rows, which
+# only correlates them, so 4 sd of the difference of two *independent* such coverages bounds
+# it: 4 sqrt(2 L(1-L)(1/n_cal + 1/n_test)) = 1.1 pp at 50 000 + 50 000 rows. Set size has no
+# such law; its randomization sd, measured over 10 seeds of mmsafe on these rows (4 data seeds),
+# is 0.2-0.3% of the mean size, so the difference of two draws has sd <= 0.45% and 2% is over
+# 4 sd. docs/conformal.md states the same two tolerances.
+MAPIE_SIZE_TOL = 0.02
+
+
+def randomized_coverage_tolerance(n_cal: int, n_test: int, level: float = LEVEL) -> float:
+    """4 sd of the difference of two independent split-conformal coverages."""
+    return 4 * math.sqrt(2 * level * (1 - level) * (1 / n_cal + 1 / n_test))
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_randomized_close_to_mapie() -> None:
     """MAPIE's default APS/RAPS (randomized calibration; "randomized" sets) vs ours randomized:
-    different uniforms, so agreement is statistical: coverage within 1 pp, set size within 3%."""
+    coverage within 4 sd of the difference (1.1 pp here), mean set size within 2%."""
+    ref = _mapie()
     probs, labels = synthetic(11, 100_000)
     cal, test = np.arange(50_000), np.arange(50_000, 100_000)
     for name in ["aps", "raps"]:
-        m, x = _mapie_fit(name, probs, labels, cal)
-        _, theirs = m.predict_set(
-            x[test], conformity_score_params={"include_last_label": "randomized"}
-        )
-        theirs = theirs[:, :, 0]
-        kw, rows = {}, cal
-        if name == "raps":
-            fn = m._mapie_classifier.conformity_score_function_
-            kw = {"k_reg": int(np.ravel(fn.k_star)[0]), "lam": float(np.ravel(fn.lambda_star)[0])}
-            rows = np.setdiff1d(cal, fn.X_raps[:, 0])
-        mine = ConformalPredictor(LEVEL, score=name, randomized=True, **kw)
+        theirs = ref.mapie_sets(name, probs, labels, cal, test, LEVEL, randomized=True)
+        rows = theirs.rows
+        mine = ConformalPredictor(LEVEL, score=name, randomized=True, **theirs.kw)
         ours = mine.fit(probs[rows], labels[rows]).predict_set(probs[test])
         cov_t, cov_o = (
-            set_coverage(theirs, labels[test]).mean(),
+            set_coverage(theirs.sets, labels[test]).mean(),
             set_coverage(ours, labels[test]).mean(),
         )
-        size_t, size_o = set_sizes(theirs).mean(), set_sizes(ours).mean()
-        assert abs(cov_t - cov_o) < 0.01, (name, cov_t, cov_o)
-        assert abs(size_t - size_o) / size_t < 0.03, (name, size_t, size_o)
+        tol = randomized_coverage_tolerance(len(rows), len(test))
+        assert 0.0105 < tol < 0.0115  # the tolerance docs/conformal.md quotes
+        assert abs(cov_t - cov_o) < tol, (name, cov_t, cov_o, tol)
+        size_t, size_o = set_sizes(theirs.sets).mean(), set_sizes(ours).mean()
+        assert abs(size_t - size_o) / size_t < MAPIE_SIZE_TOL, (name, size_t, size_o)
 
 
 # --------------------------------------------------------------------------- hardener

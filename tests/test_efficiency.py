@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import transformers
 from torch import nn
 
 import mmsafe.checks.efficiency.profile  # noqa: F401  (registers efficiency.profile)
@@ -126,7 +127,6 @@ def test_parameter_counts_match_hand_counts() -> None:
 
 
 def test_hf_clip_towers_are_found() -> None:
-    transformers = pytest.importorskip("transformers")
     from mmsafe.models.hf import HFClip
 
     small = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1}

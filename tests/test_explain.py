@@ -326,24 +326,52 @@ def test_text_ig_needs_a_token_embedding_layer() -> None:
         text_baseline_ids(ToyEncoder(), torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3), "x")
 
 
+def _class_word_quantiles(items: list[dict]) -> tuple[np.ndarray, int]:
+    """Per row whose caption names its target class: the share of the caption's other words
+    attributed less than the class word (1 = the class word is the top word; 0.5 on average for
+    attributions that ignore the words). Also the number of rows whose top word is the class's.
+    """
+    quantiles, top = [], 0
+    for item in items:
+        cls = item["caption"].rsplit(" · ", 1)[1]
+        words = [w.strip(".,;:!?\"'()[]{}").lower() for w in item["tokens"]]
+        scores = list(zip(words, item["scores"], strict=True))
+        top += max(scores, key=lambda t: t[1])[0] == cls
+        own = [v for w, v in scores if w == cls]
+        others = [v for w, v in scores if w != cls]
+        if own and others:
+            quantiles.append(np.mean(np.array(others) < max(own)))
+    return np.array(quantiles), top
+
+
 def test_text_top_words_are_the_leaked_label(shapes_quick) -> None:
-    # Measured (32 rows, 16 steps, pad baseline, caption_label=1.0): the shape word is the top
-    # word of 3 classes and second (after "background") of 2; completeness error 0.04%; token
-    # deletion AUC 0.315 vs 0.460 random (gap CI 0.126-0.162).
+    # Measured (32 rows, 16 steps, pad baseline, caption_label=1.0): 25 rows name their target
+    # class (the others' target is a wrong prediction); in those the class word is the top word
+    # in 23 and second (after "background", which the spurious tone makes predictive) in 2:
+    # mean quantile 0.99. Six of the 23 are near-ties with "background" (within 10%), so the
+    # assertions are on the quantile and on a majority, which those flips cannot move much.
+    # Completeness error 0.04%; token deletion AUC 0.316 vs 0.461 random (gap CI 0.128-0.162).
     ctx = _ctx(shapes_quick, QUICK_WORLD_SPEC + ",caption_label=1.0", "fusion")
-    res = ExplainCheck(n_boot=200, ig_rows=0, text_examples=3).run(ctx)
+    res = ExplainCheck(n_boot=200, ig_rows=0, text_examples=32).run(ctx)
     m = {k: v.value for k, v in res.metrics.items()}
     assert m["text_ig/rows"] == 32
     assert m["text_ig/completeness_error"] < 0.01
     assert m["text_ig/convergence_delta"] < 0.01
     assert m["text_ig/deletion_auc"] < m["text_ig/deletion_auc_random"]
     assert res.metrics["text_ig/deletion_gap"].ci[0] > 0
-    assert m["text_ig/class_word_top_rate"] > 0.5
-    top = next(f for f in res.findings if "Text Integrated" in f.message).evidence["top_words"]
-    for cls, ranked in top.items():
-        assert cls in [w for w, _ in ranked[:2]], (cls, ranked)
     items = res.plots["text_attributions"]["items"]
-    assert len(items) == 3 and all(len(i["tokens"]) == len(i["scores"]) for i in items)
+    assert len(items) == 32 and all(len(i["tokens"]) == len(i["scores"]) for i in items)
+    quantiles, top = _class_word_quantiles(items)
+    assert m["text_ig/class_word_top_rate"] == pytest.approx(top / 32)
+    # Uninformative attributions give each row's quantile mean 0.5 and sd <= 0.41 (3 words), so
+    # the mean of >= 16 rows has sd <= 0.1: 0.9 is 4 sd above chance, and 0.09 below the
+    # measured 0.99, which the six near-ties flipping would lower by 0.03.
+    assert len(quantiles) >= 16, len(quantiles)
+    assert quantiles.mean() >= 0.9, quantiles
+    assert np.mean(quantiles == 1.0) > 0.5, quantiles  # the class word is the top word mostly
+    top_words = next(f for f in res.findings if "Text Integrated" in f.message).evidence
+    assert set(top_words["top_words"]) <= set(ctx.data.classes)
+    assert all(len(ranked) <= 5 for ranked in top_words["top_words"].values())
     from mmsafe.report.plots import render_plot
 
     html = render_plot(res.plots["text_attributions"])

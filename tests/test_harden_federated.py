@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmsafe.harden.federated import dirichlet_split
+from tests.conftest import require
 
 
 def test_dirichlet_split_partitions_and_skews() -> None:
@@ -30,9 +31,9 @@ def test_dirichlet_split_partitions_and_skews() -> None:
 
 @pytest.fixture(scope="session")
 def flwr_simulation():
-    """Skip (before the session's tiny-clip is trained) when flwr[simulation] is absent."""
-    pytest.importorskip("ray", reason="flwr's simulation mode runs on ray (flwr[simulation])")
-    return pytest.importorskip("flwr", reason="federated training needs flwr[simulation]")
+    """Fail (before the session's tiny-clip is trained) when flwr[simulation] is absent."""
+    require("ray")  # flwr's simulation mode runs on ray (flwr[simulation])
+    return require("flwr")
 
 
 def test_federated_head_on_shapes_with_missing_modalities(flwr_simulation, shapes_quick) -> None:

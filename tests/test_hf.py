@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from mmsafe.models.base import ModelError, create_model, list_models
@@ -26,8 +27,6 @@ from mmsafe.models.hf import (
     looks_like_hub_id,
     normalisation_constants,
 )
-
-transformers = pytest.importorskip("transformers")
 
 HIDDEN, LAYERS, IMAGE, PATCH, MAXLEN = 32, 2, 32, 8, 16
 TEXTS = ["a photo of a cat.", "a dog", "an image of a very long sentence " * 4, ""]

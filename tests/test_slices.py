@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn import decomposition, mixture
 
 from mmsafe.checks.monitoring.slices import SlicesCheck
 from mmsafe.methods.slices import (
@@ -77,7 +78,6 @@ def test_clopper_pearson_matches_scipy() -> None:
 
 # --------------------------------------------------------------------------- PCA and EM
 def test_pca_matches_sklearn() -> None:
-    decomposition = pytest.importorskip("sklearn.decomposition")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(400, 6)) @ rng.normal(size=(6, 6)) + 3.0
     ours = fit_pca(x, 4, chunk_size=37)
@@ -104,7 +104,6 @@ def _blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def test_em_without_label_terms_is_a_fixed_point_of_sklearn_em() -> None:
     """With gamma = 0 our EM is a plain diagonal GMM: sklearn's EM step must not move it."""
-    mixture = pytest.importorskip("sklearn.mixture")
     z, y1, _ = _blobs()
     fit = fit_error_aware_mixture(
         z, y1, y1, n_slices=3, gamma_y=0.0, gamma_yhat=0.0, max_iter=500, tol=1e-12

@@ -290,6 +290,24 @@ def _pgd_early_stop(
     return best.detach()
 
 
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations ``w_j = ceil(p_j * steps) < steps`` at which APGD may halve its step size.
+
+    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (Croce & Hein,
+    2020), computed in whole hundredths so that float rounding never moves a checkpoint.
+
+    Example:
+        >>> apgd_checkpoints(100)
+        [22, 41, 57, 70, 80, 87, 93, 99]
+        >>> apgd_checkpoints(20)
+        [5, 9, 12, 14, 16, 18, 19]
+    """
+    p = [0, 22]  # hundredths of the run
+    while p[-1] < 100:
+        p.append(p[-1] + max(p[-1] - p[-2] - 3, 6))
+    return sorted({w for q in p[1:] if (w := -(-q * steps // 100)) < steps})
+
+
 def apgd_ce(
     forward: Forward,
     x: Tensor,
@@ -331,11 +349,7 @@ def apgd_ce(
     x = x.detach()
     b = x.shape[0]
     shape = (b, *([1] * (x.dim() - 1)))
-    # checkpoints, as fractions of the run
-    p = [0.0, 0.22]
-    while p[-1] < 1:
-        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    checkpoints = sorted({math.ceil(q * steps) for q in p[1:] if math.ceil(q * steps) < steps})
+    checkpoints = apgd_checkpoints(steps)
     out = x.clone()
     out_loss = torch.full((b,), -math.inf, device=x.device)
     out_fooled = torch.zeros(b, dtype=torch.bool, device=x.device)
