@@ -130,11 +130,11 @@ def test_recalls_equal_a_direct_computation_on_the_embeddings(iisan_retrieval) -
 
 
 def test_zero_shot_recalls_agree_with_the_audit(shapes_quick) -> None:
-    from mmsafe.checks.performance.classification import PerformanceCheck
+    from mmsafe.checks.performance.retrieval import RetrievalPerformanceCheck
 
     world, model = shapes_quick
     ctx = audit_context(model, world, task="retrieval")
-    audited = PerformanceCheck(n_boot=10).run(ctx).metrics
+    audited = RetrievalPerformanceCheck(n_boot=10).run(ctx).metrics
     ours = zero_shot_retrieval(model, world.split("test"))
     for name, value in ours.items():
         assert value == pytest.approx(audited[name].value, abs=1e-12), name

@@ -13,10 +13,11 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import mmsafe.checks.robustness.adversarial.check  # noqa: F401  (registers the check)
-from mmsafe.checks.performance.classification import PerformanceCheck
+from mmsafe.checks.performance.retrieval import RetrievalPerformanceCheck
 from mmsafe.checks.registry import list_checks
 from mmsafe.checks.robustness.adversarial.check import (
     AdversarialCheck,
+    AdversarialRetrievalCheck,
     attack_success_rate,
     retrieval_hits,
     retrieval_targets,
@@ -191,13 +192,14 @@ def test_check_on_toy_encoder_is_jsonable(task: str, colour_data) -> None:
 
 
 def test_check_runs_on_retrieval_without_labels(colour_data) -> None:
-    """Retrieval is scored by image-caption pairs: ``requires=("labels",)`` must not skip it."""
+    """Retrieval is scored by image-caption pairs: the retrieval variant needs no labels."""
     colour_data.labels = np.full(len(colour_data), -1, dtype=np.int64)
     ctx = audit_context(ToyEncoder(), colour_data, task="retrieval")
     assert not ctx.data.labelled.any()
-    check = AdversarialCheck(eps={"linf": [8 / 255, 32 / 255], "l2": [0.5, 2.0]}, steps=3,
-                             max_rows=30, n_boot=20, co_attack=True)  # fmt: skip
+    check = AdversarialRetrievalCheck(eps={"linf": [8 / 255, 32 / 255], "l2": [0.5, 2.0]},
+                                      steps=3, max_rows=30, n_boot=20, co_attack=True)  # fmt: skip
     assert check.skip_reason(ctx) is None
+    assert AdversarialCheck().skip_reason(ctx).startswith("not applicable to task 'retrieval'")
     res = check.run(ctx)
     assert res.status == "ok"
     json.dumps(res.to_dict())
@@ -443,7 +445,7 @@ def test_retrieval_check_pgd_and_co_attack_match_the_functions(retrieval_ctx) ->
     clean = _r1(m, "clean")
     # retrieval_recall_at_1 averages in float32: equal to 1e-6 is an equal count of hits
     assert clean == pytest.approx(retrieval_recall_at_1(img0, txt0, pos), abs=1e-6)
-    perf = PerformanceCheck(n_boot=10).run(ctx).metrics
+    perf = RetrievalPerformanceCheck(n_boot=10).run(ctx).metrics
     assert clean == pytest.approx((perf["i2t_R@1"].value, perf["t2i_R@1"].value))
     assert m["clean/i2t_R@5"] == pytest.approx(perf["i2t_R@5"].value)
 
@@ -495,15 +497,11 @@ def test_retrieval_co_attack_beats_sep_attack_through_the_check(retrieval_ctx, s
     0.158/0.192, HotFlip 1/2 bytes 0.067/0.067, 0/0.008; seed 2 clean 0.325/0.350, Co
     0.042/0.042 vs Sep 0.192/0.167, HotFlip 0.058/0.083, 0.008/0.008.
     """
-    ctx = retrieval_ctx
-    ctx = dataclasses.replace(ctx, seed=seed)
-    try:
-        check = AdversarialCheck(norms=("linf",), eps={"linf": [2 / 255]}, attacks=("pgd",),
-                                 steps=5, max_rows=120, n_boot=20, co_attack=True,
-                                 text_attacks=("hotflip",), flips=(1, 2))  # fmt: skip
-        res = check.run(ctx)
-    finally:
-        ctx = dataclasses.replace(ctx, seed=0)
+    ctx = dataclasses.replace(retrieval_ctx, seed=seed)  # the context is frozen: a copy
+    check = AdversarialCheck(norms=("linf",), eps={"linf": [2 / 255]}, attacks=("pgd",),
+                             steps=5, max_rows=120, n_boot=20, co_attack=True,
+                             text_attacks=("hotflip",), flips=(1, 2))  # fmt: skip
+    res = check.run(ctx)
     m = {k: v.value for k, v in res.metrics.items()}
     assert any(f.evidence.get("rows") == 120 for f in res.findings)
     clean = _r1(m, "clean")

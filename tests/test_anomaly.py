@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -253,7 +255,7 @@ class _PlantedAnomaly(AnomalyCheck):
         super().__init__(shots=(1,), **kw)
         self.scored: list[list[str]] = []
 
-    def _methods(self, model, data, refs, usable):  # noqa: D102
+    def _methods(self, ctx, data, ref_split, ref_rows, usable):  # noqa: D102
         self.scored.append(list(data.ids))
         n = len(data.ids)
         out = {
@@ -301,7 +303,7 @@ def test_headline_is_chosen_on_calibration_not_on_the_evaluated_rows(toy_model, 
 
 def test_headline_without_a_calibration_split_is_the_declared_default(toy_model, colour_data):
     ctx = audit_context(toy_model, _planted_defects(colour_data))
-    ctx.calibration = None  # the references come from train; nothing to choose on
+    ctx = dataclasses.replace(ctx, calibration=None)  # the references come from train
     check = _PlantedAnomaly(n_boot=0)
     res = check.run(ctx)
     assert len(check.scored) == 1  # only the evaluated rows were scored

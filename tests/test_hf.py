@@ -125,7 +125,7 @@ def test_registered() -> None:
 def test_round_trip_matches_transformers(kind: str, clip_dir: Path, siglip_dir: Path) -> None:
     path = clip_dir if kind == "clip" else siglip_dir
     model = create_model("hf:" + str(path))
-    assert isinstance(model, HFClip) and model.kind == kind
+    assert isinstance(model, HFClip) and model.model_type == kind and model.kind == "encoder"
     imgs = images(3)
     batch = {"image": model.preprocess("image", imgs), "text": model.preprocess("text", TEXTS)}
     assert batch["image"].shape == (3, 3, IMAGE, IMAGE)
@@ -228,7 +228,7 @@ def test_hidden_states(clip_dir: Path, siglip_dir: Path) -> None:
             hs = model.hidden_states("image", model.preprocess("image", images(2)))
             ht = model.hidden_states("text", model.preprocess("text", ["a cat", "a dog"]))
         assert len(hs) == len(ht) == LAYERS + 1
-        tokens = (IMAGE // PATCH) ** 2 + (1 if model.kind == "clip" else 0)  # + CLS for CLIP
+        tokens = (IMAGE // PATCH) ** 2 + (1 if model.model_type == "clip" else 0)  # + CLS for CLIP
         assert all(h.shape == (2, tokens, HIDDEN) for h in hs)
         assert all(h.shape[0] == 2 and h.shape[-1] == HIDDEN for h in ht)
         assert not torch.equal(hs[0], hs[-1])

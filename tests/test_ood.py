@@ -312,7 +312,7 @@ def test_headline_on_calibration_ood_rows_with_the_real_scores(toy_model) -> Non
 
 def test_headline_without_a_calibration_split_is_the_declared_default(toy_model) -> None:
     ctx = audit_context(toy_model, _with_planted_scores(_colours_with_grey_ood(40, n_cal_ood=30)))
-    ctx.calibration = None
+    ctx = dataclasses.replace(ctx, calibration=None)
     res = _PlantedOOD(n_boot=20).run(ctx)
     assert OODCheck.default_headline == "energy"
     assert res.metrics["auroc"] == res.metrics["energy/auroc"]

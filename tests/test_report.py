@@ -135,7 +135,12 @@ def test_schema_accepts_a_minimal_card_and_rejects_a_bad_status():
 
 def test_schema_2_keeps_run_to_run_values_out_of_checks():
     card = _timed(_card(**{"efficiency.profile": _check()}), "efficiency.profile", p50_ms=3.0)
-    card["engine"] = {"anything": "the engine reports"}  # an optional section, left open
+    card["engine"] = {  # an optional section: the engine's pass accounting
+        "modalities": {
+            "image": {"rows_encoded": 4, "distinct_row_variants": 4, "duplication": 1.0}
+        },
+        "duplication": 1.0,
+    }
     jsonschema.validate(card, card_schema())
     for bad in ("seconds", "timings", "environment", "old_version"):
         broken = _card(calibration=_check(ece=0.1))

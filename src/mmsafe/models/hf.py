@@ -204,7 +204,7 @@ class HFClip(EncoderModel):
     Attributes:
         model: The wrapped transformers model (in eval mode).
         tokenizer: The checkpoint's tokenizer.
-        kind: ``"clip"`` or ``"siglip"``.
+        model_type: ``"clip"`` or ``"siglip"`` (the target kind, ``kind``, is ``"encoder"``).
         source: The local directory (absolute) or hub id it was loaded from.
         image_size: Side of the square pixel input.
         max_length: Token length text is truncated (SigLIP: padded) to.
@@ -230,7 +230,7 @@ class HFClip(EncoderModel):
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.kind = kind
+        self.model_type = kind
         self.source = source
         self.name = f"hf:{source}"
         self.image_size = square_size(cfg.vision_config.image_size)
@@ -278,7 +278,7 @@ class HFClip(EncoderModel):
                 return {"input_ids": empty, "attention_mask": empty.clone()}
             enc = self.tokenizer(
                 texts,
-                padding="max_length" if self.kind == "siglip" else True,
+                padding="max_length" if self.model_type == "siglip" else True,
                 truncation=True,
                 max_length=self.max_length,
                 return_attention_mask=True,
@@ -304,7 +304,7 @@ class HFClip(EncoderModel):
         ids = batch["input_ids"].to(self.pixel_mean.device)
         mask = batch.get("attention_mask")
         # SigLIP was trained on max-length padded text without an attention mask.
-        use_mask = self.kind == "clip" and mask is not None
+        use_mask = self.model_type == "clip" and mask is not None
         return {"input_ids": ids, "attention_mask": mask.to(ids.device) if use_mask else None}
 
     @property
@@ -358,7 +358,7 @@ class HFClip(EncoderModel):
         vis, txt = cfg.vision_config, cfg.text_config
         return {
             "type": "hf",
-            "model_type": self.kind,
+            "model_type": self.model_type,
             "source": self.source,
             "embed_dim": self.embed_dim,
             "image_size": self.image_size,

@@ -365,6 +365,7 @@ class TinyClip(EncoderModel):
             torch.manual_seed(seed)
             shadow = TinyClip(TinyClipConfig.for_size(size or self.cfg.size)).to(self.device)
             train_tiny_clip(shadow, data, recipe, seed=seed, progress=False)
+        shadow.training_info = {"seed": seed, "hyperparameters": dataclasses.asdict(recipe)}
         return shadow
 
     def hidden_states(self, modality: str, batch: Batch) -> list[Tensor]:
