@@ -5,8 +5,9 @@ from the cache or trained once before timing) and the same rows:
 
 * **audit**: ``run_audit(model, data, checks=CORE, out=tmp)`` with a fresh engine (in-memory
   cache, so embeddings are really computed), including task preparation, the core checks
-  (``performance,calibration``: those that need nothing but the shared forward passes; the
-  pillar checks run their own extra forward passes, which is work, not overhead), the
+  (``performance.classification,monitoring.calibration``: those that need nothing but the
+  shared forward passes; the pillar checks run their own extra forward passes, which is work,
+  not overhead), the
   bootstrap CIs, the card, the JSON Schema validation and the HTML;
 * **bare**: the same batches through the same model, with no checks: the class prompts through
   the text tower and the evaluated images through the image tower, under ``inference_mode``.
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--checks", default="performance,calibration")
+    ap.add_argument("--checks", default="performance.classification,monitoring.calibration")
     args = ap.parse_args()
 
     data = load_data(args.data)

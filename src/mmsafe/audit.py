@@ -197,7 +197,9 @@ def run_audit(
         results[name] = result
         if saved_path is not None and result.status != "failed":
             saved = {"key": key, "name": name, "result": result.to_dict()}
-            atomic_write_json(saved_path, {**saved, "timings": result.timings_dict()})
+            # a resume cache: atomic, but not fsynced (an entry lost to a power cut is a miss)
+            state_doc = {**saved, "timings": result.timings_dict()}
+            atomic_write_json(saved_path, state_doc, durable=False)
 
     card = build_card(
         model=model,

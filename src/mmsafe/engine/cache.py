@@ -46,16 +46,22 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place."""
+def atomic_write(path: Path, write: Callable[[Path], None], durable: bool = True) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then move it into place.
+
+    ``durable=False`` skips the fsync: the rename is still atomic (a reader sees the old file or
+    the new one), but a power cut may leave an empty file. Right for caches, where a bad entry is
+    a miss, and wrong for results.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
-        with open(tmp, "rb+") as fh:  # reach the disk before the rename makes it visible
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:  # reach the disk before the rename makes it visible
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
@@ -64,14 +70,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: Path, text: str, durable: bool = True) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
 
 
-def atomic_write_json(path: Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, allow_nan=False))
+def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_write`)."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False)
+    return atomic_write_text(path, text, durable)
 
 
 class TensorCache:
