@@ -14,7 +14,8 @@ Layout (stable; extend, don't break)::
 
 Everything that varies from run to run is in ``timings`` (the clock: creation time, seconds per
 check, and what checks measure on the clock or the machine, such as latency, with the findings
-and plots derived from it) or ``environment`` (the machine). The rest is a function of the
+and plots derived from it), ``environment`` (the machine) or ``engine`` (pass accounting: the
+rows encoded depend on what the cache already held). The rest is a function of the
 model, data, task, options and seed: two runs with the same seed write the same bytes there.
 ``--fail-on`` and verdicts read ``checks`` only.
 """
@@ -173,7 +174,7 @@ def timings_info(
 
 
 def without_run_sections(card: Mapping[str, Any]) -> dict[str, Any]:
-    """The card without the sections that vary run to run (``timings``, ``environment``).
+    """The card without the sections that vary run to run (:data:`RUN_SECTIONS`).
 
     Two audits with the same model, data, task, options and seed give equal results here.
 
