@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -460,7 +461,7 @@ class HeadTrainHooks:
         null = head.null_embeddings
         n = y.shape[0]
         epoch_iter: Any = range(config.epochs)
-        if config.progress:
+        if config.progress and sys.stderr.isatty():  # no carriage-return bars in logs
             from tqdm.auto import tqdm
 
             epoch_iter = tqdm(epoch_iter, desc="fusion head", unit="epoch")

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -598,7 +599,10 @@ def train_tiny_clip(
     start = time.perf_counter()
     model.train()
     with _threads() as n_threads:
-        bar = tqdm(total=train.steps, desc=f"training {model.name}", disable=not progress)
+        tty = sys.stderr.isatty()  # a log or a pipe gets one line per stage, not a bar
+        bar = tqdm(total=train.steps, desc=f"training {model.name}", disable=not (progress and tty))
+        if progress and not tty:
+            print(f"training {model.name}: {train.steps} steps", file=sys.stderr, flush=True)
         for step in range(train.steps):
             while len(order) < train.batch_size:
                 order.extend(rng.permutation(len(captions)).tolist())
@@ -628,6 +632,9 @@ def train_tiny_clip(
             if step % 25 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
+        if progress and not tty and losses:
+            done = f"trained {model.name}: final loss {losses[-1]:.3f}"
+            print(f"{done} ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     model.eval()
     model.invalidate_fingerprint()
     return {
