@@ -18,7 +18,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
@@ -26,10 +26,28 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
-    from mmsafe.engine.runner import Engine
     from mmsafe.models.base import EncoderModel
 
 TaskKind = Literal["classification", "retrieval"]
+
+
+class Engine(Protocol):
+    """What a task asks of the engine (:class:`mmsafe.engine.Engine` is one).
+
+    A protocol, so that tasks do not import the engine module while the engine imports tasks.
+    """
+
+    def embed(self, model: EncoderModel, data: Dataset, modalities: Any, **kw: Any) -> Any:
+        """Embeddings of ``data``'s rows (cached)."""
+        ...
+
+    def embed_values(self, model: EncoderModel, modality: str, values: Any, **kw: Any) -> Any:
+        """Embeddings of raw values such as class prompts (cached)."""
+        ...
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Count passes that are not forward passes (e.g. training)."""
+        ...
 
 
 class TaskError(ValueError):

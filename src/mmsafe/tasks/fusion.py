@@ -9,11 +9,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
-from mmsafe.tasks.base import Task, TaskError, register_task
+from mmsafe.tasks.base import Engine, Task, TaskError, register_task
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
-    from mmsafe.engine.runner import Engine
     from mmsafe.models.base import EncoderModel
     from mmsafe.models.heads import FusionHead
 

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import Tensor
 
-from mmsafe.tasks.base import Outputs, Task, register_task
+from mmsafe.tasks.base import Engine, Outputs, Task, register_task
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
-    from mmsafe.engine.runner import Engine
     from mmsafe.models.base import EncoderModel
 
 

@@ -8,11 +8,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
-from mmsafe.tasks.base import Task, register_task
+from mmsafe.tasks.base import Engine, Task, register_task
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
-    from mmsafe.engine.runner import Engine
     from mmsafe.models.base import EncoderModel
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a {}.", "an image of a {}.")
