@@ -388,11 +388,11 @@ def lira_fusion_scores(
     Returns:
         ``(N,)`` LiRA scores (higher = more member-like).
     """
-    from mmsafe.models.heads import fit_fusion_head
+    from mmsafe.models.heads import HeadTrainConfig, fit_fusion_head
 
     if n_shadows < 2:
         raise ValueError(f"LiRA needs at least 2 shadow models, got {n_shadows}")
-    cfg, info = head.cfg, head.fit_info
+    recipe = HeadTrainConfig.of(head)
     n = len(labels)
     items = np.arange(n) if items is None else np.asarray(items)
     split_seed, shadow_seeds = spawn_seeds(seed, n_shadows)
@@ -401,19 +401,8 @@ def lira_fusion_scores(
     stats = np.empty((n_shadows, n))
     for k in range(n_shadows):
         keep = torch.as_tensor(inside[k])
-        shadow = fit_fusion_head(
-            {m: e[keep] for m, e in embeddings.items()},
-            y[keep],
-            mode=cfg.mode,
-            hidden=cfg.hidden,
-            width=cfg.width or None,
-            num_classes=cfg.num_classes,
-            epochs=int(info.get("epochs", 60)),
-            lr=float(info.get("lr", 1e-2)),
-            weight_decay=float(info.get("weight_decay", 1e-4)),
-            batch_size=int(info.get("batch_size", 256)),
-            modality_dropout=float(info.get("modality_dropout", 0.0)),
-            seed=shadow_seeds[k],
+        shadow = fit_fusion_head(  # the target head's own recipe, on the shadow's half
+            {m: e[keep] for m, e in embeddings.items()}, y[keep], recipe, seed=shadow_seeds[k]
         )
         with torch.inference_mode():
             stats[k] = logit_confidence(shadow(embeddings).double().numpy(), labels)
