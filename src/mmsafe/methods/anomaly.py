@@ -294,11 +294,6 @@ class WindowEmbeddings:
         )
 
 
-def model_input_size(model: EncoderModel, image: np.ndarray) -> int:
-    """The side of the pixel tensor ``model.preprocess("image", ...)`` produces."""
-    return int(model.preprocess("image", [image]).shape[-1])  # type: ignore[union-attr]
-
-
 def _encode_pixels(model: EncoderModel, pixels: Tensor, batch_size: int) -> Tensor:
     out = []
     device = model.device
@@ -336,7 +331,7 @@ def embed_windows(
         raise ValueError("embed_windows needs at least one image")
     model.eval()
     size = image_size or int(np.asarray(images[0]).shape[0])
-    input_size = model_input_size(model, images[0])
+    input_size = int(model.input_size or size)
     win_emb: dict[int, list[Tensor]] = {int(w): [] for w in windows}
     boxes = {int(w): window_boxes(size, int(w), stride) for w in windows}
     whole: list[Tensor] = []

@@ -67,6 +67,19 @@ class EncoderModel(nn.Module, ABC):
         """A JSON-able description: enough to rebuild the architecture and to show in a card."""
 
     @property
+    def input_size(self) -> int | None:
+        """The side of the square pixel tensor ``preprocess("image", ...)`` produces.
+
+        ``None`` for a model without an image tower. Checks scale windows, patch grids and
+        corruption lengths with the image instead of assuming a resolution.
+        """
+        if "image" not in self.modalities:
+            return None
+        probe = self.preprocess("image", [np.zeros((8, 8, 3), np.uint8)])
+        assert isinstance(probe, Tensor)
+        return int(probe.shape[-1])
+
+    @property
     def logit_scale(self) -> float:
         """The temperature that turns cosine similarities into logits."""
         return 100.0

@@ -342,6 +342,10 @@ class HFClip(EncoderModel):
         return list(out.hidden_states)
 
     @property
+    def input_size(self) -> int:  # noqa: D102
+        return self.image_size
+
+    @property
     def logit_scale(self) -> float:
         """``exp(logit_scale)`` of the checkpoint (CLIP and SigLIP alike)."""
         return float(self.model.logit_scale.detach().float().exp())

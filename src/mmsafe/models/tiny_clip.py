@@ -320,6 +320,10 @@ class TinyClip(EncoderModel):
         self.training_info: dict[str, Any] = {}
 
     @property
+    def input_size(self) -> int:  # noqa: D102
+        return self.cfg.image_size
+
+    @property
     def logit_scale(self) -> float:
         """``exp`` of the learned log temperature, clamped to at most 100."""
         return float(self.log_logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))
