@@ -182,7 +182,9 @@ ModelOpt = Annotated[
 DataOpt = Annotated[
     str,
     typer.Option(
-        "--data", "-d", help="A manifest (.jsonl/.csv) or a built-in world: 'shapes[:knob=v,...]'."
+        "--data",
+        "-d",
+        help="A manifest (.jsonl/.csv) or a built-in world: 'shapes[:knob=v,...]', 'digits'.",
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Report folder.")]

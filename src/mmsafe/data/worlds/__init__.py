@@ -1,4 +1,7 @@
-"""Synthetic "worlds": generated datasets with planted flaws whose ground truth is known.
+"""Built-in "worlds": datasets named by a spec string, generated or bundled, no files needed.
+
+``shapes`` is synthetic, with planted flaws whose ground truth is known; ``digits`` is real
+(scikit-learn's bundled handwritten digits), the control without planted flaws.
 
 A world is named by a spec string ``<world>[:knob=value,...]``, e.g. ``shapes`` or
 ``shapes:seed=7,spurious=0.9``; :func:`load_world` dispatches on the name before the colon.
@@ -15,15 +18,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from mmsafe.data.dataset import Dataset
-from mmsafe.data.worlds.shapes import (
-    ShapesConfig,
-    WorldSpecError,
-    load_shapes,
-    make_shapes,
-    parse_world_spec,
-)
+from mmsafe.data.worlds.digits import load_digits_world
+from mmsafe.data.worlds.shapes import ShapesConfig, load_shapes, make_shapes, parse_world_spec
+from mmsafe.data.worlds.spec import WorldSpecError
 
-WORLDS: dict[str, Callable[[str], Dataset]] = {"shapes": load_shapes}
+WORLDS: dict[str, Callable[[str], Dataset]] = {"shapes": load_shapes, "digits": load_digits_world}
 """World name -> loader taking the full spec string."""
 
 __all__ = [

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 
 from mmsafe.data.dataset import UNLABELLED, Dataset
+from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs
+from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 WORLD_NAME = "shapes"
 
@@ -105,10 +107,6 @@ _STREAMS = {
 }
 
 
-class WorldSpecError(ValueError):
-    """A world spec string or knob value is invalid; the message lists the valid knobs."""
-
-
 @dataclass(frozen=True)
 class ShapesConfig:
     """Every knob of the shapes world. A knob set to 0 switches its flaw off.
@@ -168,10 +166,7 @@ class ShapesConfig:
         return n_train, n_cal, self.n - n_train - n_cal
 
 
-_KNOB_TYPES: dict[str, type] = {
-    f.name: {"int": int, "float": float}[str(f.type)] for f in dataclasses.fields(ShapesConfig)
-}
-_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ShapesConfig)}
+_KNOB_TYPES: dict[str, type] = knob_types(ShapesConfig)
 
 
 def knob_help() -> str:
@@ -181,8 +176,7 @@ def knob_help() -> str:
         >>> knob_help().split(",")[0]
         'Valid knobs (with defaults): seed=0'
     """
-    listed = ", ".join(f"{k}={v!r}" for k, v in _DEFAULTS.items())
-    return f"Valid knobs (with defaults): {listed}."
+    return _knob_help(ShapesConfig)
 
 
 def _validate(c: ShapesConfig) -> list[str]:
@@ -232,15 +226,6 @@ def _validate(c: ShapesConfig) -> list[str]:
     return problems
 
 
-def _parse_value(name: str, text: str) -> int | float:
-    kind = _KNOB_TYPES[name]
-    try:
-        return kind(text)
-    except ValueError:
-        what = "an integer" if kind is int else "a number"
-        raise WorldSpecError(f"Knob {name!r} needs {what}, got {text!r}. {knob_help()}") from None
-
-
 def parse_world_spec(spec: str) -> ShapesConfig:
     """Parse ``"shapes"`` or ``"shapes:knob=value,..."`` into a :class:`ShapesConfig`.
 
@@ -259,24 +244,7 @@ def parse_world_spec(spec: str) -> ShapesConfig:
         ...     print(str(err).split(". ")[0])
         Unknown knob 'colour' in 'shapes:colour=red'
     """
-    name, _, rest = spec.strip().partition(":")
-    if name.strip() != WORLD_NAME:
-        raise WorldSpecError(
-            f"Not a shapes world spec: {spec!r} (expected 'shapes[:knob=value,...]')"
-        )
-    knobs: dict[str, int | float] = {}
-    for pair in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = (s.strip() for s in pair.partition("="))
-        if not eq or not key or not value:
-            raise WorldSpecError(
-                f"Malformed knob {pair!r} in {spec!r}: use knob=value. {knob_help()}"
-            )
-        if key not in _KNOB_TYPES:
-            raise WorldSpecError(f"Unknown knob {key!r} in {spec!r}. {knob_help()}")
-        if key in knobs:
-            raise WorldSpecError(f"Knob {key!r} given twice in {spec!r}")
-        knobs[key] = _parse_value(key, value)
-    return ShapesConfig(**knobs)  # type: ignore[arg-type]
+    return parse_knobs(spec, WORLD_NAME, ShapesConfig)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -1,0 +1,64 @@
+"""Parsing ``<world>[:knob=value,...]`` spec strings into a world's config dataclass.
+
+Example:
+    >>> import dataclasses
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class C:
+    ...     seed: int = 0
+    ...     frac: float = 0.5
+    >>> parse_knobs("demo:seed=3, frac=0.25", "demo", C)
+    C(seed=3, frac=0.25)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+
+class WorldSpecError(ValueError):
+    """A world spec names an unknown world or knob, or gives a bad value."""
+
+
+T = TypeVar("T")
+
+
+def knob_types(config: type) -> dict[str, type]:
+    """``{knob: int | float}`` of a config dataclass whose fields are ints and floats."""
+    return {f.name: {"int": int, "float": float}[str(f.type)] for f in dataclasses.fields(config)}
+
+
+def knob_help(config: type) -> str:
+    """A one-line list of the valid knobs with their defaults."""
+    listed = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(config))
+    return f"Valid knobs (with defaults): {listed}."
+
+
+def parse_knobs(spec: str, world: str, config: type[T]) -> T:
+    """Parse ``"<world>"`` or ``"<world>:knob=value,..."`` into ``config(**knobs)``.
+
+    Raises:
+        WorldSpecError: another world's name, an unknown or repeated knob, a malformed pair, or
+            a value of the wrong type.
+    """
+    types, help_ = knob_types(config), knob_help(config)
+    name, _, rest = spec.strip().partition(":")
+    if name.strip() != world:
+        raise WorldSpecError(
+            f"Not a {world} world spec: {spec!r} (expected '{world}[:knob=value,...]')"
+        )
+    knobs: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = (s.strip() for s in pair.partition("="))
+        if not eq or not key or not value:
+            raise WorldSpecError(f"Malformed knob {pair!r} in {spec!r}: use knob=value. {help_}")
+        if key not in types:
+            raise WorldSpecError(f"Unknown knob {key!r} in {spec!r}. {help_}")
+        if key in knobs:
+            raise WorldSpecError(f"Knob {key!r} given twice in {spec!r}")
+        try:
+            knobs[key] = types[key](value)
+        except ValueError:
+            what = "an integer" if types[key] is int else "a number"
+            raise WorldSpecError(f"Knob {key!r} needs {what}, got {value!r}. {help_}") from None
+    return config(**knobs)
