@@ -186,6 +186,27 @@ def save_checkpoint(path: Path, kind: str = "clip", layout: str = "hub", seed: i
     return path
 
 
+def save_tiny(path: Path, kind: str = "clip", seed: int = 0) -> Path:
+    """A tiny checkpoint in the hub layout (for the other test modules that need one)."""
+    return save_checkpoint(path, kind, "hub", seed)
+
+
+def tiny_tokenizer() -> transformers.CLIPTokenizer:
+    """A hand-built byte-level CLIP tokenizer: the 256 byte symbols (+ word-final forms), a few
+    merges. For test modules that build their own random CLIP (no training needed)."""
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    chars = sorted(ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = [("p", "h"), ("o", "t</w>"), ("c", "a"), ("ca", "t</w>")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAXLEN)
+
+
 def images(shapes: list[tuple[int, int]], seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
