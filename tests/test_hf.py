@@ -427,6 +427,19 @@ def test_clip_tokenizer_from_vocab_and_merges_alone(clip_dir: Path, tmp_path: Pa
     assert len(set(ids_a["input_ids"][0].tolist())) > 4  # real sub-words, not all <unk>
 
 
+def test_siglip_tokenizer_without_protobuf_says_what_to_install(
+    siglip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' SiglipTokenizer needs protobuf; a core install must say so, not crash."""
+    from transformers.utils import import_utils
+
+    _, message = import_utils.BACKENDS_MAPPING["protobuf"]
+    monkeypatch.setitem(import_utils.BACKENDS_MAPPING, "protobuf", (lambda: False, message))
+    with pytest.raises(ModelError, match="pip install sentencepiece protobuf") as info:
+        build_hf(str(siglip_dir))
+    assert "protobuf" in str(info.value).split("(")[1]  # transformers' own reason is kept
+
+
 # --------------------------------------------------------------------------- missing / bad files
 
 
@@ -493,6 +506,16 @@ BAD_FILES = [
     (_settings(crop_size={"height": 24, "width": 24}), "vision_config.image_size is 32"),
     (_settings(do_center_crop=False), 'field size {"shortest_edge": 40} without a centre crop'),
     (_settings(image_processor_type="ViTImageProcessor"), "field image_processor_type"),
+    (
+        json.dumps(
+            {
+                **SIGLIP_PIPELINE,
+                "image_processor_type": "SiglipImageProcessor",
+                "do_center_crop": True,
+            }
+        ),  # fmt: skip
+        "field do_center_crop is true but there is no crop_size",
+    ),
 ]
 
 

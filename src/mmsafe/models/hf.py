@@ -278,7 +278,7 @@ class ImagePreprocessing:
     def describe(self) -> dict[str, Any]:
         """JSON-able settings for the model's ``config()`` (and so its fingerprint)."""
         proc = self.processor
-        size = {k: v for k, v in dict(proc.size).items() if v is not None}
+        size = {k: v for k, v in dict(proc.size or {}).items() if v is not None}
         return {
             "source": self.source,
             "processor": type(proc).__name__,
@@ -342,15 +342,22 @@ def image_preprocessing(
             f"size they have; hf: needs them at the vision tower's {image_size}x{image_size}. "
             "Set do_resize to true with a size."
         )
+    # transformers 5 keeps sizes in a SizeDict, 4.x in a dict: read both as dicts.
+    size, crop = dict(proc.size or {}), dict(getattr(proc, "crop_size", None) or {})
     if getattr(proc, "do_center_crop", False):
-        field, height, width = "crop_size", proc.crop_size.height, proc.crop_size.width
-    elif proc.size.height is not None and proc.size.width is not None:
-        field, height, width = "size", proc.size.height, proc.size.width
+        field, height, width = "crop_size", crop.get("height"), crop.get("width")
+    elif size.get("height") is not None and size.get("width") is not None:
+        field, height, width = "size", size["height"], size["width"]
     else:
         raise ModelError(
             f"{where}: field size {json.dumps(data.get('size'))} without a centre crop keeps each "
             "image's aspect ratio, so the inputs would not be square; set do_center_crop to "
             'true with a square crop_size, or size to {"height": S, "width": S}.'
+        )
+    if height is None or width is None:
+        raise ModelError(
+            f"{where}: field do_center_crop is true but there is no crop_size; add "
+            f'"crop_size": {{"height": {image_size}, "width": {image_size}}}.'
         )
     if height != width:
         raise ModelError(
@@ -927,7 +934,7 @@ def _load(
     except ImportError as err:
         raise ModelError(
             f"The tokenizer of {ref!r} needs a package that is not installed ({_first_line(err)}). "
-            "SigLIP's SentencePiece tokenizer needs `pip install sentencepiece`."
+            "SigLIP's SentencePiece tokenizer needs `pip install sentencepiece protobuf`."
         ) from err
     return model, tokenizer, preprocessing
 
