@@ -8,6 +8,7 @@ the trained tiny-clip in ``tests/test_adapt.py`` (its shared ``shapes_quick`` fi
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,7 @@ def test_momef_gate_weights_sum_to_one_and_three_modalities_train() -> None:
 def asym_clip(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A random CLIP with an 8 x 48 text tower and a 4 x 32 vision tower, via ``hf:``."""
     from mmsafe.models.base import create_model
+    from mmsafe.models.hf import PREPROCESSOR_FILE, default_preprocessor_config
     from tests.test_hf import tiny_tokenizer
 
     tok = tiny_tokenizer()
@@ -170,6 +172,9 @@ def asym_clip(tmp_path_factory: pytest.TempPathFactory) -> Any:
     path: Path = tmp_path_factory.mktemp("asym-clip")
     transformers.CLIPModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    # CLIP's standard pipeline: on the shapes world's 32-pixel images an identity resize
+    pipeline = default_preprocessor_config("clip", 32)
+    (path / PREPROCESSOR_FILE).write_text(json.dumps(pipeline))
     return create_model("hf:" + str(path))
 
 

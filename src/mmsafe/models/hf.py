@@ -1,11 +1,21 @@
 """Hugging Face CLIP and SigLIP dual encoders behind the ``hf:`` prefix.
 
 ``create_model("hf:<local-dir-or-hub-id>")`` loads a ``CLIPModel`` or ``SiglipModel`` checkpoint
-(the ``model_type`` in its ``config.json`` picks which) with its tokenizer, and wraps it in the
-:class:`~mmsafe.models.base.EncoderModel` protocol::
+(the ``model_type`` in its ``config.json`` picks which) with its tokenizer and image processor
+settings, and wraps it in the :class:`~mmsafe.models.base.EncoderModel` protocol::
 
     model = create_model("hf:/models/clip-vit-base-patch32")
     emb = model.encode({"image": model.preprocess("image", images)})
+
+Images go through the checkpoint's own image pipeline: the size, resize filter, crop and pixel
+mean/std of its ``preprocessor_config.json`` (or the ``image_processor`` entry of the
+``processor_config.json`` that transformers 5 writes), validated field by field. A checkpoint
+without either is an error, not a silent fallback to CLIP's constants; ``default_preprocessing``
+opts in to the standard ones.
+
+Weights are read from ``model.safetensors`` whenever the checkpoint has one; a checkpoint with
+only ``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``, which refuses pickled
+objects other than tensors and plain containers, so loading never runs code from the file.
 
 Loading never waits long on a network that is not there: a local directory is checked first, a
 hub id is looked up in the local Hugging Face cache first, and the network is only tried when
@@ -18,14 +28,17 @@ hub id is looked up in the local Hugging Face cache first, and the network is on
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -39,7 +52,7 @@ from mmsafe.models.base import (
 from mmsafe.models.tokens import TextTokens
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-"""OpenAI CLIP's pixel mean (used when a checkpoint ships no ``preprocessor_config.json``)."""
+"""OpenAI CLIP's pixel mean (of the standard pipeline, :func:`default_preprocessor_config`)."""
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 """OpenAI CLIP's pixel standard deviation."""
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -50,9 +63,23 @@ SIGLIP_STD = (0.5, 0.5, 0.5)
 SUPPORTED_TYPES = ("clip", "siglip")
 """The ``model_type`` values of ``config.json`` that ``hf:`` can load."""
 
-_DEFAULT_NORM = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
+PREPROCESSOR_FILE = "preprocessor_config.json"
+"""A hub checkpoint's image settings (what ``ImageProcessor.save_pretrained`` writes)."""
+PROCESSOR_FILE = "processor_config.json"
+"""What transformers 5's ``Processor.save_pretrained`` writes (images: ``image_processor``)."""
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+"""Weight files read with safetensors (no pickle), preferred whenever one is there."""
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+"""Legacy weight files, read only with ``torch.load(weights_only=True)``."""
+
+IMAGE_PROCESSORS = {"clip": "CLIPImageProcessor", "siglip": "SiglipImageProcessor"}
+"""The transformers image processor of each model type (used when the file names none)."""
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _TRUE = {"1", "on", "yes", "true"}
+_FLAGS = ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb")
+_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_TYPE_KEYS = ("image_processor_type", "feature_extractor_type")
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -85,27 +112,302 @@ def looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and ".." not in ref
 
 
-def normalisation_constants(
-    model_type: str, preprocessor: dict[str, Any] | None = None
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Pixel ``(mean, std)``: from the image processor config if it has them, else the defaults.
+def default_preprocessor_config(model_type: str, image_size: int) -> dict[str, Any]:
+    """The standard image pipeline of CLIP or SigLIP at ``image_size``, as preprocessor_config.json.
+
+    CLIP: resize the shortest edge to ``image_size`` (bicubic), centre-crop a square, normalise
+    with OpenAI's mean/std. SigLIP: resize to ``image_size`` square (bicubic), normalise to
+    ``[-1, 1]``. This is what ``default_preprocessing=True`` uses for a checkpoint without a
+    preprocessing file, and what the missing-file error tells you to write.
 
     Example:
-        >>> normalisation_constants("siglip")
-        ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-        >>> normalisation_constants("clip", {"image_mean": [0.1, 0.2, 0.3], "image_std": 0.5})
-        ((0.1, 0.2, 0.3), (0.5, 0.5, 0.5))
+        >>> default_preprocessor_config("siglip", 224)["size"]
+        {'height': 224, 'width': 224}
+        >>> default_preprocessor_config("clip", 224)["crop_size"]
+        {'height': 224, 'width': 224}
     """
-    mean, std = _DEFAULT_NORM.get(model_type, _DEFAULT_NORM["clip"])
-    pre = preprocessor or {}
+    if model_type == "siglip":
+        return {
+            "image_processor_type": IMAGE_PROCESSORS["siglip"],
+            "size": {"height": image_size, "width": image_size},
+            "resample": 3,
+            "image_mean": list(SIGLIP_MEAN),
+            "image_std": list(SIGLIP_STD),
+        }
+    return {
+        "image_processor_type": IMAGE_PROCESSORS["clip"],
+        "size": {"shortest_edge": image_size},
+        "crop_size": {"height": image_size, "width": image_size},
+        "resample": 3,
+        "image_mean": list(CLIP_MEAN),
+        "image_std": list(CLIP_STD),
+    }
 
-    def triple(value: Any, default: tuple[float, ...]) -> tuple[float, ...]:
-        if value is None:
-            return default
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_side(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def check_preprocessor_fields(data: Any, where: str, model_type: str = "clip") -> str:
+    """Validate image processor settings field by field; return the image processor's name.
+
+    Args:
+        data: The parsed JSON (the whole ``preprocessor_config.json``, or the ``image_processor``
+            entry of ``processor_config.json``).
+        where: How to name the file (and entry) in error messages.
+        model_type: ``clip`` or ``siglip``: picks the processor when the file names none.
+
+    Returns:
+        ``"CLIPImageProcessor"`` or ``"SiglipImageProcessor"``.
+
+    Raises:
+        ModelError: Naming ``where`` and the field: a missing ``image_mean`` / ``image_std``, a
+            value of the wrong type or range, or an image processor ``hf:`` does not support.
+
+    Example:
+        >>> check_preprocessor_fields({"image_mean": 0.5, "image_std": 0.5}, "p.json", "siglip")
+        'SiglipImageProcessor'
+        >>> check_preprocessor_fields({"image_mean": [0.5] * 3}, "p.json")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        mmsafe.models.base.ModelError: p.json has no field image_std: ...pixel std...
+    """
+    if not isinstance(data, dict):
+        raise ModelError(
+            f"{where} must be a JSON object of image processor settings (image_mean, image_std, "
+            f"size, ...), not a JSON {type(data).__name__}."
+        )
+
+    def bad(field: str, want: str) -> ModelError:
+        return ModelError(
+            f"{where}: field {field} is {json.dumps(data[field])}; it must be {want}. Fix the "
+            f"field, or copy {PREPROCESSOR_FILE} again from where the checkpoint came from."
+        )
+
+    for flag in _FLAGS:
+        if flag in data and not isinstance(data[flag], bool):
+            raise bad(flag, "true or false")
+    if data.get("do_normalize", True):
+        clip = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+        for field in ("image_mean", "image_std"):
+            if field not in data:
+                raise ModelError(
+                    f"{where} has no field {field}: the per-channel pixel {field[6:]} the "
+                    "checkpoint was trained with, which hf: does not guess. Add it (e.g. "
+                    f'"{field}": {json.dumps(list(clip[field]))} for OpenAI CLIP, '
+                    f"{json.dumps([0.5] * 3)} for SigLIP), or copy "
+                    f"{PREPROCESSOR_FILE} again from where the checkpoint came from."
+                )
+            value = data[field]
+            values = value if isinstance(value, list) else [value]
+            if len(values) not in (1, 3) or not all(_is_number(v) for v in values):
+                raise bad(field, "a number or a list of 3 numbers (one per RGB channel)")
+            if field == "image_std" and not all(v > 0 for v in values):
+                raise bad(field, "positive (it divides the pixels)")
+    if "rescale_factor" in data and not (
+        _is_number(data["rescale_factor"]) and data["rescale_factor"] > 0
+    ):
+        raise bad("rescale_factor", "a positive number (1/255 maps 0-255 pixels to [0, 1])")
+    if "resample" in data and not (
+        isinstance(data["resample"], int)
+        and not isinstance(data["resample"], bool)
+        and data["resample"] in _RESAMPLE
+    ):
+        names = ", ".join(f"{k} ({v})" for k, v in _RESAMPLE.items())
+        raise bad("resample", f"a PIL resampling filter number: {names}")
+    for field, keys in (("size", ("shortest_edge", "height")), ("crop_size", ("height",))):
+        if field not in data:
+            continue
+        value = data[field]
+        ok = _is_side(value) or (
+            isinstance(value, list) and len(value) == 2 and all(_is_side(v) for v in value)
+        )
+        if isinstance(value, dict):
+            shape = set(value)
+            ok = (
+                shape == {"height", "width"}
+                or ("shortest_edge" in keys and shape == {"shortest_edge"})
+            ) and all(_is_side(v) for v in value.values())
+        if not ok:
+            forms = '{"height": H, "width": W}'
+            if "shortest_edge" in keys:
+                forms = '{"shortest_edge": S}, ' + forms
+            raise bad(field, f"a positive integer, {forms} or [H, W]")
+    for key in _TYPE_KEYS:
+        if key in data:
+            name = data[key]
+            base = name.removesuffix("Fast").removesuffix("Pil") if isinstance(name, str) else ""
+            if base.endswith("FeatureExtractor"):  # the name before transformers 4.27
+                base = base.removesuffix("FeatureExtractor") + "ImageProcessor"
+            if base not in IMAGE_PROCESSORS.values():
+                raise bad(key, f"one of {', '.join(IMAGE_PROCESSORS.values())} (hf: loads CLIP "
+                          "and SigLIP image pipelines)")  # fmt: skip
+            return base
+    return IMAGE_PROCESSORS.get(model_type, IMAGE_PROCESSORS["clip"])
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """A checkpoint's image pipeline: its image processor resizes and crops, then we normalise.
+
+    ``preprocess`` runs ``processor`` with normalisation off (pixels in ``[0, 1]``, the side
+    ``side``), and ``encode`` computes ``(pixels * pixel_scale - image_mean) / image_std``: the
+    same numbers the checkpoint's processor feeds the model, split where attacks need pixels.
+
+    Attributes:
+        processor: The transformers image processor (PIL backend) built from the file.
+        side: Side of the square it produces (the vision tower's ``image_size``).
+        image_mean: Per-channel mean (``0`` when the file turns normalisation off).
+        image_std: Per-channel standard deviation (``1`` when normalisation is off).
+        pixel_scale: ``255 * rescale_factor`` (``255`` when the file turns rescaling off).
+        source: The file it came from (``preprocessor_config.json``, ``processor_config.json``)
+            or ``"default"`` (``default_preprocessing=True`` on a checkpoint without one).
+    """
+
+    processor: Any
+    side: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    pixel_scale: float
+    source: str
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able settings for the model's ``config()`` (and so its fingerprint)."""
+        proc = self.processor
+        size = {k: v for k, v in dict(proc.size or {}).items() if v is not None}
+        return {
+            "source": self.source,
+            "processor": type(proc).__name__,
+            "resize": size,
+            "resample": _RESAMPLE[int(proc.resample)],
+            "center_crop": bool(getattr(proc, "do_center_crop", False)),
+            "side": self.side,
+            "pixel_scale": self.pixel_scale,
+        }
+
+    def __call__(self, arrays: list[np.ndarray]) -> Tensor:
+        """Resize and crop uint8 RGB arrays with the processor: ``(B, 3, side, side)`` in [0, 1]."""
+        if not arrays:
+            return torch.zeros(0, 3, self.side, self.side)
+        out = self.processor(
+            images=arrays,
+            do_normalize=False,
+            do_rescale=True,
+            rescale_factor=1 / 255,
+            return_tensors="pt",
+            input_data_format="channels_last",
+        )
+        return out["pixel_values"].float()
+
+
+def _image_processor_class(name: str) -> Any:
+    """The PIL-backed transformers class of ``name`` (no torchvision needed)."""
+    import transformers
+
+    # transformers 5: <Name>Pil is the PIL backend, <Name> the torchvision one; 4.x: <Name> is PIL.
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
+def image_preprocessing(
+    data: dict[str, Any], *, where: str, model_type: str, image_size: int, source: str
+) -> ImagePreprocessing:
+    """Validate image processor settings and build the pipeline, checked against the model.
+
+    Args:
+        data: The settings (see :func:`check_preprocessor_fields`).
+        where: The file (and entry) to name in error messages.
+        model_type: ``clip`` or ``siglip``.
+        image_size: ``vision_config.image_size`` of the checkpoint's ``config.json``.
+        source: What :attr:`ImagePreprocessing.source` records.
+
+    Raises:
+        ModelError: A field is invalid, the pipeline does not make square inputs, or their side
+            is not the vision tower's ``image_size``.
+    """
+    name = check_preprocessor_fields(data, where, model_type)
+    try:
+        proc = _image_processor_class(name).from_dict(dict(data))
+    except Exception as err:  # noqa: BLE001 - transformers' own validation, named
+        raise ModelError(
+            f"{where}: transformers cannot build a {name} from it ({_first_line(err)}). Fix the "
+            f"file, or copy {PREPROCESSOR_FILE} again from where the checkpoint came from."
+        ) from err
+    if not proc.do_resize:
+        raise ModelError(
+            f"{where}: field do_resize is false, so images would reach the model at whatever "
+            f"size they have; hf: needs them at the vision tower's {image_size}x{image_size}. "
+            "Set do_resize to true with a size."
+        )
+    # transformers 5 keeps sizes in a SizeDict, 4.x in a dict: read both as dicts.
+    size, crop = dict(proc.size or {}), dict(getattr(proc, "crop_size", None) or {})
+    if getattr(proc, "do_center_crop", False):
+        field, height, width = "crop_size", crop.get("height"), crop.get("width")
+    elif size.get("height") is not None and size.get("width") is not None:
+        field, height, width = "size", size["height"], size["width"]
+    else:
+        raise ModelError(
+            f"{where}: field size {json.dumps(data.get('size'))} without a centre crop keeps each "
+            "image's aspect ratio, so the inputs would not be square; set do_center_crop to "
+            'true with a square crop_size, or size to {"height": S, "width": S}.'
+        )
+    if height is None or width is None:
+        raise ModelError(
+            f"{where}: field do_center_crop is true but there is no crop_size; add "
+            f'"crop_size": {{"height": {image_size}, "width": {image_size}}}.'
+        )
+    if height != width:
+        raise ModelError(
+            f"{where}: field {field} is {height}x{width} (height x width); hf: supports square "
+            f"inputs only, and this model's vision tower takes {image_size}x{image_size}."
+        )
+    if height != image_size:
+        raise ModelError(
+            f"{where}: field {field} makes {height}x{height} inputs, but config.json's "
+            f"vision_config.image_size is {image_size} (the side its position embeddings fit). "
+            "The two files come from different checkpoints: copy them from the same one."
+        )
+
+    def triple(value: Any) -> tuple[float, float, float]:
         vals = [float(v) for v in (value if isinstance(value, list | tuple) else [value])]
-        return tuple(vals * 3) if len(vals) == 1 else tuple(vals)
+        a, b, c = vals * 3 if len(vals) == 1 else vals
+        return a, b, c
 
-    return triple(pre.get("image_mean"), mean), triple(pre.get("image_std"), std)
+    norm = proc.do_normalize
+    return ImagePreprocessing(
+        processor=proc,
+        side=int(height),
+        image_mean=triple(proc.image_mean) if norm else (0.0, 0.0, 0.0),
+        image_std=triple(proc.image_std) if norm else (1.0, 1.0, 1.0),
+        pixel_scale=255.0 * float(proc.rescale_factor) if proc.do_rescale else 255.0,
+        source=source,
+    )
+
+
+def rgb_uint8(image: Any) -> np.ndarray:
+    """One image as a ``(H, W, 3)`` uint8 array: grey is repeated, alpha dropped.
+
+    Non-uint8 values are taken to be on the 0-255 scale (as :func:`images_to_tensor` does), then
+    rounded and clipped, so the image processor never guesses their range.
+
+    Example:
+        >>> rgb_uint8(np.full((2, 2), 7.6)).shape, int(rgb_uint8(np.full((2, 2), 7.6))[0, 0, 0])
+        ((2, 2, 3), 8)
+    """
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise ModelError(f"An image must be an (H, W, 3) array, got shape {tuple(arr.shape)}.")
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(np.rint(arr.astype(np.float64)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
 
 
 def square_size(image_size: int | Sequence[int]) -> int:
@@ -196,10 +498,13 @@ def download_hint(ref: str) -> str:
 class HFClip(EncoderModel):
     """A transformers ``CLIPModel`` or ``SiglipModel`` as an :class:`EncoderModel`.
 
-    Images are preprocessed to ``[0, 1]`` pixels at the vision tower's ``image_size`` (resized,
-    not cropped); the mean/std normalisation happens in :meth:`encode_modality`. Text is
-    tokenised with the checkpoint's tokenizer, truncated to the text tower's maximum length
-    (SigLIP: padded to that length and encoded without an attention mask, as it was trained).
+    Images are preprocessed to ``[0, 1]`` pixels at the vision tower's ``image_size`` by the
+    checkpoint's own image pipeline (``preprocessing``: its resize filter, size and crop); the
+    mean/std normalisation happens in :meth:`encode_modality`. Built without ``preprocessing``
+    (random test models), images are resized bilinearly, not cropped, and normalised with the
+    given ``image_mean`` / ``image_std``. Text is tokenised with the checkpoint's tokenizer,
+    truncated to the text tower's maximum length (SigLIP: padded to that length and encoded
+    without an attention mask, as it was trained).
 
     Attributes:
         model: The wrapped transformers model (in eval mode).
@@ -210,6 +515,7 @@ class HFClip(EncoderModel):
         max_length: Token length text is truncated (SigLIP: padded) to.
         image_mean: Pixel mean used to normalise images.
         image_std: Pixel standard deviation used to normalise images.
+        preprocessing: The checkpoint's image pipeline, or ``None``.
     """
 
     def __init__(
@@ -218,8 +524,9 @@ class HFClip(EncoderModel):
         tokenizer: Any,
         *,
         source: str,
-        image_mean: Sequence[float],
-        image_std: Sequence[float],
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        preprocessing: ImagePreprocessing | None = None,
     ) -> None:
         super().__init__()
         cfg = model.config
@@ -243,10 +550,23 @@ class HFClip(EncoderModel):
             self.embed_dim = int(model.visual_projection.out_features)
         else:
             self.embed_dim = int(model.text_model.head.out_features)
+        self.preprocessing = preprocessing
+        if preprocessing is not None:
+            if image_mean is not None or image_std is not None:
+                raise ModelError("Pass image_mean/image_std or preprocessing, not both.")
+            if preprocessing.side != self.image_size:
+                raise ModelError(
+                    f"The image pipeline makes {preprocessing.side}-pixel inputs, the vision "
+                    f"tower takes {self.image_size}."
+                )
+            image_mean, image_std = preprocessing.image_mean, preprocessing.image_std
+        if image_mean is None or image_std is None:
+            raise ModelError("HFClip needs image_mean and image_std, or preprocessing.")
         self.image_mean = tuple(float(v) for v in image_mean)
         self.image_std = tuple(float(v) for v in image_std)
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ModelError(f"image_mean/image_std need 3 values, got {image_mean}, {image_std}.")
+        self.pixel_scale = 1.0 if preprocessing is None else float(preprocessing.pixel_scale)
         self.register_buffer(
             "pixel_mean", torch.tensor(list(image_mean), dtype=torch.float32).view(1, 3, 1, 1)
         )
@@ -267,7 +587,9 @@ class HFClip(EncoderModel):
             A CPU tensor (images) or ``{"input_ids", "attention_mask"}`` LongTensors (text).
         """
         if modality == "image":
-            return images_to_tensor(values, self.image_size)
+            if self.preprocessing is None:
+                return images_to_tensor(values, self.image_size)
+            return self.preprocessing([rgb_uint8(v) for v in values])
         if modality == "text":
             texts = list(values)
             bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
@@ -294,6 +616,8 @@ class HFClip(EncoderModel):
         if not isinstance(batch, Tensor):
             raise ModelError("An image batch must be a (B, 3, S, S) tensor from preprocess().")
         x = batch.to(self.pixel_mean.device, torch.float32)
+        if self.pixel_scale != 1.0:
+            x = x * self.pixel_scale
         return ((x - self.pixel_mean) / self.pixel_std).to(self._dtype)
 
     def _text_args(self, batch: Batch) -> dict[str, Tensor | None]:
@@ -370,6 +694,9 @@ class HFClip(EncoderModel):
             "max_length": self.max_length,
             "image_mean": list(self.image_mean),
             "image_std": list(self.image_std),
+            "preprocessing": (
+                None if self.preprocessing is None else self.preprocessing.describe()
+            ),
             "vision": {"hidden_size": int(vis.hidden_size), "layers": int(vis.num_hidden_layers)},
             "text": {
                 "hidden_size": int(txt.hidden_size),
@@ -388,52 +715,228 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}".strip()
 
 
-def _load(ref: str, *, local_only: bool) -> tuple[nn.Module, Any, dict[str, Any] | None]:
-    """Load config-dispatched model, tokenizer and preprocessor config (may raise anything)."""
+class _NotCached(FileNotFoundError):
+    """A hub checkpoint's image settings are not in the local cache (try the network next)."""
+
+
+def _read_json(path: Path, where: str) -> Any:
+    """Parse a JSON file; every failure is a ModelError naming ``where`` and what to do."""
+    again = "copy it again from where the checkpoint came from"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ModelError(
+            f"{where} is not UTF-8 text ({err.reason} at byte {err.start}), so not JSON; {again}."
+        ) from err
+    except OSError as err:
+        raise ModelError(
+            f"{where} cannot be read ({_first_line(err)}). Check that it is a readable file, or "
+            f"{again}."
+        ) from err
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ModelError(
+            f"{where} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}). "
+            f"Fix it, or {again}."
+        ) from err
+
+
+def _hub_file(ref: str, name: str, *, local_only: bool) -> Path | None:
+    """A file of hub repo ``ref`` from the cache (or the hub); ``None`` when it is not there."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(ref, name, local_files_only=local_only))
+    except EntryNotFoundError:  # not in the repo, or (LocalEntryNotFoundError) not cached
+        return None
+
+
+def _missing_preprocessing(ref: str, local_dir: Path | None, model_type: str, side: int) -> str:
+    standard = json.dumps(default_preprocessor_config(model_type, side))
+    family = "SigLIP" if model_type == "siglip" else "OpenAI CLIP"
+    if local_dir is not None:
+        where, folder = str(local_dir), str(local_dir)
+        fetch = f"`hf download <org/name> {PREPROCESSOR_FILE} --local-dir {folder}`"
+    else:
+        where, folder = f"The hub repository {ref}", "DIR"
+        fetch = f"`hf download {ref} --local-dir DIR`, then pass `--model hf:DIR`"
+    return (
+        f"{where} has no {PREPROCESSOR_FILE} (nor a {PROCESSOR_FILE} with an image_processor "
+        "entry), so the image size, resize filter, crop and pixel mean/std the checkpoint was "
+        "trained with are unknown; hf: does not guess them, since wrong ones quietly skew every "
+        f"metric. Copy the file from where the checkpoint came from ({fetch}). If the checkpoint "
+        f"was trained with the standard {family} preprocessing, save this as "
+        f"{folder}/{PREPROCESSOR_FILE}: {standard} (from Python, "
+        "`create_model(..., default_preprocessing=True)` uses it without the file)."
+    )
+
+
+def _preprocessing(
+    ref: str,
+    *,
+    local_dir: Path | None,
+    local_only: bool,
+    model_type: str,
+    image_size: int,
+    default: bool,
+) -> ImagePreprocessing:
+    """The checkpoint's image pipeline, read as transformers does; no silent fallback.
+
+    transformers 5 reads the ``image_processor`` entry of ``processor_config.json`` first, then
+    ``preprocessor_config.json`` (which hub checkpoints ship); so does this.
+    """
+    names = (PROCESSOR_FILE, PREPROCESSOR_FILE)
+    if local_dir is not None:
+        files = [local_dir / n if (local_dir / n).exists() else None for n in names]
+    else:
+        files = [_hub_file(ref, n, local_only=local_only) for n in names]
+
+    def name(path: Path, file: str) -> str:
+        return str(path) if local_dir is not None else f"{file} of the hub repository {ref}"
+
+    kwargs = {"model_type": model_type, "image_size": image_size}
+    proc_file, pre_file = files
+    if proc_file is not None:
+        where = name(proc_file, PROCESSOR_FILE)
+        data = _read_json(proc_file, where)
+        if not isinstance(data, dict):
+            raise ModelError(
+                f"{where} must be a JSON object (with an image_processor entry), not a JSON "
+                f"{type(data).__name__}; copy it again from where the checkpoint came from."
+            )
+        if "image_processor" in data:
+            return image_preprocessing(
+                data["image_processor"],
+                where=f"{where}, entry image_processor",
+                source=PROCESSOR_FILE,
+                **kwargs,
+            )
+    if pre_file is not None:
+        where = name(pre_file, PREPROCESSOR_FILE)
+        return image_preprocessing(
+            _read_json(pre_file, where), where=where, source=PREPROCESSOR_FILE, **kwargs
+        )
+    if default:
+        return image_preprocessing(
+            default_preprocessor_config(model_type, image_size),
+            where="the default preprocessing",
+            source="default",
+            **kwargs,
+        )
+    if local_dir is None and local_only:
+        raise _NotCached(f"the cache holds no {PREPROCESSOR_FILE} of {ref}")
+    raise ModelError(_missing_preprocessing(ref, local_dir, model_type, image_size))
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = (int(re.match(r"\d+", p)[0]) for p in torch.__version__.split(".")[:2])
+    return major, minor
+
+
+def _weight_kwargs(cls: Any, local_dir: Path | None) -> dict[str, Any]:
+    """How ``from_pretrained`` reads the weights: safetensors first, a ``.bin`` weights-only.
+
+    A local directory with ``model.safetensors`` (or its shard index) is read with safetensors
+    only (``use_safetensors=True``), even when a ``pytorch_model.bin`` lies beside it. Without
+    one, and for hub ids (where transformers itself prefers safetensors), a ``.bin`` is read
+    with ``torch.load(weights_only=True)``, which transformers 5 passes through; torch >= 2.6
+    is needed for that to be safe (CVE-2025-32434).
+    """
+    if local_dir is not None:
+        if any((local_dir / n).is_file() for n in SAFE_WEIGHTS):
+            return {"use_safetensors": True}
+        if not any((local_dir / n).is_file() for n in PICKLE_WEIGHTS):
+            raise ModelError(
+                f"{local_dir} has no weights: hf: reads {SAFE_WEIGHTS[0]} (or the shards listed "
+                f"in {SAFE_WEIGHTS[1]}), or a legacy {PICKLE_WEIGHTS[0]}. Copy the weight files "
+                "from where the checkpoint came from (`hf download <org/name> --local-dir "
+                f"{local_dir}`)."
+            )
+    import inspect
+
+    import transformers
+
+    if "weights_only" not in inspect.signature(cls.from_pretrained).parameters:
+        raise ModelError(
+            f"transformers {transformers.__version__} cannot be told to load {PICKLE_WEIGHTS[0]} "
+            "weights-only; upgrade it (`pip install -U transformers`), or use a checkpoint with "
+            f"{SAFE_WEIGHTS[0]}."
+        )
+    if _torch_version() < (2, 6):
+        raise ModelError(
+            f"torch {torch.__version__} cannot load {PICKLE_WEIGHTS[0]} safely even weights-only "
+            f"(CVE-2025-32434); upgrade torch to 2.6 or later, or use {SAFE_WEIGHTS[0]}."
+        )
+    kwargs: dict[str, Any] = {"weights_only": True}
+    if local_dir is not None:
+        kwargs["use_safetensors"] = False
+    return kwargs
+
+
+def _unpickling_error(err: BaseException) -> BaseException | None:
+    import pickle
+
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        if isinstance(e, pickle.UnpicklingError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _load(
+    ref: str, *, local_dir: Path | None, local_only: bool, default_preprocessing: bool = False
+) -> tuple[nn.Module, Any, ImagePreprocessing]:
+    """Config-dispatched model, tokenizer and image pipeline (may raise anything)."""
     from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
 
-    config = AutoConfig.from_pretrained(ref, local_files_only=local_only)
+    config = AutoConfig.from_pretrained(ref, local_files_only=local_only, trust_remote_code=False)
     kind = getattr(config, "model_type", None)
     if kind not in SUPPORTED_TYPES:
         raise ModelError(
             f"{ref!r} is a {kind!r} checkpoint; hf: loads CLIP and SigLIP dual encoders "
             f"(config.json model_type one of {', '.join(SUPPORTED_TYPES)})."
         )
-    cls = CLIPModel if kind == "clip" else SiglipModel
-    model = cls.from_pretrained(
-        ref, config=config, dtype=torch.float32, local_files_only=local_only
+    preprocessing = _preprocessing(  # before the weights: a bad file fails fast
+        ref,
+        local_dir=local_dir,
+        local_only=local_only,
+        model_type=str(kind),
+        image_size=square_size(config.vision_config.image_size),
+        default=default_preprocessing,
     )
+    cls = CLIPModel if kind == "clip" else SiglipModel
+    weights = _weight_kwargs(cls, local_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(ref, local_files_only=local_only)
+        model = cls.from_pretrained(
+            ref, config=config, dtype=torch.float32, local_files_only=local_only, **weights
+        )
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is a refused pickle
+        refused = _unpickling_error(err)
+        if refused is None:
+            raise
+        where = str(local_dir / PICKLE_WEIGHTS[0]) if local_dir else f"the weights of {ref}"
+        raise ModelError(
+            f"{where} holds pickled objects other than tensors ({_first_line(refused)[:200]}), "
+            "and hf: loads .bin weights only with torch.load(weights_only=True): unpickling "
+            f"anything else can run code. Get the checkpoint as {SAFE_WEIGHTS[0]} from a source "
+            "you trust (the hub converts most repositories), or convert the file on a machine "
+            "where you trust it."
+        ) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            ref, local_files_only=local_only, trust_remote_code=False
+        )
     except ImportError as err:
         raise ModelError(
             f"The tokenizer of {ref!r} needs a package that is not installed ({_first_line(err)}). "
-            "SigLIP's SentencePiece tokenizer needs `pip install sentencepiece`."
+            "SigLIP's SentencePiece tokenizer needs `pip install sentencepiece protobuf`."
         ) from err
-    return model, tokenizer, _preprocessor_config(ref, local_only=local_only)
-
-
-def _preprocessor_config(ref: str, *, local_only: bool) -> dict[str, Any] | None:
-    """``preprocessor_config.json`` of a local dir or hub id, or ``None`` if there is none."""
-    path: Path | None = Path(ref) / "preprocessor_config.json"
-    if not path.is_file():
-        path = None
-        if looks_like_hub_id(ref) and not Path(ref).exists():
-            try:
-                from huggingface_hub import hf_hub_download
-
-                path = Path(
-                    hf_hub_download(ref, "preprocessor_config.json", local_files_only=local_only)
-                )
-            except Exception:  # noqa: BLE001 - optional file: fall back to the defaults
-                path = None
-    if path is None:
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return model, tokenizer, preprocessing
 
 
 def _local_dir(ref: str) -> Path:
@@ -453,26 +956,33 @@ def _local_dir(ref: str) -> Path:
     return path.resolve()
 
 
-def _wrap(model: nn.Module, tokenizer: Any, pre: dict[str, Any] | None, source: str) -> HFClip:
-    mean, std = normalisation_constants(str(model.config.model_type), pre)
-    return HFClip(model, tokenizer, source=source, image_mean=mean, image_std=std)
-
-
 @register_model("hf:", "Hugging Face CLIP / SigLIP: hf:<local-dir> or hf:<hub-id>")
-def build_hf(id_or_path: str = "", *, device: str = "cpu", **_: Any) -> HFClip:
+def build_hf(
+    id_or_path: str = "",
+    *,
+    device: str = "cpu",
+    default_preprocessing: bool = False,
+    **_: Any,
+) -> HFClip:
     """Hugging Face CLIP / SigLIP from a local directory or a hub id.
 
     Args:
         id_or_path: A checkpoint directory (with ``config.json``) or a hub id such as
             ``openai/clip-vit-base-patch32``.
         device: Torch device to put the model on.
+        default_preprocessing: For a checkpoint without ``preprocessor_config.json`` (or a
+            ``processor_config.json`` with an ``image_processor`` entry): use the standard CLIP
+            / SigLIP image pipeline (:func:`default_preprocessor_config`) instead of failing.
+            A checkpoint that has the file always uses it.
 
     Returns:
         The wrapped model in eval mode.
 
     Raises:
         ModelError: The path does not exist or is not a checkpoint, the hub id is neither cached
-            nor downloadable (offline), or the checkpoint is not CLIP / SigLIP.
+            nor downloadable (offline), the checkpoint is not CLIP / SigLIP, its image settings
+            are missing or invalid (the message names the file and field), or its ``.bin``
+            weights hold pickled objects other than tensors.
     """
     ref = id_or_path.strip()
     if not ref:
@@ -483,7 +993,12 @@ def build_hf(id_or_path: str = "", *, device: str = "cpu", **_: Any) -> HFClip:
     if Path(ref).expanduser().exists():
         path = _local_dir(ref)
         try:
-            model, tokenizer, pre = _load(str(path), local_only=True)
+            model, tokenizer, pre = _load(
+                str(path),
+                local_dir=path,
+                local_only=True,
+                default_preprocessing=default_preprocessing,
+            )
         except ModelError:
             raise
         except Exception as err:  # noqa: BLE001 - any loader failure becomes one clear message
@@ -502,24 +1017,31 @@ def build_hf(id_or_path: str = "", *, device: str = "cpu", **_: Any) -> HFClip:
             "`--model hf:DIR`."
         )
     else:
-        model, tokenizer, pre = _load_hub(ref)
+        model, tokenizer, pre = _load_hub(ref, default_preprocessing=default_preprocessing)
         source = ref
-    return _wrap(model, tokenizer, pre, source).to(device)
+    return HFClip(model, tokenizer, source=source, preprocessing=pre).to(device)
 
 
-def _load_hub(ref: str) -> tuple[nn.Module, Any, dict[str, Any] | None]:
+def _load_hub(
+    ref: str, *, default_preprocessing: bool = False
+) -> tuple[nn.Module, Any, ImagePreprocessing]:
     """A hub id: the local cache first, then (unless offline) the network."""
+    kwargs = {"local_dir": None, "default_preprocessing": default_preprocessing}
     try:
-        return _load(ref, local_only=True)
+        return _load(ref, local_only=True, **kwargs)
     except ModelError:
         raise
     except Exception as cached_err:  # noqa: BLE001 - not (fully) in the cache
         if hub_offline():
+            what = (
+                f"the Hugging Face cache holds the model but not its {PREPROCESSOR_FILE}"
+                if isinstance(cached_err, _NotCached)
+                else "the hub id is not in the Hugging Face cache"
+            )
             raise ModelError(
-                f"hf:{ref}: there is no local directory {ref!r} and the hub id is not in the "
-                "Hugging Face cache; downloads are off because HF_HUB_OFFLINE (or "
-                "TRANSFORMERS_OFFLINE) is set, and a hub download needs network anyway. "
-                + download_hint(ref)
+                f"hf:{ref}: there is no local directory {ref!r} and {what}; downloads are off "
+                "because HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, and a hub download "
+                "needs network anyway. " + download_hint(ref)
             ) from cached_err
     endpoint = _hub_endpoint()
     if not _uses_proxy() and not endpoint_reachable(endpoint):
@@ -529,7 +1051,7 @@ def _load_hub(ref: str) -> tuple[nn.Module, Any, dict[str, Any] | None]:
             "download needs network. " + download_hint(ref)
         )
     try:
-        return _load(ref, local_only=False)
+        return _load(ref, local_only=False, **kwargs)
     except ModelError:
         raise
     except Exception as err:  # noqa: BLE001 - network or unknown id
@@ -559,14 +1081,23 @@ __all__ = [
     "SIGLIP_MEAN",
     "SIGLIP_STD",
     "SUPPORTED_TYPES",
+    "IMAGE_PROCESSORS",
+    "PICKLE_WEIGHTS",
+    "PREPROCESSOR_FILE",
+    "PROCESSOR_FILE",
+    "SAFE_WEIGHTS",
     "HFClip",
+    "ImagePreprocessing",
     "build_hf",
+    "check_preprocessor_fields",
+    "default_preprocessor_config",
     "download_hint",
     "endpoint_reachable",
     "hub_offline",
     "logits",
     "looks_like_hub_id",
-    "normalisation_constants",
+    "image_preprocessing",
     "pooled_embedding",
+    "rgb_uint8",
     "square_size",
 ]
