@@ -40,7 +40,7 @@ from mmsafe.methods.anomaly import (
 )
 from mmsafe.methods.resolution import check_fraction
 from mmsafe.metrics import bootstrap_ci
-from mmsafe.metrics.anomaly import aupro, auroc, average_precision, f1_max, pixel_auroc
+from mmsafe.metrics.anomaly import PixelTruth, auroc, average_precision, f1_max, pixel_metrics
 from mmsafe.report.plots import overlay, thumbnail_png
 
 DEFAULT_PATCH_LAYERS: tuple[int, ...] = (1,)
@@ -83,9 +83,15 @@ def defect_masks(meta: Sequence[dict[str, Any]], shape: tuple[int, int]) -> np.n
 
 
 def method_metrics(
-    scores: AnomalyScores, is_defect: np.ndarray, masks: np.ndarray | None, fpr_limit: float
+    scores: AnomalyScores,
+    is_defect: np.ndarray,
+    masks: np.ndarray | PixelTruth | None,
+    fpr_limit: float,
 ) -> dict[str, float]:
-    """Image AUROC / AUPR / F1-max and, with masks, pixel AUROC and AUPRO of one method."""
+    """Image AUROC / AUPR / F1-max and, with masks, pixel AUROC and AUPRO of one method.
+
+    ``masks`` may be a :class:`~mmsafe.metrics.anomaly.PixelTruth` made once for every method.
+    """
     img = scores.image.double().numpy()
     out = {
         "image_auroc": auroc(img, is_defect),
@@ -94,8 +100,7 @@ def method_metrics(
     }
     if masks is not None:
         maps = scores.maps.float().numpy()  # float32: the metrics sort it without a copy
-        out["pixel_auroc"] = pixel_auroc(maps, masks)
-        out["aupro"] = aupro(maps, masks, fpr_limit=fpr_limit)
+        out["pixel_auroc"], out["aupro"] = pixel_metrics(maps, masks, fpr_limit)
     return out
 
 
@@ -354,8 +359,9 @@ class AnomalyCheck(Check):
             )
 
         metrics: dict[str, Metric] = {}
+        truth = None if masks is None else PixelTruth.of(masks)  # labelled once for all methods
         per_method = {
-            m: method_metrics(s, is_defect, masks, self.fpr_limit) for m, s in methods.items()
+            m: method_metrics(s, is_defect, truth, self.fpr_limit) for m, s in methods.items()
         }
         for m, values in per_method.items():
             for key, v in values.items():
