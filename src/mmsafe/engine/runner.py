@@ -540,8 +540,8 @@ class Engine:
                 else:
                     emb = model.encode({modality: batch})[modality]
                 chunks.append(emb.float().cpu())
-        self._account(model.fingerprint(), modality, None if variant is None else variant.key,
-                      identities)  # fmt: skip
+        vkey = None if variant is None else variant.key
+        self._account(model.fingerprint(), modality, vkey, identities)
         if not chunks:
             return torch.zeros(0, getattr(model, "embed_dim", 0))
         return torch.cat(chunks)
