@@ -116,7 +116,7 @@ CONFIGS: tuple[Config, ...] = (
             "robustness.adversarial": {"max_rows": 64, "steps": 5},
             "robustness.shift": {"severities": [1, 3], "max_rows": 300},
             "controllability.explain": {"max_rows": 64, "ig_rows": 8, "ig_steps": 16},
-            "monitoring.anomaly": {"shots": [1, 2], "windows": [12]},
+            "monitoring.anomaly": {"shots": [1, 2], "windows": [12 / 32]},
             "efficiency.profile": {"batch_sizes": [1, 8], "repeats": 2},
         },
     ),
@@ -169,7 +169,7 @@ CONFIGS: tuple[Config, ...] = (
         "zero_shot",
         ["monitoring.anomaly", "robustness.shift", "monitoring.ood"],
         {
-            "monitoring.anomaly": {"shots": [1, 2], "windows": [12], "max_normal": 150},
+            "monitoring.anomaly": {"shots": [1, 2], "windows": [12 / 32], "max_normal": 150},
             "robustness.shift": {
                 "image_corruptions": ["gaussian_noise", "defocus_blur", "contrast"],
                 "text_perturbations": ["char_swap", "word_drop"],

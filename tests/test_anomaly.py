@@ -133,6 +133,105 @@ def test_crop_windows_matches_manual_crop():
     assert torch.equal(crops[1], px[0, :, 0:4, 4:8]) and torch.equal(crops[4 + 3], px[1, :, 4:, 4:])
 
 
+# --------------------------------------------------------------------------- native resolution
+OLD_WINDOWS, OLD_STRIDE = (12, 20), 4  # the pixel defaults before windows were fractions
+
+
+def test_default_windows_at_32_px_are_the_old_pixel_windows():
+    check = AnomalyCheck()
+    assert tuple(w * 32 for w in check.windows) == OLD_WINDOWS and check.stride * 32 == OLD_STRIDE
+    for frac, px in zip(check.windows, OLD_WINDOWS, strict=True):
+        new = A.scaled_window_boxes(32, frac, check.stride)
+        assert np.array_equal(new, A.window_boxes(32, px, OLD_STRIDE))
+    assert [len(A.scaled_window_boxes(32, w, A.STRIDE)) for w in A.WINDOWS] == [36, 16]
+    # any whole-pixel window and stride of a 32-px image gives the pixel boxes exactly
+    for win in range(1, 33):
+        for stride in range(1, 9):
+            assert np.array_equal(
+                A.scaled_window_boxes(32, win / 32, stride / 32), A.window_boxes(32, win, stride)
+            ), (win, stride)
+
+
+def test_old_pixel_options_are_rejected_with_the_conversion():
+    with pytest.raises(ValueError, match=r"no longer in pixels .* 12/32 = 0.375"):
+        AnomalyCheck(windows=(12, 20))
+    with pytest.raises(ValueError, match="stride"):
+        AnomalyCheck(stride=4)
+    with pytest.raises(ValueError, match="at least one"):
+        AnomalyCheck(windows=())
+
+
+@pytest.mark.parametrize("side", [16, 32, 64, 100, 128, 250, 256])
+def test_window_count_does_not_grow_with_the_resolution(side):
+    for frac, n in zip(A.WINDOWS, (36, 16), strict=True):
+        boxes = A.scaled_window_boxes(side, frac, A.STRIDE)
+        assert len(boxes) == n  # the 32-px count at every size
+        win = int(np.floor(frac * side + 0.5))
+        assert (boxes[:, 2:] == win).all()  # a fixed fraction of the side
+        assert boxes[:, :2].min() == 0 and (boxes[:, :2] + boxes[:, 2:]).max() == side
+        assert bool(A.window_coverage(boxes, side).any(dim=0).all())  # every pixel covered
+    # the old pixel windows on the same image: thousands of them at 250 px
+    if side == 250:
+        assert len(A.window_boxes(250, 12, 4)) + len(A.window_boxes(250, 20, 4)) == 7202
+
+
+def test_embed_windows_crops_at_the_image_grid_in_bounded_chunks(toy_model):
+    images = [np.full((100, 100, 3), i, np.uint8) for i in range(30)]
+    calls = []
+
+    def record(px):
+        calls.append(tuple(px.shape))
+        return torch.nn.functional.normalize(torch.rand(len(px), 3), dim=-1)
+
+    emb = A.embed_windows(toy_model, images, batch_size=64, encode_pixels=record)
+    assert emb.image_size == 100  # the images' own side, not the model's 8 px
+    assert {w: e.shape[:2] for w, e in emb.windows.items()} == {
+        A.WINDOWS[0]: (30, 36),
+        A.WINDOWS[1]: (30, 16),
+    }
+    crops = [c for c in calls if c[0] != 1 and c[-1] == 8]
+    assert all(c[1:] == (3, 8, 8) for c in calls)  # everything at the model's input size
+    assert max(c[0] for c in crops) <= 64  # never more than batch_size crops at once
+    per_chunk = A.crop_chunk(emb.boxes, 8, 64)
+    assert per_chunk == 64 // 36
+    assert len(calls) == 3 * int(np.ceil(30 / per_chunk))  # whole images + 2 scales per chunk
+    # a large input size is bounded by memory too: at most CROP_BUDGET crop values per chunk
+    boxes = {w: A.scaled_window_boxes(250, w, A.STRIDE) for w in A.WINDOWS}
+    n = A.crop_chunk(boxes, 224, 10_000)
+    assert n * 36 * 3 * 224**2 <= A.CROP_BUDGET < (n + 1) * 36 * 3 * 224**2
+    assert A.crop_chunk(boxes, 1024, 10_000) == 1  # always at least one image
+
+
+def test_fast_pixel_metrics_equal_the_definitions():
+    """The argsort-free metrics give the stable-argsort definitions' numbers to the last bit."""
+    rng = np.random.default_rng(0)
+    for trial in range(6):
+        masks = rng.random((3, 9, 9)) < 0.15
+        masks[0, 0, 0], masks[-1, -1, -1] = True, False
+        maps = rng.random(masks.shape) + masks * 0.4
+        if trial % 2:
+            maps = np.round(maps, 1)  # ties
+        s, t = maps.ravel(), masks.ravel()
+        order = np.argsort(-s, kind="mergesort")
+        last = np.r_[np.flatnonzero(np.diff(s[order])), len(s) - 1]
+        tp = np.cumsum(t[order])[last]
+        fp = last + 1 - tp
+        roc = np.trapezoid(np.r_[0.0, tp / t.sum()], np.r_[0.0, fp / (~t).sum()])
+        regions, k = M.label_regions(masks)
+        lab = regions.ravel()
+        weight = np.where(lab == 0, 0.0, 1.0 / (k * np.bincount(lab)[lab]))
+        pro = np.minimum(np.cumsum(weight[order])[last], 1.0)
+        fpr = np.cumsum(lab[order] == 0)[last] / (lab == 0).sum()
+        want = M.area_up_to(np.r_[0.0, fpr], np.r_[0.0, pro], 0.3) / 0.3
+        for m in (maps, maps.astype(np.float32)):
+            ref = m.astype(np.float64)
+            assert M.pixel_auroc(m, masks) == M.pixel_auroc(ref, masks)
+            if m.dtype == np.float64:
+                assert M.pixel_auroc(m, masks) == roc and M.aupro(m, masks) == want
+            got = M.pixel_metrics(m, M.PixelTruth.of(masks))
+            assert got == (M.pixel_auroc(ref, masks), M.aupro(ref, masks))
+
+
 def test_zero_shot_and_memory_bank_scores():
     protos = torch.nn.functional.normalize(torch.tensor([[1.0, 0.2], [0.2, 1.0]]), dim=-1)
     e = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)
@@ -199,7 +298,7 @@ def test_check_runs_on_toy_with_planted_defects(toy_model, colour_data):
             data.modalities["image"][i][mask] = 255
             m["defect"], m["defect_mask"] = "blob", mask
     ctx = audit_context(toy_model, data)
-    check = AnomalyCheck(windows=(4, 6), stride=2, n_boot=20)
+    check = AnomalyCheck(windows=(4 / 8, 6 / 8), stride=2 / 8, n_boot=20)  # 4 and 6 px of 8
     assert check.skip_reason(ctx) is None
     res = check.run(ctx)
     names = set(res.metrics)
@@ -388,3 +487,131 @@ def test_references_come_from_calibration_never_test(shapes_quick):
     refs = {split.ids[i] for i in order}
     assert not refs & set(ctx.data.ids)
     assert all(split.meta[i]["defect"] is None for i in order)
+
+
+# --------------------------------------------------------------------------- native resolution
+@pytest.fixture(scope="module")
+def native_worlds():
+    """``{side: (world with 30% defects, the same world without them)}``: twins row by row.
+
+    Each flaw of the shapes world draws from its own stream, so with ``defects=0`` every image
+    is its twin's without the scratch or hole: the clean control of the defective one.
+    """
+    from mmsafe.data.worlds import make_shapes
+
+    return {
+        side: (
+            make_shapes(n=400, seed=3, image_size=side, defects=0.3),
+            make_shapes(n=400, seed=3, image_size=side, defects=0.0),
+        )
+        for side in (32, 100, 128)
+    }
+
+
+@pytest.mark.parametrize("side", [32, 100, 128])
+def test_windows_maps_and_masks_at_the_images_own_resolution(defect_aware, native_worlds, side):
+    """Measured (quick defect-aware tiny-clip, 72 evaluated rows, 25 defective, k = 4): WinCLIP+
+    image AUROC 0.745 at 128 px and 0.746 at 100 px; every defective image scores above its clean
+    twin (100%), zero-shot on 92% of them."""
+    from mmsafe.checks.monitoring.anomaly import defect_masks, defect_rows
+
+    world, clean = native_worlds[side]
+    check = AnomalyCheck(n_boot=0, shots=(1, 4))
+    ctx, twin = audit_context(defect_aware, world), audit_context(defect_aware, clean)
+    assert check.skip_reason(twin) is not None  # no defect ground truth: nothing to score
+    rows = defect_rows(ctx.data, 300, 0)
+    data = ctx.data.subset(rows)
+    ref_split, order = check._references(ctx, 0)
+    refs = order[:4]
+    before = ctx.engine.accounting()["modalities"]["image"]
+    methods, image_size, findings = check._methods(ctx, data, ref_split, refs, [1, 4])
+    after = ctx.engine.accounting()["modalities"]["image"]
+    assert image_size == side and not findings
+    for scores in methods.values():
+        assert scores.maps.shape == (len(rows), side, side)
+    masks = defect_masks(data.meta, (side, side))
+    assert masks is not None and masks.shape == (len(rows), side, side)
+    # per image the 36 + 16 windows of a 32-px image, and one feature-map pass; only the 4
+    # references' whole images are new (the evaluated rows' are the task's cached outputs)
+    n = len(rows) + len(refs)
+    assert after["rows_encoded"] - before["rows_encoded"] == 52 * n + n + len(refs)
+    assert after["variants"] == before["variants"] + 1  # the hidden states are a variant
+    assert after["duplication"] == 1.0
+    check._methods(ctx, data, ref_split, refs, [1, 4])  # again: crops and maps are cached
+    assert ctx.engine.accounting()["modalities"]["image"] == after
+
+    # the planted defects are found: above chance, and above each image's clean twin
+    is_defect = np.array([m["defect"] is not None for m in data.meta])
+    twins, _, _ = check._methods(twin, twin.data.subset(rows), twin.calibration, refs, [1, 4])
+    for name, floor in (("few_shot_k4", 0.9), ("zero_shot", 0.8)):
+        s, c = methods[name].image.numpy(), twins[name].image.numpy()
+        assert np.mean(s[is_defect] > c[is_defect]) >= floor, name
+        assert np.array_equal(s[~is_defect], c[~is_defect])  # identical normal images
+    if side != 32:
+        assert M.auroc(methods["few_shot_k4"].image.numpy(), is_defect) > 0.65
+
+
+def test_check_at_128_px_scores_pixels_and_shows_small_thumbnails(defect_aware, native_worlds):
+    import base64
+    import io
+
+    from PIL import Image
+
+    world, _ = native_worlds[128]
+    res = AnomalyCheck(n_boot=0, shots=(1, 4)).run(audit_context(defect_aware, world))
+    assert not any("Pixel metrics were skipped" in f.message for f in res.findings)
+    for key in ("aupro", "few_shot_k4/pixel_auroc", "patch_k4/aupro"):
+        assert 0.0 <= res.metrics[key].value <= 1.0
+    assert res.metrics["few_shot_k4/pixel_auroc"].value > 0.6
+    items = res.plots["top_anomaly_maps"]["items"]
+    sizes = {Image.open(io.BytesIO(base64.b64decode(i["png"]))).size for i in items}
+    assert sizes == {(192, 96)}  # image + overlay, 96 px high, whatever the resolution
+
+
+def test_patch_layers_default_to_the_models_own():
+    from mmsafe.models.base import EncoderModel
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    class Stage0(TinyClip):
+        patch_layers = (0,)
+
+    cfg = TinyClipConfig.for_size("xs")
+    assert EncoderModel.patch_layers == TinyClip.patch_layers == (1,)
+    assert AnomalyCheck().layers_for(TinyClip(cfg)) == (1,)
+    assert AnomalyCheck().layers_for(Stage0(cfg)) == (0,)
+    assert AnomalyCheck(patch_layers=(0, 2)).layers_for(Stage0(cfg)) == (0, 2)  # option wins
+    assert AnomalyCheck().layers_for(object()) == (1,)  # a duck-typed model without one
+    assert AnomalyCheck(patch_layers=()).layers_for(Stage0(cfg)) == ()  # off
+
+
+def test_engine_hidden_states_are_cached_and_counted(toy_model):
+    from mmsafe.data.worlds import make_shapes
+    from mmsafe.engine import Engine
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    model = TinyClip(TinyClipConfig.for_size("xs")).eval()
+    world = make_shapes(n=60, seed=1, duplicates=0)
+    assert len(world) == 60
+    engine = Engine(batch_size=16, progress=False)
+    stage0, stage1 = engine.hidden_states(model, world, "image", (0, 1))
+    with torch.inference_mode():
+        direct = model.hidden_states("image", model.preprocess("image", world.modalities["image"]))
+    torch.testing.assert_close(stage0, direct[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stage1, direct[1], rtol=1e-5, atol=1e-6)
+    acc = engine.accounting()["modalities"]["image"]
+    assert (acc["rows_encoded"], acc["distinct_row_variants"], acc["variants"]) == (60, 60, 1)
+    # a subset's rows are its parent's: served from the cache, in the asked order
+    sub = world.subset([7, 3, 3])
+    again = engine.hidden_states(model, sub, "image", (0, 1))
+    assert torch.equal(again[1], stage1[[7, 3, 3]])
+    assert engine.accounting()["modalities"]["image"]["rows_encoded"] == 60
+    # other layers are another pass (and another variant); a bad layer or no capability fails
+    # before anything is counted
+    engine.hidden_states(model, world, "image", (1,), rows=[0, 1])
+    acc = engine.accounting()["modalities"]["image"]
+    assert (acc["rows_encoded"], acc["variants"], acc["duplication"]) == (62, 2, 1.0)
+    with pytest.raises(IndexError):
+        engine.hidden_states(model, world, "image", (9,))
+    with pytest.raises(NotImplementedError):
+        engine.hidden_states(toy_model, world, "image", (1,))
+    assert engine.accounting()["modalities"]["image"]["rows_encoded"] == 62

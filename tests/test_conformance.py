@@ -48,7 +48,7 @@ CHEAP = {
     "robustness.shift_retrieval": {"image_corruptions": ["gaussian_noise", "contrast"],
                                    "text_perturbations": ["char_swap"], "severities": [1, 3],
                                    "n_boot": 50},
-    "monitoring.anomaly": {"windows": [12], "shots": [1], "max_normal": 40, "n_boot": 30,
+    "monitoring.anomaly": {"windows": [12 / 32], "shots": [1], "max_normal": 40, "n_boot": 30,
                            "n_examples": 2},
     "monitoring.calibration": {"n_boot": 50},
     "monitoring.conformal": {"n_boot": 50, "shifts": ["gaussian_noise"]},

@@ -13,7 +13,7 @@ import contextlib
 import hashlib
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, overload
 
@@ -126,7 +126,8 @@ class Engine:
 
     Every forward pass of an audit goes through :meth:`embed` (rows of a dataset) or
     :meth:`embed_values` (raw values: prompts, crops, views), clean or under a
-    :class:`~mmsafe.engine.variants.Variant`. Results are cached in memory and on disk under
+    :class:`~mmsafe.engine.variants.Variant`, or :meth:`hidden_states` (a tower's intermediate
+    states, e.g. feature maps). Results are cached in memory and on disk under
     (model fingerprint, data fingerprint or value digest, modality, variant key, shard index),
     so checks that ask for the same variant share it. Passes that cannot be cached (attack
     iterations, gradient passes, training passes) are counted with :meth:`count`;
@@ -340,37 +341,168 @@ class Engine:
         data_fp: str,
         desc: str,
     ) -> Tensor:
-        n = len(data)
-        want = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
-        if want.size and (want.min() < 0 or want.max() >= n):
-            raise IndexError(f"rows must lie in [0, {n}) for {data.name!r}")
-        root, want = _root_rows(data, modality, want)
-        if root is not data:  # a subset's rows are its parent's: one cache entry for both
-            data, data_fp = root, root.fingerprint()
+        data, want, data_fp = self._root(data, modality, rows, data_fp)
         vkey = None if variant is None else variant.key
         key = _entry_key("rows", model.fingerprint(), data_fp, modality, vkey)
-        entry = self.cache.get(key)
-        have = np.zeros(0, np.int64) if entry is None else entry["rows"].numpy()
-        missing = np.setdiff1d(want, have)
-        if missing.size:
+
+        def encode(missing: np.ndarray) -> dict[str, Tensor]:
             values = [data.modalities[modality][i] for i in missing]
             ids = [data.ids[i] for i in missing]
             seeds = None if variant is None else [row_seed(variant.seed, i) for i in ids]
             idents = [("row", data.source, i) for i in ids]
             label = desc or data.name
             emb = self._forward(model, modality, values, variant, seeds, idents, label)
+            return {"embeddings": emb}
+
+        return self._cached_rows(key, want, encode)["embeddings"]
+
+    @staticmethod
+    def _root(
+        data: Dataset,
+        modality: str,
+        rows: Sequence[int] | np.ndarray | None,
+        data_fp: str | None,
+    ) -> tuple[Dataset, np.ndarray, str]:
+        """``(root dataset, rows as its positions, its fingerprint)`` of the asked rows.
+
+        ``data_fp``: ``data.fingerprint()`` when the caller has it.
+        """
+        n = len(data)
+        want = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        if want.size and (want.min() < 0 or want.max() >= n):
+            raise IndexError(f"rows must lie in [0, {n}) for {data.name!r}")
+        root, want = _root_rows(data, modality, want)
+        if root is not data:  # a subset's rows are its parent's: one cache entry for both
+            return root, want, root.fingerprint()
+        return data, want, data_fp or data.fingerprint()
+
+    def _cached_rows(
+        self,
+        key: str,
+        want: np.ndarray,
+        compute: Callable[[np.ndarray], dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """The tensors of rows ``want`` under ``key``; ``compute(missing)`` fills in new rows.
+
+        An entry holds ``rows`` (sorted positions) and tensors with one row per position;
+        only rows not in it yet are computed, then merged in and stored.
+        """
+        entry = self.cache.get(key)
+        have = np.zeros(0, np.int64) if entry is None else entry["rows"].numpy()
+        missing = np.setdiff1d(want, have)
+        if missing.size:
+            new = compute(missing)
             all_rows = np.concatenate([have, missing])
-            all_emb = emb if entry is None else torch.cat([entry["embeddings"], emb])
-            order = np.argsort(all_rows, kind="stable")
-            entry = {
-                "rows": torch.from_numpy(all_rows[order]),
-                "embeddings": all_emb[torch.from_numpy(order)],
-            }
-            self.cache.put(key, entry)
+            order = torch.from_numpy(np.argsort(all_rows, kind="stable"))
+            merged = {"rows": torch.from_numpy(np.sort(all_rows, kind="stable"))}
+            for name, t in new.items():
+                both = t if entry is None else torch.cat([entry[name], t])
+                merged[name] = both[order]
+            self.cache.put(key, merged)
             entry = self.cache.get(key)
         assert entry is not None
-        at = np.searchsorted(entry["rows"].numpy(), want)
-        return entry["embeddings"][torch.from_numpy(at)]
+        at = torch.from_numpy(np.searchsorted(entry["rows"].numpy(), want))
+        return {name: t[at] for name, t in entry.items() if name != "rows"}
+
+    # ------------------------------------------------------------------ hidden states
+    def hidden_states(
+        self,
+        model: EncoderModel,
+        data: Dataset,
+        modality: str,
+        layers: Sequence[int],
+        *,
+        rows: Sequence[int] | np.ndarray | None = None,
+        desc: str = "",
+        data_fingerprint: str | None = None,
+    ) -> list[Tensor]:
+        """Hidden states of ``data``'s rows at ``layers`` of one tower, cached and counted.
+
+        One forward pass per row through ``model.hidden_states(modality, batch)`` (the
+        ``hidden_states`` capability; e.g. the feature maps of a patch memory bank), in batches
+        of ``batch_size``. The chosen states are kept as float32 CPU tensors under (model
+        fingerprint, data fingerprint, modality, layers), in memory and on disk like
+        embeddings, and only rows not cached yet are run. Each pass counts in
+        :meth:`accounting` as an encoded row of the modality, under a variant of its own
+        (``hidden`` and the layers), so a row run twice shows as duplication.
+
+        Args:
+            model: the encoder.
+            data: the dataset.
+            modality: the tower (``image``).
+            layers: indices into the list ``model.hidden_states`` returns.
+            rows: positions in ``data`` (any order, repeats allowed); ``None``: every row.
+            desc: a label for progress.
+            data_fingerprint: ``data.fingerprint()`` when the caller has it.
+
+        Returns:
+            One tensor per layer, in ``layers``' order, with ``len(rows)`` rows each.
+
+        Raises:
+            NotImplementedError: the model exposes no hidden states.
+            IndexError: a layer the model does not have.
+        """
+        layers = tuple(int(i) for i in layers)
+        if not layers:
+            raise ValueError("hidden_states needs at least one layer")
+        data, want, data_fp = self._root(data, modality, rows, data_fingerprint)
+        fp = model.fingerprint()
+        key = _entry_key("hidden", fp, data_fp, modality, list(layers))
+        vkey = stable_hash("hidden", list(layers))
+
+        def run(missing: np.ndarray) -> dict[str, Tensor]:
+            values = [data.modalities[modality][i] for i in missing]
+            idents = [("row", data.source, data.ids[i]) for i in missing]
+            label = f"hidden states {modality} {list(layers)} [{desc or data.name}]"
+            net = model.to(self.device).eval()
+            set_seed(self.seed)
+            per_layer: list[list[Tensor]] = [[] for _ in layers]
+            with self._sweep(len(values), label) as starts, torch.inference_mode():
+                for start in starts:
+                    raw = values[start : start + self.batch_size]
+                    batch = to_device(net.preprocess(modality, raw), self.device)
+                    states = net.hidden_states(modality, batch)
+                    for j, i in enumerate(layers):
+                        per_layer[j].append(states[i].float().cpu())
+            self._account(fp, modality, vkey, idents)
+            return {f"layer_{j}": torch.cat(c) for j, c in enumerate(per_layer)}
+
+        got = self._cached_rows(key, want, run)
+        return [got[f"layer_{j}"] for j in range(len(layers))]
+
+    @contextlib.contextmanager
+    def _sweep(self, n: int, label: str) -> Iterator[Any]:
+        """Batch starts over ``n`` values with progress; passes inside are the engine's own.
+
+        Yields the starts (a progress bar on a terminal); on success without a terminal, one
+        line ``<label>: <n> rows`` goes to the stream.
+        """
+        starts = range(0, n, self.batch_size)
+        stream = self.stream or sys.stderr
+        tty = bool(getattr(stream, "isatty", lambda: False)())
+        bar = tqdm(
+            starts,
+            desc=label,
+            unit="batch",
+            leave=False,
+            file=stream,
+            disable=not (self.progress and tty) or len(starts) < 2,
+        )
+        self._in_forward = True
+        try:
+            yield bar
+        finally:
+            self._in_forward = False
+        if self.progress and not tty and n:
+            stream.write(f"{label}: {n} rows\n")
+            stream.flush()
+
+    def _account(
+        self, fp: str, modality: str, vkey: str | None, identities: Sequence[tuple[Any, ...]]
+    ) -> None:
+        """Count ``len(identities)`` rows run through ``modality``'s tower under ``vkey``."""
+        self._encoded[modality] = self._encoded.get(modality, 0) + len(identities)
+        self._distinct.setdefault(modality, set()).update((fp, vkey, *i) for i in identities)
 
     def _forward(
         self,
@@ -389,21 +521,8 @@ class Engine:
         label = f"embed {modality}" + (f" ({variant.label})" if variant else "")
         label += f" [{desc}]" if desc else ""
         chunks = []
-        starts = range(0, len(values), self.batch_size)
-        stream = self.stream or sys.stderr
-        tty = bool(getattr(stream, "isatty", lambda: False)())
-        bar = tqdm(
-            starts,
-            desc=label,
-            unit="batch",
-            leave=False,
-            file=stream,
-            disable=not (self.progress and tty) or len(starts) < 2,
-        )
-        self._in_forward = True
-        with contextlib.ExitStack() as done, torch.inference_mode():
-            done.callback(setattr, self, "_in_forward", False)
-            for start in bar:
+        with self._sweep(len(values), label) as starts, torch.inference_mode():
+            for start in starts:
                 stop = start + self.batch_size
                 raw = values[start:stop]
                 if variant is not None and variant.stage == "values":
@@ -421,13 +540,8 @@ class Engine:
                 else:
                     emb = model.encode({modality: batch})[modality]
                 chunks.append(emb.float().cpu())
-        if self.progress and not tty and len(values):
-            stream.write(f"{label}: {len(values)} rows\n")
-            stream.flush()
-        fp = model.fingerprint()
         vkey = None if variant is None else variant.key
-        self._encoded[modality] = self._encoded.get(modality, 0) + len(values)
-        self._distinct.setdefault(modality, set()).update((fp, vkey, *i) for i in identities)
+        self._account(model.fingerprint(), modality, vkey, identities)
         if not chunks:
             return torch.zeros(0, getattr(model, "embed_dim", 0))
         return torch.cat(chunks)

@@ -7,8 +7,11 @@ The method (Jeong et al., CVPR 2023; see ``docs/anomaly.md``) on any :class:`Enc
 * **Zero-shot score** of an image embedding ``e``:
   ``softmax(logit_scale * [<e, t_normal>, <e, t_anomalous>])[anomalous]``.
 * **Windows**: square crops at a small and a mid size with a stride, each resized to the model's
-  input size and encoded like a whole image. A pixel's score at one scale is the *harmonic mean*
-  of the scores of the windows that cover it; the map is the mean over scales.
+  input size and encoded like a whole image. Sizes and stride are fractions of the image side
+  (:data:`WINDOWS`, :data:`STRIDE`: 12 and 20 px with stride 4 px on a 32-px image), so an image
+  has the same windows at any resolution. A pixel's score at one scale is the *harmonic mean* of
+  the scores of the windows that cover it; the map is the mean over scales, at the image's own
+  resolution.
 * **Few-shot (WinCLIP+)**: a memory bank of the window embeddings of ``k`` normal reference
   images; a query window scores ``1 - max cosine similarity`` to the bank windows of the same
   scale. Window scores become a map the same way and the image score is the map's maximum; the
@@ -22,6 +25,8 @@ The method (Jeong et al., CVPR 2023; see ``docs/anomaly.md``) on any :class:`Enc
 Everything here is a small function over tensors; the check ``monitoring.anomaly`` wires them up.
 
 Example:
+    >>> [len(scaled_window_boxes(side, 12 / 32, 4 / 32)) for side in (32, 100, 250)]
+    [36, 36, 36]
     >>> boxes = window_boxes(8, window=4, stride=2)
     >>> boxes.shape
     (9, 4)
@@ -42,6 +47,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from mmsafe.methods.resolution import to_pixels
 from mmsafe.models.base import images_to_tensor
 
 if TYPE_CHECKING:
@@ -115,6 +121,13 @@ TEMPLATES: tuple[str, ...] = (
 """Prompt templates (a subset of WinCLIP's 21, plus the zero-shot prompts tiny-clip knows)."""
 
 EPS = 1e-6
+
+WINDOWS: tuple[float, ...] = (12 / 32, 20 / 32)
+"""Default window sizes as fractions of the image side: 12 and 20 px of a 32-px image."""
+STRIDE: float = 4 / 32
+"""Default window stride as a fraction of the image side: 4 px of a 32-px image."""
+CROP_BUDGET = 1 << 24
+"""At most this many crop values (64 MiB of float32) are held per chunk of images."""
 
 
 # --------------------------------------------------------------------------- prompts
@@ -208,6 +221,56 @@ def window_boxes(image_size: int, window: int, stride: int) -> np.ndarray:
     return np.array([[t, left, window, window] for t in starts for left in starts], dtype=np.int64)
 
 
+def window_starts(window: float, stride: float) -> list[float]:
+    """Window start positions as fractions of the side: every ``stride``, last one flush.
+
+    The scale-free form of :func:`window_boxes`'s starts, so the number of windows per side
+    depends on the fractions only, never on the resolution.
+
+    Example:
+        >>> window_starts(0.375, 0.125)
+        [0.0, 0.125, 0.25, 0.375, 0.5, 0.625]
+        >>> window_starts(0.5, 0.2)  # 0, 0.2, 0.4, then flush with the border at 0.5
+        [0.0, 0.2, 0.4, 0.5]
+    """
+    if window <= 0 or stride <= 0:
+        raise ValueError(f"window and stride must be positive, got {window}, {stride}")
+    span = 1.0 - min(float(window), 1.0)
+    n = int(np.floor(span / stride + 1e-9)) + 1
+    starts = [i * float(stride) for i in range(n)]
+    if span - starts[-1] > 1e-9:
+        starts.append(span)
+    return starts
+
+
+def scaled_window_boxes(image_size: int, window: float, stride: float) -> np.ndarray:
+    """:func:`window_boxes` with the window and the stride as fractions of the side.
+
+    The window is ``to_pixels(window, image_size)`` pixels; the starts of
+    :func:`window_starts` are spread evenly over ``[0, image_size - window px]`` and rounded,
+    the last one flush with the border. When the fractions are whole pixels of the image
+    (``12/32`` of 32 px) the boxes are exactly :func:`window_boxes`'s; at any other size there
+    are just as many (a 250-px image has the 36 + 16 windows of a 32-px one, not thousands).
+    Boxes that coincide on a tiny image are kept once.
+
+    Example:
+        >>> bool((scaled_window_boxes(32, 12 / 32, 4 / 32) == window_boxes(32, 12, 4)).all())
+        True
+        >>> scaled_window_boxes(100, 12 / 32, 4 / 32)[:6, 0].tolist()  # 38-px windows
+        [0, 0, 0, 0, 0, 0]
+        >>> sorted(set(scaled_window_boxes(100, 12 / 32, 4 / 32)[:, 1].tolist()))
+        [0, 12, 25, 37, 50, 62]
+    """
+    size = int(image_size)
+    win = min(to_pixels(window, size), size)
+    fracs = window_starts(window, stride)
+    span = 1.0 - min(float(window), 1.0)
+    if win >= size or span <= 0:
+        return np.array([[0, 0, size, size]], dtype=np.int64)
+    starts = sorted({to_pixels(f / span * (size - win), 1, minimum=0) for f in fracs})
+    return np.array([[t, left, win, win] for t in starts for left in starts], dtype=np.int64)
+
+
 def window_coverage(boxes: np.ndarray, image_size: int) -> Tensor:
     """``(W, H, W)`` boolean tensor: which pixels each window covers."""
     cover = torch.zeros(len(boxes), image_size, image_size, dtype=torch.bool)
@@ -273,14 +336,15 @@ class WindowEmbeddings:
 
     Attributes:
         image: ``(N, D)`` unit-norm whole-image embeddings.
-        windows: ``{window size: (N, W_s, D)}`` unit-norm window embeddings.
-        boxes: ``{window size: (W_s, 4)}`` the windows, ``[top, left, height, width]``.
+        windows: ``{window size: (N, W_s, D)}`` unit-norm window embeddings, keyed by the
+            window's size as a fraction of the side.
+        boxes: ``{window size: (W_s, 4)}`` the windows in pixels, ``[top, left, height, width]``.
         image_size: side of the (square) pixel grid the boxes refer to.
     """
 
     image: Tensor
-    windows: Mapping[int, Tensor]
-    boxes: Mapping[int, np.ndarray]
+    windows: Mapping[float, Tensor]
+    boxes: Mapping[float, np.ndarray]
     image_size: int
 
     def subset(self, index: Sequence[int] | np.ndarray) -> WindowEmbeddings:
@@ -303,11 +367,27 @@ def _encode_pixels(model: EncoderModel, pixels: Tensor, batch_size: int) -> Tens
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "embed_dim", 0))
 
 
+def crop_chunk(boxes: Mapping[float, np.ndarray], input_size: int, batch_size: int) -> int:
+    """How many images' window crops to make at once: bounded by count and by memory.
+
+    At most ``batch_size`` crops of one scale and at most :data:`CROP_BUDGET` crop values (at
+    the image's grid and at ``input_size``, whichever is larger) per chunk, at least one image.
+
+    Example:
+        >>> boxes = {w: scaled_window_boxes(32, w, STRIDE) for w in WINDOWS}
+        >>> crop_chunk(boxes, 32, 512), crop_chunk(boxes, 224, 512)
+        (14, 3)
+    """
+    per_image = max(len(b) for b in boxes.values())
+    values = max(len(b) * 3 * max(int(b[0, 2]), int(input_size)) ** 2 for b in boxes.values())
+    return max(1, min(int(batch_size) // per_image, CROP_BUDGET // values))
+
+
 def embed_windows(
     model: EncoderModel,
     images: Sequence[np.ndarray],
-    windows: Sequence[int] = (12, 20),
-    stride: int = 4,
+    windows: Sequence[float] = WINDOWS,
+    stride: float = STRIDE,
     batch_size: int = 512,
     image_size: int | None = None,
     encode_pixels: Callable[[Tensor], Tensor] | None = None,
@@ -315,10 +395,13 @@ def embed_windows(
 ) -> WindowEmbeddings:
     """Embed every image whole and every window of it, at each window size.
 
-    Images are turned into ``[0, 1]`` pixels at ``image_size`` (default: the first image's
-    height), windows are cropped there and resized to the model's input size in one batched
-    interpolation, then encoded with ``model.encode`` (or ``encode_pixels(pixels) -> (N, D)``,
-    e.g. the engine). Window sizes and the stride are in pixels of that grid.
+    Images are turned into ``[0, 1]`` pixels at their own resolution, ``image_size`` (default:
+    the first image's height; others are resized to it). Window sizes and the stride are
+    fractions of that side (:func:`scaled_window_boxes`), so the number of windows does not
+    grow with the resolution. Windows are cropped there and resized to ``model.input_size`` in
+    one batched interpolation per scale, then encoded with ``model.encode`` (or
+    ``encode_pixels(pixels) -> (N, D)``, e.g. the engine). Images are processed in chunks
+    (:func:`crop_chunk`), so memory is bounded whatever the number or the size of the images.
     ``image_embeddings``: the images' whole-image embeddings when already known (the engine's
     clean rows); they are then not encoded again.
     """
@@ -332,10 +415,11 @@ def embed_windows(
     model.eval()
     size = image_size or int(np.asarray(images[0]).shape[0])
     input_size = int(model.input_size or size)
-    win_emb: dict[int, list[Tensor]] = {int(w): [] for w in windows}
-    boxes = {int(w): window_boxes(size, int(w), stride) for w in windows}
+    scales = [float(w) for w in windows]
+    boxes = {w: scaled_window_boxes(size, w, stride) for w in scales}
+    win_emb: dict[float, list[Tensor]] = {w: [] for w in scales}
     whole: list[Tensor] = []
-    per_chunk = max(1, batch_size // max(len(b) for b in boxes.values()))
+    per_chunk = crop_chunk(boxes, input_size, batch_size)
     with torch.inference_mode():
         for start in range(0, len(images), per_chunk):
             chunk = list(images[start : start + per_chunk])
@@ -366,7 +450,7 @@ class AnomalyScores:
     maps: Tensor
 
 
-def windows_to_map(window_scores: Mapping[int, Tensor], emb: WindowEmbeddings) -> Tensor:
+def windows_to_map(window_scores: Mapping[float, Tensor], emb: WindowEmbeddings) -> Tensor:
     """Harmonic aggregation per scale, then the mean over scales: ``(N, H, W)``."""
     maps = [
         harmonic_aggregate(s, window_coverage(emb.boxes[w], emb.image_size))
@@ -394,7 +478,7 @@ class MemoryBank:
         torch.Size([2, 2])
     """
 
-    windows: Mapping[int, Tensor]
+    windows: Mapping[float, Tensor]
     k: int
 
     @classmethod
@@ -450,6 +534,29 @@ def as_feature_map(hidden: Tensor) -> Tensor:
     raise ValueError(f"cannot lay out a hidden state of shape {tuple(hidden.shape)} as a map")
 
 
+def combine_feature_maps(states: Sequence[Tensor]) -> Tensor:
+    """One ``(B, C, h, w)`` float32 map from the hidden states of the chosen layers.
+
+    Each state becomes a map (:func:`as_feature_map`); maps at another resolution than the
+    first one's are resized bilinearly to it, then all are concatenated along channels.
+
+    Example:
+        >>> combine_feature_maps([torch.zeros(2, 4, 8, 8), torch.zeros(2, 1 + 16, 6)]).shape
+        torch.Size([2, 10, 8, 8])
+    """
+    if not len(states):
+        raise ValueError("combine_feature_maps needs at least one hidden state")
+    maps = [as_feature_map(h).float() for h in states]
+    size = maps[0].shape[-2:]
+    maps = [
+        m
+        if m.shape[-2:] == size
+        else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        for m in maps
+    ]
+    return torch.cat(maps, dim=1)
+
+
 def feature_maps(
     model: EncoderModel,
     images: Sequence[np.ndarray],
@@ -460,7 +567,9 @@ def feature_maps(
 
     ``layers`` index ``model.hidden_states("image", ...)`` (tiny-clip: one map per CNN stage;
     Hugging Face CLIP: the embedding output, then one per block). Several layers are resized
-    bilinearly to the first one's resolution and concatenated along channels.
+    bilinearly to the first one's resolution and concatenated along channels
+    (:func:`combine_feature_maps`). Audits read the states through the engine instead
+    (``Engine.hidden_states``: cached and counted); this is the same maps without one.
 
     Args:
         model: any encoder whose ``hidden_states("image", batch)`` returns maps or token grids.
@@ -480,15 +589,7 @@ def feature_maps(
         for start in range(0, len(images), batch_size):
             batch = model.preprocess("image", list(images[start : start + batch_size]))
             states = model.hidden_states("image", batch)
-            maps = [as_feature_map(states[i]).float() for i in layers]
-            size = maps[0].shape[-2:]
-            maps = [
-                m
-                if m.shape[-2:] == size
-                else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-                for m in maps
-            ]
-            out.append(torch.cat(maps, dim=1).cpu())
+            out.append(combine_feature_maps([states[i] for i in layers]).cpu())
     return torch.cat(out)
 
 

@@ -8,8 +8,9 @@ the batch's device, and return a tensor of the same shape and dtype in ``[0, 1]`
 * pixel-wise corruptions (noise, brightness, contrast, JPEG, pixelate, fog, zoom) use the
   ImageNet-C values, which do not depend on the image size;
 * spatial lengths in pixels (blur radii and widths, elastic displacement) use the CIFAR-10-C
-  values, which the same authors set for 32-pixel images, scaled by ``side / 32`` (the
-  ImageNet-C ones are for 224-pixel images and vanish on a 32-pixel image);
+  values, which the same authors set for 32-pixel images, scaled by ``side / 32``
+  (:func:`spatial_lengths`; the ImageNet-C ones are for 224-pixel images and vanish on a
+  32-pixel image), so a corruption covers the same part of the picture at any resolution;
 * ``saturate`` only over-saturates (ImageNet-C's extra ``saturate`` first desaturates, so its
   change is not monotone in the severity) and ``elastic_transform`` is a smoothed random
   displacement field of fixed RMS size (no affine part).
@@ -47,6 +48,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F  # noqa: N812
 
+from mmsafe.methods.resolution import length_scale
+
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 """The five severities of every corruption and perturbation."""
 
@@ -71,6 +74,7 @@ GAUSSIAN_BLUR = (0.4, 0.6, 0.7, 0.8, 1.0)
 DEFOCUS_BLUR = ((0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1.0, 0.2), (1.5, 0.1))
 MOTION_BLUR = ((10.0, 1.0), (10.0, 1.5), (10.0, 2.0), (10.0, 2.5), (12.0, 3.0))
 ELASTIC = (0.5, 0.8, 1.1, 1.4, 1.8)  # RMS displacement in pixels, field smoothed by sigma 2
+ELASTIC_SMOOTHING = 2.0  # sigma of the displacement field's smoothing, in pixels at side 32
 
 TEXT_RATES: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
 """The perturbation rate of text severities 1..5."""
@@ -114,9 +118,40 @@ def _randn(shape: Sequence[int], gens: Sequence[torch.Generator], like: Tensor) 
     return _per_row(gens, lambda g: torch.randn(one, generator=g)).to(like.device, like.dtype)
 
 
-def _scale(x: Tensor) -> float:
-    """Spatial lengths are given for 32-pixel images; scale them to this image size."""
-    return min(x.shape[-2:]) / 32.0
+def spatial_lengths(name: str, severity: int, side: int) -> dict[str, float]:
+    """The pixel lengths corruption ``name`` uses at ``severity`` on images of ``side`` pixels.
+
+    The CIFAR-10-C values are lengths at side 32; each is multiplied by
+    :func:`~mmsafe.methods.resolution.length_scale` ``(side)``, so at 64 px a blur is twice as
+    wide as at 32 px and covers the same part of the picture. Corruptions without a spatial
+    length (noise, the digital ones; zoom and pixelate are relative already) give ``{}``.
+
+    Example:
+        >>> spatial_lengths("gaussian_blur", 5, 32), spatial_lengths("gaussian_blur", 5, 64)
+        ({'sigma': 1.0}, {'sigma': 2.0})
+        >>> spatial_lengths("contrast", 1, 224)
+        {}
+    """
+    i = _check_severity(severity)
+    s = length_scale(side)
+    if name == "gaussian_blur":
+        return {"sigma": GAUSSIAN_BLUR[i] * s}
+    if name == "defocus_blur":
+        return {"radius": DEFOCUS_BLUR[i][0] * s, "alias_sigma": DEFOCUS_BLUR[i][1] * s}
+    if name == "motion_blur":
+        return {"radius": MOTION_BLUR[i][0] * s, "sigma": MOTION_BLUR[i][1] * s}
+    if name == "elastic_transform":
+        return {"displacement": ELASTIC[i] * s, "smoothing_sigma": ELASTIC_SMOOTHING * s}
+    if name not in IMAGE_CORRUPTIONS:
+        raise ValueError(
+            f"Unknown image corruption {name!r}; choose from {', '.join(IMAGE_CORRUPTIONS)}."
+        )
+    return {}
+
+
+def _side(x: Tensor) -> int:
+    """The side that spatial lengths scale with: the shorter one of the batch's images."""
+    return int(min(x.shape[-2:]))
 
 
 # --------------------------------------------------------------------------- colour spaces
@@ -251,14 +286,15 @@ def speckle_noise(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> 
 
 def gaussian_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Gaussian blur with ``sigma = GAUSSIAN_BLUR[severity - 1]`` pixels at side 32."""
-    return gaussian_filter(x, GAUSSIAN_BLUR[_check_severity(severity)] * _scale(x)).clamp(0, 1)
+    return gaussian_filter(x, spatial_lengths("gaussian_blur", severity, _side(x))["sigma"]).clamp(
+        0, 1
+    )
 
 
 def defocus_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
     """Convolution with a Gaussian-smoothed disk (``DEFOCUS_BLUR``: radius, smoothing sigma)."""
-    radius, alias = DEFOCUS_BLUR[_check_severity(severity)]
-    s = _scale(x)
-    return _conv_same(x, _disk_kernel(radius * s, alias * s, x)).clamp(0, 1)
+    ln = spatial_lengths("defocus_blur", severity, _side(x))
+    return _conv_same(x, _disk_kernel(ln["radius"], ln["alias_sigma"], x)).clamp(0, 1)
 
 
 def motion_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Tensor:
@@ -267,9 +303,8 @@ def motion_blur(x: Tensor, severity: int, gens: Sequence[torch.Generator]) -> Te
     ``MOTION_BLUR`` gives ``(radius, sigma)`` at side 32 as in ImageMagick's motion blur: taps
     at distance ``d = 0..radius`` along the angle weigh ``exp(-d^2 / (2 sigma^2))``.
     """
-    radius, sigma = MOTION_BLUR[_check_severity(severity)]
-    s = _scale(x)
-    radius, sigma = radius * s, sigma * s
+    ln = spatial_lengths("motion_blur", severity, _side(x))
+    radius, sigma = ln["radius"], ln["sigma"]
     b = x.shape[0]
     u = _per_row(gens, lambda g: torch.rand((), generator=g, dtype=torch.float64))
     angles = (u * 90 - 45) * math.pi / 180
@@ -401,11 +436,11 @@ def elastic_transform(x: Tensor, severity: int, gens: Sequence[torch.Generator])
     sampling is bilinear with replicated borders.
     """
     b, _, h, w = x.shape
-    s = _scale(x)
+    ln = spatial_lengths("elastic_transform", severity, _side(x))
     field = (_rand((b, 2, h, w), gens, x) * 2 - 1).to(x.device, x.dtype)
-    field = gaussian_filter(field, 2.0 * s)
+    field = gaussian_filter(field, ln["smoothing_sigma"])
     rms = field.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
-    disp = field / rms * ELASTIC[_check_severity(severity)] * s  # pixels
+    disp = field / rms * ln["displacement"]  # pixels
     ys = torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device)
     xs = torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device)
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")

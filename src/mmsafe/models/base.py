@@ -53,6 +53,15 @@ class EncoderModel(nn.Module, ABC):
     name: str = "encoder"
     modalities: tuple[str, ...] = ("image", "text")
     embed_dim: int = 0
+    patch_layers: ClassVar[tuple[int, ...]] = (1,)
+    """Which of ``hidden_states("image", ...)`` a patch memory bank reads by default.
+
+    ``monitoring.anomaly``'s ``patch_layers=None`` means this. ``(1,)`` is tiny-clip's second
+    CNN stage (32 channels on a 16x16 grid of a 32-px input: a few pixels per position).
+    Adapters override it with their own mid-level layers (a CLIP ViT's mid blocks, a
+    MobileNet's mid stages); it is read only when the model has the ``hidden_states``
+    capability.
+    """
 
     @abstractmethod
     def preprocess(self, modality: str, values: Sequence[Any]) -> Batch:

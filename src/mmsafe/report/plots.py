@@ -289,6 +289,42 @@ def png_base64(pixels: np.ndarray, scale: int = 1) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+THUMBNAIL_SIDE = 96
+"""The height, in pixels, of the pictures in a card's galleries (a 32-px image shown 3x)."""
+
+
+def thumbnail_png(pixels: np.ndarray, side: int = THUMBNAIL_SIDE) -> str:
+    """A base64 PNG of an ``(H, W, 3)`` uint8 picture about ``side`` pixels high, any resolution.
+
+    A picture lower than ``side`` is enlarged by the whole factor ``side // H`` (nearest
+    neighbour, so pixels stay crisp: a 32-px image is shown 3x, 96 px high, as before); a higher
+    one is shrunk to ``side`` pixels high (antialiased, aspect kept), so a card of 250-px photos
+    stays as small as one of 32-px images.
+
+    Example:
+        >>> import base64, io
+        >>> from PIL import Image
+        >>> def size(px):
+        ...     return Image.open(io.BytesIO(base64.b64decode(thumbnail_png(px)))).size
+        >>> size(np.zeros((32, 64, 3), np.uint8)), size(np.zeros((250, 500, 3), np.uint8))
+        ((192, 96), (192, 96))
+    """
+    h = int(np.asarray(pixels).shape[0])
+    if h <= side:
+        return png_base64(pixels, scale=max(1, side // max(h, 1)))
+    import base64
+    import io
+
+    from PIL import Image
+
+    img = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
+    width = max(1, round(img.width * side / h))
+    img = img.resize((width, side), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
 def _cell(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 

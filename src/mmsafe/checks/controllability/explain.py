@@ -504,7 +504,7 @@ class ExplainCheck(Check):
         key: str = "attribution_maps",
         title: str = "Integrated Gradients (red = pixels that raise the class score)",
     ) -> None:
-        from mmsafe.report.plots import overlay, png_base64
+        from mmsafe.report.plots import overlay, thumbnail_png
 
         maps = sal.clamp(min=0).cpu().double().numpy()
         shown = [k for k in np.argsort(auc, kind="stable") if images[k].ndim in (2, 3)]
@@ -518,7 +518,7 @@ class ExplainCheck(Check):
             "title": title,
             "items": [
                 {
-                    "png": png_base64(overlay(images[k][..., :3], maps[k], 0.0, hi), scale=3),
+                    "png": thumbnail_png(overlay(images[k][..., :3], maps[k], 0.0, hi)),
                     "caption": f"{ctx.data.ids[rows[k]]} · {classes[int(target[k])]} · "
                     f"deletion AUC {auc[k]:.3f}",
                 }

@@ -24,11 +24,13 @@ from mmsafe.checks.registry import register_check
 from mmsafe.data.dataset import Dataset
 from mmsafe.methods.anomaly import (
     PROMPT_SETS,
+    STRIDE,
+    WINDOWS,
     AnomalyScores,
     MemoryBank,
     PatchMemoryBank,
+    combine_feature_maps,
     embed_windows,
-    feature_maps,
     few_shot_anomaly,
     fuse,
     normal_reference_order,
@@ -36,10 +38,13 @@ from mmsafe.methods.anomaly import (
     text_prototypes,
     zero_shot_anomaly,
 )
+from mmsafe.methods.resolution import check_fraction
 from mmsafe.metrics import bootstrap_ci
-from mmsafe.metrics.anomaly import aupro, auroc, average_precision, f1_max, pixel_auroc
-from mmsafe.report.plots import overlay, png_base64
+from mmsafe.metrics.anomaly import PixelTruth, auroc, average_precision, f1_max, pixel_metrics
+from mmsafe.report.plots import overlay, thumbnail_png
 
+DEFAULT_PATCH_LAYERS: tuple[int, ...] = (1,)
+"""The patch bank's layers for a model without a ``patch_layers`` attribute."""
 NO_GROUND_TRUTH = "needs rows with meta.defect ground truth (e.g. the shapes world's pixel defects)"
 
 
@@ -78,9 +83,15 @@ def defect_masks(meta: Sequence[dict[str, Any]], shape: tuple[int, int]) -> np.n
 
 
 def method_metrics(
-    scores: AnomalyScores, is_defect: np.ndarray, masks: np.ndarray | None, fpr_limit: float
+    scores: AnomalyScores,
+    is_defect: np.ndarray,
+    masks: np.ndarray | PixelTruth | None,
+    fpr_limit: float,
 ) -> dict[str, float]:
-    """Image AUROC / AUPR / F1-max and, with masks, pixel AUROC and AUPRO of one method."""
+    """Image AUROC / AUPR / F1-max and, with masks, pixel AUROC and AUPRO of one method.
+
+    ``masks`` may be a :class:`~mmsafe.metrics.anomaly.PixelTruth` made once for every method.
+    """
     img = scores.image.double().numpy()
     out = {
         "image_auroc": auroc(img, is_defect),
@@ -88,9 +99,8 @@ def method_metrics(
         "f1_max": f1_max(img, is_defect),
     }
     if masks is not None:
-        maps = scores.maps.double().numpy()
-        out["pixel_auroc"] = pixel_auroc(maps, masks)
-        out["aupro"] = aupro(maps, masks, fpr_limit=fpr_limit)
+        maps = scores.maps.float().numpy()  # float32: the metrics sort it without a copy
+        out["pixel_auroc"], out["aupro"] = pixel_metrics(maps, masks, fpr_limit)
     return out
 
 
@@ -99,8 +109,11 @@ class AnomalyCheck(Check):
     """WinCLIP zero-shot and WinCLIP+ k-shot anomaly detection with pixel maps.
 
     Args:
-        windows: window sizes in pixels of the image grid (small and mid scale).
-        stride: window stride in pixels.
+        windows: window sizes as fractions of the image side (small and mid scale); the
+            default ``(12/32, 20/32)`` is 12 and 20 px of a 32-px image, 94 and 156 px of a
+            250-px one. Crops are made at the image's own resolution and resized to the model's
+            input size, so every image has the same number of windows at any resolution.
+        stride: window stride as a fraction of the image side (``4/32``).
         shots: the ``k`` of each few-shot memory bank (nested: the 1-shot image is in the 2-shot).
             ``few_shot_k{k}`` is WinCLIP+ (zero-shot and memory-bank scores averaged);
             ``memory_k{k}`` is the memory-bank (vision) branch alone; ``patch_k{k}`` is the
@@ -112,15 +125,19 @@ class AnomalyCheck(Check):
             of ``"... {} ..."`` patterns.
         patch_layers: indices into ``model.hidden_states("image", ...)`` whose feature maps form
             the patch memory bank (resized to the first one's grid and concatenated); ``()``
-            turns the patch bank off. The default ``(1,)`` is tiny-clip's second CNN stage
-            (16x16 for a 32-pixel image); on a Hugging Face ViT pick mid blocks, e.g.
-            ``(6, 9)``. Skipped, with an info finding, when the model exposes no hidden states.
+            turns the patch bank off. ``None`` (default): the model's own ``patch_layers``
+            class attribute (``EncoderModel.patch_layers = (1,)``, tiny-clip's second CNN
+            stage, 16x16 for a 32-pixel input; adapters override it), else ``(1,)``. On a
+            Hugging Face ViT pick mid blocks, e.g. ``(6, 9)``. The maps are read through the
+            engine (one cached, counted pass per image). Skipped, with an info finding, when the
+            model exposes no hidden states.
         fpr_limit: FPR limit of AUPRO.
         auroc_threshold: a headline image AUROC below this raises a finding.
         n_boot: bootstrap resamples for the image-AUROC intervals (0 = none).
         n_examples: rows of the top-anomalies table.
         seed: overrides the audit seed for the subsample and the references.
-        batch_size: crops per forward pass.
+        batch_size: crops of one window size made at once (fewer when they would exceed
+            :data:`~mmsafe.methods.anomaly.CROP_BUDGET` values); the engine batches the passes.
 
     The headline ``image_auroc`` / ``aupro`` are one method's, chosen without the evaluated rows'
     labels: the best by image AUROC on the calibration split's defective and normal rows (the
@@ -149,13 +166,13 @@ class AnomalyCheck(Check):
 
     def __init__(
         self,
-        windows: Sequence[int] = (12, 20),
-        stride: int = 4,
+        windows: Sequence[float] = WINDOWS,
+        stride: float = STRIDE,
         shots: Sequence[int] = (1, 2, 4),
         max_normal: int = 300,
         object_name: str = "object",
         prompts: str | tuple[Sequence[str], Sequence[str]] = "default",
-        patch_layers: Sequence[int] = (1,),
+        patch_layers: Sequence[int] | None = None,
         fpr_limit: float = 0.3,
         auroc_threshold: float = 0.8,
         n_boot: int = 200,
@@ -163,8 +180,10 @@ class AnomalyCheck(Check):
         seed: int | None = None,
         batch_size: int = 512,
     ) -> None:
-        self.windows = tuple(int(w) for w in windows)
-        self.stride = int(stride)
+        if not len(windows):
+            raise ValueError("`windows` needs at least one window size")
+        self.windows = tuple(check_fraction("windows", w) for w in windows)
+        self.stride = check_fraction("stride", stride)
         self.shots = tuple(sorted(int(k) for k in shots))
         self.max_normal = max_normal
         self.object_name = object_name
@@ -175,7 +194,7 @@ class AnomalyCheck(Check):
                 )
             prompts = PROMPT_SETS[prompts]
         self.normal_states, self.anomalous_states = (tuple(p) for p in prompts)
-        self.patch_layers = tuple(int(i) for i in patch_layers)
+        self.patch_layers = None if patch_layers is None else tuple(int(i) for i in patch_layers)
         self.fpr_limit = fpr_limit
         self.auroc_threshold = auroc_threshold
         self.n_boot = n_boot
@@ -257,8 +276,23 @@ class AnomalyCheck(Check):
                 vision = few_shot_anomaly(emb, bank)
                 methods[f"few_shot_k{k}"] = fuse(methods["zero_shot"], vision)
                 methods[f"memory_k{k}"] = vision
-            findings += self._patch_methods(model, emb.image_size, images, refs, usable, methods)
+            findings += self._patch_methods(
+                ctx, data, ref_split, ref_rows, emb.image_size, usable, methods
+            )
         return methods, emb.image_size, findings
+
+    def layers_for(self, model: Any) -> tuple[int, ...]:
+        """The patch bank's layers: the option, else the model's ``patch_layers``, else ``(1,)``.
+
+        Example:
+            >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+            >>> m = TinyClip(TinyClipConfig.for_size("xs"))
+            >>> AnomalyCheck().layers_for(m), AnomalyCheck(patch_layers=(0, 1)).layers_for(m)
+            ((1,), (0, 1))
+        """
+        if self.patch_layers is not None:
+            return self.patch_layers
+        return tuple(int(i) for i in getattr(model, "patch_layers", DEFAULT_PATCH_LAYERS))
 
     def headline(
         self,
@@ -325,8 +359,9 @@ class AnomalyCheck(Check):
             )
 
         metrics: dict[str, Metric] = {}
+        truth = None if masks is None else PixelTruth.of(masks)  # labelled once for all methods
         per_method = {
-            m: method_metrics(s, is_defect, masks, self.fpr_limit) for m, s in methods.items()
+            m: method_metrics(s, is_defect, truth, self.fpr_limit) for m, s in methods.items()
         }
         for m, values in per_method.items():
             for key, v in values.items():
@@ -353,25 +388,38 @@ class AnomalyCheck(Check):
 
     def _patch_methods(
         self,
-        model: Any,
+        ctx: AuditContext,
+        data: Dataset,
+        ref_split: Dataset,
+        ref_rows: Sequence[int],
         image_size: int,
-        images: Sequence[np.ndarray],
-        refs: Sequence[np.ndarray],
         shots: Sequence[int],
         methods: dict[str, AnomalyScores],
     ) -> list[Finding]:
-        """Add ``patch_k{k}`` to ``methods``; an info finding when the model has no maps."""
-        if not self.patch_layers:
+        """Add ``patch_k{k}`` to ``methods``; an info finding when the model has no maps.
+
+        The feature maps of ``data``'s rows and of the references come from the engine: one
+        forward pass per image, cached and counted, shared by the calibration pass.
+        """
+        layers = self.layers_for(ctx.model)
+        if not layers:
             return []
+        engine, model = ctx.engine, ctx.model
         try:
-            queries = feature_maps(model, images, self.patch_layers, self.batch_size)
-            ref_maps = feature_maps(model, refs, self.patch_layers, self.batch_size)
+            queries = combine_feature_maps(
+                engine.hidden_states(model, data, "image", layers, desc="anomaly patches")
+            )
+            ref_maps = combine_feature_maps(
+                engine.hidden_states(
+                    model, ref_split, "image", layers, rows=ref_rows, desc="anomaly references"
+                )
+            )
         except (NotImplementedError, ValueError, IndexError) as err:
             return [
                 Finding(
                     "info",
                     f"The patch memory bank was skipped: no feature maps at layers "
-                    f"{list(self.patch_layers)} ({err}).",
+                    f"{list(layers)} ({err}).",
                 )
             ]
         for k in shots:
@@ -449,7 +497,7 @@ class AnomalyCheck(Check):
         images = data.modalities["image"]
         gallery = [
             {
-                "png": png_base64(overlay(np.asarray(images[i]), maps[i], lo, hi), scale=3),
+                "png": thumbnail_png(overlay(np.asarray(images[i]), maps[i], lo, hi)),
                 "caption": f"{data.ids[i]} · {score[i]:.3f} · {data.meta[i]['defect'] or 'normal'}",
             }
             for i in top

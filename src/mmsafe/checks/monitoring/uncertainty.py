@@ -21,6 +21,7 @@ from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.engine.variants import Variant, dropout_modules, mc_dropout
 from mmsafe.methods.perturb import augment_pixels, row_seed
+from mmsafe.methods.resolution import REFERENCE_SIDE, check_fraction, to_pixels
 from mmsafe.metrics import mean_ci, resample_counts
 from mmsafe.metrics.uncertainty import (
     avu_indicator,
@@ -151,7 +152,8 @@ class UncertaintyCheck(Check):
             dropout layers with ``p > 0``, else test-time augmentation), ``tta`` or
             ``mc_dropout``.
         n_passes: stochastic passes ``T`` for BALD.
-        max_shift: TTA translation in pixels.
+        max_shift: TTA translation as a fraction of the side of the model's input pixels
+            (``2/32``: 2 px on tiny-clip's 32-px input, 14 px on a 224-px one), in ``[0, 0.5]``.
         brightness: TTA brightness jitter (relative).
         flip: TTA random horizontal flips.
         violation_threshold: a CML violation rate above this raises a finding.
@@ -177,7 +179,7 @@ class UncertaintyCheck(Check):
         self,
         method: Method = "auto",
         n_passes: int = 8,
-        max_shift: int = 2,
+        max_shift: float = 2 / REFERENCE_SIDE,
         brightness: float = 0.1,
         flip: bool = True,
         violation_threshold: float = 0.2,
@@ -190,7 +192,7 @@ class UncertaintyCheck(Check):
             raise ValueError(f"BALD needs n_passes >= 2, got {n_passes}")
         self.method = method
         self.n_passes = n_passes
-        self.max_shift = max_shift
+        self.max_shift = check_fraction("max_shift", max_shift, high=0.5, allow_zero=True)
         self.brightness = brightness
         self.flip = flip
         self.violation_threshold = violation_threshold
@@ -232,7 +234,7 @@ class UncertaintyCheck(Check):
             how = (
                 f"MC dropout ({len(dropout_modules(ctx.model))} dropout layers active)"
                 if method == "mc_dropout"
-                else f"test-time augmentation (shifts <= {self.max_shift} px, "
+                else f"test-time augmentation (shifts <= {self._shift_pixels(ctx.model)} px, "
                 f"{'flips, ' if self.flip else ''}brightness +-{self.brightness:g})"
             )
             findings.append(
@@ -300,6 +302,11 @@ class UncertaintyCheck(Check):
             return th, "the AvU-maximising threshold on the calibration split"
         return float(np.median(entropy)), "the median entropy of the evaluated rows (no split)"
 
+    def _shift_pixels(self, model: Any) -> int:
+        """``max_shift`` in pixels of the model's preprocessed images."""
+        side = getattr(model, "input_size", None) or REFERENCE_SIDE
+        return to_pixels(self.max_shift, int(side), minimum=0)
+
     def _bald_method(self, model: nn.Module) -> str:
         if self.method == "auto":
             return "mc_dropout" if dropout_modules(model) else "tta"
@@ -318,7 +325,7 @@ class UncertaintyCheck(Check):
                 variant = Variant.of(
                     "tta",
                     seed=seed,
-                    max_shift=int(self.max_shift),
+                    max_shift=self._shift_pixels(ctx.model),
                     brightness=float(self.brightness),
                     flip=bool(self.flip),
                 )
