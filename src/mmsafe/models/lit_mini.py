@@ -43,7 +43,6 @@ from torch.nn import functional as F
 from mmsafe.data.dataset import Dataset
 from mmsafe.engine.cache import atomic_write
 from mmsafe.models.base import Batch, EncoderModel, ModelError, images_to_tensor, register_model
-from mmsafe.models.tokens import TextTokens
 from mmsafe.models.tiny_clip import (
     EVAL_TEMPLATES,
     MAX_LOGIT_SCALE,
@@ -55,6 +54,7 @@ from mmsafe.models.tiny_clip import (
     contrastive_loss,
     heldout_zero_shot_accuracy,
 )
+from mmsafe.models.tokens import TextTokens
 from mmsafe.models.towers import minilm, mobilenet
 from mmsafe.models.towers.minilm import MiniLM, load_minilm
 from mmsafe.models.towers.mobilenet import MobileNetV2, load_mobilenet_v2
