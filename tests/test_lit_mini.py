@@ -107,6 +107,27 @@ def test_block_shapes_and_strides():
         net.feature_maps(torch.rand(1, 3, 64, 64), (19,))
 
 
+def test_the_folded_chunked_path_equals_the_modules_and_hooks_see_whole_batches(packages):
+    net = mobilenet.load_mobilenet_v2()
+    x = torch.rand(20, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    assert net.foldable() and net.chunk_rows(x) == 8  # 20 images run as 8 + 8 + 4
+    seen: list[int] = []
+    with torch.inference_mode():
+        fast = net.feature_maps(x, (6, 18))
+        handle = net.features[18].register_forward_hook(lambda m, i, o: seen.append(len(o)))
+        try:
+            assert not net.foldable()
+            plain = net.feature_maps(x, (6, 18))
+        finally:
+            handle.remove()
+    assert seen == [20]  # a hook sees each block once, with the whole batch
+    for a, b in zip(fast, plain, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    net.train()
+    assert not net.foldable()
+
+
 # --------------------------------------------------------------------------- the text tower
 
 
@@ -254,6 +275,24 @@ def test_embeddings_unit_norm_chunk_invariant_and_through_the_engine(lit_quick):
     assert 0 < model.logit_scale <= 100
     assert model.preprocess("image", [np.zeros((8, 8, 3), np.uint8)]).shape == (1, 3, 96, 96)
     assert model.encode({"image": model.preprocess("image", [])})["image"].shape == (0, 256)
+
+
+def test_grad_cam_on_the_last_block_sees_the_whole_batch(lit_quick):
+    from mmsafe.methods.explain import grad_cam, image_cam_layer
+
+    world, model = lit_quick
+    layer = image_cam_layer(model)
+    assert layer is model.image.features[18]
+    pixels = model.preprocess("image", world.modalities["image"][:12])  # more than one chunk
+    prompts = model.preprocess("text", [f"a {c}." for c in world.classes])
+    with torch.no_grad():
+        classes = model.encode({"text": prompts})["text"]
+
+    def forward(x):
+        return model.encode({"image": x})["image"] @ classes.T
+
+    cam = grad_cam(forward, layer, pixels, np.asarray(world.labels[:12]).clip(0))
+    assert cam.shape == (12, 96, 96) and bool((cam >= 0).all()) and float(cam.sum()) > 0
 
 
 def test_cache_round_trip_gives_identical_embeddings(lit_quick, mmsafe_cache, monkeypatch):
