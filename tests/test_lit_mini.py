@@ -366,6 +366,10 @@ def test_hidden_states_scale_with_input_size(lit_quick):
             for c, st in ((24, 4), (32, 8), (96, 16), (1280, 32))
         ]
         assert [states[i].shape[-1] for i in m.patch_layers] == [-(-size // 8), -(-size // 16)]
+    from mmsafe.methods.anomaly import feature_maps
+
+    bank = feature_maps(model, images, model.patch_layers)  # what a PatchCore bank is built from
+    assert tuple(bank.shape) == (3, 32 + 96, 12, 12)
     tok = model.preprocess("text", ["a circle", "a much longer caption is here"])
     states = model.hidden_states("text", tok)
     assert len(states) == 6
@@ -452,3 +456,15 @@ def test_train_data_must_have_pairs_in_a_train_split(lit_quick):
     )
     with pytest.raises(ModelError, match="lacks"):
         lm.check_train_data(text_only)
+
+
+def test_the_demo_takes_a_model_and_list_models_shows_lit_mini():
+    from typer.testing import CliRunner
+
+    from mmsafe.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["demo", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--model" in result.output
+    listed = runner.invoke(app, ["list-models"], env={"COLUMNS": "200"})
+    assert listed.exit_code == 0 and "lit-mini" in listed.output
