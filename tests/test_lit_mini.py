@@ -237,6 +237,8 @@ def test_training_heads_changes_heads_not_towers(lit_quick):
     text = minilm.load_minilm().state_dict()
     assert all(torch.equal(v, text[k]) for k, v in model.text.state_dict().items())
     assert zero_shot_accuracy(shadow, world) > 0.5
+    again = model.train_shadow(world, seed=3, quick=True)  # seeded: the same heads
+    assert all(torch.equal(v, again.head_state()[k]) for k, v in shadow.head_state().items())
 
 
 def test_heads_beat_chance_on_held_out_rows(lit_quick):

@@ -333,8 +333,9 @@ class LitMini(EncoderModel):
             recipe = _recorded_recipe(self.training_info) or LitTrainConfig.preset(True)
         elif recipe is None:
             recipe = LitTrainConfig.preset(bool(quick))
-        shadow = LitMini(self.cfg, image_tower=self.image, text_tower=self.text).to(self.device)
         with torch.random.fork_rng(devices=[]):
+            shadow = LitMini(self.cfg, image_tower=self.image, text_tower=self.text)
+            shadow = shadow.to(self.device)
             torch.manual_seed(seed)
             shadow.reset_heads()
             train_lit_heads(shadow, data, recipe, seed=seed, progress=False)
@@ -602,7 +603,7 @@ def train_lit_heads(
             idx, order = order[:batch], order[batch:]
             swap = rng.random(len(idx)) < train.prompt_prob
             pick = rng.integers(0, len(PROMPT_TEMPLATES), len(idx))
-            view = rng.integers(0, train.views, len(idx))
+            view = torch.as_tensor(rng.integers(0, train.views, len(idx)), device=device)
             chosen = [
                 prompts[words[i]][p] if s and words[i] else captions[i]
                 for i, s, p in zip(idx, swap, pick, strict=True)
@@ -611,7 +612,7 @@ def train_lit_heads(
             i_rows = torch.as_tensor(idx, device=device)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            e_img = F.normalize(model.image_head(img[torch.as_tensor(view), i_rows]), dim=-1)
+            e_img = F.normalize(model.image_head(img[view, i_rows]), dim=-1)
             e_txt = F.normalize(model.text_head(txt[t_rows]), dim=-1)
             scale = model.log_logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
             loss = contrastive_loss(e_img, e_txt, scale, chosen)
@@ -700,9 +701,9 @@ def build_lit_mini(
     if (folder / "config.json").is_file():
         with contextlib.suppress(ModelError):
             return LitMini.from_pretrained(folder, device=device)
-    model = LitMini(cfg).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # loading and initialising leave torch's RNG as is
+        model = LitMini(cfg).to(device)
+        torch.manual_seed(seed)  # the heads' initialisation depends on the seed alone
         model.reset_heads()
         stats = train_lit_heads(model, train_data, train, seed=seed, progress=progress)
     with _threads():
