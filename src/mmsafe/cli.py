@@ -263,6 +263,7 @@ def audit(
 @app.command()
 def demo(
     out: OutOpt = Path("mmsafe-report"),
+    model: ModelOpt = "tiny-clip",
     quick: QuickOpt = False,
     fail_on: FailOnOpt = None,
     device: DeviceOpt = "auto",
@@ -271,10 +272,11 @@ def demo(
 ) -> None:
     """The full audit of the embedded default: tiny-clip on the planted-flaw shapes world.
 
-    Equals `mmsafe audit --model tiny-clip --data shapes --checks all --out DIR`.
+    Equals `mmsafe audit --model tiny-clip --data shapes --checks all --out DIR`; `--model
+    lit-mini` audits the LiT encoder of pretrained towers instead (trained on the same world).
     """
     _audit(
-        model="tiny-clip",
+        model=model,
         data=QUICK_WORLD if quick else "shapes",
         task="zero_shot",
         checks="all",

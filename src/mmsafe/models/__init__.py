@@ -1,6 +1,6 @@
 """Models: the encoder protocol, the registry, and the built-in adapters (imported to register)."""
 
-from mmsafe.models import hf, tiny_clip
+from mmsafe.models import hf, lit_mini, tiny_clip
 from mmsafe.models.base import (
     Batch,
     EncoderModel,
@@ -19,6 +19,7 @@ __all__ = [
     "hf",
     "images_to_tensor",
     "list_models",
+    "lit_mini",
     "register_model",
     "tiny_clip",
 ]

@@ -8,6 +8,20 @@ from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds import is_world_spec
 from mmsafe.models.base import EncoderModel, create_model
 
+WORLD_TRAINED: tuple[str, ...] = ("tiny-clip", "lit-mini")
+"""Model families that train on a world: with ``--data shapes:...`` on that world's train split,
+else on the default world. ``<family>:<dir>`` names a saved one and loads as is."""
+
+
+def is_world_trained(name: str) -> bool:
+    """Whether ``--model name`` trains on the data's world (``tiny-clip-xs`` yes, ``x:<dir>`` no).
+
+    Example:
+        >>> [is_world_trained(n) for n in ("tiny-clip-m", "lit-mini", "lit-mini:/m", "hf:x")]
+        [True, True, False, False]
+    """
+    return ":" not in name and name.startswith(WORLD_TRAINED)
+
 
 def load_model(
     name: str,
@@ -19,13 +33,14 @@ def load_model(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> EncoderModel:
-    """Build ``--model``. ``tiny-clip*`` trains on the data's own world when the data is one.
+    """Build ``--model``. ``tiny-clip*`` and ``lit-mini`` train on the data's own world.
 
     With ``--data shapes:...`` the model is trained on that world's train split (or loaded from
     the cache), so the planted training flaws really are in the model; with any other data it is
-    the tiny-clip of the default world. ``tiny-clip:<dir>`` loads a saved one (e.g. hardened).
+    the model of the default world (see :data:`WORLD_TRAINED`). ``tiny-clip:<dir>`` and
+    ``lit-mini:<dir>`` load a saved one (e.g. hardened).
     """
-    if name.startswith("tiny-clip") and ":" not in name:
+    if is_world_trained(name):
         world = data if data is not None and is_world_spec(data.source or "") else None
         return create_model(
             name,

@@ -88,10 +88,21 @@ class TextTokens:
         ]
 
     def words(self, row: Sequence[int], positions: Sequence[int]) -> Words:
-        """Group the tokens at ``positions`` of one row into words (sub-word pieces joined)."""
+        """Group the tokens at ``positions`` of one row into words (sub-word pieces joined).
+
+        BPE pieces (CLIP's ``</w>`` word ends, SentencePiece's and GPT-2's word-start marks)
+        and WordPiece pieces (BERT's ``##`` continuations) are both understood.
+        """
         tok = self.tokenizer
         if tok is None or not hasattr(tok, "convert_ids_to_tokens"):
             return [(f"#{row[j]}", [j]) for j in positions]
+        prefix = wordpiece_prefix(tok)
+        if prefix is not None:
+            return wordpiece_words(
+                [str(p) for p in tok.convert_ids_to_tokens([row[j] for j in positions])],
+                list(positions),
+                prefix,
+            )
         groups: list[list[int]] = []
         words: list[str] = []
         open_word = False
@@ -109,3 +120,32 @@ class TextTokens:
                 words[-1] += clean
             open_word = not p.endswith("</w>")
         return list(zip(words, groups, strict=True))
+
+
+def wordpiece_prefix(tokenizer: Any) -> str | None:
+    """The continuation prefix (``##``) of a WordPiece tokenizer, else ``None``.
+
+    Read from a fast tokenizer's backend model, so BPE and SentencePiece tokenizers (whose
+    vocabularies may hold a literal ``##``) are never mistaken for WordPiece.
+    """
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    if type(model).__name__ != "WordPiece":
+        return None
+    return str(getattr(model, "continuing_subword_prefix", "##") or "##")
+
+
+def wordpiece_words(pieces: Sequence[str], positions: Sequence[int], prefix: str = "##") -> Words:
+    """Join WordPiece ``pieces`` (at ``positions``) into words: a ``prefix`` piece continues.
+
+    Example:
+        >>> wordpiece_words(["a", "tess", "##ella", "##ted", "cross"], [1, 2, 3, 4, 5])
+        [('a', [1]), ('tessellated', [2, 3, 4]), ('cross', [5])]
+    """
+    words: Words = []
+    for j, p in zip(positions, pieces, strict=True):
+        if p.startswith(prefix) and words:
+            word, group = words[-1]
+            words[-1] = (word + p[len(prefix) :], [*group, j])
+        else:
+            words.append((p, [j]))
+    return words
