@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -191,3 +192,31 @@ def test_html_escapes_a_caption_containing_script(toy_model, tmp_path):
     # the most confident error comes first
     confidences = [row[-1] for row in table["rows"]]
     assert confidences == sorted(confidences, reverse=True)
+
+
+def test_undefined_numbers_in_findings_and_plots_become_null(
+    toy_model, colour_data, tmp_path, monkeypatch
+):
+    """A NaN in a finding's evidence or a plot series is written as null, never a crash."""
+    from mmsafe.checks.base import Finding
+
+    original = CalibrationCheck.run
+
+    def with_nan(self, ctx):
+        result = original(self, ctx)
+        nan = Finding("info", "an undefined ratio", {"ratio": float("nan"), "n": 0})
+        plot = {"kind": "line", "series": [{"x": [0.0, 1.0], "y": [float("inf"), 0.5]}]}
+        return dataclasses.replace(
+            result, findings=(*result.findings, nan), plots={**result.plots, "p": plot}
+        )
+
+    monkeypatch.setattr(CalibrationCheck, "run", with_nan)
+    result = run_audit(toy_model, colour_data, out=tmp_path, checks="calibration")
+    card = json.loads((tmp_path / "card.json").read_text())
+    entry = card["checks"]["monitoring.calibration"]
+    assert {"ratio": None, "n": 0} in [f["evidence"] for f in entry["findings"]]
+    assert entry["plots"]["p"]["series"][0]["y"] == [None, 0.5]
+    assert result.exit_code == 0
+    resumed = run_audit(toy_model, colour_data, out=tmp_path, checks="calibration")
+    assert resumed.resumed == ["monitoring.calibration"]
+    assert resumed.card["checks"] == card["checks"]

@@ -316,6 +316,6 @@ def test_bad_knobs_in_python_and_unknown_world():
         make_shapes(noise=3)
     with pytest.raises(WorldSpecError, match="seed=-1"):
         make_shapes(seed=-1)
-    with pytest.raises(WorldSpecError, match="Known worlds: shapes"):
+    with pytest.raises(WorldSpecError, match="Known worlds: digits, shapes"):
         load_world("circles:n=5")
     assert issubclass(WorldSpecError, ValueError)

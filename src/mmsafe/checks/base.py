@@ -123,8 +123,8 @@ class CheckResult:
             "reason": self.reason or None,
             "pillar": self.pillar,
             "metrics": _metrics_dict(self.metrics),
-            "findings": [asdict(f) for f in self.findings],
-            "plots": {k: dict(v) for k, v in self.plots.items()},
+            "findings": json_safe([asdict(f) for f in self.findings]),
+            "plots": json_safe({k: dict(v) for k, v in self.plots.items()}),
         }
 
     def timings_dict(self) -> dict[str, Any]:
@@ -132,8 +132,8 @@ class CheckResult:
         return {
             "seconds": round(self.seconds, 4),
             "metrics": _metrics_dict(self.timings),
-            "findings": [asdict(f) for f in self.timing_findings],
-            "plots": {k: dict(v) for k, v in self.timing_plots.items()},
+            "findings": json_safe([asdict(f) for f in self.timing_findings]),
+            "plots": json_safe({k: dict(v) for k, v in self.timing_plots.items()}),
         }
 
     @classmethod
@@ -155,6 +155,25 @@ class CheckResult:
             timing_findings=tuple(Finding(**f) for f in t.get("findings", [])),
             timing_plots=t.get("plots", {}),
         )
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by ``None``, as JSON needs.
+
+    Evidence and plot series may hold an undefined number (a ratio over an empty group, a
+    correlation of constant values); the card writes it as ``null`` instead of failing the run.
+
+    Example:
+        >>> json_safe({"x": [1.0, float("nan")], "y": (float("inf"), "a")})
+        {'x': [1.0, None], 'y': [None, 'a']}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def _metrics_dict(metrics: Mapping[str, Metric]) -> dict[str, Any]:
