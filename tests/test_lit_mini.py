@@ -470,3 +470,20 @@ def test_the_demo_takes_a_model_and_list_models_shows_lit_mini():
     assert result.exit_code == 0 and "--model" in result.output
     listed = runner.invoke(app, ["list-models"], env={"COLUMNS": "200"})
     assert listed.exit_code == 0 and "lit-mini" in listed.output
+
+
+def test_fare_refuses_the_locked_image_tower(lit_quick) -> None:
+    """FARE would tune weights lit-mini never saves; it says so instead of a silent no-op."""
+    from mmsafe.engine import Engine
+    from mmsafe.harden.base import HardenError
+    from mmsafe.harden.robust import AdversarialHardener
+    from mmsafe.tasks import create_task
+
+    world, model = lit_quick
+    assert model.locked_towers == ("image", "text")
+    before = {k: v.clone() for k, v in model.image.state_dict().items()}
+    with pytest.raises(HardenError, match="image tower is locked"):
+        AdversarialHardener().fit(model, create_task("zero_shot"), world, Engine(progress=False))
+    after = model.image.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in model.image.parameters())

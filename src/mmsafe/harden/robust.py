@@ -45,6 +45,12 @@ __all__ = [
 
 
 def _image_tower(model: nn.Module) -> nn.Module:
+    if "image" in getattr(model, "locked_towers", ()):
+        raise ValueError(
+            f"{type(model).__name__}'s image tower is locked (it is neither trained nor saved with "
+            "the model), so a FARE-tuned tower would be lost; harden a model whose image tower "
+            "trains (tiny-clip, hf:)"
+        )
     tower = getattr(model, "image", None)
     if not isinstance(tower, nn.Module):
         raise ValueError(

@@ -50,6 +50,9 @@ class EncoderModel(nn.Module, ABC):
     """
 
     kind: ClassVar[str] = "encoder"
+    locked_towers: ClassVar[tuple[str, ...]] = ()
+    """Towers whose weights are fixed by design (LiT's locked towers): hardeners that would
+    fine-tune one refuse, since the model neither trains nor saves it."""
     name: str = "encoder"
     modalities: tuple[str, ...] = ("image", "text")
     embed_dim: int = 0

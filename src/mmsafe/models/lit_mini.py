@@ -208,6 +208,7 @@ class LitMini(EncoderModel):
 
     name = "lit-mini"
     modalities = ("image", "text")
+    locked_towers: ClassVar[tuple[str, ...]] = ("image", "text")
     patch_layers: ClassVar[tuple[int, ...]] = (1, 2)
     """``hidden_states("image")`` indices a patch memory bank uses: the stride-8 (32 channels)
     and stride-16 (96 channels) maps, mid-level features that still resolve small defects."""
