@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from mmsafe.engine.cache import TensorCache, stable_hash
 from mmsafe.engine.variants import Variant
 from mmsafe.methods.perturb import row_seed
-from mmsafe.models.base import Batch
+from mmsafe.models.base import to_device
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
@@ -112,13 +112,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for, but torch sees no CUDA device. Use cpu.")
     return dev
-
-
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """Move a tensor, or every tensor of a dict, to ``device``."""
-    if isinstance(batch, dict):
-        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    return batch.to(device, non_blocking=True)
 
 
 class Engine:

@@ -163,6 +163,13 @@ OPTIONAL_METHODS: tuple[str, ...] = ("hidden_states", "text_tokens", "train_shad
 """Methods of :class:`EncoderModel` that an adapter may implement (its capabilities)."""
 
 
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Move a tensor, or every tensor of a dict, to ``device``."""
+    if isinstance(batch, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
 def images_to_tensor(images: Sequence[np.ndarray], size: int) -> Tensor:
     """Stack uint8 ``(H, W, 3)`` images into float ``(B, 3, size, size)`` pixels in ``[0, 1]``.
 
@@ -185,6 +192,41 @@ def images_to_tensor(images: Sequence[np.ndarray], size: int) -> Tensor:
             )[0]
         out.append(t)
     return torch.stack(out) if out else torch.zeros(0, 3, size, size)
+
+
+def tokenize_texts(
+    tokenizer: Any,
+    texts: Sequence[Any],
+    max_length: int,
+    *,
+    padding: bool | str = True,
+    empty_width: int = 0,
+) -> dict[str, Tensor]:
+    """``{"input_ids", "attention_mask"}`` int64 ``(B, L)`` of strings, by a HF tokenizer.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        texts: the strings; anything else is a :class:`ModelError`.
+        max_length: longer texts are truncated.
+        padding: the tokenizer's ``padding`` (``True``: to the longest text).
+        empty_width: ``L`` of the ``(0, L)`` tensors returned for no texts.
+    """
+    texts = list(texts)
+    bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
+    if bad:
+        raise ModelError(f"Text inputs must be strings, got {bad[0]}.")
+    if not texts:
+        empty = torch.zeros(0, empty_width, dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty.clone()}
+    enc = tokenizer(
+        texts,
+        padding=padding,
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return {"input_ids": enc["input_ids"].long(), "attention_mask": enc["attention_mask"].long()}
 
 
 # --------------------------------------------------------------------------- registry

@@ -48,6 +48,7 @@ from mmsafe.models.base import (
     ModelError,
     images_to_tensor,
     register_model,
+    tokenize_texts,
 )
 from mmsafe.models.tokens import TextTokens
 
@@ -591,25 +592,8 @@ class HFClip(EncoderModel):
                 return images_to_tensor(values, self.image_size)
             return self.preprocessing([rgb_uint8(v) for v in values])
         if modality == "text":
-            texts = list(values)
-            bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-            if bad:
-                raise ModelError(f"Text inputs must be strings, got {bad[0]}.")
-            if not texts:
-                empty = torch.zeros(0, self.max_length, dtype=torch.long)
-                return {"input_ids": empty, "attention_mask": empty.clone()}
-            enc = self.tokenizer(
-                texts,
-                padding="max_length" if self.model_type == "siglip" else True,
-                truncation=True,
-                max_length=self.max_length,
-                return_attention_mask=True,
-                return_tensors="pt",
-            )
-            return {
-                "input_ids": enc["input_ids"].long(),
-                "attention_mask": enc["attention_mask"].long(),
-            }
+            pad, width = ("max_length" if self.model_type == "siglip" else True), self.max_length
+            return tokenize_texts(self.tokenizer, values, width, padding=pad, empty_width=width)
         raise ModelError(f"{self.name} has modalities image and text, not {modality!r}.")
 
     def _pixels(self, batch: Batch) -> Tensor:

@@ -42,7 +42,14 @@ from torch.nn import functional as F
 
 from mmsafe.data.dataset import Dataset
 from mmsafe.engine.cache import atomic_write
-from mmsafe.models.base import Batch, EncoderModel, ModelError, images_to_tensor, register_model
+from mmsafe.models.base import (
+    Batch,
+    EncoderModel,
+    ModelError,
+    images_to_tensor,
+    register_model,
+    to_device,
+)
 from mmsafe.models.tiny_clip import (
     EVAL_TEMPLATES,
     MAX_LOGIT_SCALE,
@@ -283,14 +290,9 @@ class LitMini(EncoderModel):
             return self.text.tokenize(list(values))
         raise ModelError(f"{self.name} has no {modality!r} tower (it has image and text)")
 
-    def _to_device(self, batch: Batch) -> Batch:
-        if isinstance(batch, Tensor):
-            return batch.to(self.device)
-        return {k: v.to(self.device) for k, v in batch.items()}
-
     def tower_features(self, modality: str, batch: Batch) -> Tensor:
         """The locked tower's output: pooled MobileNetV2 ``(B, 1280)`` or MiniLM ``(B, 384)``."""
-        batch = self._to_device(batch)
+        batch = to_device(batch, self.device)
         if modality == "image" and isinstance(batch, Tensor):
             if batch.shape[0] == 0:
                 return batch.new_zeros(0, mobilenet.FEATURE_DIM)
@@ -314,7 +316,7 @@ class LitMini(EncoderModel):
         13, 18: 24/32/96/1280 channels at strides 4/8/16/32, so 24/12/6/3 cells at 96 px).
         Text: one ``(B, L, 384)`` tensor per BERT layer (6; padding included, use the mask).
         """
-        batch = self._to_device(batch)
+        batch = to_device(batch, self.device)
         if modality == "image" and isinstance(batch, Tensor):
             return self.image.feature_maps(batch, self.cfg.image_blocks)
         if modality == "text" and isinstance(batch, dict):

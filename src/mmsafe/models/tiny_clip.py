@@ -40,7 +40,14 @@ from torch.nn import functional as F
 
 from mmsafe.data.dataset import Dataset
 from mmsafe.engine.cache import atomic_write, default_cache_dir
-from mmsafe.models.base import Batch, EncoderModel, ModelError, images_to_tensor, register_model
+from mmsafe.models.base import (
+    Batch,
+    EncoderModel,
+    ModelError,
+    images_to_tensor,
+    register_model,
+    to_device,
+)
 from mmsafe.models.tokens import TextTokens, Words
 
 FORMAT = "mmsafe.tiny-clip/1"
@@ -336,14 +343,9 @@ class TinyClip(EncoderModel):
             return tokenize([str(v) for v in values], self.cfg.max_length)
         raise ModelError(f"{self.name} has no {modality!r} tower (it has image and text)")
 
-    def _to_device(self, batch: Batch) -> Batch:
-        if isinstance(batch, Tensor):
-            return batch.to(self.device)
-        return {k: v.to(self.device) for k, v in batch.items()}
-
     def encode_modality(self, modality: str, batch: Batch) -> Tensor:
         """Unnormalised ``(B, embed_dim)`` embeddings of one modality."""
-        batch = self._to_device(batch)
+        batch = to_device(batch, self.device)
         if modality == "image" and isinstance(batch, Tensor):
             return self.image(batch)
         if modality == "text" and isinstance(batch, dict):
@@ -379,7 +381,7 @@ class TinyClip(EncoderModel):
         Image: one ``(B, C_i, H_i, W_i)`` map per CNN stage. Text: one ``(B, L, width)`` tensor
         per transformer block (padding positions included; use the attention mask).
         """
-        batch = self._to_device(batch)
+        batch = to_device(batch, self.device)
         if modality == "image" and isinstance(batch, Tensor):
             return self.image.blocks(batch)
         if modality == "text" and isinstance(batch, dict):

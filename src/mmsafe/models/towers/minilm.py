@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmsafe.models.base import ModelError
+from mmsafe.models.base import ModelError, tokenize_texts
 from mmsafe.models.towers.packages import PretrainedPackage
 
 WEIGHTS = PretrainedPackage(
@@ -93,25 +93,7 @@ class MiniLM(nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
         """``{"input_ids", "attention_mask"}`` int64 ``(B, L)``, padded to the longest text."""
-        texts = list(texts)
-        bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
-        if bad:
-            raise ModelError(f"Text inputs must be strings, got {bad[0]}.")
-        if not texts:
-            empty = torch.zeros(0, 2, dtype=torch.long)
-            return {"input_ids": empty, "attention_mask": empty.clone()}
-        enc = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        return {
-            "input_ids": enc["input_ids"].long(),
-            "attention_mask": enc["attention_mask"].long(),
-        }
+        return tokenize_texts(self.tokenizer, texts, self.max_length, empty_width=2)
 
     def layer_states(self, input_ids: Tensor, attention_mask: Tensor) -> list[Tensor]:
         """Each transformer layer's output ``(B, L, 384)`` (the embedding output left out)."""

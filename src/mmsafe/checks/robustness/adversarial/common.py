@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from mmsafe.checks.base import AuditContext, Finding, Metric
-from mmsafe.engine.runner import to_device
 from mmsafe.methods.attacks.pixel import Forward, Norm, run_attack
+from mmsafe.models.base import to_device
 
 REMEDIATION = (
     "Adversarially fine-tune the image tower (e.g. TeCoA or FARE-style robust fine-tuning of "

@@ -25,7 +25,6 @@ from mmsafe.checks.robustness.adversarial.common import (
     task_embeddings,
     universal_train_pixels,
 )
-from mmsafe.engine.runner import to_device
 from mmsafe.methods.attacks.pixel import pixel_forward
 from mmsafe.methods.attacks.text import (
     AttackError,
@@ -37,6 +36,7 @@ from mmsafe.methods.attacks.text import (
     universal_perturbation,
 )
 from mmsafe.metrics import mean_ci
+from mmsafe.models.base import to_device
 
 
 @dataclass(frozen=True)
