@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/anomaly_native.py [--model tiny-clip] [--image-size 250]
        [--n 1400] [--max-normal 1000] [--threads 2] [--device cpu]
+       [--window-scale auto|input|native]
 
 The data is a shapes world of ``--image-size`` px photos with planted defects (10% of the
 calibration and test images). Only the calibration and test splits matter to the check, so the
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--window-scale", default="auto", choices=("auto", "input", "native"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -126,7 +128,7 @@ def main() -> None:
         train=train,
         seed=args.seed,
     )
-    check = AnomalyCheck(max_normal=args.max_normal, n_boot=0)
+    check = AnomalyCheck(max_normal=args.max_normal, n_boot=0, window_scale=args.window_scale)
     instrument(engine)
     t0 = time.perf_counter()
     res = check.run(ctx)
@@ -143,12 +145,16 @@ def main() -> None:
         f"model {args.model} (input {model.input_size} px); world {args.n} items of "
         f"{args.image_size} px; evaluated {int(m['n_defective'] + m['n_normal'])} test rows "
         f"({int(m['n_defective'])} defective), headline {head['headline_method']} "
-        f"(chosen on {head['chosen_on']})"
+        f"(chosen on {head['chosen_on']}); window crops at {head['window_crops']}"
     )
     print(
         f"image rows encoded {acc['modalities']['image']['rows_encoded']} "
         f"(duplication {acc['modalities']['image']['duplication']}); "
         f"image AUROC {m['image_auroc']:.3f}, AUPRO {m.get('aupro', float('nan')):.3f}"
+    )
+    print(
+        "per method image AUROC: "
+        + ", ".join(f"{k[:-12]} {v:.3f}" for k, v in m.items() if k.endswith("/image_auroc"))
     )
     inside = sum(v for k, v in SECONDS.items() if not k.startswith(("data", "model")))
     for name, sec in sorted(SECONDS.items(), key=lambda kv: -kv[1]):

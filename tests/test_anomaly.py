@@ -202,6 +202,61 @@ def test_embed_windows_crops_at_the_image_grid_in_bounded_chunks(toy_model):
     assert A.crop_chunk(boxes, 1024, 10_000) == 1  # always at least one image
 
 
+def test_native_window_crops_keep_the_whole_images_pixel_density(toy_model):
+    """``min_side``: each window is encoded at its share of the input size, not enlarged to it."""
+    images = [np.full((100, 100, 3), i, np.uint8) for i in range(5)]
+    sides = []
+
+    def record(px):
+        sides.append(int(px.shape[-1]))
+        return torch.nn.functional.normalize(torch.rand(len(px), 3), dim=-1)
+
+    input_size = 64
+    model = _SizedModel(toy_model, input_size)
+    native = A.embed_windows(model, images, encode_pixels=record, min_side=8)
+    # 12/32 and 20/32 of a 100-px image: 38 and 62 px windows; at 64 px input: 24 and 40 px
+    assert sorted(set(sides) - {input_size}) == [
+        round(38 * input_size / 100),
+        round(62 * input_size / 100),
+    ]
+    sides.clear()
+    enlarged = A.embed_windows(model, images, encode_pixels=record)
+    assert set(sides) == {input_size}  # every crop at the input size
+    assert native.boxes.keys() == enlarged.boxes.keys()
+    assert all((native.boxes[w] == enlarged.boxes[w]).all() for w in native.boxes)
+    # the floor: a tower's minimum side wins over a tiny native window
+    assert A.crop_side(12, 250, 96, 32) == 32 and A.crop_side(94, 250, 96, None) == 96
+
+
+def test_window_scale_option_follows_the_model(toy_model):
+
+    assert AnomalyCheck().crop_min_side(toy_model) is None  # fixed-size tower: WinCLIP resize
+    assert AnomalyCheck(window_scale="input").crop_min_side(toy_model) is None
+    with pytest.raises(ValueError, match="min_input_size"):
+        AnomalyCheck(window_scale="native").crop_min_side(toy_model)
+    with pytest.raises(ValueError, match="window_scale"):
+        AnomalyCheck(window_scale="huge")
+    sized = _SizedModel(toy_model, 64, min_input_size=16)
+    assert AnomalyCheck().crop_min_side(sized) == 16  # auto: native on a flexible tower
+    assert AnomalyCheck(window_scale="input").crop_min_side(sized) is None
+
+
+class _SizedModel:
+    """A stand-in model with a chosen input size (and optionally a flexible image tower)."""
+
+    def __init__(self, inner, input_size, min_input_size=None):
+        self.inner, self.input_size, self.min_input_size = inner, input_size, min_input_size
+        self.name = "sized"
+
+    def eval(self):
+        return self
+
+    def preprocess(self, modality, values):
+        from mmsafe.models.base import images_to_tensor
+
+        return images_to_tensor(values, self.input_size)
+
+
 def test_fast_pixel_metrics_equal_the_definitions():
     """The argsort-free metrics give the stable-argsort definitions' numbers to the last bit."""
     rng = np.random.default_rng(0)

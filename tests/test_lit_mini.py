@@ -114,6 +114,34 @@ def test_the_folded_chunked_path_equals_the_modules_and_hooks_see_whole_batches(
     assert not net.foldable()
 
 
+def test_the_fold_plan_is_reused_until_a_weight_changes_and_serves_attacks_too():
+    torch.manual_seed(0)
+    net = mobilenet.MobileNetV2().eval()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 2.0)
+    net.requires_grad_(False)  # locked, as in lit-mini
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():  # first folded inside inference mode (the engine)
+        first = net.fold_plan()
+        before = net.feature_maps(x, (18,))[0]
+    assert net.fold_plan() is first  # reused
+    with torch.no_grad():
+        net.features[0][1].running_var.mul_(2.0)  # an edit: the plan folds again
+    second = net.fold_plan()
+    assert second is not first
+    with torch.no_grad():
+        after = net.feature_maps(x, (18,))[0]
+        plain = net._plain(net.normalise(x), [18])[0]
+    torch.testing.assert_close(after, plain, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(before, after)
+    # an attack's gradient through the cached plan (made in inference mode) still works
+    px = x.clone().requires_grad_(True)
+    net.pooled(px).sum().backward()
+    assert px.grad is not None and bool(px.grad.abs().sum() > 0)
+
+
 # --------------------------------------------------------------------------- the text tower
 
 

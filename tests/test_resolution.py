@@ -34,6 +34,7 @@ OLD_PIXELS: dict[str, dict[str, tuple[float, ...]]] = {
 
 NOT_LENGTHS: dict[str, set[str]] = {
     "monitoring.conformal": {"shifts", "shift_severity"},  # corruption names and a severity
+    "monitoring.anomaly": {"window_scale"},  # a choice of crop scale ("auto", "input", "native")
 }
 """Options whose names look like lengths but are not."""
 

@@ -367,6 +367,43 @@ def _encode_pixels(model: EncoderModel, pixels: Tensor, batch_size: int) -> Tens
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "embed_dim", 0))
 
 
+def crop_side(window_px: int, image_size: int, input_size: int, min_side: int | None) -> int:
+    """The side a window crop of ``window_px`` pixels (of an ``image_size`` image) is encoded at.
+
+    ``min_side=None`` (a tower that takes only its own input size): ``input_size``, WinCLIP's
+    crop-and-resize, which enlarges a small window to a whole input. An int (a tower that takes
+    any side of at least ``min_side``): the window at the pixel density of the whole-image pass,
+    ``window_px * input_size / image_size``, clipped to ``[min_side, input_size]``. This is the
+    convolutional form of WinCLIP's window embeddings, which pass a window's own patch tokens
+    through the ViT, at the whole image's scale; it costs ``(side / input_size)^2`` of a
+    whole-image pass instead of one.
+
+    Example:
+        >>> crop_side(94, 250, 96, None), crop_side(94, 250, 96, 32), crop_side(156, 250, 96, 32)
+        (96, 36, 60)
+        >>> crop_side(12, 250, 96, 32), crop_side(250, 250, 96, 32)  # clipped both ways
+        (32, 96)
+    """
+    if min_side is None:
+        return int(input_size)
+    native = round(window_px * input_size / image_size)
+    return int(min(int(input_size), max(int(min_side), native)))
+
+
+def rescale_boxes(boxes: np.ndarray, image_size: int, input_size: int, side: int) -> np.ndarray:
+    """``boxes`` of an ``image_size`` grid moved to an ``input_size`` grid, ``side`` px each.
+
+    Starts scale with the grid and are clipped so that every window stays inside it.
+
+    Example:
+        >>> rescale_boxes(np.array([[0, 156, 94, 94], [31, 62, 94, 94]]), 250, 96, 36).tolist()
+        [[0, 60, 36, 36], [12, 24, 36, 36]]
+    """
+    starts = np.rint(np.asarray(boxes)[:, :2] * (input_size / image_size)).astype(np.int64)
+    starts = np.clip(starts, 0, input_size - side)
+    return np.concatenate([starts, np.full((len(starts), 2), side, dtype=np.int64)], axis=1)
+
+
 def crop_chunk(boxes: Mapping[float, np.ndarray], input_size: int, batch_size: int) -> int:
     """How many images' window crops to make at once: bounded by count and by memory.
 
@@ -392,14 +429,19 @@ def embed_windows(
     image_size: int | None = None,
     encode_pixels: Callable[[Tensor], Tensor] | None = None,
     image_embeddings: Tensor | None = None,
+    min_side: int | None = None,
 ) -> WindowEmbeddings:
     """Embed every image whole and every window of it, at each window size.
 
     Images are turned into ``[0, 1]`` pixels at their own resolution, ``image_size`` (default:
     the first image's height; others are resized to it). Window sizes and the stride are
     fractions of that side (:func:`scaled_window_boxes`), so the number of windows does not
-    grow with the resolution. Windows are cropped there and resized to ``model.input_size`` in
-    one batched interpolation per scale, then encoded with ``model.encode`` (or
+    grow with the resolution. Windows are cropped there and resized to the model's input size
+    in one batched interpolation per scale. With ``min_side`` (a tower that takes any side of
+    at least ``min_side``), a window is encoded at the whole image's pixel density instead
+    (:func:`crop_side`): it is sliced from the image at the input size, where it already has
+    that side (:func:`rescale_boxes`), so no crop is resized. The crops are encoded with
+    ``model.encode`` (or
     ``encode_pixels(pixels) -> (N, D)``, e.g. the engine). Images are processed in chunks
     (:func:`crop_chunk`), so memory is bounded whatever the number or the size of the images.
     ``image_embeddings``: the images' whole-image embeddings when already known (the engine's
@@ -417,6 +459,12 @@ def embed_windows(
     input_size = int(model.input_size or size)
     scales = [float(w) for w in windows]
     boxes = {w: scaled_window_boxes(size, w, stride) for w in scales}
+    sides = {w: crop_side(int(b[0, 2]), size, input_size, min_side) for w, b in boxes.items()}
+    sliced = {  # native windows that are whole pixels of the input grid: slice, do not resize
+        w: min_side is not None and sides[w] == round(int(b[0, 2]) * input_size / size)
+        for w, b in boxes.items()
+    }
+    small_boxes = {w: rescale_boxes(b, size, input_size, sides[w]) for w, b in boxes.items()}
     win_emb: dict[float, list[Tensor]] = {w: [] for w in scales}
     whole: list[Tensor] = []
     per_chunk = crop_chunk(boxes, input_size, batch_size)
@@ -427,9 +475,16 @@ def embed_windows(
                 batch = model.preprocess("image", chunk)
                 assert isinstance(batch, Tensor)
                 whole.append(encode_pixels(batch))
-            pixels = images_to_tensor(chunk, size)
+            small = images_to_tensor(chunk, input_size) if any(sliced.values()) else None
+            pixels = None if all(sliced.values()) else images_to_tensor(chunk, size)
             for w, b in boxes.items():
-                emb = encode_pixels(crop_windows(pixels, b, input_size))
+                if sliced[w]:
+                    assert small is not None
+                    crops = crop_windows(small, small_boxes[w], sides[w])
+                else:
+                    assert pixels is not None
+                    crops = crop_windows(pixels, b, sides[w])
+                emb = encode_pixels(crops)
                 win_emb[w].append(emb.reshape(len(chunk), len(b), -1))
     return WindowEmbeddings(
         image=torch.cat(whole) if image_embeddings is None else image_embeddings.float(),
@@ -451,12 +506,18 @@ class AnomalyScores:
 
 
 def windows_to_map(window_scores: Mapping[float, Tensor], emb: WindowEmbeddings) -> Tensor:
-    """Harmonic aggregation per scale, then the mean over scales: ``(N, H, W)``."""
-    maps = [
-        harmonic_aggregate(s, window_coverage(emb.boxes[w], emb.image_size))
-        for w, s in window_scores.items()
-    ]
-    return torch.stack(maps).mean(dim=0)
+    """Harmonic aggregation per scale, then the mean over scales: ``(N, H, W)``.
+
+    The scales are summed in place (no ``(S, N, H, W)`` stack: at 250 px that is a copy of
+    every map), then divided by their number.
+    """
+    total: Tensor | None = None
+    for w, s in window_scores.items():
+        m = harmonic_aggregate(s, window_coverage(emb.boxes[w], emb.image_size))
+        total = m if total is None else total.add_(m)
+    if total is None:
+        raise ValueError("windows_to_map needs at least one window scale")
+    return total.div_(len(window_scores))
 
 
 def zero_shot_anomaly(

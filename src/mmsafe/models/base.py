@@ -66,6 +66,13 @@ class EncoderModel(nn.Module, ABC):
     capability.
     """
 
+    min_input_size: ClassVar[int | None] = None
+    """``None``: the image tower takes exactly :attr:`input_size` pixels (a ViT's position grid,
+    tiny-clip). An int: it also takes any square side of at least this many pixels (a fully
+    convolutional tower with global pooling, e.g. lit-mini's MobileNetV2), so
+    ``monitoring.anomaly`` encodes a window crop at the pixel density of the whole image
+    instead of enlarging it to the input size."""
+
     @abstractmethod
     def preprocess(self, modality: str, values: Sequence[Any]) -> Batch:
         """Turn raw values (uint8 ``(H, W, 3)`` images, strings) into a CPU batch."""

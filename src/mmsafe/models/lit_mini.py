@@ -219,6 +219,8 @@ class LitMini(EncoderModel):
     patch_layers: ClassVar[tuple[int, ...]] = (1, 2)
     """``hidden_states("image")`` indices a patch memory bank uses: the stride-8 (32 channels)
     and stride-16 (96 channels) maps, mid-level features that still resolve small defects."""
+    min_input_size: ClassVar[int | None] = 32
+    """MobileNetV2 is fully convolutional with global pooling: any side of at least its stride."""
     tower_prefixes: ClassVar[dict[str, tuple[str, ...]]] = {
         "image": ("image.", "image_head."),
         "text": ("text.", "text_head."),

@@ -45,6 +45,8 @@ from mmsafe.report.plots import overlay, thumbnail_png
 
 DEFAULT_PATCH_LAYERS: tuple[int, ...] = (1,)
 """The patch bank's layers for a model without a ``patch_layers`` attribute."""
+WINDOW_SCALES: tuple[str, ...] = ("auto", "input", "native")
+"""Values of the ``window_scale`` option (see :class:`AnomalyCheck`)."""
 NO_GROUND_TRUTH = "needs rows with meta.defect ground truth (e.g. the shapes world's pixel defects)"
 
 
@@ -111,8 +113,15 @@ class AnomalyCheck(Check):
     Args:
         windows: window sizes as fractions of the image side (small and mid scale); the
             default ``(12/32, 20/32)`` is 12 and 20 px of a 32-px image, 94 and 156 px of a
-            250-px one. Crops are made at the image's own resolution and resized to the model's
-            input size, so every image has the same number of windows at any resolution.
+            250-px one. Crops are made at the image's own resolution, so every image has the
+            same number of windows at any resolution, and resized as ``window_scale`` says.
+        window_scale: the side a window crop is encoded at. ``"input"``: the model's input size
+            (WinCLIP's crop-and-resize; one whole-image pass per window). ``"native"``: the
+            window at the pixel density of the whole-image pass (a 12/32 window of a 96-px
+            input is encoded at 36 px), the convolutional form of WinCLIP's window tokens,
+            for a tower that takes any input side (``model.min_input_size``); 3-4x cheaper on
+            lit-mini. ``"auto"`` (default): ``"native"`` when the model declares
+            ``min_input_size``, else ``"input"``.
         stride: window stride as a fraction of the image side (``4/32``).
         shots: the ``k`` of each few-shot memory bank (nested: the 1-shot image is in the 2-shot).
             ``few_shot_k{k}`` is WinCLIP+ (zero-shot and memory-bank scores averaged);
@@ -168,6 +177,7 @@ class AnomalyCheck(Check):
         self,
         windows: Sequence[float] = WINDOWS,
         stride: float = STRIDE,
+        window_scale: str = "auto",
         shots: Sequence[int] = (1, 2, 4),
         max_normal: int = 300,
         object_name: str = "object",
@@ -184,6 +194,9 @@ class AnomalyCheck(Check):
             raise ValueError("`windows` needs at least one window size")
         self.windows = tuple(check_fraction("windows", w) for w in windows)
         self.stride = check_fraction("stride", stride)
+        if window_scale not in WINDOW_SCALES:
+            raise ValueError(f"`window_scale` must be one of {list(WINDOW_SCALES)}")
+        self.window_scale = window_scale
         self.shots = tuple(sorted(int(k) for k in shots))
         self.max_normal = max_normal
         self.object_name = object_name
@@ -238,14 +251,16 @@ class AnomalyCheck(Check):
         model = ctx.model.to(engine.device).eval()
         images = data.modalities["image"]
 
-        def crops(px: Tensor) -> Tensor:  # window crops, already at the model's input size
+        min_side = self.crop_min_side(model)
+
+        def crops(px: Tensor) -> Tensor:  # window crops, already at their encoding side
             return engine.embed_values(
                 model, "image", px, desc="anomaly windows", preprocessed=True
             )
 
         whole = engine.embed(model, data, "image")  # the clean rows: cached
         emb = embed_windows(
-            model, images, self.windows, self.stride, self.batch_size, None, crops, whole
+            model, images, self.windows, self.stride, self.batch_size, None, crops, whole, min_side
         )
         prototypes = text_prototypes(
             model,
@@ -270,6 +285,7 @@ class AnomalyCheck(Check):
                 emb.image_size,
                 crops,
                 ref_whole,
+                min_side,
             )
             for k in usable:
                 bank = MemoryBank.from_embeddings(ref_emb.subset(np.arange(k)))
@@ -280,6 +296,32 @@ class AnomalyCheck(Check):
                 ctx, data, ref_split, ref_rows, emb.image_size, usable, methods
             )
         return methods, emb.image_size, findings
+
+    def crop_min_side(self, model: Any) -> int | None:
+        """``min_side`` of :func:`~mmsafe.methods.anomaly.embed_windows` for ``model``.
+
+        ``None`` encodes crops at the input size; an int, at the whole image's pixel density.
+
+        Example:
+            >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+            >>> m = TinyClip(TinyClipConfig.for_size("xs"))  # takes only its own input size
+            >>> AnomalyCheck().crop_min_side(m) is None
+            True
+            >>> AnomalyCheck(window_scale="native").crop_min_side(m)
+            Traceback (most recent call last):
+            ...
+            ValueError: window_scale='native' needs an image tower that takes any input side ...
+        """
+        min_side = getattr(model, "min_input_size", None)
+        if self.window_scale == "input" or (self.window_scale == "auto" and min_side is None):
+            return None
+        if min_side is None:
+            raise ValueError(
+                "window_scale='native' needs an image tower that takes any input side "
+                f"(model.min_input_size); {getattr(model, 'name', 'this model')} takes only "
+                f"{model.input_size} px. Use window_scale='input' or 'auto'."
+            )
+        return int(min_side)
 
     def layers_for(self, model: Any) -> tuple[int, ...]:
         """The patch bank's layers: the option, else the model's ``patch_layers``, else ``(1,)``.
@@ -382,7 +424,9 @@ class AnomalyCheck(Check):
         metrics["n_defective"] = Metric(float(is_defect.sum()))
         metrics["n_normal"] = Metric(float((~is_defect).sum()))
 
-        findings = self._findings(per_method, head, chosen_on, cal_aucs) + findings
+        min_side = self.crop_min_side(ctx.model)
+        crops = "the model's input size" if min_side is None else "the image's pixel density"
+        findings = self._findings(per_method, head, chosen_on, cal_aucs, crops) + findings
         plots = self._plots(data, methods, per_method, head, is_defect)
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
 
@@ -433,6 +477,7 @@ class AnomalyCheck(Check):
         head: str,
         chosen_on: str,
         cal_aucs: dict[str, float],
+        window_crops: str,
     ) -> list[Finding]:
         out = []
         head_auc = per_method[head]["image_auroc"]
@@ -459,11 +504,13 @@ class AnomalyCheck(Check):
             Finding(
                 "info",
                 f"Headline method: {head} ({how}); on the evaluated rows image AUROC "
-                f"{head_auc:.3f}. The headline image_auroc and aupro are this method's.",
+                f"{head_auc:.3f}. The headline image_auroc and aupro are this method's. "
+                f"Window crops were encoded at {window_crops}.",
                 {
                     "headline_method": head,
                     "chosen_on": chosen_on,
                     "calibration_image_auroc": {m: _json(v) for m, v in cal_aucs.items()},
+                    "window_crops": window_crops,
                 },
             )
         )

@@ -239,6 +239,25 @@ class MobileNetV2(nn.Module):
             type(m) in _PLAIN_TYPES for m in self.features.modules() if m is not self.features
         )
 
+    def fold_plan(self) -> list[list[_Folded]]:
+        """Every block's folded convolutions, recomputed only when a weight or statistic changed.
+
+        Keyed on each tensor's storage and in-place version counter, so a moved, reloaded or
+        edited tower folds again; an unchanged one reuses its plan (folding costs about 10 ms
+        per call). With trainable weights under autograd it is folded afresh, in the graph.
+        """
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return [block.folded() for block in self.features]  # type: ignore[operator]
+        key = tuple((t.data_ptr(), t._version) for t in (*self.parameters(), *self.buffers()))
+        cached = getattr(self, "_plan_cache", None)
+        if cached is None or cached[0] != key:
+            # plain tensors without a graph: usable under inference mode and by attacks alike
+            with torch.inference_mode(False), torch.no_grad():
+                plan = [block.folded() for block in self.features]  # type: ignore[operator]
+            cached = (key, plan)
+            object.__setattr__(self, "_plan_cache", cached)
+        return cached[1]
+
     def _plain(self, x: Tensor, wanted: Sequence[int]) -> list[Tensor]:
         got = {}
         for i, block in enumerate(self.features[: max(wanted) + 1]):
@@ -254,7 +273,7 @@ class MobileNetV2(nn.Module):
             for weight, bias, conv, relu6 in steps:
                 y = F.conv2d(y, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
                 if relu6:
-                    y = F.hardtanh(y, 0.0, 6.0)
+                    y = F.hardtanh_(y, 0.0, 6.0)  # in place on a fresh convolution output
             block = self.features[i]
             x = x + y if isinstance(block, InvertedResidual) and block.use_residual else y
             if i in wanted:
@@ -276,7 +295,7 @@ class MobileNetV2(nn.Module):
         x = self.normalise(pixels)
         if not self.foldable():
             return self._plain(x, wanted)
-        plan = [block.folded() for block in self.features[: max(wanted) + 1]]  # type: ignore[operator]
+        plan = self.fold_plan()[: max(wanted) + 1]
         n = self.chunk_rows(pixels)
         parts = [self._folded(x[lo : lo + n], wanted, plan) for lo in range(0, len(x), n)]
         if len(parts) <= 1:
