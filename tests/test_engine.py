@@ -286,3 +286,41 @@ def test_card_records_the_engine_accounting(toy_model, colour_data, tmp_path):
     # clean evaluated rows, then the one contrast cell on the same (labelled) rows
     assert image["rows_encoded"] == image["distinct_row_variants"] == 2 * len(evaluated)
     assert image["duplication"] == 1.0 and card["engine"]["attack_iterations"] == 0
+
+
+def test_pooled_hidden_states_are_their_own_cached_entry(tmp_path):
+    from mmsafe.data.worlds import make_shapes
+    from mmsafe.methods.ood import pool_states
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    torch.manual_seed(0)
+    model = TinyClip(TinyClipConfig.for_size("xs")).eval()
+    world = make_shapes(n=40, seed=1, duplicates=0)
+    engine = Engine(batch_size=16, cache_dir=tmp_path, progress=False)
+    maps = engine.hidden_states(model, world, "image", (0, 2))
+    assert [m.ndim for m in maps] == [4, 4]
+    # the unpooled entry keeps the key it always had (no "pool" part)
+    parts = ("hidden", model.fingerprint(), world.fingerprint(), "image", [0, 2])
+    assert engine.cache.get(f"{stable_hash('embed', *parts, 0)}-0000") is not None
+    pooled = engine.hidden_states(model, world, "image", (0, 2), pool=True)
+    for got, full in zip(pooled, maps, strict=True):
+        assert got.shape == full.shape[:2]
+        torch.testing.assert_close(got, pool_states(full), rtol=1e-5, atol=1e-6)
+    acc = engine.accounting()["modalities"]["image"]
+    assert (acc["rows_encoded"], acc["variants"], acc["duplication"]) == (80, 2, 1.0)
+    # cached: a second call, or a fresh engine on the same folder, encodes nothing
+    again = engine.hidden_states(model, world.subset([5, 1]), "image", (0, 2), pool=True)
+    assert torch.equal(again[1], pooled[1][[5, 1]])
+    fresh = Engine(batch_size=16, cache_dir=tmp_path, progress=False)
+    from_disk = fresh.hidden_states(model, world, "image", (0, 2), pool=True)
+    assert torch.equal(from_disk[0], pooled[0]) and encoded(fresh) == 0
+    assert encoded(engine) == 80
+    # layers=None: every layer the model returns, pooled, under a key ("all") of its own
+    every = engine.hidden_states(model, world, "image", None, pool=True)
+    assert [e.shape[1] for e in every] == list(model.cfg.channels)  # one per CNN stage
+    torch.testing.assert_close(every[2], pooled[1])
+    assert encoded(engine) == 120
+    assert engine.hidden_states(model, world, "image", None, pool=True)[0].shape == every[0].shape
+    assert encoded(engine) == 120
+    with pytest.raises(ValueError, match="at least one layer"):
+        engine.hidden_states(model, world, "image", (), pool=True)

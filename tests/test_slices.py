@@ -288,5 +288,7 @@ def test_planted_spurious_slice_is_ranked_first(shapes_quick) -> None:
         f"found {rate:.2f}, precision mean {np.mean(precision):.3f} min {np.min(precision):.3f}, "
         f"size mean {np.mean(sizes):.1f}"
     )
-    assert rate >= 0.95
+    # 19 or 20 of 20 found on one machine, 18 on an AVX2-only one. The bound is binomial: a
+    # detector that finds the slice 95% of the time falls below 16 of 20 with probability 0.003.
+    assert sum(found) >= 16
     assert np.mean(precision) >= 0.9

@@ -12,6 +12,7 @@ uninterrupted run's outside the ``timings`` and ``environment`` sections.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -64,6 +65,13 @@ class AuditResult:
         if any(r.status == "failed" for r in self.results.values()):
             return 3
         return 1 if any(g.failed for g in self.gates) else 0
+
+
+def _status(console: Console, text: str) -> contextlib.AbstractContextManager[Any]:
+    """A spinner on an interactive console; nothing on a quiet one or a pipe (no thread)."""
+    if console.quiet or not console.is_terminal:
+        return contextlib.nullcontext()
+    return console.status(text)
 
 
 def evaluation_splits(data: Dataset) -> tuple[Dataset, Dataset | None, Dataset | None]:
@@ -165,7 +173,7 @@ def run_audit(
     set_seed(seed)
     evaluated, calibration, train = evaluation_splits(data)
     task.check_data(evaluated)
-    with console.status(f"preparing task {task.name}"):
+    with _status(console, f"preparing task {task.name}"):
         task.prepare(model, engine, evaluated.classes, fit_data=train)
         outputs = engine.outputs(model, task, evaluated)
     ctx = AuditContext(
@@ -246,7 +254,7 @@ def _run_one(
         return CheckResult(name=name, pillar=cls.pillar, status="skipped", reason=reason)
     start = time.perf_counter()
     try:
-        with console.status(f"running {name}"):
+        with _status(console, f"running {name}"):
             result = check.run(ctx)
     except (KeyboardInterrupt, SystemExit):
         raise

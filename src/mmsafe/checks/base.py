@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -237,8 +237,16 @@ class AuditContext:
         return torch.Generator().manual_seed(self.seed_for(purpose))
 
 
-def condition_holds(condition: str, task_name: str, task_modalities: tuple[str, ...]) -> bool:
-    """Whether a ``conditional_metrics`` condition holds for a task.
+def condition_holds(
+    condition: str,
+    task_name: str,
+    task_modalities: tuple[str, ...],
+    capabilities: Collection[str] | None = None,
+) -> bool:
+    """Whether a ``conditional_metrics`` condition holds for a task (and a model).
+
+    ``capability:<name>`` holds when the model has that capability (``model.capabilities()``,
+    passed as ``capabilities``); it cannot be decided without them.
 
     Example:
         >>> condition_holds("multimodal", "fusion", ("image", "text"))
@@ -246,6 +254,8 @@ def condition_holds(condition: str, task_name: str, task_modalities: tuple[str, 
         >>> condition_holds("reads:text", "zero_shot", ("image",))
         False
         >>> condition_holds("task:zero_shot", "zero_shot", ("image",))
+        True
+        >>> condition_holds("capability:hidden_states", "fusion", ("image",), {"hidden_states"})
         True
     """
     kind, _, arg = condition.partition(":")
@@ -255,28 +265,41 @@ def condition_holds(condition: str, task_name: str, task_modalities: tuple[str, 
         return arg in task_modalities
     if kind == "task":
         return task_name == arg
+    if kind == "capability":
+        if capabilities is None:
+            raise ValueError(f"condition {condition!r} needs the model's capabilities")
+        return arg in capabilities
     raise ValueError(f"unknown metric condition {condition!r}")
 
 
 def expected_metric(
-    check: type[Check], metric: str, task_name: str, task_modalities: tuple[str, ...]
+    check: type[Check],
+    metric: str,
+    task_name: str,
+    task_modalities: tuple[str, ...],
+    capabilities: Collection[str] | None = None,
 ) -> bool:
     """Whether ``check`` reports ``metric`` on a task, by its ``conditional_metrics``.
+
+    ``capabilities``: the model's (``model.capabilities()``), needed by a ``capability:``
+    condition.
 
     Example:
         >>> class C(Check):
         ...     name, pillar = "monitoring.c", "monitoring"
-        ...     conditional_metrics = {"mcm/*": "task:zero_shot"}
+        ...     conditional_metrics = {"mcm/*": "task:zero_shot", "rmd/*": "capability:x"}
         ...     def run(self, ctx): ...
         >>> expected_metric(C, "mcm/auroc", "fusion", ("image", "text"))
         False
         >>> expected_metric(C, "msp/auroc", "fusion", ("image", "text"))
         True
+        >>> expected_metric(C, "rmd/auroc", "fusion", ("image", "text"), capabilities=())
+        False
     """
     import fnmatch
 
     return all(
-        condition_holds(cond, task_name, task_modalities)
+        condition_holds(cond, task_name, task_modalities, capabilities)
         for pattern, cond in check.conditional_metrics.items()
         if fnmatch.fnmatchcase(metric, pattern)
     )
@@ -298,8 +321,9 @@ class Check(ABC):
         aliases: older names that still select it (``--checks``, ``--options``, ``--fail-on``).
         conditional_metrics: ``{metric glob: condition}`` for the metrics reported only when a
             condition on the task holds: ``multimodal`` (it reads two or more modalities of the
-            rows), ``reads:<modality>``, ``task:<name>``. Every other metric is reported on
-            every task the check declares: one metric schema (see :func:`expected_metric`).
+            rows), ``reads:<modality>``, ``task:<name>``, ``capability:<name>`` (the model has
+            that capability, e.g. ``hidden_states``). Every other metric is reported on every
+            task the check declares: one metric schema (see :func:`expected_metric`).
     """
 
     name: ClassVar[str]

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mmsafe.engine.cache import TensorCache, stable_hash
 from mmsafe.engine.variants import Variant
+from mmsafe.methods.ood import pool_states
 from mmsafe.methods.perturb import row_seed
 from mmsafe.models.base import to_device
 
@@ -34,10 +35,38 @@ if TYPE_CHECKING:
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    """Seed Python, NumPy and torch (CPU, and CUDA when torch sees it).
+
+    ``torch.manual_seed`` would also queue lazy seeding for CUDA, XPU and MTIA, recording a
+    stack trace for each (milliseconds per call) even where none of them exists; the CPU
+    generator plus CUDA or MPS when available is the same seeding for every device mmsafe runs on.
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(seed)
+
+
+def ready(model: Any, device: torch.device) -> Any:
+    """``model`` on ``device`` in eval mode, moved or switched only when it is not already.
+
+    ``model.to(device).eval()`` walks every module and tensor on each call (milliseconds for a
+    small model, paid per forward sweep); a model already there is returned as it is.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).train()
+        >>> ready(net, torch.device("cpu")) is net, net.training, net[1].training
+        (True, False, False)
+    """
+    first = next(iter(model.parameters()), None)
+    if first is not None and first.device != device:
+        model = model.to(device)
+    if any(m.training for m in model.modules()):
+        model.eval()
+    return model
 
 
 COUNTERS: tuple[str, ...] = ("attack_iterations", "gradient_passes", "training_passes")
@@ -403,11 +432,12 @@ class Engine:
         model: EncoderModel,
         data: Dataset,
         modality: str,
-        layers: Sequence[int],
+        layers: Sequence[int] | None,
         *,
         rows: Sequence[int] | np.ndarray | None = None,
         desc: str = "",
         data_fingerprint: str | None = None,
+        pool: bool = False,
     ) -> list[Tensor]:
         """Hidden states of ``data``'s rows at ``layers`` of one tower, cached and counted.
 
@@ -419,49 +449,66 @@ class Engine:
         :meth:`accounting` as an encoded row of the modality, under a variant of its own
         (``hidden`` and the layers), so a row run twice shows as duplication.
 
+        With ``pool``, each state is globally mean-pooled
+        (:func:`~mmsafe.methods.ood.pool_states`: ``(B, C, H, W)`` to ``(B, C)``, ``(B, L, D)``
+        to ``(B, D)``) on the device, before it is kept: caching every layer of many rows then
+        costs one vector per layer and row, not a map. Pooled states are an entry and a variant
+        of their own (``pool`` is part of both keys), never mixed with unpooled ones.
+
         Args:
             model: the encoder.
             data: the dataset.
             modality: the tower (``image``).
-            layers: indices into the list ``model.hidden_states`` returns.
+            layers: indices into the list ``model.hidden_states`` returns; ``None``: every
+                layer it returns (keyed as ``"all"``).
             rows: positions in ``data`` (any order, repeats allowed); ``None``: every row.
             desc: a label for progress.
             data_fingerprint: ``data.fingerprint()`` when the caller has it.
+            pool: keep the global mean pooling of each state instead of the state.
 
         Returns:
-            One tensor per layer, in ``layers``' order, with ``len(rows)`` rows each.
+            One tensor per layer, in ``layers``' order (the model's for ``None``), with
+            ``len(rows)`` rows each.
 
         Raises:
             NotImplementedError: the model exposes no hidden states.
             IndexError: a layer the model does not have.
         """
-        layers = tuple(int(i) for i in layers)
-        if not layers:
-            raise ValueError("hidden_states needs at least one layer")
+        if layers is not None:
+            layers = tuple(int(i) for i in layers)
+            if not layers:
+                raise ValueError("hidden_states needs at least one layer (or None for all)")
         data, want, data_fp = self._root(data, modality, rows, data_fingerprint)
         fp = model.fingerprint()
-        key = _entry_key("hidden", fp, data_fp, modality, list(layers))
-        vkey = stable_hash("hidden", list(layers))
+        layer_key = "all" if layers is None else list(layers)
+        pooled = ("pool",) if pool else ()  # unpooled keys stay as they were
+        key = _entry_key("hidden", fp, data_fp, modality, layer_key, *pooled)
+        vkey = stable_hash("hidden", layer_key, *pooled)
 
         def run(missing: np.ndarray) -> dict[str, Tensor]:
             values = [data.modalities[modality][i] for i in missing]
             idents = [("row", data.source, data.ids[i]) for i in missing]
-            label = f"hidden states {modality} {list(layers)} [{desc or data.name}]"
-            net = model.to(self.device).eval()
+            label = f"hidden states {modality} {layer_key}{' pooled' if pool else ''}"
+            label += f" [{desc or data.name}]"
+            net = ready(model, self.device)
             set_seed(self.seed)
-            per_layer: list[list[Tensor]] = [[] for _ in layers]
+            per_layer: list[list[Tensor]] | None = None
             with self._sweep(len(values), label) as starts, torch.inference_mode():
                 for start in starts:
                     raw = values[start : start + self.batch_size]
                     batch = to_device(net.preprocess(modality, raw), self.device)
                     states = net.hidden_states(modality, batch)
-                    for j, i in enumerate(layers):
-                        per_layer[j].append(states[i].float().cpu())
+                    chosen = [states[i] for i in (layers or range(len(states)))]
+                    if per_layer is None:
+                        per_layer = [[] for _ in chosen]
+                    for j, state in enumerate(chosen):
+                        state = pool_states(state.float()) if pool else state
+                        per_layer[j].append(state.float().cpu())
             self._account(fp, modality, vkey, idents)
-            return {f"layer_{j}": torch.cat(c) for j, c in enumerate(per_layer)}
+            return {f"layer_{j}": torch.cat(c) for j, c in enumerate(per_layer or [])}
 
         got = self._cached_rows(key, want, run)
-        return [got[f"layer_{j}"] for j in range(len(layers))]
+        return [got[f"layer_{j}"] for j in range(len(got))]
 
     @contextlib.contextmanager
     def _sweep(self, n: int, label: str) -> Iterator[Any]:
@@ -509,7 +556,7 @@ class Engine:
         preprocessed: bool = False,
     ) -> Tensor:
         """Encode ``values`` in batches (the only place a model's forward pass runs)."""
-        model = model.to(self.device).eval()
+        model = ready(model, self.device)
         set_seed(self.seed)
         label = f"embed {modality}" + (f" ({variant.label})" if variant else "")
         label += f" [{desc}]" if desc else ""

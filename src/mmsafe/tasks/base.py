@@ -74,8 +74,14 @@ class Outputs:
 
     @property
     def probs(self) -> np.ndarray:
-        """Softmax probabilities over the last axis, as float64 numpy."""
-        return torch.softmax(self.logits.double(), dim=-1).numpy()
+        """Softmax probabilities over the last axis, as float64 numpy.
+
+        Computed in NumPy: for an audit's few thousand rows that takes microseconds, where
+        waking torch's thread pool for a small tensor took milliseconds.
+        """
+        z = self.logits.detach().cpu().double().numpy()
+        e = np.exp(z - z.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
 
     @property
     def preds(self) -> np.ndarray:

@@ -2,9 +2,11 @@
 
 Rows whose ``meta`` has a truthy ``"ood"`` are out-of-distribution (OOD); labelled rows without
 that flag are in-distribution (ID). Each OOD score of :mod:`mmsafe.methods.ood` (higher = ID) is
-turned into AUROC, AUPR-In, AUPR-Out and FPR@95TPR (:mod:`mmsafe.metrics.ood`). The headline score
-is chosen without the evaluated rows' labels: the best by AUROC on the calibration split when it
-has OOD and ID rows, else :attr:`OODCheck.default_headline`.
+turned into AUROC, AUPR-In, AUPR-Out and FPR@95TPR (:mod:`mmsafe.metrics.ood`): the logit scores,
+kNN on the output embeddings and, when the model exposes hidden states, the relative Mahalanobis
+distance (RMD) on the image tower's pooled hidden states. The headline score is chosen without
+the evaluated rows' labels: the best by AUROC on the calibration split when it has OOD and ID
+rows, else the first available of :attr:`OODCheck.default_headlines` (RMD, then energy).
 """
 
 from __future__ import annotations
@@ -19,7 +21,16 @@ from torch import Tensor
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
 from mmsafe.data.dataset import Dataset
-from mmsafe.methods.ood import energy, knn_score, max_logit, mcm, msp
+from mmsafe.methods.ood import (
+    energy,
+    knn_score,
+    layer_ensemble,
+    max_logit,
+    mcm,
+    msp,
+    relative_mahalanobis,
+    relative_mahalanobis_oof,
+)
 from mmsafe.metrics.ood import (
     aupr_in,
     aupr_out,
@@ -31,7 +42,7 @@ from mmsafe.metrics.ood import (
 )
 
 NO_OOD_REASON = "needs rows marked meta.ood (e.g. the shapes world's never-seen shapes)"
-SCORES: tuple[str, ...] = ("msp", "max_logit", "energy", "mcm", "knn")
+SCORES: tuple[str, ...] = ("msp", "max_logit", "energy", "mcm", "knn", "rmd")
 
 
 def ood_masks(meta: Sequence[dict[str, Any]], labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,36 +66,72 @@ def class_embeddings_of(task: Any) -> Tensor | None:
     return None
 
 
+def has_capability(model: Any, capability: str) -> bool:
+    """Whether ``model`` lists ``capability`` in ``model.capabilities()`` (``False`` without it).
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> has_capability(TinyClip(TinyClipConfig.for_size("xs")), "hidden_states")
+        True
+        >>> has_capability(object(), "hidden_states")
+        False
+    """
+    capabilities = getattr(model, "capabilities", None)
+    return capabilities is not None and capability in capabilities()
+
+
 @register_check
 class OODCheck(Check):
-    """Semantic OOD detection with MSP, max-logit, energy, MCM and kNN scores.
+    """Semantic OOD detection with MSP, max-logit, energy, MCM, kNN and RMD scores.
 
     Args:
         n_boot: bootstrap resamples for the AUROC CIs (ID and OOD rows resampled separately).
-        k: the neighbour of the kNN score (distance to the k-th nearest train image).
+        k: the neighbour of the kNN score (distance to the k-th nearest train image); kNN needs
+            at least ``k`` in-distribution train rows, RMD ``k`` calibration or train rows.
         temperature: the energy score's temperature.
         mcm_tau: the MCM softmax temperature over cosine similarities.
         auroc_threshold: a headline AUROC below this raises a finding.
         max_points: the most points drawn per ROC curve.
+        rmd_layers: indices into ``model.hidden_states("image", ...)`` for the RMD score;
+            ``None``: every layer the model returns.
+        rmd_shrinkage: the covariance shrinkage of RMD, in ``[0, 1]`` (``ShrunkCovariance``'s).
+
+    The ``rmd`` score is the relative Mahalanobis distance (Ren et al., 2021) on the image
+    tower's globally mean-pooled hidden states, one per layer of ``rmd_layers``: class Gaussians
+    and a background Gaussian fitted on labelled in-distribution rows (the calibration split's,
+    held out and drawn like the evaluated rows, when it has at least ``k``; else the train
+    split's, which may carry a spurious background or label noise that deployment does not),
+    each layer's score standardised on those rows' own out-of-fold scores, and the layers
+    averaged (:func:`~mmsafe.methods.ood.layer_ensemble`). It needs the model's
+    ``hidden_states`` capability.
 
     The headline ``auroc`` / ``fpr95`` are one score's, chosen on the calibration split's OOD and
     ID rows (the best AUROC there; ties go to the earlier score of :data:`SCORES`) or, when it
-    has none, :attr:`default_headline`: the energy score, defined on every task's logits and a
-    better OOD score than MSP (Liu et al., 2020). The evaluated rows' labels never choose it.
+    has none, the first available of :attr:`default_headlines`: ``rmd``, then ``energy``. A
+    feature-space score on the tower's own hidden states comes first because a contrastive head
+    maps images onto the class prompts, collapsing what tells a near-OOD input apart from the
+    classes it resembles, so logit scores miss it (Ren et al., 2021; Fort et al., 2021); energy,
+    defined on every task's logits and a better OOD score than MSP (Liu et al., 2020), when the
+    model exposes no hidden states (or there is no train split). The evaluated rows' labels never
+    choose the headline.
     """
 
     name = "monitoring.ood"
-    conditional_metrics = {"mcm/*": "task:zero_shot"}  # MCM needs class-prompt embeddings
+    conditional_metrics = {
+        "mcm/*": "task:zero_shot",  # MCM needs class-prompt embeddings
+        "rmd/*": "capability:hidden_states",  # RMD reads the image tower's hidden states
+    }
     pillar = "monitoring"
     tasks = ("zero_shot", "fusion")
-    description = "OOD detection (MSP, max-logit, energy, MCM, kNN): AUROC, AUPR, FPR@95TPR"
+    description = "OOD detection (MSP, max-logit, energy, MCM, kNN, RMD): AUROC, AUPR, FPR@95TPR"
     higher_is_better = {
         "auroc": True,
         "fpr95": False,
         **{f"{s}/{m}": True for s in SCORES for m in ("auroc", "aupr_in", "aupr_out")},
         **{f"{s}/fpr95": False for s in SCORES},
     }
-    default_headline: ClassVar[str] = "energy"
+    default_headlines: ClassVar[tuple[str, ...]] = ("rmd", "energy")
+    """The headline when the calibration split cannot choose: the first of these computed."""
 
     def __init__(
         self,
@@ -94,13 +141,21 @@ class OODCheck(Check):
         mcm_tau: float = 1.0,
         auroc_threshold: float = 0.8,
         max_points: int = 200,
+        rmd_layers: Sequence[int] | None = None,
+        rmd_shrinkage: float = 0.01,
     ) -> None:
+        if not 0.0 <= rmd_shrinkage <= 1.0:
+            raise ValueError(f"rmd_shrinkage must be in [0, 1], got {rmd_shrinkage}.")
+        if rmd_layers is not None and not len(rmd_layers):
+            raise ValueError("rmd_layers must name at least one layer (or be None for all).")
         self.n_boot = n_boot
         self.k = k
         self.temperature = temperature
         self.mcm_tau = mcm_tau
         self.auroc_threshold = auroc_threshold
         self.max_points = max_points
+        self.rmd_layers = None if rmd_layers is None else tuple(int(i) for i in rmd_layers)
+        self.rmd_shrinkage = rmd_shrinkage
 
     def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
         reason = super().skip_reason(ctx)
@@ -150,7 +205,75 @@ class OODCheck(Check):
         else:
             assert image is not None
             out["knn"] = knn_score(image, bank, k=self.k)
+        rmd = self._rmd(ctx, ctx.data if data is None else data)
+        if isinstance(rmd, str):
+            missing["rmd"] = rmd
+        else:
+            out["rmd"] = rmd
         return {k: v.cpu().numpy() for k, v in out.items()}, missing
+
+    def rmd_fit(self, ctx: AuditContext) -> tuple[str, Dataset, np.ndarray] | str:
+        """``(split name, split, rows)`` the RMD Gaussians are fitted on, or why there are none.
+
+        The calibration split's labelled in-distribution rows when it has at least ``k``: they
+        are held out from training and drawn like the evaluated rows, where train rows may
+        carry what the model was trained with and deployment does not (a spurious background,
+        label noise). Else the train split's. Each layer is standardised on these rows' own
+        scores, taken out of fold (:func:`~mmsafe.methods.ood.relative_mahalanobis_oof`).
+        """
+        for name, split in (("calibration", ctx.calibration), ("train", ctx.train)):
+            if split is None or "image" not in split.modalities:
+                continue
+            rows = np.flatnonzero(ood_masks(split.meta, split.labels)[1])
+            if len(rows) >= self.k:
+                return name, split, rows
+        return (
+            f"neither the calibration nor the train split has k = {self.k} labelled "
+            "in-distribution image rows to fit the class Gaussians on"
+        )
+
+    def _fit_name(self, ctx: AuditContext) -> str:
+        fit = self.rmd_fit(ctx)
+        return fit if isinstance(fit, str) else fit[0]
+
+    def _rmd(self, ctx: AuditContext, data: Dataset) -> Tensor | str:
+        """The RMD layer ensemble on ``data``'s rows, or why it cannot be computed.
+
+        Fit, query and reference features are each fetched once (pooled, through the engine's
+        cache). Rows of ``data`` that the Gaussians were fitted on (when ``data`` is the fit
+        split) get their out-of-fold scores.
+        """
+        if not has_capability(ctx.model, "hidden_states"):
+            return f"model {getattr(ctx.model, 'name', '?')!r} exposes no hidden states"
+        if "image" not in data.modalities:
+            return "the scored rows have no image column"
+        fit = self.rmd_fit(ctx)
+        if isinstance(fit, str):
+            return fit
+        _, split, fit_rows = fit
+
+        def pooled(d: Dataset, rows: np.ndarray | None = None) -> list[Tensor]:
+            return ctx.engine.hidden_states(
+                ctx.model, d, "image", self.rmd_layers, rows=rows, desc="ood rmd", pool=True
+            )
+
+        bank = pooled(split, fit_rows)
+        labels = torch.as_tensor(np.asarray(split.labels)[fit_rows], dtype=torch.long)
+        reference = [relative_mahalanobis_oof(b, labels, self.rmd_shrinkage) for b in bank]
+        query = pooled(data)
+        scores = []
+        for b, q, r in zip(bank, query, reference, strict=True):
+            if data is split:  # the fit rows keep their out-of-fold scores
+                other = np.setdiff1d(np.arange(len(data)), fit_rows)
+                s = torch.empty(len(data), dtype=torch.float64)
+                s[torch.from_numpy(fit_rows)] = r
+                s[torch.from_numpy(other)] = relative_mahalanobis(
+                    q[other], b, labels, self.rmd_shrinkage
+                )
+            else:
+                s = relative_mahalanobis(q, b, labels, self.rmd_shrinkage)
+            scores.append(s)
+        return layer_ensemble(scores, reference)
 
     def _bank(self, ctx: AuditContext) -> Tensor | str:
         """The in-distribution train image embeddings, or why there are none."""
@@ -172,9 +295,9 @@ class OODCheck(Check):
         """``(score, chosen_on, calibration AUROCs)``: the headline score and how it was chosen.
 
         ``chosen_on`` is ``"calibration"`` (the best of ``available`` by AUROC on the calibration
-        split's OOD and ID rows, the first in ``available`` on ties) or ``"default"``
-        (:attr:`default_headline`, when the calibration split has no OOD or no ID rows). The
-        evaluated rows are not looked at.
+        split's OOD and ID rows, the first in ``available`` on ties) or ``"default"`` (the first
+        of :attr:`default_headlines` in ``available``, when the calibration split has no OOD or
+        no ID rows). The evaluated rows are not looked at.
         """
         cal = ctx.calibration
         if cal is not None:
@@ -183,7 +306,7 @@ class OODCheck(Check):
                 scores = self.scores(ctx, cal)[0]
                 aucs = {n: auroc(scores[n][is_id], scores[n][is_ood]) for n in available}
                 return max(aucs, key=aucs.__getitem__), "calibration", aucs
-        default = self.default_headline if self.default_headline in available else available[0]
+        default = next((n for n in self.default_headlines if n in available), available[0])
         return default, "default", {}
 
     # ------------------------------------------------------------------ run
@@ -205,11 +328,18 @@ class OODCheck(Check):
         metrics["auroc"] = metrics[f"{head}/auroc"]
         metrics["fpr95"] = metrics[f"{head}/fpr95"]
         n_in, n_out = int(is_id.sum()), int(is_ood.sum())
-        how = (
-            f"chosen by AUROC on the calibration split, {cal_aucs[head]:.3f} there"
-            if chosen_on == "calibration"
-            else "the declared default: the calibration split has no OOD rows to choose on"
-        )
+        if chosen_on == "calibration":
+            how = f"chosen by AUROC on the calibration split, {cal_aucs[head]:.3f} there"
+        else:
+            how = (
+                "the declared default, the first computed of "
+                + " then ".join(self.default_headlines)
+                + ": the calibration split has no OOD rows to choose on. A feature-space score on "
+                "the image tower's hidden states (rmd) comes first, because a contrastive head "
+                "collapses images onto the class prompts and hides near-OOD inputs from the "
+                "logit scores (Ren et al. 2021; Fort et al. 2021); energy when rmd is not "
+                "computed"
+            )
 
         findings = []
         head_auc = metrics["auroc"].value
@@ -223,10 +353,12 @@ class OODCheck(Check):
                     f"{metrics['fpr95'].value:.0%} of the OOD rows.",
                     {"headline_method": head, "auroc": head_auc, "fpr95": metrics["fpr95"].value},
                     "Do not treat the model's confidence as a novelty detector. Deploy a "
-                    "dedicated OOD detector (e.g. kNN distance to the training embeddings) with a "
-                    "threshold set on held-out in-distribution data, route low-score inputs to "
-                    "abstention or human review, and add examples of the unseen categories to "
-                    "training (or to the label set) where they matter.",
+                    "dedicated OOD detector, preferably in feature space (e.g. the relative "
+                    "Mahalanobis distance on the image tower's hidden states, or kNN distance to "
+                    "the training embeddings), with a threshold set on held-out in-distribution "
+                    "data, route low-score inputs to abstention or human review, and add "
+                    "examples of the unseen categories to training (or to the label set) where "
+                    "they matter.",
                 )
             )
         findings.append(
@@ -244,6 +376,7 @@ class OODCheck(Check):
                     "ranking": {n: metrics[f"{n}/auroc"].value for n in ranking},
                     "n_in": n_in,
                     "n_ood": n_out,
+                    **({"rmd_fit": self._fit_name(ctx)} if "rmd" in scores else {}),
                 },
             )
         )
