@@ -112,8 +112,8 @@ class OODCheck(Check):
     maps images onto the class prompts, collapsing what tells a near-OOD input apart from the
     classes it resembles, so logit scores miss it (Ren et al., 2021; Fort et al., 2021); energy,
     defined on every task's logits and a better OOD score than MSP (Liu et al., 2020), when the
-    model exposes no hidden states (or there is no train split). The evaluated rows' labels never
-    choose the headline.
+    model exposes no hidden states (or neither the calibration nor the train split has ``k``
+    labelled in-distribution rows). The evaluated rows' labels never choose the headline.
     """
 
     name = "monitoring.ood"
