@@ -66,20 +66,6 @@ def class_embeddings_of(task: Any) -> Tensor | None:
     return None
 
 
-def has_capability(model: Any, capability: str) -> bool:
-    """Whether ``model`` lists ``capability`` in ``model.capabilities()`` (``False`` without it).
-
-    Example:
-        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
-        >>> has_capability(TinyClip(TinyClipConfig.for_size("xs")), "hidden_states")
-        True
-        >>> has_capability(object(), "hidden_states")
-        False
-    """
-    capabilities = getattr(model, "capabilities", None)
-    return capabilities is not None and capability in capabilities()
-
-
 @register_check
 class OODCheck(Check):
     """Semantic OOD detection with MSP, max-logit, energy, MCM, kNN and RMD scores.
@@ -243,7 +229,7 @@ class OODCheck(Check):
         cache). Rows of ``data`` that the Gaussians were fitted on (when ``data`` is the fit
         split) get their out-of-fold scores.
         """
-        if not has_capability(ctx.model, "hidden_states"):
+        if "hidden_states" not in ctx.model.capabilities():
             return f"model {getattr(ctx.model, 'name', '?')!r} exposes no hidden states"
         if "image" not in data.modalities:
             return "the scored rows have no image column"
@@ -261,10 +247,10 @@ class OODCheck(Check):
         labels = torch.as_tensor(np.asarray(split.labels)[fit_rows], dtype=torch.long)
         reference = [relative_mahalanobis_oof(b, labels, self.rmd_shrinkage) for b in bank]
         query = pooled(data)
+        other = np.setdiff1d(np.arange(len(data)), fit_rows) if data is split else None
         scores = []
         for b, q, r in zip(bank, query, reference, strict=True):
-            if data is split:  # the fit rows keep their out-of-fold scores
-                other = np.setdiff1d(np.arange(len(data)), fit_rows)
+            if other is not None:  # data is the fit split: its fit rows keep their OOF scores
                 s = torch.empty(len(data), dtype=torch.float64)
                 s[torch.from_numpy(fit_rows)] = r
                 s[torch.from_numpy(other)] = relative_mahalanobis(
