@@ -41,7 +41,7 @@ def test_card_validates_and_numbers_match_references(toy_model, colour_data, tmp
     assert card["data"]["n_evaluated"] == len(test)
     assert "<svg" in (tmp_path / "index.html").read_text()
     # schema 2.0: what varies run to run is in `timings` / `environment`, not in `checks`
-    assert card["schema_version"] == "2.0" and "created" not in card
+    assert card["schema_version"] == "2.1" and "created" not in card
     assert all("seconds" not in c for c in card["checks"].values())
     timings = card["timings"]
     assert list(timings["seconds"]) == list(card["checks"]) and timings["reused"] == []

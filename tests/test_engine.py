@@ -324,3 +324,52 @@ def test_pooled_hidden_states_are_their_own_cached_entry(tmp_path):
     assert encoded(engine) == 120
     with pytest.raises(ValueError, match="at least one layer"):
         engine.hidden_states(model, world, "image", (), pool=True)
+
+
+# ---------------------------------------------------------------------------- shards
+
+
+def test_shards_hold_the_same_embeddings_and_resume_after_a_crash(toy_model, tmp_path, monkeypatch):
+    data = make_colour_data(50)
+    whole = Engine(batch_size=8, progress=False).embed(toy_model, data, "image")
+    monkeypatch.setattr("mmsafe.engine.runner.SHARD_ROWS", 16)
+    cache = tmp_path / "cache"
+    calls = {"n": 0}
+    inner = toy_model.encode
+
+    def crash_on_third_shard(batch, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # batch size 16 = one batch per shard: shards 0 and 1 are done
+            raise RuntimeError("killed")
+        return inner(batch, *a, **k)
+
+    monkeypatch.setattr(toy_model, "encode", crash_on_third_shard)
+    with pytest.raises(RuntimeError, match="killed"):
+        Engine(batch_size=16, cache_dir=cache, progress=False).embed(toy_model, data, "image")
+    assert len(list((cache / "embeddings").glob("*.safetensors"))) == 2
+    monkeypatch.setattr(toy_model, "encode", inner)
+    resumed = Engine(batch_size=5, cache_dir=cache, progress=False)  # another batch size
+    got = resumed.embed(toy_model, data, "image")
+    assert encoded(resumed) == 50 - 32  # only the shards that were lost
+    torch.testing.assert_close(got, whole, rtol=0, atol=0)
+    names = sorted(p.name[-17:] for p in (cache / "embeddings").glob("*.safetensors"))
+    assert names == [f"-{s:04d}.safetensors" for s in range(4)]
+    rows = [40, 3, 3, 49, 0]
+    torch.testing.assert_close(resumed.embed(toy_model, data, "image", rows=rows), whole[rows])
+    assert encoded(resumed) == 18
+
+
+def test_a_multi_shard_sweep_logs_one_line(toy_model, monkeypatch):
+    monkeypatch.setattr("mmsafe.engine.runner.SHARD_ROWS", 16)
+    log = io.StringIO()
+    Engine(batch_size=8, stream=log).embed(toy_model, make_colour_data(50), "image")
+    assert log.getvalue().splitlines() == ["embed image [colours]: 50 rows in 4 shards"]
+
+
+def test_a_rooted_cache_keeps_a_bounded_memory(tmp_path):
+    cache = TensorCache(tmp_path, memory_bytes=3 * 400)
+    for i in range(10):
+        cache.put(f"k{i}", {"x": torch.full((100,), float(i))})  # 400 bytes each
+    assert len(cache._memory) == 3
+    assert cache.get("k0")["x"][0].item() == 0.0  # read back from disk
+    assert len(cache._memory) == 3

@@ -120,17 +120,27 @@ def _audit(
     cache_dir: Path | None,
     classes: list[str] | None,
     options: str | None = None,
+    workers: int | None = None,
+    backend: str = "local",
 ) -> None:
     from mmsafe.audit import run_audit
     from mmsafe.checks import CheckSelectionError, select_checks
     from mmsafe.checks.registry import parse_check_options
     from mmsafe.data.loading import load_data
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
+    from mmsafe.engine.backends import BackendError, create_backend
     from mmsafe.models.loading import load_model
     from mmsafe.report.gates import GateSyntaxError, parse_gate
     from mmsafe.tasks.base import TaskError, create_task
 
-    user_errors = (*_loading_errors(), GateSyntaxError, CheckSelectionError, TaskError, DeviceError)
+    user_errors = (
+        *_loading_errors(),
+        GateSyntaxError,
+        CheckSelectionError,
+        TaskError,
+        DeviceError,
+        BackendError,
+    )
     try:
         gates = [parse_gate(g) for g in fail_on]
         names = select_checks(checks)
@@ -138,7 +148,14 @@ def _audit(
         task_obj = create_task(task)
         dataset = load_data(data, skip_invalid=skip_invalid, classes=classes)
         cache = cache_dir or default_cache_dir()
-        engine = Engine(device=device, batch_size=batch_size, cache_dir=cache, seed=seed)
+        engine = Engine(
+            device=device,
+            batch_size=batch_size,
+            cache_dir=cache,
+            seed=seed,
+            workers=None if backend == "ray" else workers,
+            backend=create_backend(backend, workers),
+        )
         encoder = load_model(
             model,
             data=dataset,
@@ -205,6 +222,18 @@ QuickOpt = Annotated[bool, typer.Option(help="Small world and short training (fo
 ResumeOpt = Annotated[
     bool, typer.Option(help="Reuse checks already finished by an interrupted run of this audit.")
 ]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Processes that decode lazy data (image files, large worlds) beside the forward "
+        "passes; default: half the CPUs. With --backend ray: Ray workers (default 2).",
+        min=0,
+    ),
+]
+BackendOpt = Annotated[
+    str,
+    typer.Option(help="Where forward passes run: local, or ray (a local Ray cluster's workers)."),
+]
 CacheOpt = Annotated[
     Path | None,
     typer.Option(help="Cache folder (default: $MMSAFE_CACHE_DIR or the user cache dir)."),
@@ -231,6 +260,8 @@ def audit(
     quick: QuickOpt = False,
     resume: ResumeOpt = True,
     cache_dir: CacheOpt = None,
+    workers: WorkersOpt = None,
+    backend: BackendOpt = "local",
     options: Annotated[
         str | None,
         typer.Option(
@@ -257,6 +288,8 @@ def audit(
         cache_dir=cache_dir,
         classes=None if classes is None else [c.strip() for c in classes.split(",")],
         options=options,
+        workers=workers,
+        backend=backend,
     )
 
 

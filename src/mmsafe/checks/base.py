@@ -102,6 +102,9 @@ class CheckResult:
             ``timings`` section) and ``--fail-on`` never reads them.
         timing_findings: findings derived from ``timings`` (e.g. unstable latency).
         timing_plots: plots of ``timings``.
+        limits: where the check did not use every row as it is, and how: a reference bank
+            capped and sampled, a fit on a sample, or data held whole in memory
+            (``{what: how}``; shown in the card so a reader knows what a figure rests on).
     """
 
     name: str
@@ -115,10 +118,11 @@ class CheckResult:
     timings: Mapping[str, Metric] = field(default_factory=dict)
     timing_findings: tuple[Finding, ...] = ()
     timing_plots: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    limits: Mapping[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``card.json`` entry of this check: nothing that varies run to run."""
-        return {
+        out = {
             "status": self.status,
             "reason": self.reason or None,
             "pillar": self.pillar,
@@ -126,6 +130,9 @@ class CheckResult:
             "findings": json_safe([asdict(f) for f in self.findings]),
             "plots": json_safe({k: dict(v) for k, v in self.plots.items()}),
         }
+        if self.limits:
+            out["limits"] = dict(self.limits)
+        return out
 
     def timings_dict(self) -> dict[str, Any]:
         """What varies run to run: ``seconds`` and the timing metrics, findings and plots."""
@@ -154,6 +161,7 @@ class CheckResult:
             timings=_metrics_from(t.get("metrics", {})),
             timing_findings=tuple(Finding(**f) for f in t.get("findings", [])),
             timing_plots=t.get("plots", {}),
+            limits=d.get("limits", {}),
         )
 
 
@@ -235,6 +243,30 @@ class AuditContext:
     def torch_generator(self, purpose: str = "") -> torch.Generator:
         """The check's CPU torch random stream for ``purpose`` (see :meth:`seed_for`)."""
         return torch.Generator().manual_seed(self.seed_for(purpose))
+
+    def sample(
+        self, rows: np.ndarray, cap: int | None, purpose: str, what: str
+    ) -> tuple[np.ndarray, dict[str, str]]:
+        """At most ``cap`` of ``rows`` (sorted), drawn from the check's stream for ``purpose``.
+
+        For reference banks and fits whose cost grows with the rows (a kNN bank, class
+        Gaussians): returns every row and no limit when there are at most ``cap``, else a
+        uniform sample without replacement and ``{what: "<cap> of <n> rows, sampled"}`` for the
+        card's ``limits``.
+
+        Example:
+            >>> ctx = AuditContext(None, None, None, None, None, check="c")  # type: ignore
+            >>> rows, limit = ctx.sample(np.arange(10), 4, "bank", "kNN bank")
+            >>> len(rows), limit
+            (4, {'kNN bank': '4 of 10 rows, sampled uniformly'})
+            >>> ctx.sample(np.arange(3), 4, "bank", "kNN bank")[1]
+            {}
+        """
+        rows = np.asarray(rows)
+        if cap is None or len(rows) <= cap:
+            return rows, {}
+        pick = np.sort(self.rng(purpose).choice(len(rows), size=int(cap), replace=False))
+        return rows[pick], {what: f"{int(cap)} of {len(rows)} rows, sampled uniformly"}
 
 
 def condition_holds(

@@ -1,8 +1,11 @@
-"""The in-memory dataset every part of mmsafe shares.
+"""The dataset every part of mmsafe shares.
 
 Rows are ``{id, <modality>: value, label, group?, split?, meta}``. Modalities are named columns
 (``image``, ``text``; later ``audio`` and more), so a new modality adds a column, not a code path.
-Storage is columnar: one list per modality, one array of labels.
+Storage is columnar: one sequence per modality, one array of labels. A modality column (and
+``meta``) is either a list of values in memory or a :class:`~mmsafe.data.columns.LazyColumn`
+that produces them on access (a manifest's image files, a large world's pixels), so data larger
+than memory costs only its small per-row metadata.
 
 Conventions:
     * ``image`` values are ``uint8`` arrays of shape ``(H, W, 3)``.
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from mmsafe.data.columns import is_lazy
 
 UNLABELLED = -1
 
@@ -42,17 +47,19 @@ class SkippedRow:
 
 @dataclass
 class Dataset:
-    """A labelled multimodal dataset held column-wise in memory.
+    """A labelled multimodal dataset held column-wise (values in memory or produced lazily).
 
     Attributes:
         name: a short name, shown in the card (e.g. ``shapes`` or the manifest's file name).
         ids: one unique string id per row.
-        modalities: ``{modality: list of values}``, each list as long as ``ids``.
+        modalities: ``{modality: values}``, each as long as ``ids``: a list, or a
+            :class:`~mmsafe.data.columns.LazyColumn` that decodes on access.
         labels: ``int64`` class index per row, ``-1`` where unlabelled.
         classes: class names; ``labels`` index into it.
         groups: an optional group attribute per row (for fairness and slices).
         splits: an optional split name per row (``train`` / ``calibration`` / ``test``).
-        meta: one dict per row with anything else (planted-flaw ground truth lives here).
+        meta: one dict per row with anything else (planted-flaw ground truth lives here); a
+            list or a lazy column of dicts.
         skipped: rows that were dropped on load, with the reason.
         source: where the data came from (a manifest path or a world spec string).
 
@@ -66,21 +73,21 @@ class Dataset:
 
     name: str
     ids: list[str]
-    modalities: dict[str, list[Any]]
+    modalities: dict[str, Sequence[Any]]
     labels: np.ndarray
     classes: list[str]
     groups: list[str] | None = None
     splits: list[str] | None = None
-    meta: list[dict[str, Any]] = field(default_factory=list)
+    meta: Sequence[dict[str, Any]] = field(default_factory=list)
     skipped: list[SkippedRow] = field(default_factory=list)
     source: str = ""
-    _digests: dict[str, tuple[list[Any], int, bytes]] = field(
+    _digests: dict[str, tuple[Sequence[Any], int, bytes]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
     # (parent, int64 row positions, {modality: (parent's list, subset's list)}) from subset():
     # a column whose two lists are unchanged is digested from the parent's memoised digest
     # and the positions, not from its values.
-    _origin: tuple[Dataset, bytes, dict[str, tuple[list[Any], list[Any]]]] | None = field(
+    _origin: tuple[Dataset, bytes, dict[str, tuple[Sequence[Any], Sequence[Any]]]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
 
@@ -122,12 +129,12 @@ class Dataset:
         out = Dataset(
             name=name or self.name,
             ids=[self.ids[i] for i in pick],
-            modalities={k: [v[i] for i in pick] for k, v in self.modalities.items()},
+            modalities={k: _take(v, idx, pick) for k, v in self.modalities.items()},
             labels=self.labels[idx],
             classes=list(self.classes),
             groups=None if self.groups is None else [self.groups[i] for i in pick],
             splits=None if self.splits is None else [self.splits[i] for i in pick],
-            meta=[self.meta[i] for i in pick],
+            meta=_take(self.meta, idx, pick),
             skipped=list(self.skipped),
             source=self.source,
         )
@@ -166,10 +173,14 @@ class Dataset:
             h.update(self._values_digest(name, values))
         return h.hexdigest()[:16]
 
-    def _values_digest(self, name: str, values: list[Any]) -> bytes:
+    def _values_digest(self, name: str, values: Sequence[Any]) -> bytes:
         memo = self._digests.get(name)
         if memo is not None and memo[0] is values and memo[1] == len(values):
             return memo[2]
+        if is_lazy(values):  # identified by its source, never decoded for a fingerprint
+            digest = values.digest()  # type: ignore[attr-defined]
+            self._digests[name] = (values, len(values), digest)
+            return digest
         h = hashlib.blake2b(digest_size=16)
         parent, rows, built = self._origin or (None, b"", {})
         source, column = built.get(name, (None, None))
@@ -190,3 +201,10 @@ class Dataset:
             h.update("\x1e".join(map(str, values)).encode())
         self._digests[name] = (values, len(values), h.digest())
         return h.digest()
+
+
+def _take(values: Sequence[Any], idx: np.ndarray, pick: list[int]) -> Sequence[Any]:
+    """Rows ``idx`` of a column: a view of a lazy column, a new list otherwise."""
+    if is_lazy(values):
+        return values.take(idx)  # type: ignore[attr-defined]
+    return [values[i] for i in pick]

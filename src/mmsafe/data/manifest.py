@@ -41,8 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from mmsafe.data.columns import ImageFiles, decode_image, file_digest
 from mmsafe.data.dataset import UNLABELLED, Dataset, SkippedRow
 from mmsafe.engine.cache import atomic_write, atomic_write_text
 
@@ -226,11 +227,13 @@ def _load_text(value: Any, manifest_dir: Path) -> str:
     return value
 
 
-def _load_image(value: Any, manifest_dir: Path) -> np.ndarray:
-    """Open an ``image`` cell (a path) with PIL as an RGB ``uint8`` array of shape (H, W, 3).
+def _load_image(value: Any, manifest_dir: Path) -> tuple[str, bytes]:
+    """Validate an ``image`` cell (a path): the file exists and PIL decodes it whole.
 
-    Relative paths resolve against ``manifest_dir``. EXIF orientation is applied, so the array
-    looks as an image viewer shows the file; alpha is dropped.
+    Relative paths resolve against ``manifest_dir``. Nothing decoded is kept: the row holds the
+    absolute path and the file's digest, and the image is decoded again (EXIF orientation
+    applied, alpha dropped: :func:`~mmsafe.data.columns.decode_image`) inside the engine's
+    batches, so a manifest costs memory per row, not per pixel.
     """
     if not isinstance(value, str):
         raise InvalidValue(f"wrong type: image must be a path string, got {_json_type(value)}")
@@ -247,13 +250,17 @@ def _load_image(value: Any, manifest_dir: Path) -> np.ndarray:
     if not full.is_file():
         raise InvalidValue(f"not a file: {text}")
     try:
-        with Image.open(full) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-            return np.array(rgb, dtype=np.uint8)
+        decode_image(full)  # a whole decode: truncated files fail here, not mid-audit
+        return str(full.resolve()), file_digest(full)
     except UnidentifiedImageError as exc:
         raise InvalidValue(f"unreadable image: {text} (not an image file PIL can read)") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidValue(f"unreadable image: {text} ({exc})") from exc
+
+
+def _image_column(cells: list[tuple[str, bytes]]) -> ImageFiles:
+    digests = np.frombuffer(b"".join(d for _, d in cells), np.uint8).reshape(len(cells), 16)
+    return ImageFiles([p for p, _ in cells], digests)
 
 
 def _write_text(value: Any, manifest_dir: Path, stem: str) -> str:
@@ -276,6 +283,9 @@ def _write_image(value: Any, manifest_dir: Path, stem: str) -> str:
 
 MODALITY_LOADERS: dict[str, ModalityLoader] = {"image": _load_image, "text": _load_text}
 """Modality name -> loader. A manifest column with one of these names holds that modality."""
+
+MODALITY_COLUMNS: dict[str, Callable[[list[Any]], Sequence[Any]]] = {"image": _image_column}
+"""Modality name -> how its validated cells become a column (a list when absent)."""
 
 MODALITY_WRITERS: dict[str, ModalityWriter] = {"image": _write_image, "text": _write_text}
 """Modality name -> writer used by :func:`write_manifest`."""
@@ -660,7 +670,8 @@ def load_manifest(
         skip_invalid: drop invalid rows (recorded in ``Dataset.skipped``) instead of raising.
 
     Returns:
-        The dataset; images are RGB ``uint8`` arrays, ``name`` is the manifest's file name and
+        The dataset; its ``image`` column is lazy (:class:`~mmsafe.data.columns.ImageFiles`:
+        RGB ``uint8`` arrays decoded on access), ``name`` is the manifest's file name and
         ``source`` its absolute path.
 
     Raises:
@@ -700,7 +711,9 @@ def load_manifest(
     return Dataset(
         name=path.name,
         ids=[p.id or "" for p in good],
-        modalities={m: [p.values[m] for p in good] for m in modalities},
+        modalities={
+            m: MODALITY_COLUMNS.get(m, list)([p.values[m] for p in good]) for m in modalities
+        },
         labels=np.array([labels.get(p.row, UNLABELLED) for p in good], dtype=np.int64),
         classes=class_list,
         groups=[p.group or "" for p in good] if "group" in columns else None,

@@ -84,8 +84,13 @@ def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> Path:
 class TensorCache:
     """Named groups of tensors stored as safetensors files under one folder.
 
+    Entries are also kept in memory: all of them without a folder; with one, the most recently
+    used up to ``memory_bytes`` (the rest are read back from disk when asked for), so the
+    shards of a million-row audit do not all stay resident.
+
     Args:
         root: the folder; ``None`` keeps everything in memory only.
+        memory_bytes: the in-memory budget of a rooted cache.
 
     Example:
         >>> import torch
@@ -95,30 +100,56 @@ class TensorCache:
         [1.0, 1.0]
     """
 
-    def __init__(self, root: Path | None) -> None:
+    def __init__(self, root: Path | None, memory_bytes: int = 1 << 30) -> None:
         self.root = None if root is None else Path(root)
-        self._memory: dict[str, dict[str, torch.Tensor]] = {}
+        self.memory_bytes = int(memory_bytes)
+        self._memory: dict[str, dict[str, torch.Tensor]] = {}  # in least-recently-used order
+        self._held = 0
 
     def _path(self, key: str) -> Path:
         assert self.root is not None
         return self.root / f"{key}.safetensors"
 
-    def get(self, key: str) -> dict[str, torch.Tensor] | None:
-        """The tensors stored under ``key``, or ``None``."""
+    def get(self, key: str, fresh: bool = False) -> dict[str, torch.Tensor] | None:
+        """The tensors stored under ``key``, or ``None``.
+
+        ``fresh``: read the disk even when memory holds the key (another process, e.g. a
+        backend's worker, may have written a newer entry).
+        """
+        if fresh and self.root is not None and key in self._memory:
+            self._held -= _nbytes(self._memory.pop(key))
         if key in self._memory:
-            return self._memory[key]
+            tensors = self._memory.pop(key)
+            self._memory[key] = tensors  # most recently used last
+            return tensors
         if self.root is not None and self._path(key).exists():
             try:
                 tensors = load_file(str(self._path(key)))
             except Exception:  # a corrupt entry is a miss, never a crash
                 return None
-            self._memory[key] = tensors
+            self._hold(key, tensors)
             return tensors
         return None
+
+    def _hold(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._held -= _nbytes(old)
+        self._memory[key] = tensors
+        self._held += _nbytes(tensors)
+        if self.root is None:
+            return
+        while self._held > self.memory_bytes and len(self._memory) > 1:
+            oldest = next(iter(self._memory))  # on disk already: dropping it loses nothing
+            self._held -= _nbytes(self._memory.pop(oldest))
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         """Store ``tensors`` under ``key`` (in memory and, when rooted, on disk atomically)."""
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        self._memory[key] = tensors
-        if self.root is not None:
+        if self.root is not None:  # on disk before it can be dropped from memory
             atomic_write(self._path(key), lambda tmp: save_file(tensors, str(tmp)))
+        self._hold(key, tensors)
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TextIO, overload
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from tqdm.auto import tqdm
 
+from mmsafe.data.columns import is_lazy
 from mmsafe.engine.cache import TensorCache, stable_hash
 from mmsafe.engine.variants import Variant
 from mmsafe.methods.ood import pool_states
@@ -71,14 +75,14 @@ def ready(model: Any, device: torch.device) -> Any:
 
 COUNTERS: tuple[str, ...] = ("attack_iterations", "gradient_passes", "training_passes")
 """Passes the cache cannot serve, counted on their own lines of :meth:`Engine.accounting`."""
-SHARD = 0
-"""The shard index of every cache entry (a later layout stores outputs as several shards)."""
+SHARD_ROWS = 16384
+"""Rows per shard: a dataset's row ``i`` is stored in shard ``i // SHARD_ROWS`` of its entry."""
 
 
-def _entry_key(*parts: Any, shard: int = SHARD) -> str:
-    """The cache key of one entry: a hash of ``parts`` and the shard index, shard suffixed.
+def _entry_key(*parts: Any, shard: int = 0) -> str:
+    """The cache key of one shard of an entry: a hash of ``parts`` and the shard index.
 
-    The suffix keeps every shard of one entry side by side on disk (``<hash>-0000``).
+    The ``-<shard>`` suffix keeps the shards of one entry side by side on disk (``<hash>-0000``).
     """
     return f"{stable_hash('embed', *parts, shard)}-{shard:04d}"
 
@@ -143,6 +147,101 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+class RowsJob(NamedTuple):
+    """Embeddings of rows of one dataset: what a backend's worker needs to compute a shard.
+
+    A worker calls ``Engine.embed(model, data, modality, variant=variant, rows=shard_rows)``
+    on an engine of its own that shares the driver's cache folder; the shard it completes is
+    written there atomically, under the same key the driver reads.
+    """
+
+    model: Any
+    data: Dataset
+    modality: str
+    variant: Variant | None
+    data_fp: str
+
+    @property
+    def vkey(self) -> str | None:
+        """The variant's cache key (``None``: clean)."""
+        return None if self.variant is None else self.variant.key
+
+    def identities(self, rows: np.ndarray) -> list[tuple[Any, ...]]:
+        """The pass-accounting identity of each row: ``("row", source, id)``."""
+        return [("row", self.data.source, self.data.ids[i]) for i in rows]
+
+
+class Backend(Protocol):
+    """Where missing shards are computed when not in the engine's own process (e.g. Ray)."""
+
+    name: str
+
+    def fill(self, engine: Engine, job: RowsJob, todo: list[tuple[int, np.ndarray]]) -> None:
+        """Compute rows ``missing`` of each ``(shard, missing)`` and store them in the cache."""
+
+
+def _column_rows(column: Sequence[Any], rows: np.ndarray) -> Sequence[Any]:
+    """Rows ``rows`` of a column: a lazy view (decoded later, in batches) or a list."""
+    if is_lazy(column):
+        return column.take(rows)  # type: ignore[attr-defined]
+    return [column[i] for i in rows]
+
+
+def _worker_context() -> str | None:
+    """``fork`` where the platform has it: workers inherit the model and the column, unpickled."""
+    import multiprocessing
+
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+
+
+def _gather(stored: dict[int, dict[str, Tensor] | None], want: np.ndarray) -> dict[str, Tensor]:
+    """Rows ``want`` (positions, any order, repeats allowed) gathered from their shards."""
+    entries = [stored[s] for s in sorted(stored)]
+    assert all(e is not None for e in entries)
+    rows = np.concatenate([e["rows"].numpy() for e in entries])  # type: ignore[index]
+    at = torch.from_numpy(np.searchsorted(rows, want))
+    names = [n for n in entries[0] if n != "rows"] if entries else []  # type: ignore[union-attr]
+    if len(entries) == 1:
+        return {n: entries[0][n][at] for n in names}  # type: ignore[index]
+    return {n: torch.cat([e[n] for e in entries])[at] for n in names}  # type: ignore[index]
+
+
+class _Batches(TorchDataset):
+    """Batch ``k`` of ``values``, loaded, transformed and preprocessed, ready for the model.
+
+    A map-style dataset that DataLoader workers index: lazy values are decoded here, then a
+    ``values``-stage variant applies, then ``model.preprocess``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        modality: str,
+        values: Sequence[Any] | Tensor,
+        variant: Variant | None,
+        row_seeds: list[int] | None,
+        batch_size: int,
+        preprocessed: bool = False,
+    ) -> None:
+        self.model, self.modality, self.values = model, modality, values
+        self.variant, self.row_seeds = variant, row_seeds
+        self.batch_size, self.preprocessed = batch_size, preprocessed
+
+    def __len__(self) -> int:
+        return -(-len(self.values) // self.batch_size)
+
+    def __getitem__(self, k: int) -> Any:
+        start, stop = k * self.batch_size, min((k + 1) * self.batch_size, len(self.values))
+        if is_lazy(self.values):
+            raw = self.values.load(np.arange(start, stop))  # type: ignore[union-attr]
+        else:
+            raw = self.values[start:stop]
+        if self.variant is not None and self.variant.stage == "values":
+            assert self.row_seeds is not None
+            raw = self.variant.apply(raw, self.row_seeds[start:stop])
+        return raw if self.preprocessed else self.model.preprocess(self.modality, raw)
+
+
 class Engine:
     """Runs models over data in batches, caches what it computes and counts every pass.
 
@@ -162,6 +261,11 @@ class Engine:
         seed: seed set before each forward sweep, for determinism.
         progress: report progress: bars on a terminal, one line per stage otherwise.
         stream: where progress goes (``sys.stderr`` by default).
+        workers: DataLoader worker processes that decode lazy columns (image files, large
+            worlds) beside the forward passes; ``None``: half the CPUs, at least one; ``0``:
+            decode in this process. Values already in memory never use workers.
+        backend: computes missing shards of dataset rows elsewhere (e.g.
+            :class:`~mmsafe.engine.ray_backend.RayBackend`); ``None``: in this process.
     """
 
     def __init__(
@@ -172,8 +276,19 @@ class Engine:
         seed: int = 0,
         progress: bool = True,
         stream: TextIO | None = None,
+        workers: int | None = None,
+        backend: Backend | None = None,
     ) -> None:
+        if workers is not None and workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        if backend is not None and cache_dir is None:
+            raise ValueError(
+                f"the {backend.name} backend's workers write shards to the on-disk cache: "
+                "give the engine a cache_dir (--cache-dir)"
+            )
         self.device = resolve_device(device)
+        self.workers = workers
+        self.backend = backend
         self.batch_size = batch_size
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.seed = seed
@@ -182,9 +297,11 @@ class Engine:
         self.cache = TensorCache(None if cache_dir is None else Path(cache_dir) / "embeddings")
         self._outputs: dict[str, Outputs] = {}
         self._encoded: dict[str, int] = {}
-        self._distinct: dict[str, set[tuple[Any, ...]]] = {}
+        # modality -> (model fingerprint, variant key) -> hashes of the distinct rows encoded
+        self._distinct: dict[str, dict[tuple[str, str | None], set[int]]] = {}
         self._counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._in_forward = False
+        self._sweep_lines, self._last_label = True, ""
 
     # ------------------------------------------------------------------ accounting
     def count(self, name: str, n: int = 1) -> None:
@@ -228,11 +345,12 @@ class Engine:
         """
         mods = {}
         for m in sorted(self._encoded):
-            enc, distinct = self._encoded[m], len(self._distinct[m])
+            enc = self._encoded[m]
+            distinct = sum(len(rows) for rows in self._distinct[m].values())
             mods[m] = {
                 "rows_encoded": enc,
                 "distinct_row_variants": distinct,
-                "variants": len({k[1] for k in self._distinct[m]}),
+                "variants": len({vkey for _, vkey in self._distinct[m]}),
                 "duplication": round(enc / distinct, 4) if distinct else 1.0,
             }
         enc = sum(v["rows_encoded"] for v in mods.values())
@@ -365,18 +483,20 @@ class Engine:
     ) -> Tensor:
         data, want, data_fp = self._root(data, modality, rows, data_fp)
         vkey = None if variant is None else variant.key
-        key = _entry_key("rows", model.fingerprint(), data_fp, modality, vkey)
+        parts = ("rows", model.fingerprint(), data_fp, modality, vkey)
+
+        job = RowsJob(model, data, modality, variant, data_fp)
 
         def encode(missing: np.ndarray) -> dict[str, Tensor]:
-            values = [data.modalities[modality][i] for i in missing]
+            values = _column_rows(data.modalities[modality], missing)
             ids = [data.ids[i] for i in missing]
             seeds = None if variant is None else [row_seed(variant.seed, i) for i in ids]
-            idents = [("row", data.source, i) for i in ids]
+            idents = job.identities(missing)
             label = desc or data.name
             emb = self._forward(model, modality, values, variant, seeds, idents, label)
             return {"embeddings": emb}
 
-        return self._cached_rows(key, want, encode)["embeddings"]
+        return self._cached_rows(parts, want, encode, job)["embeddings"]
 
     @staticmethod
     def _root(
@@ -400,31 +520,103 @@ class Engine:
 
     def _cached_rows(
         self,
-        key: str,
+        parts: tuple[Any, ...],
         want: np.ndarray,
         compute: Callable[[np.ndarray], dict[str, Tensor]],
+        job: RowsJob | None = None,
     ) -> dict[str, Tensor]:
-        """The tensors of rows ``want`` under ``key``; ``compute(missing)`` fills in new rows.
+        """The tensors of rows ``want`` of the entry ``parts``; ``compute(missing)`` fills gaps.
 
-        An entry holds ``rows`` (sorted positions) and tensors with one row per position;
-        only rows not in it yet are computed, then merged in and stored.
+        An entry is stored as shards of :data:`SHARD_ROWS` consecutive row positions, each
+        holding ``rows`` (its sorted positions so far) and tensors with one row per position.
+        Only rows not stored yet are computed, shard by shard, and each shard is written (on
+        disk, atomically) as soon as it is complete: an interrupted sweep resumes from the
+        shards it finished, whatever the batch size or backend of the next run.
         """
-        entry = self.cache.get(key)
+        want = np.asarray(want, dtype=np.int64)
+        needed = np.unique(want)
+        if not needed.size:
+            return compute(needed)
+        shards = np.unique(needed // SHARD_ROWS)
+        stored: dict[int, dict[str, Tensor] | None] = {}
+        todo: list[tuple[int, np.ndarray]] = []
+        for shard in shards.tolist():
+            entry = self.cache.get(_entry_key(*parts, shard=shard))
+            stored[shard] = entry
+            have = np.zeros(0, np.int64) if entry is None else entry["rows"].numpy()
+            lo, hi = np.searchsorted(needed, [shard * SHARD_ROWS, (shard + 1) * SHARD_ROWS])
+            missing = np.setdiff1d(needed[lo:hi], have)
+            if missing.size:
+                todo.append((shard, missing))
+        if todo and job is not None and self.backend is not None:
+            todo = self._fill_remotely(parts, job, todo, stored)
+        with self._stage(len(todo), int(sum(m.size for _, m in todo))):
+            for shard, missing in todo:
+                stored[shard] = self._fill_shard(parts, shard, stored[shard], missing, compute)
+        return _gather(stored, want)
+
+    def _fill_remotely(
+        self,
+        parts: tuple[Any, ...],
+        job: RowsJob,
+        todo: list[tuple[int, np.ndarray]],
+        stored: dict[int, dict[str, Tensor] | None],
+    ) -> list[tuple[int, np.ndarray]]:
+        """Let the backend fill ``todo``'s shards on disk; read them back; what is still missing.
+
+        The rows the workers encoded are counted here, as if this engine had encoded them.
+        """
+        assert self.backend is not None
+        self.backend.fill(self, job, todo)
+        left = []
+        for shard, missing in todo:
+            entry = self.cache.get(_entry_key(*parts, shard=shard), fresh=True)
+            have = np.zeros(0, np.int64) if entry is None else entry["rows"].numpy()
+            still = np.setdiff1d(missing, have)
+            done = np.setdiff1d(missing, still)
+            if done.size:
+                self._account(job.model.fingerprint(), job.modality, job.vkey, job.identities(done))
+                stored[shard] = entry
+            if still.size:
+                left.append((shard, still))
+        return left
+
+    @contextlib.contextmanager
+    def _stage(self, shards: int, rows: int) -> Iterator[None]:
+        """One progress line for a sweep over several shards (not one per shard) off a tty."""
+        if shards < 2:
+            yield
+            return
+        self._sweep_lines, self._last_label = False, ""
+        try:
+            yield
+        finally:
+            self._sweep_lines = True
+        stream = self.stream or sys.stderr
+        if self.progress and not bool(getattr(stream, "isatty", lambda: False)()):
+            stream.write(f"{self._last_label}: {rows} rows in {shards} shards\n")
+            stream.flush()
+
+    def _fill_shard(
+        self,
+        parts: tuple[Any, ...],
+        shard: int,
+        entry: dict[str, Tensor] | None,
+        missing: np.ndarray,
+        compute: Callable[[np.ndarray], dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """Compute ``missing`` rows of one shard, merge them into ``entry`` and store it."""
+        new = compute(missing)
         have = np.zeros(0, np.int64) if entry is None else entry["rows"].numpy()
-        missing = np.setdiff1d(want, have)
-        if missing.size:
-            new = compute(missing)
-            all_rows = np.concatenate([have, missing])
-            order = torch.from_numpy(np.argsort(all_rows, kind="stable"))
-            merged = {"rows": torch.from_numpy(np.sort(all_rows, kind="stable"))}
-            for name, t in new.items():
-                both = t if entry is None else torch.cat([entry[name], t])
-                merged[name] = both[order]
-            self.cache.put(key, merged)
-            entry = self.cache.get(key)
-        assert entry is not None
-        at = torch.from_numpy(np.searchsorted(entry["rows"].numpy(), want))
-        return {name: t[at] for name, t in entry.items() if name != "rows"}
+        all_rows = np.concatenate([have, missing])
+        order = torch.from_numpy(np.argsort(all_rows, kind="stable"))
+        merged = {"rows": torch.from_numpy(np.sort(all_rows, kind="stable"))}
+        for name, t in new.items():
+            both = t if entry is None else torch.cat([entry[name], t])
+            merged[name] = both[order]
+        key = _entry_key(*parts, shard=shard)
+        self.cache.put(key, merged)
+        return merged
 
     # ------------------------------------------------------------------ hidden states
     def hidden_states(
@@ -482,21 +674,21 @@ class Engine:
         fp = model.fingerprint()
         layer_key = "all" if layers is None else list(layers)
         pooled = ("pool",) if pool else ()  # unpooled keys stay as they were
-        key = _entry_key("hidden", fp, data_fp, modality, layer_key, *pooled)
+        parts = ("hidden", fp, data_fp, modality, layer_key, *pooled)
         vkey = stable_hash("hidden", layer_key, *pooled)
 
         def run(missing: np.ndarray) -> dict[str, Tensor]:
-            values = [data.modalities[modality][i] for i in missing]
+            values = _column_rows(data.modalities[modality], missing)
             idents = [("row", data.source, data.ids[i]) for i in missing]
             label = f"hidden states {modality} {layer_key}{' pooled' if pool else ''}"
             label += f" [{desc or data.name}]"
             net = ready(model, self.device)
             set_seed(self.seed)
             per_layer: list[list[Tensor]] | None = None
+            job = _Batches(net, modality, values, None, None, self.batch_size)
             with self._sweep(len(values), label) as starts, torch.inference_mode():
-                for start in starts:
-                    raw = values[start : start + self.batch_size]
-                    batch = to_device(net.preprocess(modality, raw), self.device)
+                for _, batch in zip(starts, self._prepared(job), strict=True):
+                    batch = to_device(batch, self.device)
                     states = net.hidden_states(modality, batch)
                     chosen = [states[i] for i in (layers or range(len(states)))]
                     if per_layer is None:
@@ -507,7 +699,7 @@ class Engine:
             self._account(fp, modality, vkey, idents)
             return {f"layer_{j}": torch.cat(c) for j, c in enumerate(per_layer or [])}
 
-        got = self._cached_rows(key, want, run)
+        got = self._cached_rows(parts, want, run)
         return [got[f"layer_{j}"] for j in range(len(got))]
 
     @contextlib.contextmanager
@@ -528,12 +720,12 @@ class Engine:
             file=stream,
             disable=not (self.progress and tty) or len(starts) < 2,
         )
-        self._in_forward = True
+        self._in_forward, self._last_label = True, label
         try:
             yield bar
         finally:
             self._in_forward = False
-        if self.progress and not tty and n:
+        if self.progress and not tty and n and self._sweep_lines:
             stream.write(f"{label}: {n} rows\n")
             stream.flush()
 
@@ -542,13 +734,15 @@ class Engine:
     ) -> None:
         """Count ``len(identities)`` rows run through ``modality``'s tower under ``vkey``."""
         self._encoded[modality] = self._encoded.get(modality, 0) + len(identities)
-        self._distinct.setdefault(modality, set()).update((fp, vkey, *i) for i in identities)
+        # a row's identity as a 64-bit hash: 1M rows cost megabytes, not a million tuples
+        seen = self._distinct.setdefault(modality, {}).setdefault((fp, vkey), set())
+        seen.update(map(hash, identities))
 
     def _forward(
         self,
         model: EncoderModel,
         modality: str,
-        values: list[Any] | Tensor,
+        values: Sequence[Any] | Tensor,
         variant: Variant | None,
         row_seeds: list[int] | None,
         identities: list[tuple[Any, ...]],
@@ -561,14 +755,10 @@ class Engine:
         label = f"embed {modality}" + (f" ({variant.label})" if variant else "")
         label += f" [{desc}]" if desc else ""
         chunks = []
+        job = _Batches(model, modality, values, variant, row_seeds, self.batch_size, preprocessed)
         with self._sweep(len(values), label) as starts, torch.inference_mode():
-            for start in starts:
+            for start, batch in zip(starts, self._prepared(job), strict=True):
                 stop = start + self.batch_size
-                raw = values[start:stop]
-                if variant is not None and variant.stage == "values":
-                    assert row_seeds is not None
-                    raw = variant.apply(raw, row_seeds[start:stop])
-                batch = raw if preprocessed else model.preprocess(modality, raw)
                 batch = to_device(batch, self.device)
                 if variant is not None and variant.stage == "pixels":
                     assert row_seeds is not None
@@ -585,6 +775,35 @@ class Engine:
         if not chunks:
             return torch.zeros(0, getattr(model, "embed_dim", 0))
         return torch.cat(chunks)
+
+    def workers_for(self, values: Sequence[Any] | Tensor) -> int:
+        """DataLoader worker processes for ``values``: none for values already in memory.
+
+        A lazy column (image files, a large world) is decoded by ``self.workers`` processes
+        (by default half the CPUs, at least one) while the model runs on the batch before.
+        """
+        if not is_lazy(values) or len(values) <= self.batch_size:
+            return 0
+        if self.workers is not None:
+            return self.workers
+        return max(1, (os.cpu_count() or 1) // 2)
+
+    def _prepared(self, job: _Batches) -> Iterator[Any]:
+        """``job``'s preprocessed batches, in order, from worker processes where it pays."""
+        workers = self.workers_for(job.values)
+        if workers == 0:
+            for k in range(len(job)):
+                yield job[k]
+            return
+        job.values.prepare()  # type: ignore[union-attr]  # once here, not once per worker
+        loader = DataLoader(
+            job,
+            batch_size=None,  # every item is already a batch
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            multiprocessing_context=_worker_context(),
+        )
+        yield from loader
 
     # ------------------------------------------------------------------ task outputs
     def outputs(self, model: EncoderModel, task: Task, data: Dataset) -> Outputs:

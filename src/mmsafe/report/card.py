@@ -2,7 +2,7 @@
 
 Layout (stable; extend, don't break)::
 
-    {"schema_version": "2.0", "model": {...}, "data": {...}, "task": {...}, "seed": ...,
+    {"schema_version": "2.1", "model": {...}, "data": {...}, "task": {...}, "seed": ...,
      "checks": {"<check name>": {"status": "ok" | "skipped" | "failed", "reason": ...,
                                  "metrics": {"<metric>": {"value": float, "ci": [lo, hi] | null}},
                                  "findings": [{"severity", "message", "evidence", "remediation"}],
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from mmsafe.models.base import EncoderModel
     from mmsafe.tasks.base import Task
 
-SCHEMA_VERSION = "2.0"
+SCHEMA_VERSION = "2.1"
 RUN_SECTIONS: tuple[str, ...] = ("timings", "environment", "engine")
 """Top-level card sections that vary from run to run (and never feed a gate or a verdict)."""
 

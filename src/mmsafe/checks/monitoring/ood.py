@@ -81,6 +81,10 @@ class OODCheck(Check):
         rmd_layers: indices into ``model.hidden_states("image", ...)`` for the RMD score;
             ``None``: every layer the model returns.
         rmd_shrinkage: the covariance shrinkage of RMD, in ``[0, 1]`` (``ShrunkCovariance``'s).
+        bank_size: the most train rows in the kNN bank; a larger train split is sampled
+            uniformly (from the check's random stream) and the card's ``limits`` says so.
+            ``None``: every row (the bank's encoding and search grow with it).
+        rmd_fit_size: the most rows the RMD Gaussians are fitted on, sampled likewise.
 
     The ``rmd`` score is the relative Mahalanobis distance (Ren et al., 2021) on the image
     tower's globally mean-pooled hidden states, one per layer of ``rmd_layers``: class Gaussians
@@ -129,6 +133,8 @@ class OODCheck(Check):
         max_points: int = 200,
         rmd_layers: Sequence[int] | None = None,
         rmd_shrinkage: float = 0.01,
+        bank_size: int | None = 10_000,
+        rmd_fit_size: int | None = 10_000,
     ) -> None:
         if not 0.0 <= rmd_shrinkage <= 1.0:
             raise ValueError(f"rmd_shrinkage must be in [0, 1], got {rmd_shrinkage}.")
@@ -142,6 +148,8 @@ class OODCheck(Check):
         self.max_points = max_points
         self.rmd_layers = None if rmd_layers is None else tuple(int(i) for i in rmd_layers)
         self.rmd_shrinkage = rmd_shrinkage
+        self.bank_size = bank_size
+        self.rmd_fit_size = rmd_fit_size
 
     def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
         reason = super().skip_reason(ctx)
@@ -212,7 +220,7 @@ class OODCheck(Check):
                 continue
             rows = np.flatnonzero(ood_masks(split.meta, split.labels)[1])
             if len(rows) >= self.k:
-                return name, split, rows
+                return name, split, ctx.sample(rows, self.rmd_fit_size, "rmd fit", "")[0]
         return (
             f"neither the calibration nor the train split has k = {self.k} labelled "
             "in-distribution image rows to fit the class Gaussians on"
@@ -261,19 +269,37 @@ class OODCheck(Check):
             scores.append(s)
         return layer_ensemble(scores, reference)
 
-    def _bank(self, ctx: AuditContext) -> Tensor | str:
-        """The in-distribution train image embeddings, or why there are none."""
+    def _bank_rows(self, ctx: AuditContext) -> tuple[np.ndarray, dict[str, str]] | str:
+        """The kNN bank's train rows (at most ``bank_size``) and its limit, or why none."""
         if "image" not in ctx.outputs.embeddings:
             return "the task's outputs have no image embeddings"
         if ctx.train is None:
             return "no 'train' split to use as the in-distribution bank"
         if "image" not in ctx.train.modalities:
             return "the 'train' split has no image column"
-        keep = ~ood_masks(ctx.train.meta, ctx.train.labels)[0]
-        if keep.sum() < self.k:
-            return f"the train split has {int(keep.sum())} in-distribution rows, fewer than k"
-        emb = ctx.engine.embed(ctx.model, ctx.train, ["image"])["image"]
-        return emb[torch.from_numpy(keep)]
+        keep = np.flatnonzero(~ood_masks(ctx.train.meta, ctx.train.labels)[0])
+        if len(keep) < self.k:
+            return f"the train split has {len(keep)} in-distribution rows, fewer than k"
+        return ctx.sample(keep, self.bank_size, "knn bank", "kNN bank (train split)")
+
+    def _bank(self, ctx: AuditContext) -> Tensor | str:
+        """The in-distribution train image embeddings, or why there are none."""
+        got = self._bank_rows(ctx)
+        if isinstance(got, str):
+            return got
+        assert ctx.train is not None
+        return ctx.engine.embed(ctx.model, ctx.train, "image", rows=got[0])
+
+    def limits(self, ctx: AuditContext) -> dict[str, str]:
+        """The reference banks this run capped and sampled, for the card's ``limits``."""
+        bank = self._bank_rows(ctx)
+        out = {} if isinstance(bank, str) else dict(bank[1])
+        fit = self.rmd_fit(ctx)
+        if not isinstance(fit, str):
+            name, split, _ = fit
+            rows = np.flatnonzero(ood_masks(split.meta, split.labels)[1])
+            out |= ctx.sample(rows, self.rmd_fit_size, "rmd fit", f"RMD fit ({name} split)")[1]
+        return out
 
     def headline(
         self, ctx: AuditContext, available: Sequence[str]
@@ -401,4 +427,6 @@ class OODCheck(Check):
                 "ylim": [0.0, 1.0],
             },
         }
-        return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
+        return self.result(
+            metrics=metrics, findings=tuple(findings), plots=plots, limits=self.limits(ctx)
+        )
