@@ -13,6 +13,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -43,7 +44,8 @@ def _loading_errors() -> tuple[type[Exception], ...]:
 
 
 def _user_error(message: str) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    # escaped: a message's own brackets ("mmsafe[ray]", paths) are text, not rich markup
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False)
     return typer.Exit(2)
 
 
