@@ -30,7 +30,7 @@ CORE = (
 )
 
 
-def one(n: int, checks: str, workers: int | None) -> dict:
+def one(n: int, checks: str, workers: int | None, keep: str | None = None) -> dict:
     """Audit ``shapes:n=<n>`` in this process; the figures as a dict."""
     import torch
 
@@ -46,7 +46,8 @@ def one(n: int, checks: str, workers: int | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         engine = Engine(batch_size=256, cache_dir=f"{tmp}/cache", progress=False, workers=workers)
         t = time.perf_counter()
-        result = run_audit(model, data, checks=checks, engine=engine, out=f"{tmp}/out")
+        out = keep or f"{tmp}/out"  # --keep: the report folder (and its mmsafe.log) stays
+        result = run_audit(model, data, checks=checks, engine=engine, out=out)
         audit_s = time.perf_counter() - t
     card = result.card
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -63,6 +64,7 @@ def one(n: int, checks: str, workers: int | None) -> dict:
                 "status": c["status"],
                 "seconds": round(card["timings"]["seconds"].get(name, 0.0), 2),
                 "limits": c.get("limits"),
+                "reason": c.get("reason"),
             }
             for name, c in card["checks"].items()
         },
@@ -75,10 +77,11 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000,1000000")
     ap.add_argument("--checks", default=CORE)
     ap.add_argument("--workers", type=int, default=None, help="engine DataLoader workers")
+    ap.add_argument("--keep", help="keep the report folder of --one here")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one, args.checks, args.workers)))
+        print(json.dumps(one(args.one, args.checks, args.workers, args.keep)))
         return
     print(
         f"machine: {platform.processor() or platform.machine()}, python {platform.python_version()}"
@@ -107,6 +110,9 @@ def main() -> None:
             f"{r['rows_per_s']} | {r['rows_encoded']} | {r['peak_rss_mib']} | {per} |",
             flush=True,
         )
+        for k, v in r["checks"].items():
+            if v["status"] != "ok":
+                print(f"  {k}: {v['status']}: {v['reason']}")
         limits = {k: v["limits"] for k, v in r["checks"].items() if v["limits"]}
         if limits:
             print(f"  capped or sampled: {json.dumps(limits)}")

@@ -373,3 +373,29 @@ def test_a_rooted_cache_keeps_a_bounded_memory(tmp_path):
     assert len(cache._memory) == 3
     assert cache.get("k0")["x"][0].item() == 0.0  # read back from disk
     assert len(cache._memory) == 3
+
+
+# ---------------------------------------------------------------------------- precision
+
+
+def test_mixed_precision_is_cached_apart_and_recorded(tmp_path):
+    from mmsafe.data.worlds.shapes import make_shapes
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+
+    torch.manual_seed(0)
+    model = TinyClip(TinyClipConfig(embed_dim=32)).eval()
+    data = make_shapes(n=120, seed=1)
+    full = Engine(batch_size=64, cache_dir=tmp_path, progress=False)
+    mixed = Engine(batch_size=64, cache_dir=tmp_path, progress=False, precision="bf16")
+    a = full.embed(model, data, "image")
+    b = mixed.embed(model, data, "image")
+    assert encoded(mixed) == len(data)  # not served from the fp32 entry on the same disk
+    assert not torch.equal(a, b)  # bfloat16 arithmetic really ran
+    cos = torch.nn.functional.cosine_similarity(a, b)
+    assert cos.min() > 0.98, cos.min()  # and stays close to full precision
+    assert mixed.accounting()["precision"] == "bf16" and "precision" not in full.accounting()
+    again = Engine(batch_size=64, cache_dir=tmp_path, progress=False, precision="bf16")
+    torch.testing.assert_close(again.embed(model, data, "image"), b, rtol=0, atol=0)
+    assert encoded(again) == 0
+    with pytest.raises(ValueError, match="--precision .int8.: choose fp32"):
+        Engine(precision="int8")

@@ -115,3 +115,14 @@ def test_an_unknown_backend_is_a_user_error(tmp_path):
     assert result.exit_code == 2
     assert "unknown --backend 'spark'; choose local or ray" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_unknown_precision_is_a_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from mmsafe.cli import app
+
+    args = ["audit", "--data", "shapes:n=200", "--precision", "int8", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, [*args, "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    assert "--precision 'int8': choose fp32, bf16, fp16" in result.output

@@ -124,6 +124,7 @@ def _audit(
     options: str | None = None,
     workers: int | None = None,
     backend: str = "local",
+    precision: str = "fp32",
 ) -> None:
     from mmsafe.audit import run_audit
     from mmsafe.checks import CheckSelectionError, select_checks
@@ -131,6 +132,7 @@ def _audit(
     from mmsafe.data.loading import load_data
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
     from mmsafe.engine.backends import BackendError, create_backend
+    from mmsafe.engine.runner import PrecisionError
     from mmsafe.models.loading import load_model
     from mmsafe.report.gates import GateSyntaxError, parse_gate
     from mmsafe.tasks.base import TaskError, create_task
@@ -142,6 +144,7 @@ def _audit(
         TaskError,
         DeviceError,
         BackendError,
+        PrecisionError,
     )
     try:
         gates = [parse_gate(g) for g in fail_on]
@@ -157,6 +160,7 @@ def _audit(
             seed=seed,
             workers=None if backend == "ray" else workers,
             backend=create_backend(backend, workers),
+            precision=precision,
         )
         encoder = load_model(
             model,
@@ -232,6 +236,12 @@ WorkersOpt = Annotated[
         min=0,
     ),
 ]
+PrecisionOpt = Annotated[
+    str,
+    typer.Option(
+        help="fp32, or bf16/fp16: mixed precision in inference passes (recorded in the card)."
+    ),
+]
 BackendOpt = Annotated[
     str,
     typer.Option(help="Where forward passes run: local, or ray (a local Ray cluster's workers)."),
@@ -264,6 +274,7 @@ def audit(
     cache_dir: CacheOpt = None,
     workers: WorkersOpt = None,
     backend: BackendOpt = "local",
+    precision: PrecisionOpt = "fp32",
     options: Annotated[
         str | None,
         typer.Option(
@@ -292,6 +303,7 @@ def audit(
         options=options,
         workers=workers,
         backend=backend,
+        precision=precision,
     )
 
 

@@ -85,6 +85,7 @@ class _Payload:
     seed: int
     shard_rows: int
     threads: int
+    precision: str = "fp32"
 
 
 class _ShardWorker:
@@ -124,6 +125,7 @@ class _ShardWorker:
             seed=p.seed,
             progress=False,
             workers=0,  # the actor's CPU share runs the forward passes; no loader processes
+            precision=p.precision,  # the same cache keys and numerics as the driver's
         )
         engine.cache.memory_bytes = 0  # shards go to disk; keep only the latest in memory
         self._job, self._engine = p.job, engine
@@ -351,6 +353,7 @@ class RayBackend:
             seed=engine.seed,
             shard_rows=runner.SHARD_ROWS,
             threads=threads,
+            precision=engine.precision,
         )
         ref = ray.put(payload)
         items = [{"shard": int(s), "rows": np.asarray(m, "<i8").tobytes()} for s, m in todo]

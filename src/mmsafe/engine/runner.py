@@ -73,6 +73,14 @@ def ready(model: Any, device: torch.device) -> Any:
     return model
 
 
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+"""The engine's inference precisions: full, or mixed (autocast) in bfloat16 / float16."""
+
+
+class PrecisionError(ValueError):
+    """An unknown precision (``--precision``)."""
+
+
 COUNTERS: tuple[str, ...] = ("attack_iterations", "gradient_passes", "training_passes")
 """Passes the cache cannot serve, counted on their own lines of :meth:`Engine.accounting`."""
 SHARD_ROWS = 16384
@@ -266,6 +274,10 @@ class Engine:
             decode in this process. Values already in memory never use workers.
         backend: computes missing shards of dataset rows elsewhere (e.g.
             :class:`~mmsafe.engine.ray_backend.RayBackend`); ``None``: in this process.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` for mixed precision (``torch.autocast``)
+            in the engine's inference passes only: embeddings, variants and hidden states.
+            Gradient passes (attacks, training) stay in full precision. Cached apart from
+            full-precision results and recorded in the card's ``engine`` section.
     """
 
     def __init__(
@@ -278,7 +290,10 @@ class Engine:
         stream: TextIO | None = None,
         workers: int | None = None,
         backend: Backend | None = None,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in PRECISIONS:
+            raise PrecisionError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
         if workers is not None and workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         if backend is not None and cache_dir is None:
@@ -289,6 +304,7 @@ class Engine:
         self.device = resolve_device(device)
         self.workers = workers
         self.backend = backend
+        self.precision = precision
         self.batch_size = batch_size
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.seed = seed
@@ -302,6 +318,18 @@ class Engine:
         self._counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self._in_forward = False
         self._sweep_lines, self._last_label = True, ""
+
+    @property
+    def _precision_key(self) -> tuple[str, ...]:
+        """Extra cache-key parts: none at full precision (keys stay as they were)."""
+        return () if self.precision == "fp32" else (f"precision={self.precision}",)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """Mixed precision for an inference pass, or nothing at ``fp32``."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ accounting
     def count(self, name: str, n: int = 1) -> None:
@@ -361,6 +389,7 @@ class Engine:
             "distinct_row_variants": distinct,
             "duplication": round(enc / distinct, 4) if distinct else 1.0,
             **self._counters,
+            **({} if self.precision == "fp32" else {"precision": self.precision}),
         }
 
     # ------------------------------------------------------------------ embeddings
@@ -458,7 +487,9 @@ class Engine:
             whole = stable_hash(digests)
             idents = [("value", d) for d in digests]
         vkey = None if variant is None else variant.key
-        key = _entry_key("values", model.fingerprint(), whole, modality, vkey, preprocessed)
+        key = _entry_key(
+            "values", model.fingerprint(), whole, modality, vkey, preprocessed, *self._precision_key
+        )
         hit = self.cache.get(key)
         if hit is None:
             seeds = (
@@ -483,7 +514,7 @@ class Engine:
     ) -> Tensor:
         data, want, data_fp = self._root(data, modality, rows, data_fp)
         vkey = None if variant is None else variant.key
-        parts = ("rows", model.fingerprint(), data_fp, modality, vkey)
+        parts = ("rows", model.fingerprint(), data_fp, modality, vkey, *self._precision_key)
 
         job = RowsJob(model, data, modality, variant, data_fp)
 
@@ -674,7 +705,7 @@ class Engine:
         fp = model.fingerprint()
         layer_key = "all" if layers is None else list(layers)
         pooled = ("pool",) if pool else ()  # unpooled keys stay as they were
-        parts = ("hidden", fp, data_fp, modality, layer_key, *pooled)
+        parts = ("hidden", fp, data_fp, modality, layer_key, *pooled, *self._precision_key)
         vkey = stable_hash("hidden", layer_key, *pooled)
 
         def run(missing: np.ndarray) -> dict[str, Tensor]:
@@ -686,7 +717,8 @@ class Engine:
             set_seed(self.seed)
             per_layer: list[list[Tensor]] | None = None
             job = _Batches(net, modality, values, None, None, self.batch_size)
-            with self._sweep(len(values), label) as starts, torch.inference_mode():
+            sweep = self._sweep(len(values), label)
+            with sweep as starts, torch.inference_mode(), self._autocast():
                 for _, batch in zip(starts, self._prepared(job), strict=True):
                     batch = to_device(batch, self.device)
                     states = net.hidden_states(modality, batch)
@@ -756,7 +788,7 @@ class Engine:
         label += f" [{desc}]" if desc else ""
         chunks = []
         job = _Batches(model, modality, values, variant, row_seeds, self.batch_size, preprocessed)
-        with self._sweep(len(values), label) as starts, torch.inference_mode():
+        with self._sweep(len(values), label) as starts, torch.inference_mode(), self._autocast():
             for start, batch in zip(starts, self._prepared(job), strict=True):
                 stop = start + self.batch_size
                 batch = to_device(batch, self.device)
