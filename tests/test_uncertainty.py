@@ -245,3 +245,25 @@ def test_tta_passes_go_through_the_engine_and_do_not_depend_on_batch_size(colour
     other = audit_context(ToyEncoder(), colour_data)
     other.engine.batch_size = 5
     assert check.run(other).metrics["bald"].value == first.metrics["bald"].value
+
+
+def _avu_threshold_by_mask(entropy: np.ndarray, accurate: np.ndarray) -> float:
+    """The definition, candidates x rows: every candidate's AvU from a full mask."""
+    values = np.unique(entropy)
+    cands = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
+    certain = entropy[None, :] <= cands[:, None]
+    return float(cands[int(np.argmax((certain == accurate[None, :]).mean(axis=1)))])
+
+
+def test_best_avu_threshold_equals_the_definition_and_scales():
+    from mmsafe.checks.monitoring.uncertainty import best_avu_threshold
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # ties in entropy and in AvU included (rounded entropies)
+        n = int(rng.integers(1, 60))
+        h = np.round(rng.random(n) * rng.integers(1, 5), 1)
+        a = rng.random(n) < rng.random()
+        assert best_avu_threshold(h, a) == _avu_threshold_by_mask(h, a)
+    # 200,000 rows: the mask would take 37 GiB; the cumulative counts find the planted cut
+    h = rng.random(200_000)
+    assert abs(best_avu_threshold(h, h < 0.3) - 0.3) < 1e-3

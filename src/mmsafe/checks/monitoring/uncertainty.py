@@ -65,10 +65,16 @@ def best_avu_threshold(entropy: Any, accurate: Any) -> float:
     a = np.asarray(accurate, dtype=bool)
     if h.ndim != 1 or h.shape != a.shape or h.size == 0:
         raise ValueError("entropy and accurate must be 1-D arrays of the same length N >= 1.")
-    values = np.unique(h)
+    values, at = np.unique(h, return_inverse=True)
     cands = np.concatenate([[values[0] - 1.0], (values[:-1] + values[1:]) / 2, [values[-1] + 1.0]])
-    certain = h[None, :] <= cands[:, None]
-    score = (certain == a[None, :]).mean(axis=1)
+    # candidate j makes certain the rows of the j smallest distinct entropies: AvU counts
+    # certain-and-accurate plus uncertain-and-inaccurate rows, from cumulative counts (O(N log N)
+    # time, O(N) memory; a candidates x rows mask needs 37 GiB at 200,000 rows)
+    right = np.bincount(at, weights=a, minlength=len(values))
+    wrong = np.bincount(at, weights=~a, minlength=len(values))
+    certain_right = np.concatenate([[0.0], np.cumsum(right)])
+    certain_wrong = np.concatenate([[0.0], np.cumsum(wrong)])
+    score = certain_right + (wrong.sum() - certain_wrong)
     return float(cands[int(np.argmax(score))])
 
 
