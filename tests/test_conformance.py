@@ -28,10 +28,12 @@ from mmsafe.checks import (
 from mmsafe.checks.base import SEVERITY_RANK, expected_metric
 from mmsafe.data.worlds import load_world
 from mmsafe.engine import Engine
+from mmsafe.models.seqrec import SeqRecConfig, SeqRecommender
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
 from mmsafe.tasks import create_task
 
-TASKS = ("zero_shot", "fusion", "retrieval")
+TASKS = ("zero_shot", "fusion", "retrieval", "seqrec")
+KIND_OF_TASK = {"seqrec": "recommender"}  # every other task audits an encoder
 
 # Small budgets: the contract is under test here, not the science (each check's own tests
 # and bench/ hold the figures).
@@ -61,19 +63,26 @@ CHEAP = {
     "controllability.fairness": {"n_boot": 50, "min_group_size": 5},
     "controllability.privacy": {"n_boot": 50},
     "efficiency.profile": {"batch_sizes": [4], "repeats": 1, "warmup": 0},
+    "performance.ranking": {"n_boot": 50, "quick": True},
+    "monitoring.cold_start": {"n_boot": 50},
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cards() -> dict[str, dict]:
-    """One full audit per task of a random xs tiny-clip on a tiny world with every flaw on."""
+    """One full audit per task of a random xs tiny-clip on a tiny world with every flaw on (and
+    of an untrained recommender over its items, on a small shapes-rec world, for seqrec)."""
     data = load_world("shapes:n=400,seed=5")
     torch.manual_seed(0)
     model = TinyClip(TinyClipConfig.for_size("xs"))
+    rec_data = load_world("shapes-rec:n_users=200,n_items=60,seed=5")
+    dims = (model.embed_dim, model.embed_dim)
+    recommender = SeqRecommender(SeqRecConfig(60, feature_dims=dims), model).eval()
     out = {}
     for task in TASKS:
+        target, rows = (recommender, rec_data) if task == "seqrec" else (model, data)
         result = run_audit(
-            model, data, task=task, checks="all", engine=Engine(progress=False), options=CHEAP
+            target, rows, task=task, checks="all", engine=Engine(progress=False), options=CHEAP
         )
         out[task] = result.card
     return out
@@ -99,9 +108,13 @@ def test_each_check_runs_on_its_tasks_and_says_why_elsewhere(cards, task) -> Non
     assert set(checks) == set(list_checks())
     for name, entry in checks.items():
         cls = get_check(name)
+        kind = KIND_OF_TASK.get(task, "encoder")
         if task in cls.tasks:
             assert entry["status"] == "ok", (task, name, entry["reason"])
             assert entry["metrics"], (task, name)
+        elif kind not in cls.kinds:
+            assert entry["status"] == "skipped", (task, name)
+            assert entry["reason"].startswith(f"not applicable to {kind} models"), entry["reason"]
         else:
             assert entry["status"] == "skipped", (task, name)
             assert entry["reason"].startswith(f"not applicable to task {task!r}"), entry["reason"]
@@ -136,7 +149,11 @@ def test_findings_come_most_severe_first(cards, task) -> None:
 
 def test_aliases_keep_old_names_working() -> None:
     assert resolve_check("calibration") == ["monitoring.calibration"]
-    assert select_checks("performance") == ["performance.classification", "performance.retrieval"]
+    assert select_checks("performance") == [
+        "performance.classification",
+        "performance.ranking",
+        "performance.retrieval",
+    ]
     assert "robustness.adversarial_retrieval" in select_checks("robustness.adversarial")
     for alias, targets in check_aliases().items():
         assert targets and all(alias in get_check(t).aliases for t in targets)

@@ -150,7 +150,7 @@ def _audit(
         gates = [parse_gate(g) for g in fail_on]
         names = select_checks(checks)
         check_options = parse_check_options(options) if options else {}
-        task_obj = create_task(task)
+        task_obj = None if task == AUTO_TASK else create_task(task)
         dataset = load_data(data, skip_invalid=skip_invalid, classes=classes)
         cache = cache_dir or default_cache_dir()
         engine = Engine(
@@ -170,6 +170,7 @@ def _audit(
             device=str(engine.device),
             cache_dir=cache,
         )
+        task_obj = task_obj or create_task(default_task(encoder))
         result = run_audit(
             encoder,
             dataset,
@@ -200,7 +201,10 @@ def _audit(
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="tiny-clip, tiny-clip-xs, hf:<id-or-path>, ...")
+    str,
+    typer.Option(
+        "--model", "-m", help="tiny-clip, lit-mini, hf:<id-or-path>, mm-sasrec, ... (list-models)"
+    ),
 ]
 DataOpt = Annotated[
     str,
@@ -252,11 +256,24 @@ CacheOpt = Annotated[
 ]
 
 
+AUTO_TASK = "auto"
+
+
+def default_task(model: object) -> str:
+    """The task ``--task auto`` picks: ``seqrec`` for a recommender, else ``zero_shot``."""
+    return "seqrec" if getattr(model, "kind", "encoder") == "recommender" else "zero_shot"
+
+
 @app.command()
 def audit(
     model: ModelOpt = "tiny-clip",
     data: DataOpt = "shapes",
-    task: Annotated[str, typer.Option(help="zero_shot, retrieval or fusion.")] = "zero_shot",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="auto (zero_shot; seqrec for a recommender), zero_shot, retrieval, fusion, seqrec."
+        ),
+    ] = AUTO_TASK,
     checks: ChecksOpt = "all",
     out: OutOpt = Path("mmsafe-report"),
     fail_on: FailOnOpt = None,

@@ -18,11 +18,13 @@ from mmsafe.checks.controllability.privacy import PrivacyCheck
 from mmsafe.checks.efficiency.profile import EfficiencyCheck
 from mmsafe.checks.monitoring.anomaly import AnomalyCheck
 from mmsafe.checks.monitoring.calibration import CalibrationCheck
+from mmsafe.checks.monitoring.cold_start import ColdStartCheck
 from mmsafe.checks.monitoring.conformal import ConformalCheck
 from mmsafe.checks.monitoring.ood import OODCheck
 from mmsafe.checks.monitoring.slices import SlicesCheck
 from mmsafe.checks.monitoring.uncertainty import UncertaintyCheck
 from mmsafe.checks.performance.classification import PerformanceCheck
+from mmsafe.checks.performance.ranking import RankingCheck
 from mmsafe.checks.performance.retrieval import RetrievalPerformanceCheck
 from mmsafe.checks.registry import (
     CheckSelectionError,
@@ -45,6 +47,7 @@ __all__ = [
     "AnomalyCheck",
     "AuditContext",
     "CalibrationCheck",
+    "ColdStartCheck",
     "Check",
     "CheckResult",
     "CheckSelectionError",
@@ -57,6 +60,7 @@ __all__ = [
     "ModalityCheck",
     "OODCheck",
     "PerformanceCheck",
+    "RankingCheck",
     "PrivacyCheck",
     "RetrievalPerformanceCheck",
     "ShiftCheck",

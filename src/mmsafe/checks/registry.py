@@ -10,7 +10,7 @@ Example:
     >>> "monitoring.calibration" in list_checks()
     True
     >>> select_checks("perf*")
-    ['performance.classification', 'performance.retrieval']
+    ['performance.classification', 'performance.ranking', 'performance.retrieval']
     >>> select_checks("calibration")
     ['monitoring.calibration']
 """

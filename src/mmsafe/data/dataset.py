@@ -62,6 +62,10 @@ class Dataset:
             list or a lazy column of dicts.
         skipped: rows that were dropped on load, with the reason.
         source: where the data came from (a manifest path or a world spec string).
+        catalog: for recommendation data, the items that ``classes`` name, one row per class
+            in the same order (their ``image`` / ``text`` columns, item attributes in
+            ``meta``). Rows are then users: a ``sequence`` column of item positions (their
+            history, oldest first) and, as the label, the held-out next item.
 
     Example:
         >>> import numpy as np
@@ -81,6 +85,7 @@ class Dataset:
     meta: Sequence[dict[str, Any]] = field(default_factory=list)
     skipped: list[SkippedRow] = field(default_factory=list)
     source: str = ""
+    catalog: Dataset | None = None
     _digests: dict[str, tuple[Sequence[Any], int, bytes]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
@@ -105,6 +110,11 @@ class Dataset:
         bad = {k: v for k, v in lengths.items() if v != n}
         if bad:
             raise ValueError(f"Dataset {self.name!r}: {n} ids but lengths {bad}")
+        if self.catalog is not None and len(self.catalog) != len(self.classes):
+            raise ValueError(
+                f"Dataset {self.name!r}: {len(self.classes)} classes but a catalog of "
+                f"{len(self.catalog)} items (one item per class)"
+            )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -137,6 +147,7 @@ class Dataset:
             meta=_take(self.meta, idx, pick),
             skipped=list(self.skipped),
             source=self.source,
+            catalog=self.catalog,
         )
         built = {k: (self.modalities[k], v) for k, v in out.modalities.items()}
         out._origin = (self, idx.tobytes(), built)
@@ -171,6 +182,8 @@ class Dataset:
         for name, values in self.modalities.items():
             h.update(name.encode())
             h.update(self._values_digest(name, values))
+        if self.catalog is not None:
+            h.update(b"catalog\x1f" + self.catalog.fingerprint().encode())
         return h.hexdigest()[:16]
 
     def _values_digest(self, name: str, values: Sequence[Any]) -> bytes:

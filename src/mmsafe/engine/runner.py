@@ -844,6 +844,10 @@ class Engine:
         key = stable_hash("outputs", model.fingerprint(), data_fp, task.fingerprint())
         if key not in self._outputs:
             task.check_data(data)
-            emb = self.embed(model, data, task.modalities, data_fingerprint=data_fp)
+            emb = (
+                self.embed(model, data, task.modalities, data_fingerprint=data_fp)
+                if task.modalities
+                else {}
+            )
             self._outputs[key] = task.outputs(emb, data)
         return self._outputs[key]

@@ -19,6 +19,15 @@ from mmsafe.metrics.classification import (
     macro_f1_bootstrap,
     per_class_accuracy,
 )
+from mmsafe.metrics.ranking import (
+    hit_rate,
+    ndcg,
+    popularity_scores,
+    ranking_metrics,
+    reciprocal_rank,
+    sampled_target_ranks,
+    target_ranks,
+)
 from mmsafe.metrics.retrieval import best_positive_rank, recall_at_k, retrieval_recalls
 
 __all__ = [
@@ -31,16 +40,23 @@ __all__ = [
     "confusion_matrix",
     "expected_calibration_error",
     "grouped_mean_ci",
+    "hit_rate",
     "macro_f1",
     "macro_f1_bootstrap",
     "maximum_calibration_error",
     "mean_ci",
+    "ndcg",
     "negative_log_likelihood",
     "per_class_accuracy",
+    "popularity_scores",
+    "ranking_metrics",
     "recall_at_k",
+    "reciprocal_rank",
     "reliability_diagram",
     "resample_counts",
     "retrieval_recalls",
     "root_mean_square_calibration_error",
+    "sampled_target_ranks",
+    "target_ranks",
     "uncertainty_calibration_error",
 ]

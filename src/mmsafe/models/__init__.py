@@ -1,6 +1,6 @@
 """Models: the encoder protocol, the registry, and the built-in adapters (imported to register)."""
 
-from mmsafe.models import hf, lit_mini, tiny_clip
+from mmsafe.models import hf, lit_mini, seqrec, tiny_clip
 from mmsafe.models.base import (
     Batch,
     EncoderModel,
@@ -21,5 +21,6 @@ __all__ = [
     "list_models",
     "lit_mini",
     "register_model",
+    "seqrec",
     "tiny_clip",
 ]

@@ -13,6 +13,10 @@ WORLD_TRAINED: tuple[str, ...] = ("tiny-clip", "lit-mini")
 else on the default world. ``<family>:<dir>`` names a saved one and loads as is."""
 
 
+REC_TRAINED: tuple[str, ...] = ("mm-sasrec", "sasrec-id")
+"""Recommender families: they train on the users of ``--data`` (recommendation data)."""
+
+
 def is_world_trained(name: str) -> bool:
     """Whether ``--model name`` trains on the data's world (``tiny-clip-xs`` yes, ``x:<dir>`` no).
 
@@ -38,10 +42,22 @@ def load_model(
     With ``--data shapes:...`` the model is trained on that world's train split (or loaded from
     the cache), so the planted training flaws really are in the model; with any other data it is
     the model of the default world (see :data:`WORLD_TRAINED`). ``tiny-clip:<dir>`` and
-    ``lit-mini:<dir>`` load a saved one (e.g. hardened).
+    ``lit-mini:<dir>`` load a saved one (e.g. hardened). Recommenders (``mm-sasrec``,
+    ``mm-sasrec:<encoder>``, ``sasrec-id``) train on the users of ``data`` (cached).
     """
+    if name.startswith(REC_TRAINED):
+        return create_model(
+            name,
+            train_data=data,
+            seed=seed,
+            quick=quick,
+            cache_dir=cache_dir,
+            progress=progress,
+            device=device,
+        )
     if is_world_trained(name):
-        world = data if data is not None and is_world_spec(data.source or "") else None
+        is_world = data is not None and is_world_spec(data.source or "")
+        world = data if is_world and data.catalog is None else None  # not a recommender world
         return create_model(
             name,
             train_data=world,

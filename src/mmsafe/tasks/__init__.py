@@ -1,4 +1,4 @@
-"""Tasks: zero-shot classification, retrieval and fusion classification."""
+"""Tasks: zero-shot classification, retrieval, fusion classification, sequential recommendation."""
 
 from mmsafe.tasks.base import (
     Outputs,
@@ -11,6 +11,7 @@ from mmsafe.tasks.base import (
 )
 from mmsafe.tasks.fusion import FusionTask
 from mmsafe.tasks.retrieval import RetrievalTask, caption_positives
+from mmsafe.tasks.seqrec import SeqRecTask, is_rec_data
 from mmsafe.tasks.zero_shot import DEFAULT_TEMPLATES, ZeroShotTask, build_prompts
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "FusionTask",
     "Outputs",
     "RetrievalTask",
+    "SeqRecTask",
     "Task",
     "TaskError",
     "TemperatureScaledTask",
@@ -25,6 +27,7 @@ __all__ = [
     "build_prompts",
     "caption_positives",
     "create_task",
+    "is_rec_data",
     "list_tasks",
     "register_task",
 ]

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
     from mmsafe.models.base import EncoderModel
 
-TaskKind = Literal["classification", "retrieval"]
+TaskKind = Literal["classification", "retrieval", "ranking"]
 
 
 class Engine(Protocol):
@@ -59,8 +59,10 @@ class Outputs:
     """The clean outputs of one task on one dataset, computed once and shared by every check.
 
     Attributes:
-        embeddings: ``{modality: (N, D)}`` L2-normalised embeddings (CPU, float32).
-        logits: ``(N, C)`` class logits, or ``(N, N)`` image-to-text similarities for retrieval.
+        embeddings: ``{modality: (N, D)}`` L2-normalised embeddings (CPU, float32); for
+            ``seqrec``, the catalog items' features ``{modality: (I, D)}``.
+        logits: ``(N, C)`` class logits, ``(N, N)`` image-to-text similarities for retrieval,
+            or ``(N_users, I)`` item scores for ``seqrec``.
         labels: ``(N,)`` int64 labels, ``-1`` where unlabelled.
         groups: the group column, if any.
         positives: for retrieval, the ``(N, N)`` boolean matrix of matching image-text pairs.

@@ -1,7 +1,8 @@
 """Built-in "worlds": datasets named by a spec string, generated or bundled, no files needed.
 
 ``shapes`` is synthetic, with planted flaws whose ground truth is known; ``digits`` is real
-(scikit-learn's bundled handwritten digits), the control without planted flaws.
+(scikit-learn's bundled handwritten digits), the control without planted flaws; ``shapes-rec``
+is a synthetic sequential-recommendation world (users' item sequences over a shapes catalog).
 
 A world is named by a spec string ``<world>[:knob=value,...]``, e.g. ``shapes`` or
 ``shapes:seed=7,spurious=0.9``; :func:`load_world` dispatches on the name before the colon.
@@ -20,18 +21,25 @@ from collections.abc import Callable
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds.digits import load_digits_world
 from mmsafe.data.worlds.shapes import ShapesConfig, load_shapes, make_shapes, parse_world_spec
+from mmsafe.data.worlds.shapes_rec import ShapesRecConfig, load_shapes_rec, make_shapes_rec
 from mmsafe.data.worlds.spec import WorldSpecError
 
-WORLDS: dict[str, Callable[[str], Dataset]] = {"shapes": load_shapes, "digits": load_digits_world}
+WORLDS: dict[str, Callable[[str], Dataset]] = {
+    "shapes": load_shapes,
+    "digits": load_digits_world,
+    "shapes-rec": load_shapes_rec,
+}
 """World name -> loader taking the full spec string."""
 
 __all__ = [
     "WORLDS",
     "ShapesConfig",
+    "ShapesRecConfig",
     "WorldSpecError",
     "is_world_spec",
     "load_world",
     "make_shapes",
+    "make_shapes_rec",
     "parse_world_spec",
 ]
 

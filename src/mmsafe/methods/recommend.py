@@ -1,0 +1,57 @@
+"""Recommendation: histories, interaction counts, cold items, and ranking users' targets.
+
+Pure functions over recommendation data (users whose ``sequence`` column holds item
+positions, with the held-out next item as the label; see :class:`mmsafe.data.Dataset`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mmsafe.metrics.ranking import ranking_metrics, target_ranks
+
+if TYPE_CHECKING:
+    from mmsafe.data.dataset import Dataset
+
+
+def histories(data: Dataset) -> list[np.ndarray]:
+    """Each user's history (item positions, oldest first) as int64 arrays."""
+    return [np.asarray(s, dtype=np.int64) for s in data.modalities["sequence"]]
+
+
+def interaction_counts(sequences: Sequence[np.ndarray], n_items: int) -> np.ndarray:
+    """``(n_items,)`` how often each item occurs in ``sequences``.
+
+    Example:
+        >>> interaction_counts([np.array([0, 2]), np.array([2])], 4).tolist()
+        [1, 0, 2, 0]
+    """
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences] or [np.zeros(0, int)])
+    return np.bincount(flat, minlength=n_items)[:n_items]
+
+
+def cold_items(sequences: Sequence[np.ndarray], n_items: int, max_interactions: int) -> np.ndarray:
+    """Boolean ``(n_items,)``: items seen at most ``max_interactions`` times in the histories.
+
+    The histories are what a recommender trains on, so these are the items it has (next to)
+    no interaction evidence for: the cold-start items.
+
+    Example:
+        >>> cold_items([np.array([0, 0, 1])], 3, 1).tolist()
+        [False, True, True]
+    """
+    return interaction_counts(sequences, n_items) <= max_interactions
+
+
+def user_metrics(scores: Any, data: Dataset, ks: Sequence[int] = (10, 20)) -> dict[str, np.ndarray]:
+    """Per-user ``hr@k``, ``ndcg@k`` and ``mrr`` of the labels under full ranking.
+
+    Each user's history items are excluded from its ranking (the label itself never is),
+    the protocol of RecBole's full-sort evaluation; tied scores count as a random tie-break
+    would on average (popularity ties often).
+    """
+    ranks, ties = target_ranks(scores, data.labels, exclude=histories(data), return_ties=True)
+    return ranking_metrics(ranks, ks=tuple(ks), ties=ties)
