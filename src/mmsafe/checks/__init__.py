@@ -36,8 +36,9 @@ from mmsafe.checks.registry import (
     select_checks,
 )
 from mmsafe.checks.robustness.adversarial.check import AdversarialCheck, AdversarialRetrievalCheck
-from mmsafe.checks.robustness.modality import ModalityCheck
-from mmsafe.checks.robustness.shift import ShiftCheck, ShiftRetrievalCheck
+from mmsafe.checks.robustness.item_promotion import ItemPromotionCheck
+from mmsafe.checks.robustness.modality import ModalityCheck, ModalitySeqRecCheck
+from mmsafe.checks.robustness.shift import ShiftCheck, ShiftRetrievalCheck, ShiftSeqRecCheck
 
 __all__ = [
     "PILLARS",
@@ -57,7 +58,9 @@ __all__ = [
     "FairnessCheck",
     "Finding",
     "Metric",
+    "ItemPromotionCheck",
     "ModalityCheck",
+    "ModalitySeqRecCheck",
     "OODCheck",
     "PerformanceCheck",
     "RankingCheck",
@@ -65,6 +68,7 @@ __all__ = [
     "RetrievalPerformanceCheck",
     "ShiftCheck",
     "ShiftRetrievalCheck",
+    "ShiftSeqRecCheck",
     "SlicesCheck",
     "UncertaintyCheck",
     "check_aliases",

@@ -55,3 +55,35 @@ def user_metrics(scores: Any, data: Dataset, ks: Sequence[int] = (10, 20)) -> di
     """
     ranks, ties = target_ranks(scores, data.labels, exclude=histories(data), return_ties=True)
     return ranking_metrics(ranks, ks=tuple(ks), ties=ties)
+
+
+def alignment_outliers(
+    image: np.ndarray, text: np.ndarray, k: float = 3.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(z, flagged)``: items whose title matches their own image far worse than usual.
+
+    For each item, ``z`` is the similarity of its image to its own title, standardised over
+    its image's similarities to every title of the catalogue (one shared embedding space, a
+    CLIP-style encoder). Raw cosines vary a lot from item to item; the standardised score
+    does not, so an item is flagged when its ``z`` falls more than ``k`` robust standard
+    deviations (1.4826 x MAD) below the catalogue's median. Computed from the titles' mean
+    and second moment, in ``O(I D^2)``: no ``I x I`` matrix.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> img = rng.normal(size=(40, 32)); txt = img + 0.3 * rng.normal(size=(40, 32))
+        >>> txt[7] = rng.normal(size=32)  # a title that describes something else
+        >>> np.flatnonzero(alignment_outliers(img, txt)[1]).tolist()
+        [7]
+    """
+    a = np.asarray(image, dtype=np.float64)
+    b = np.asarray(text, dtype=np.float64)
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    mean = a @ b.mean(axis=0)
+    second = np.einsum("id,de,ie->i", a, b.T @ b / len(b), a)
+    std = np.sqrt(np.maximum(second - mean**2, 1e-12))
+    z = ((a * b).sum(axis=1) - mean) / std
+    med = float(np.median(z))
+    spread = 1.4826 * float(np.median(np.abs(z - med)))
+    return z, z < med - k * max(spread, 1e-6)

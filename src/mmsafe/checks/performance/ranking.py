@@ -48,8 +48,13 @@ class RankingCheck(Check):
         self.quick = quick
 
     def _id_scores(self, ctx: AuditContext) -> torch.Tensor:
+        """Scores of an ID-based SASRec fitted on the same histories.
+
+        It is kept in the engine's on-disk cache when there is one, so a warm audit loads it.
+        """
         from mmsafe.models.seqrec import build_seqrec
 
+        cache = ctx.engine.cache_dir
         base = build_seqrec(
             items="id",
             train_data=ctx.data,
@@ -57,9 +62,11 @@ class RankingCheck(Check):
             quick=self.quick,
             progress=False,
             name="sasrec-id",
-            save=False,
+            cache_dir=cache,
+            save=cache is not None,
+            device=str(ctx.engine.device),
         )
-        ctx.engine.count("training_passes", int(base.training_info["epochs"]))
+        ctx.engine.count("training_passes", int(base.training_info.get("epochs", 0)))
         return base.scores(histories(ctx.data), base.item_table({}))
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102

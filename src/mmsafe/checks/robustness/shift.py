@@ -19,7 +19,7 @@ modalities. Reported per modality (see ``docs/robustness.md``):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -268,23 +268,7 @@ class ShiftCheck(Check):
 
     # ------------------------------------------------------------------ run
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
-        rows = self._rows(ctx)
-        emb = {m: e[torch.as_tensor(rows)] for m, e in ctx.outputs.embeddings.items()}
-        retrieval = ctx.task.kind == "retrieval"
-        score_name = "R@1" if retrieval else "accuracy"
-        labels = ctx.outputs.labels[rows]
-        positives = None
-        if retrieval:
-            pos = ctx.outputs.positives
-            positives = np.eye(len(rows), dtype=bool) if pos is None else pos[np.ix_(rows, rows)]
-
-        def score(embeddings: Mapping[str, Tensor]) -> np.ndarray:
-            with torch.inference_mode():
-                logits = ctx.task.logits(embeddings).float().cpu()
-            if positives is not None:
-                return _retrieval_hits(logits, positives)
-            return _probs_correct(logits, labels)
-
+        rows, emb, score, score_name, modalities, n_total = self._setup(ctx)
         clean = score(emb)
         clean_value = float(clean.mean())
         metrics: dict[str, Metric] = {
@@ -293,7 +277,6 @@ class ShiftCheck(Check):
         findings: list[Finding] = []
         plots: dict[str, dict[str, Any]] = {}
         curves = []
-        n_total = len(ctx.outputs.labels) if retrieval else int((ctx.outputs.labels >= 0).sum())
         findings.append(
             Finding(
                 "info",
@@ -305,7 +288,6 @@ class ShiftCheck(Check):
                 {"rows": len(rows), "severities": list(self.severities), "score": score_name},
             )
         )
-        modalities = [m for m in ("image", "text") if m in ctx.task.modalities]
         if "text" not in modalities:
             findings.append(
                 Finding(
@@ -357,6 +339,41 @@ class ShiftCheck(Check):
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots)
 
     # ------------------------------------------------------------------ parts
+    def _setup(
+        self, ctx: AuditContext
+    ) -> tuple[
+        np.ndarray,
+        dict[str, Tensor],
+        Callable[[Mapping[str, Tensor]], np.ndarray],
+        str,
+        list[str],
+        int,
+    ]:
+        """``(rows, clean embeddings, score, score name, modalities, rows in all)``.
+
+        ``score(embeddings)`` gives each scored row's score (1 correct / 0 wrong, or R@1) from
+        the embeddings of those rows, with one modality swapped for its shifted version.
+        """
+        rows = self._rows(ctx)
+        emb = {m: e[torch.as_tensor(rows)] for m, e in ctx.outputs.embeddings.items()}
+        retrieval = ctx.task.kind == "retrieval"
+        labels = ctx.outputs.labels[rows]
+        positives = None
+        if retrieval:
+            pos = ctx.outputs.positives
+            positives = np.eye(len(rows), dtype=bool) if pos is None else pos[np.ix_(rows, rows)]
+
+        def score(embeddings: Mapping[str, Tensor]) -> np.ndarray:
+            with torch.inference_mode():
+                logits = ctx.task.logits(embeddings).float().cpu()
+            if positives is not None:
+                return _retrieval_hits(logits, positives)
+            return _probs_correct(logits, labels)
+
+        n_total = len(ctx.outputs.labels) if retrieval else int((ctx.outputs.labels >= 0).sum())
+        modalities = [m for m in ("image", "text") if m in ctx.task.modalities]
+        return rows, emb, score, "R@1" if retrieval else "accuracy", modalities, n_total
+
     def _rows(self, ctx: AuditContext) -> np.ndarray:
         labels = ctx.outputs.labels
         rows = (
@@ -494,3 +511,80 @@ class ShiftRetrievalCheck(ShiftCheck):
     tasks = ("retrieval",)
     requires = ()  # retrieval is scored by pairs
     description = "R@1 per corruption x severity per modality; mean corruption R@1, RR, MMI"
+
+
+@register_check
+class ShiftSeqRecCheck(ShiftCheck):
+    """``robustness.shift`` on a recommender: NDCG@10 when every item's image or title shifts.
+
+    Each corruption (image) or perturbation (title) is applied to every catalogue item, the
+    items are embedded again through the engine (cached, shared with any check that asks for
+    the same variant), and the users are ranked against the shifted catalogue. Metrics are
+    named for NDCG@10 (``clean_NDCG@10``, ``NDCG@10/image/<corruption>``, ...). Users are
+    the rows: ``max_rows`` caps how many are scored.
+    """
+
+    name = "robustness.shift_seqrec"
+    aliases = ("robustness.shift",)
+    kinds = ("recommender",)
+    tasks = ("seqrec",)
+    requires = ()
+    conditional_metrics = {}
+    description = "NDCG@10 when items' images or titles are corrupted; mean corruption NDCG@10, RR"
+    higher_is_better = {
+        f"{k}/{m}": hib
+        for m in ("image", "text")
+        for k, hib in (
+            ("mean_corruption_NDCG@10", True),
+            ("relative_robustness", True),
+            ("effective_robustness", True),
+            ("mmi", False),
+        )
+    }
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
+        reason = super().skip_reason(ctx)
+        if reason is None and not self._item_modalities(ctx):
+            reason = "the recommender reads no item image or title through an encoder"
+        return reason
+
+    @staticmethod
+    def _item_modalities(ctx: AuditContext) -> list[str]:
+        model = ctx.model
+        if getattr(model, "encoder", None) is None:
+            return []
+        return [m for m in ("image", "text") if m in model.cfg.modalities]  # type: ignore[attr-defined]
+
+    def _rows(self, ctx: AuditContext) -> np.ndarray:
+        rows = np.arange(len(ctx.data))
+        if self.max_rows is not None and len(rows) > self.max_rows:
+            rows = np.sort(ctx.rng("rows").choice(rows, size=self.max_rows, replace=False))
+        return rows
+
+    def _setup(self, ctx: AuditContext) -> Any:
+        from mmsafe.methods.recommend import user_metrics
+
+        rows = self._rows(ctx)
+        users = ctx.data.subset(rows)
+
+        def score(features: Mapping[str, Tensor]) -> np.ndarray:
+            with torch.inference_mode():
+                logits = ctx.task.logits(features).float().cpu()
+            return user_metrics(logits[torch.as_tensor(rows)], users, (10,))["ndcg@10"]
+
+        emb = dict(ctx.outputs.embeddings)
+        return rows, emb, score, "NDCG@10", self._item_modalities(ctx), len(ctx.data)
+
+    def _shifted_embeddings(
+        self, ctx: AuditContext, m: str, rows: np.ndarray
+    ) -> dict[tuple[str, int], Tensor]:
+        """Every item's features under every corruption x severity of its modality ``m``."""
+        names = self.image_corruptions if m == "image" else self.text_perturbations
+        encoder, catalog = ctx.model.encoder, ctx.data.catalog  # type: ignore[attr-defined]
+        return {
+            (k, s): ctx.engine.embed(
+                encoder, catalog, m, variant=corruption_variant(m, k, s, ctx.seed)
+            )
+            for k in names
+            for s in self.severities
+        }
