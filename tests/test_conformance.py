@@ -66,6 +66,7 @@ CHEAP = {
     "performance.ranking": {"n_boot": 50, "quick": True},
     "monitoring.cold_start": {"n_boot": 50},
     "robustness.modality_seqrec": {"n_boot": 50},
+    "controllability.rec_privacy": {"n_boot": 50},
     "robustness.item_promotion": {"eps": [2 / 255], "steps": 2, "n_targets": 2, "n_boot": 50},
     "robustness.shift_seqrec": {"image_corruptions": ["gaussian_noise"],
                                 "text_perturbations": ["char_swap"], "severities": [3],

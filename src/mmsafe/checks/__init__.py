@@ -15,6 +15,7 @@ from mmsafe.checks.base import (
 from mmsafe.checks.controllability.explain import ExplainCheck
 from mmsafe.checks.controllability.fairness import FairnessCheck
 from mmsafe.checks.controllability.privacy import PrivacyCheck
+from mmsafe.checks.controllability.rec_privacy import RecPrivacyCheck
 from mmsafe.checks.efficiency.profile import EfficiencyCheck
 from mmsafe.checks.monitoring.anomaly import AnomalyCheck
 from mmsafe.checks.monitoring.calibration import CalibrationCheck
@@ -64,6 +65,7 @@ __all__ = [
     "OODCheck",
     "PerformanceCheck",
     "RankingCheck",
+    "RecPrivacyCheck",
     "PrivacyCheck",
     "RetrievalPerformanceCheck",
     "ShiftCheck",

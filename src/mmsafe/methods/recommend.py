@@ -87,3 +87,32 @@ def alignment_outliers(
     med = float(np.median(z))
     spread = 1.4826 * float(np.median(np.abs(z - med)))
     return z, z < med - k * max(spread, 1e-6)
+
+
+def membership_pairs(
+    model: Any, features: Any, data: Dataset, final_scores: Any
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(member, non_member)`` log-probabilities of a next item, one pair per user.
+
+    The member is the last item a recommender trained on (``sequence[-2]``, predicted from
+    the items before it); the non-member is the held-out label, predicted from the whole
+    history (``final_scores``: the task's ``(N, I)`` scores). Both are next-item predictions
+    at the end of the same history, so a model that scores its training targets above fresh
+    ones is remembering the users' interactions (a loss attack, Yeom et al., 2018).
+    Users with fewer than 3 items in their history score NaN.
+    """
+    import torch
+
+    hist = histories(data)
+    table = model.item_table(features)
+    ok = np.array([len(h) >= 3 for h in hist])
+    prefixes = [h[:-2] for h, keep in zip(hist, ok, strict=True) if keep]
+    member = np.full(len(hist), np.nan)
+    with torch.no_grad():
+        scores = model.scores(prefixes, table).double()
+    logp = torch.log_softmax(scores, dim=-1).numpy()
+    targets = np.array([h[-2] for h, keep in zip(hist, ok, strict=True) if keep], dtype=np.int64)
+    member[ok] = logp[np.arange(len(targets)), targets]
+    final = torch.log_softmax(torch.as_tensor(final_scores).double(), dim=-1).numpy()
+    non_member = final[np.arange(len(hist)), data.labels]
+    return member, non_member

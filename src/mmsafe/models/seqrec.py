@@ -98,6 +98,8 @@ class SeqRecTrainConfig:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         patience: epochs without a better validation NDCG@10 before stopping.
+        restore_best: end with the weights of the best validation epoch (``False``: the last
+            epoch's, e.g. to study an overtrained model).
     """
 
     epochs: int = 40
@@ -105,6 +107,7 @@ class SeqRecTrainConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     patience: int = 8
+    restore_best: bool = True
 
     @classmethod
     def preset(cls, quick: bool) -> SeqRecTrainConfig:
@@ -379,7 +382,7 @@ def fit_seqrec(
                 stale += 1
                 if stale >= train.patience:
                     break
-    if best_state is not None:
+    if best_state is not None and train.restore_best:
         model.load_state_dict(best_state)
     model.eval()
     model.invalidate_fingerprint()
