@@ -67,6 +67,8 @@ CHEAP = {
     "monitoring.cold_start": {"n_boot": 50},
     "robustness.modality_seqrec": {"n_boot": 50},
     "controllability.rec_privacy": {"n_boot": 50},
+    "controllability.rec_fairness": {"n_boot": 50, "n_permutations": 1},
+    "robustness.shilling": {"shares": [0.05], "n_targets": 1, "n_boot": 50},
     "robustness.item_promotion": {"eps": [2 / 255], "steps": 2, "n_targets": 2, "n_boot": 50},
     "robustness.shift_seqrec": {"image_corruptions": ["gaussian_noise"],
                                 "text_perturbations": ["char_swap"], "severities": [3],

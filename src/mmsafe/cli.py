@@ -520,8 +520,9 @@ def adapt_cmd(
         str,
         typer.Option(
             "--objective",
-            help="classification (fusion, accuracy) or retrieval (contrastive fine-tuning, "
-            "R@1/R@5; no momef).",
+            help="classification (fusion, accuracy), retrieval (contrastive fine-tuning, "
+            "R@1/R@5; no momef) or seqrec (a SASRec over each method's item representation, "
+            "on recommendation data such as shapes-rec; leave-one-out NDCG@10/HR@10).",
         ),
     ] = "classification",
     epochs: Annotated[int, typer.Option(help="Training epochs per method.", min=1)] = 3,
@@ -532,7 +533,7 @@ def adapt_cmd(
     quick: QuickOpt = False,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Adapt to fusion classification or retrieval with each method; compare cost and quality."""
+    """Adapt to classification, retrieval or seqrec with each method; compare cost and quality."""
     from mmsafe.engine import DeviceError
     from mmsafe.methods.adapt import AdaptError, adapt_command, markdown_table
 

@@ -15,6 +15,7 @@ from mmsafe.checks.base import (
 from mmsafe.checks.controllability.explain import ExplainCheck
 from mmsafe.checks.controllability.fairness import FairnessCheck
 from mmsafe.checks.controllability.privacy import PrivacyCheck
+from mmsafe.checks.controllability.rec_fairness import RecFairnessCheck
 from mmsafe.checks.controllability.rec_privacy import RecPrivacyCheck
 from mmsafe.checks.efficiency.profile import EfficiencyCheck
 from mmsafe.checks.monitoring.anomaly import AnomalyCheck
@@ -40,6 +41,7 @@ from mmsafe.checks.robustness.adversarial.check import AdversarialCheck, Adversa
 from mmsafe.checks.robustness.item_promotion import ItemPromotionCheck
 from mmsafe.checks.robustness.modality import ModalityCheck, ModalitySeqRecCheck
 from mmsafe.checks.robustness.shift import ShiftCheck, ShiftRetrievalCheck, ShiftSeqRecCheck
+from mmsafe.checks.robustness.shilling import ShillingCheck
 
 __all__ = [
     "PILLARS",
@@ -65,10 +67,12 @@ __all__ = [
     "OODCheck",
     "PerformanceCheck",
     "RankingCheck",
+    "RecFairnessCheck",
     "RecPrivacyCheck",
     "PrivacyCheck",
     "RetrievalPerformanceCheck",
     "ShiftCheck",
+    "ShillingCheck",
     "ShiftRetrievalCheck",
     "ShiftSeqRecCheck",
     "SlicesCheck",

@@ -7,6 +7,14 @@ Objectives (``objective=``):
 - ``retrieval``: retrieval fine-tuning on (image, caption) pairs with the symmetric InfoNCE
   (CLIP) loss; quality is recall@1 on the test split, image -> text and text -> image, computed
   exactly as the ``performance`` check of ``mmsafe audit --task retrieval`` computes it.
+- ``seqrec``: IISAN's own setting, sequential recommendation on recommendation data
+  (``shapes-rec``): each method gives the item representation (the towers' image and title
+  embeddings fused by a linear layer for ``full``/``lora``/``adapter``; the side networks over the
+  item's cached hidden states, fused by the inter-modal side network, for ``iisan``/
+  ``iisan-versa``; MOMEF's fused vector for ``momef``), a SASRec reads the histories, and every
+  position predicts the next item with a softmax over the batch's unique items. Leave-one-out:
+  quality is the test NDCG@10 under full ranking, history excluded
+  (:mod:`~mmsafe.methods.adapt.seqrec`).
 
 Methods (``method=``):
 
@@ -41,7 +49,9 @@ hidden states. The inter-modal side network fuses the two modalities into one it
 a dual-encoder retrieval objective has no use for, so it is left out (as is MOMEF's fusion).
 
 Every method is trained by the same loop (AdamW, the same batch order for a seed) and reports
-training time per epoch, peak training memory (see :func:`mmsafe.methods.efficiency.peak_memory`),
+training time per epoch, peak training memory (see :func:`mmsafe.methods.efficiency.peak_memory`;
+also counted with the backbone's resident weights:
+:attr:`AdaptReport.peak_memory_with_backbone_mib`),
 trainable parameters and the objective's quality metric (:attr:`AdaptReport.accuracy`);
 :func:`compare_methods` adds TPME across the compared methods. See ``docs/efficiency.md``.
 
@@ -50,6 +60,7 @@ Layout: :mod:`~mmsafe.methods.adapt.options` (methods, objectives, defaults),
 :mod:`~mmsafe.methods.adapt.side` (the side networks and their feature cache),
 :mod:`~mmsafe.methods.adapt.modules` (heads over an encoder, adapters),
 :mod:`~mmsafe.methods.adapt.train` (the training loop, :func:`adapt`),
+:mod:`~mmsafe.methods.adapt.seqrec` (the ``seqrec`` objective),
 :mod:`~mmsafe.methods.adapt.report` (results, quality metrics),
 :mod:`~mmsafe.methods.adapt.compare` (TPME, tables) and
 :mod:`~mmsafe.methods.adapt.command` (``mmsafe adapt``). Import from the package.
@@ -59,6 +70,7 @@ from mmsafe.methods.adapt.command import AdaptError, adapt_command, parse_method
 from mmsafe.methods.adapt.compare import (
     compare_methods,
     comparison_table,
+    default_methods,
     markdown_table,
     with_tpme,
 )
@@ -86,6 +98,8 @@ from mmsafe.methods.adapt.options import (
     OBJECTIVES,
     RETRIEVAL_KS,
     RETRIEVAL_METHODS,
+    SEQREC_KS,
+    SEQREC_METHODS,
     SIDE_METHODS,
     Method,
     Objective,
@@ -95,6 +109,13 @@ from mmsafe.methods.adapt.report import (
     AdaptReport,
     retrieval_metrics,
     zero_shot_retrieval,
+)
+from mmsafe.methods.adapt.seqrec import (
+    ItemTowers,
+    SeqRecAdapter,
+    is_rec_data,
+    ranking_scores,
+    sequences_of,
 )
 from mmsafe.methods.adapt.side import (
     SANB,
@@ -108,7 +129,7 @@ from mmsafe.methods.adapt.side import (
     side_blocks,
     tap_projections,
 )
-from mmsafe.methods.adapt.train import adapt, train_side_head
+from mmsafe.methods.adapt.train import adapt, train_side_head, weights_mib
 
 __all__ = [
     "DEFAULT_LR",
@@ -119,6 +140,8 @@ __all__ = [
     "RETRIEVAL_KS",
     "RETRIEVAL_METHODS",
     "SANB",
+    "SEQREC_KS",
+    "SEQREC_METHODS",
     "SIDE_METHODS",
     "AdaptError",
     "AdaptReport",
@@ -129,18 +152,22 @@ __all__ = [
     "Gate",
     "IISANHead",
     "IISANVersaHead",
+    "ItemTowers",
     "MOMEFHead",
     "Method",
     "Objective",
     "RetrievalEncoder",
+    "SeqRecAdapter",
     "SideRetrievalHead",
     "adapt",
     "adapt_command",
     "add_adapters",
     "compare_methods",
     "comparison_table",
+    "default_methods",
     "group_taps",
     "intra_modal",
+    "is_rec_data",
     "labelled_rows",
     "layerdrop_taps",
     "lora_targets",
@@ -148,12 +175,15 @@ __all__ = [
     "parse_methods",
     "pool_hidden",
     "preprocess_all",
+    "ranking_scores",
     "retrieval_metrics",
+    "sequences_of",
     "side_blocks",
     "tap_projections",
     "tapped_features",
     "tower_layers",
     "train_side_head",
+    "weights_mib",
     "with_tpme",
     "zero_shot_retrieval",
 ]

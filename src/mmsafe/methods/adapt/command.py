@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mmsafe.methods.adapt.compare import compare_methods, markdown_table
-from mmsafe.methods.adapt.options import METHODS, OBJECTIVES, RETRIEVAL_METHODS
+from mmsafe.methods.adapt.compare import compare_methods, default_methods, markdown_table
+from mmsafe.methods.adapt.options import METHODS, OBJECTIVES, RETRIEVAL_METHODS, SEQREC_METHODS
 from mmsafe.methods.adapt.report import AdaptReport
 
 
@@ -40,6 +40,11 @@ def parse_methods(spec: str | Sequence[str], objective: str = "classification") 
                 f"Method(s) {unsupported} do not support retrieval; choose from "
                 f"{', '.join(RETRIEVAL_METHODS)}."
             )
+    if objective == "seqrec":
+        unsupported = [m for m in methods if m not in SEQREC_METHODS]
+        if unsupported:
+            raise AdaptError(f"Method(s) {unsupported} do not support seqrec; choose from "
+                             f"{', '.join(SEQREC_METHODS)}.")  # fmt: skip
     return list(dict.fromkeys(methods))
 
 
@@ -60,34 +65,57 @@ def adapt_command(
     """What ``mmsafe adapt`` runs: load model and data, compare methods, write the results.
 
     Trains on the ``train`` split and evaluates on the ``test`` split (its labelled rows for
-    classification, every row for retrieval). ``methods=None`` compares every method of the
-    objective. The side methods' hidden states are cached (memory-mapped) under
-    ``<cache_dir>/iisan/``. With ``out``, writes ``adaptation.json`` and ``adaptation.md`` there.
+    classification, every row for retrieval). ``objective="seqrec"`` needs recommendation data
+    (``shapes-rec``) and evaluates leave-one-out over every user (the label only at test).
+    ``methods=None`` compares every method of the objective. The side methods' hidden states
+    are cached (memory-mapped) under ``<cache_dir>/iisan/``. With ``out``, writes
+    ``adaptation.json`` and ``adaptation.md`` there.
 
     Raises:
-        AdaptError: an unknown method or objective, a method the objective does not support, or
-            data without ``train`` and ``test`` splits.
+        AdaptError: an unknown method or objective, a method the objective does not support,
+            data without ``train`` and ``test`` splits (classification, retrieval), or data
+            that is (seqrec) or is not (the others) recommendation data.
         DeviceError: the device is not available.
     """
     from mmsafe.data.loading import load_data
     from mmsafe.engine import default_cache_dir, resolve_device
     from mmsafe.engine.cache import atomic_write_text
+    from mmsafe.methods.adapt.seqrec import is_rec_data
     from mmsafe.models.loading import load_model
 
-    default = RETRIEVAL_METHODS if objective == "retrieval" else METHODS
-    chosen = parse_methods(default if methods is None else methods, objective)
+    if objective not in OBJECTIVES:
+        raise AdaptError(f"Unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}.")
+    chosen = parse_methods(default_methods(objective) if methods is None else methods, objective)
     dev = resolve_device(device)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ds = load_data(data)
-    if not (ds.has_split("train") and ds.has_split("test")):
-        raise AdaptError("mmsafe adapt needs data with 'train' and 'test' splits.")
-    enc = load_model(
-        model, data=ds, quick=quick, seed=seed, device=str(dev), cache_dir=cache, progress=False
-    )
+    if objective == "seqrec":
+        if not is_rec_data(ds):
+            raise AdaptError(
+                f"--objective seqrec needs recommendation data (users with a 'sequence' column "
+                f"and an item catalog), e.g. --data shapes-rec; {data!r} is not."
+            )
+        # leave-one-out over every user: train on each history less its last item, validate
+        # on that item, test on the label; the encoder is loaded as mm-sasrec loads it
+        train, test = ds, ds
+        enc = load_model(model, quick=quick, seed=seed, device=str(dev), cache_dir=cache,
+                         progress=False)  # fmt: skip
+    else:
+        if is_rec_data(ds):
+            raise AdaptError(
+                f"{data!r} is recommendation data (rows are users): use --objective seqrec."
+            )
+        if not (ds.has_split("train") and ds.has_split("test")):
+            raise AdaptError("mmsafe adapt needs data with 'train' and 'test' splits.")
+        train, test = ds.split("train"), ds.split("test")
+        enc = load_model(
+            model, data=ds, quick=quick, seed=seed, device=str(dev), cache_dir=cache,
+            progress=False,
+        )  # fmt: skip
     reports = compare_methods(
         enc,
-        ds.split("train"),
-        ds.split("test"),
+        train,
+        test,
         chosen,
         objective=objective,
         epochs=epochs,

@@ -25,8 +25,8 @@ MODALITIES: tuple[str, str] = ("image", "text")
 
 MAX_SCALE = 100.0  # the largest contrastive temperature, as in CLIP
 
-Objective = Literal["classification", "retrieval"]
-OBJECTIVES: tuple[str, ...] = ("classification", "retrieval")
+Objective = Literal["classification", "retrieval", "seqrec"]
+OBJECTIVES: tuple[str, ...] = ("classification", "retrieval", "seqrec")
 """The downstream tasks :func:`adapt` trains for."""
 
 RETRIEVAL_METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa")
@@ -35,3 +35,9 @@ vector, so it is not a dual encoder)."""
 
 RETRIEVAL_KS: tuple[int, ...] = (1, 5)
 """Recall cut-offs :func:`adapt` reports for ``objective="retrieval"``."""
+
+SEQREC_METHODS: tuple[str, ...] = METHODS
+"""The methods that support ``objective="seqrec"`` (all: each gives an item representation)."""
+
+SEQREC_KS: tuple[int, ...] = (10,)
+"""NDCG/HR cut-offs :func:`adapt` reports for ``objective="seqrec"``."""

@@ -30,15 +30,26 @@ class AdaptReport:
         total_params: backbone + adaptation parameters.
         accuracy: the objective's quality metric on the evaluation rows. Classification: accuracy
             on the labelled rows. Retrieval: mean recall@1 of image -> text and text -> image
-            (``(metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2``) over every test row.
+            (``(metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2``) over every test row. Seqrec:
+            test NDCG@10 (full ranking, history excluded).
         losses: training loss of every step.
         cache_seconds: seconds spent computing the cached hidden states (side methods; 0 otherwise
             or when they came from a disk cache).
         tpme: TPME among the methods compared together (``nan`` for a lone run).
         extra: method-specific details (taps, ranks, cache).
-        objective: ``classification`` or ``retrieval``.
-        metrics: every quality number: ``{"accuracy": ...}`` (classification) or
-            ``{"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"}`` (retrieval; :data:`RETRIEVAL_KS`).
+        objective: ``classification``, ``retrieval`` or ``seqrec``.
+        metrics: every quality number: ``{"accuracy": ...}`` (classification),
+            ``{"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"}`` (retrieval; :data:`RETRIEVAL_KS`) or
+            ``{"ndcg@10", "hr@10", "val_ndcg@10", "val_hr@10"}`` (seqrec: test and validation
+            under full ranking; :data:`SEQREC_KS`).
+        backbone_memory_mib: the resident weights (parameters + buffers) of the backbone the
+            method holds: the trained copy (``full``), the frozen towers with their LoRA factors
+            (``lora``) or the frozen towers (``adapter`` without its adapters, side methods).
+            ``nan`` when not measured.
+        peak_memory_with_backbone_mib: ``peak_memory_mib + backbone_memory_mib``: the peak
+            counted with the backbone's weights resident. :attr:`peak_memory_mib` leaves them
+            out (they are loaded before the measurement starts). Side methods with a cache do not
+            need the backbone while training; it is counted anyway (conservative).
     """
 
     method: str
@@ -56,12 +67,15 @@ class AdaptReport:
     extra: Mapping[str, Any] = field(default_factory=dict)
     objective: str = "classification"
     metrics: Mapping[str, float] = field(default_factory=dict)
+    backbone_memory_mib: float = math.nan
+    peak_memory_with_backbone_mib: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (losses summarised by first and last value)."""
         d = asdict(self)
         d["losses"] = [self.losses[0], self.losses[-1]] if self.losses else []
-        d["tpme"] = None if math.isnan(self.tpme) else self.tpme
+        for k in ("tpme", "backbone_memory_mib", "peak_memory_with_backbone_mib"):
+            d[k] = None if math.isnan(d[k]) else d[k]
         return d
 
 

@@ -6,6 +6,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from mmsafe.methods.adapt.options import (
     MODALITIES,
     OBJECTIVES,
     RETRIEVAL_METHODS,
+    SEQREC_METHODS,
     SIDE_METHODS,
 )
 from mmsafe.methods.adapt.report import (
@@ -119,7 +121,21 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
 def _quality(metrics: Mapping[str, float], objective: str) -> float:
     if objective == "classification":
         return metrics["accuracy"]
+    if objective == "seqrec":
+        return metrics["ndcg@10"]
     return (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
+
+
+def weights_mib(module: nn.Module) -> float:
+    """MiB of a module's parameters and buffers: its resident weights.
+
+    Example:
+        >>> weights_mib(nn.Linear(1024, 256, bias=False))  # 2**18 float32 weights
+        1.0
+    """
+    n = sum(p.numel() * p.element_size() for p in module.parameters())
+    n += sum(b.numel() * b.element_size() for b in module.buffers())
+    return n / 2**20
 
 
 def _key(*parts: Any) -> str:
@@ -162,7 +178,10 @@ def adapt(
         test: rows to evaluate, filtered the same way. Retrieval ranks every test caption for
             every test image and the reverse, as ``mmsafe audit --task retrieval`` does.
         method: one of :data:`METHODS` (:data:`RETRIEVAL_METHODS` for retrieval).
-        objective: ``classification`` (fusion classification, cross-entropy; quality: accuracy)
+        objective: ``classification`` (fusion classification, cross-entropy; quality: accuracy),
+            ``seqrec`` (``train`` is recommendation data, ``test`` the users to rank, ``None``
+            for the same; a SASRec over the method's item representation, in-batch softmax;
+            quality: test NDCG@10 under full ranking; see :mod:`~mmsafe.methods.adapt.seqrec`)
             or ``retrieval`` (symmetric InfoNCE with a learnable temperature initialised to the
             model's logit scale; quality: mean R@1 of image -> text and text -> image, every
             recall in :attr:`AdaptReport.metrics`).
@@ -206,6 +225,8 @@ def adapt(
             f"method {method!r} does not support retrieval (it fuses the modalities into one "
             f"vector); choose from {', '.join(RETRIEVAL_METHODS)}."
         )
+    if objective == "seqrec" and method not in SEQREC_METHODS:
+        raise ValueError(f"method {method!r} does not support seqrec.")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"Need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}.")
     with _threads(threads):
@@ -256,6 +277,11 @@ class _Task:
         num_classes = max(len(train.classes), int(np.max(train.labels)) + 1)
         return cls(objective, train, test, y_train, y_test, num_classes)
 
+    @classmethod
+    def seqrec(cls) -> _Task:
+        """A placeholder for the report of ``objective="seqrec"`` (its own loop and data)."""
+        return cls("seqrec", None, None, None, None, 0)  # type: ignore[arg-type]
+
     @property
     def retrieval(self) -> bool:
         return self.objective == "retrieval"
@@ -304,6 +330,7 @@ def _report(
     *,
     cache_seconds: float = 0.0,
     extra: Mapping[str, Any] | None = None,
+    backbone_mib: float = math.nan,
 ) -> AdaptReport:
     return AdaptReport(
         method=method,
@@ -320,6 +347,8 @@ def _report(
         extra=dict(extra or {}),
         objective=task.objective,
         metrics=dict(metrics),
+        backbone_memory_mib=backbone_mib,
+        peak_memory_with_backbone_mib=peak.mib + backbone_mib,
     )
 
 
@@ -344,9 +373,22 @@ def _adapt(
     max_taps: int,
     groups: int | Mapping[str, int] | None,
 ) -> Adapted:
-    task = _Task.of(objective, train, test)
     lr = DEFAULT_LR[method] if lr is None else lr
     dev = torch.device(device)
+    if objective == "seqrec":
+        from mmsafe.methods.adapt.seqrec import adapt_seqrec
+
+        def seqrec_report(*args: Any, **kwargs: Any) -> AdaptReport:
+            return _report(args[0], _Task.seqrec(), *args[1:], **kwargs)
+
+        return adapt_seqrec(
+            model, train, test, method, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            dev=dev, cache=cache, cache_dir=cache_dir, lora_r=lora_r,
+            adapter_bottleneck=adapter_bottleneck, side_width=side_width,
+            side_bottleneck=side_bottleneck, max_taps=max_taps, groups=groups,
+            report=seqrec_report,
+        )  # fmt: skip
+    task = _Task.of(objective, train, test)
     inputs = preprocess_all(model, task.train)
     test_inputs = preprocess_all(model, task.test)
     if method in SIDE_METHODS:
@@ -359,22 +401,9 @@ def _adapt(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        encoder = copy.deepcopy(model).to(dev)
-        extra: dict[str, Any] = {}
-        adapters = None
-        if method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            targets = lora_targets(encoder)
-            cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets)
-            encoder = get_peft_model(encoder, cfg).base_model.model
-            extra = {"lora_r": lora_r, "targets": len(targets)}
-        elif method == "adapter":
-            for p in encoder.parameters():
-                p.requires_grad_(False)
-            probe = _batch_of(inputs, torch.arange(2), dev)
-            adapters = add_adapters(encoder, adapter_bottleneck, probe)
-            extra = {"bottleneck": adapter_bottleneck, "adapters": len(adapters)}
+        encoder, adapters, extra = _tower_module(
+            model, method, inputs, dev, lora_r=lora_r, bottleneck=adapter_bottleneck
+        )
         clf: EncoderClassifier | RetrievalEncoder
         if task.retrieval:
             clf = RetrievalEncoder(encoder, float(getattr(model, "logit_scale", 1 / 0.07)))
@@ -408,9 +437,42 @@ def _adapt(
     counts = count_parameters(clf)
     report = _report(
         method, task, times, losses, peak, counts.trainable, counts.total,
-        task.metrics(outputs_of(test_inputs)), extra=extra,
+        task.metrics(outputs_of(test_inputs)), extra=extra, backbone_mib=weights_mib(encoder),
     )  # fmt: skip
     return _adapted(clf, report, task, lambda data: outputs_of(preprocess_all(model, data)))
+
+
+def _tower_module(
+    model: Any,
+    method: str,
+    inputs: Mapping[str, Any],
+    dev: torch.device,
+    *,
+    lora_r: int,
+    bottleneck: int,
+) -> tuple[Any, nn.ModuleList | None, dict[str, Any]]:
+    """``(encoder, adapters, extra)``: a copy of ``model`` for ``full``, ``lora`` or ``adapter``.
+
+    LoRA factors live inside the returned encoder; adapters are returned apart (hooked into the
+    encoder's blocks, but not its submodules: register them on the module that trains).
+    """
+    encoder = copy.deepcopy(model).to(dev)
+    extra: dict[str, Any] = {}
+    adapters = None
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = lora_targets(encoder)
+        cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets)
+        encoder = get_peft_model(encoder, cfg).base_model.model
+        extra = {"lora_r": lora_r, "targets": len(targets)}
+    elif method == "adapter":
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        probe = _batch_of(inputs, torch.arange(2), dev)
+        adapters = add_adapters(encoder, bottleneck, probe)
+        extra = {"bottleneck": bottleneck, "adapters": len(adapters)}
+    return encoder, adapters, extra
 
 
 def _adapted(
@@ -522,6 +584,7 @@ def _adapt_side(
     report = _report(
         method, task, times, losses, peak, counts.trainable, backbone + counts.total, metrics,
         cache_seconds=0.0 if features is None else features.seconds, extra=extra,
+        backbone_mib=weights_mib(model),
     )  # fmt: skip
     return _adapted(head, report, task, lambda data: outputs_of(preprocess_all(model, data)))
 
