@@ -18,6 +18,8 @@ Every hardener is a :class:`~mmsafe.harden.base.Hardener` (``fit`` / ``transform
   (MultiDelete, gradient ascent), checked against retraining from scratch.
 * ``fairness`` -- :mod:`mmsafe.harden.fairness`: group norming (pre), an adversarial fusion
   head (in) and fairlearn group thresholds (post), with a before/after fairness table.
+* ``denoise`` -- :mod:`mmsafe.harden.denoise`: GUIDER-style denoising of a recommender's
+  implicit feedback (content re-calibration, DBPR, OT-guided distillation; ``docs/denoise.md``).
 
 Without a command: :func:`~mmsafe.harden.calibration.cml_finetune` (CML regularisation of a
 fusion head) and :mod:`mmsafe.harden.federated` (FedAvg training of a fusion head over
@@ -28,6 +30,7 @@ dependencies load only then.
 """
 
 from mmsafe.harden.base import (
+    BUILTIN,
     Hardened,
     Hardener,
     HardenError,
@@ -44,6 +47,8 @@ from mmsafe.harden.calibration import (
     fit_temperature,
     temperature_nll,
 )
+
+BUILTIN.setdefault("denoise", "mmsafe.harden.denoise")  # a recommender hardener, loaded on use
 
 __all__ = [
     "HardenError",
