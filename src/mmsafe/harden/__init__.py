@@ -30,7 +30,6 @@ dependencies load only then.
 """
 
 from mmsafe.harden.base import (
-    BUILTIN,
     Hardened,
     Hardener,
     HardenError,
@@ -47,8 +46,6 @@ from mmsafe.harden.calibration import (
     fit_temperature,
     temperature_nll,
 )
-
-BUILTIN.setdefault("denoise", "mmsafe.harden.denoise")  # a recommender hardener, loaded on use
 
 __all__ = [
     "HardenError",

@@ -177,6 +177,7 @@ BUILTIN: dict[str, str] = {
     "dp-clip": "mmsafe.harden.dp_clip",
     "unlearn": "mmsafe.harden.unlearn",
     "fairness": "mmsafe.harden.fairness",
+    "denoise": "mmsafe.harden.denoise",
 }
 """Built-in hardeners and the module that registers each (imported on first use)."""
 
