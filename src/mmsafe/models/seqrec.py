@@ -354,34 +354,33 @@ def fit_seqrec(
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     best, best_state, best_epoch, stale, epochs = -1.0, None, 0, 0, 0
     start = time.perf_counter()
-    if True:
-        for epoch in range(train.epochs):
-            model.train()
-            order = torch.randperm(len(windows), generator=gen)
-            for s in range(0, len(order), train.batch_size):
-                batch = windows[order[s : s + train.batch_size]].to(model.device)
-                inputs, targets = batch[:, :-1], batch[:, 1:]
-                keep = (inputs >= 0) & (targets >= 0)
-                table = model.item_table(feats)
-                states = model.sasrec(inputs, table)
-                logits = (states[keep] @ table.T).masked_fill(unseen, float("-inf"))
-                loss = nn.functional.cross_entropy(logits, targets[keep])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            epochs = epoch + 1
-            with torch.no_grad():
-                model.eval()
-                score = _validation_ndcg(model, model.item_table(feats), seqs, val_targets)
-            if progress is not None:
-                progress(epochs, score)
-            if score > best:
-                best, best_epoch, stale = score, epochs, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= train.patience:
-                    break
+    for epoch in range(train.epochs):
+        model.train()
+        order = torch.randperm(len(windows), generator=gen)
+        for s in range(0, len(order), train.batch_size):
+            batch = windows[order[s : s + train.batch_size]].to(model.device)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            keep = (inputs >= 0) & (targets >= 0)
+            table = model.item_table(feats)
+            states = model.sasrec(inputs, table)
+            logits = (states[keep] @ table.T).masked_fill(unseen, float("-inf"))
+            loss = nn.functional.cross_entropy(logits, targets[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epochs = epoch + 1
+        with torch.no_grad():
+            model.eval()
+            score = _validation_ndcg(model, model.item_table(feats), seqs, val_targets)
+        if progress is not None:
+            progress(epochs, score)
+        if score > best:
+            best, best_epoch, stale = score, epochs, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= train.patience:
+                break
     if best_state is not None and train.restore_best:
         model.load_state_dict(best_state)
     model.eval()
