@@ -120,7 +120,7 @@ def fit_denoised(
     the filtered history) and picks the best epoch by NDCG@10, as in
     :func:`~mmsafe.models.seqrec.fit_seqrec`.
     """
-    from mmsafe.models.seqrec import ModelError, _validation_ndcg, pad_histories
+    from mmsafe.models.seqrec import ModelError, pad_histories, validation_ndcg
 
     if loss not in ("dbpr", "softmax"):
         raise HardenError(f"--loss must be dbpr or softmax, not {loss!r}")
@@ -179,7 +179,7 @@ def fit_denoised(
         epochs = epoch + 1
         with torch.no_grad():
             model.eval()
-            score = _validation_ndcg(model, model.item_table(feats), seqs, val)
+            score = validation_ndcg(model, model.item_table(feats), seqs, val)
         if score > best:
             best, best_epoch, stale = score, epochs, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -383,11 +383,11 @@ class DenoiseHardener(Hardener):
 
     def save(self, path: Path) -> Path:  # noqa: D102
         from mmsafe.engine.cache import atomic_write_json
-        from mmsafe.models.seqrec import _save_weights
+        from mmsafe.models.seqrec import save_weights
 
         student = self._fitted()
         path = Path(path)
-        _save_weights(student, path)
+        save_weights(student, path)
         assert self.flagged_ is not None and self.clean_ is not None
         doc = {
             "hardener": self.name,

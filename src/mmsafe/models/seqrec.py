@@ -308,9 +308,10 @@ def training_histories(data: Dataset) -> tuple[list[np.ndarray], np.ndarray]:
     return [s[:-1] for s in seqs], np.array([s[-1] for s in seqs], dtype=np.int64)
 
 
-def _validation_ndcg(
+def validation_ndcg(
     model: SeqRecommender, table: Tensor, inputs: list[np.ndarray], targets: np.ndarray
 ) -> float:
+    """Mean NDCG@10 of ``targets`` after ``inputs`` (full ranking, the inputs excluded)."""
     from mmsafe.metrics.ranking import ndcg, target_ranks
 
     scores = model.scores(inputs, table.detach())
@@ -371,7 +372,7 @@ def fit_seqrec(
         epochs = epoch + 1
         with torch.no_grad():
             model.eval()
-            score = _validation_ndcg(model, model.item_table(feats), seqs, val_targets)
+            score = validation_ndcg(model, model.item_table(feats), seqs, val_targets)
         if progress is not None:
             progress(epochs, score)
         if score > best:
@@ -488,11 +489,12 @@ def build_seqrec(
                            "hyperparameters": dataclasses.asdict(train),
                            "data_fingerprint": data.fingerprint(), **stats}  # fmt: skip
     if save:
-        _save_weights(model, folder)
+        save_weights(model, folder)
     return model
 
 
-def _save_weights(model: SeqRecommender, folder: Path) -> None:
+def save_weights(model: SeqRecommender, folder: Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (with the training facts), atomically."""
     from safetensors.torch import save_file
 
     from mmsafe.engine.cache import atomic_write

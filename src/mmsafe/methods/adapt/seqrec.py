@@ -210,7 +210,7 @@ def adapt_seqrec(
     the history, its label the target. ``report`` builds the :class:`AdaptReport` (the caller's,
     so every objective reports alike).
     """
-    from mmsafe.methods.adapt.train import _key, _tower_module, weights_mib
+    from mmsafe.methods.adapt.parts import cache_key, tower_module, weights_mib
     from mmsafe.methods.efficiency import count_parameters, peak_memory
 
     test = train if test is None else test
@@ -233,8 +233,8 @@ def adapt_seqrec(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if method in SIDE_METHODS:
+            from mmsafe.methods.adapt.parts import side_head
             from mmsafe.methods.adapt.side import FeatureCache
-            from mmsafe.methods.adapt.train import _side_head
 
             backbone = model.to(dev).eval()
             depth = {m: len(layers) for m, layers in tower_layers(backbone).items()}
@@ -243,9 +243,9 @@ def adapt_seqrec(
             taps = group_taps({m: depth[m] for m in MODALITIES}, n_groups)
             probe = _tapped_batch(backbone, item_inputs, torch.arange(2), taps, dev)
             dims = {m: [int(f.shape[1]) for f in probe[m]] for m in MODALITIES}
-            items: nn.Module = _side_head(method, dims, cfg.hidden, side_width, side_bottleneck)
+            items: nn.Module = side_head(method, dims, cfg.hidden, side_width, side_bottleneck)
             if cache:
-                key = _key(backbone.fingerprint(), catalog.fingerprint(), taps, "pool/v1")
+                key = cache_key(backbone.fingerprint(), catalog.fingerprint(), taps, "pool/v1")
                 features = FeatureCache(
                     backbone, item_inputs, taps, cache_dir=cache_dir, key=key, device=dev
                 )
@@ -262,7 +262,7 @@ def adapt_seqrec(
                          cache_dir=None if cache_dir is None else str(cache_dir),
                          cache_hit=features is not None and features.seconds == 0.0)  # fmt: skip
         else:
-            encoder, adapters, tower_extra = _tower_module(
+            encoder, adapters, tower_extra = tower_module(
                 model, method, item_inputs, dev, lora_r=lora_r, bottleneck=adapter_bottleneck
             )
             backbone = encoder

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,11 +22,10 @@ from mmsafe.methods.adapt.layers import (
     _tapped_batch,
     group_taps,
     labelled_rows,
-    lora_targets,
     preprocess_all,
     tower_layers,
 )
-from mmsafe.methods.adapt.modules import EncoderClassifier, RetrievalEncoder, add_adapters
+from mmsafe.methods.adapt.modules import EncoderClassifier, RetrievalEncoder
 from mmsafe.methods.adapt.options import (
     DEFAULT_LR,
     METHODS,
@@ -39,6 +35,10 @@ from mmsafe.methods.adapt.options import (
     SEQREC_METHODS,
     SIDE_METHODS,
 )
+from mmsafe.methods.adapt.parts import cache_key as _key
+from mmsafe.methods.adapt.parts import side_head as _side_head
+from mmsafe.methods.adapt.parts import tower_module as _tower_module
+from mmsafe.methods.adapt.parts import weights_mib
 from mmsafe.methods.adapt.report import (
     Adapted,
     AdaptReport,
@@ -46,8 +46,6 @@ from mmsafe.methods.adapt.report import (
 )
 from mmsafe.methods.adapt.side import (
     FeatureCache,
-    IISANHead,
-    IISANVersaHead,
     MOMEFHead,
     SideRetrievalHead,
 )
@@ -124,22 +122,6 @@ def _quality(metrics: Mapping[str, float], objective: str) -> float:
     if objective == "seqrec":
         return metrics["ndcg@10"]
     return (metrics["i2t_R@1"] + metrics["t2i_R@1"]) / 2
-
-
-def weights_mib(module: nn.Module) -> float:
-    """MiB of a module's parameters and buffers: its resident weights.
-
-    Example:
-        >>> weights_mib(nn.Linear(1024, 256, bias=False))  # 2**18 float32 weights
-        1.0
-    """
-    n = sum(p.numel() * p.element_size() for p in module.parameters())
-    n += sum(b.numel() * b.element_size() for b in module.buffers())
-    return n / 2**20
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
 def adapt(
@@ -442,39 +424,6 @@ def _adapt(
     return _adapted(clf, report, task, lambda data: outputs_of(preprocess_all(model, data)))
 
 
-def _tower_module(
-    model: Any,
-    method: str,
-    inputs: Mapping[str, Any],
-    dev: torch.device,
-    *,
-    lora_r: int,
-    bottleneck: int,
-) -> tuple[Any, nn.ModuleList | None, dict[str, Any]]:
-    """``(encoder, adapters, extra)``: a copy of ``model`` for ``full``, ``lora`` or ``adapter``.
-
-    LoRA factors live inside the returned encoder; adapters are returned apart (hooked into the
-    encoder's blocks, but not its submodules: register them on the module that trains).
-    """
-    encoder = copy.deepcopy(model).to(dev)
-    extra: dict[str, Any] = {}
-    adapters = None
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        targets = lora_targets(encoder)
-        cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=targets)
-        encoder = get_peft_model(encoder, cfg).base_model.model
-        extra = {"lora_r": lora_r, "targets": len(targets)}
-    elif method == "adapter":
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        probe = _batch_of(inputs, torch.arange(2), dev)
-        adapters = add_adapters(encoder, bottleneck, probe)
-        extra = {"bottleneck": bottleneck, "adapters": len(adapters)}
-    return encoder, adapters, extra
-
-
 def _adapted(
     module: nn.Module, report: AdaptReport, task: _Task, outputs: Callable[[Dataset], Any]
 ) -> Adapted:
@@ -487,16 +436,6 @@ def _adapted(
         return emb["image"] @ emb["text"].T
 
     return Adapted(module, report, similarity, outputs)
-
-
-def _side_head(
-    method: str, dims: Mapping[str, Sequence[int]], num_classes: int, width: int, bottleneck: int
-) -> IISANHead | MOMEFHead:
-    if method == "iisan":
-        return IISANHead(dims, num_classes, width=width, bottleneck=bottleneck)
-    if method == "iisan-versa":
-        return IISANVersaHead(dims, num_classes, width=width, bottleneck=bottleneck)
-    return MOMEFHead(dims, num_classes, width=width, bottleneck=bottleneck)
 
 
 def _adapt_side(
