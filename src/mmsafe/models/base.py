@@ -150,20 +150,28 @@ class EncoderModel(nn.Module, ABC):
 
     def fingerprint(self) -> str:
         """A hash of the config and every weight; the engine keys cached outputs on it."""
-        cached = getattr(self, "_fingerprint_cache", None)
-        if cached is not None:
-            return cached
-        h = hashlib.sha256(json.dumps(self.config(), sort_keys=True, default=str).encode())
-        for key, tensor in sorted(self.state_dict().items()):
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        fp = h.hexdigest()[:16]
-        object.__setattr__(self, "_fingerprint_cache", fp)
-        return fp
+        return module_fingerprint(self, self.config())
 
     def invalidate_fingerprint(self) -> None:
         """Forget the cached fingerprint (call after changing weights, e.g. in a hardener)."""
         object.__setattr__(self, "_fingerprint_cache", None)
+
+
+def module_fingerprint(module: nn.Module, config: Mapping[str, Any]) -> str:
+    """A hash of ``config`` and every weight of ``module``, memoised on the module.
+
+    Call ``invalidate_fingerprint`` (or clear ``_fingerprint_cache``) after changing weights.
+    """
+    cached = getattr(module, "_fingerprint_cache", None)
+    if cached is not None:
+        return cached
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    fp = h.hexdigest()[:16]
+    object.__setattr__(module, "_fingerprint_cache", fp)
+    return fp
 
 
 OPTIONAL_METHODS: tuple[str, ...] = ("hidden_states", "text_tokens", "train_shadow")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmsafe.models.base import EncoderModel, ModelError, register_model
+from mmsafe.models.base import EncoderModel, ModelError, module_fingerprint, register_model
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
@@ -219,16 +219,7 @@ class SeqRecommender(nn.Module):
 
     def fingerprint(self) -> str:
         """A hash of the config (with the encoder's fingerprint) and every weight."""
-        cached = getattr(self, "_fingerprint_cache", None)
-        if cached is not None:
-            return cached
-        h = hashlib.sha256(json.dumps(self.config(), sort_keys=True, default=str).encode())
-        for key, tensor in sorted(self.state_dict().items()):
-            h.update(key.encode())
-            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-        fp = h.hexdigest()[:16]
-        object.__setattr__(self, "_fingerprint_cache", fp)
-        return fp
+        return module_fingerprint(self, self.config())
 
     def invalidate_fingerprint(self) -> None:
         """Forget the cached fingerprint (after changing weights)."""
