@@ -30,10 +30,11 @@ from mmsafe.data.worlds import load_world
 from mmsafe.engine import Engine
 from mmsafe.models.seqrec import SeqRecConfig, SeqRecommender
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+from mmsafe.models.tiny_vlm import TinyVLM, TinyVLMConfig, world_vocab
 from mmsafe.tasks import create_task
 
-TASKS = ("zero_shot", "fusion", "retrieval", "seqrec")
-KIND_OF_TASK = {"seqrec": "recommender"}  # every other task audits an encoder
+TASKS = ("zero_shot", "fusion", "retrieval", "seqrec", "vqa")
+KIND_OF_TASK = {"seqrec": "recommender", "vqa": "vlm"}  # every other task audits an encoder
 
 # Small budgets: the contract is under test here, not the science (each check's own tests
 # and bench/ hold the figures).
@@ -73,22 +74,30 @@ CHEAP = {
     "robustness.shift_seqrec": {"image_corruptions": ["gaussian_noise"],
                                 "text_perturbations": ["char_swap"], "severities": [3],
                                 "n_boot": 50},
+    "alignment.jailbreak": {"eps": ["8/255", "unconstrained"], "steps": 2, "max_rows": 6,
+                            "gcg_steps": 1, "gcg_rows": 2, "queries": 4, "n_boot": 50},
+    "alignment.hallucination": {"max_scenes": 12, "n_boot": 50},
+    "alignment.judge": {"max_rows": 6, "templates": ["dan", "prefix_injection"]},
 }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def cards() -> dict[str, dict]:
     """One full audit per task of a random xs tiny-clip on a tiny world with every flaw on (and
-    of an untrained recommender over its items, on a small shapes-rec world, for seqrec)."""
+    of an untrained recommender over its items, on a small shapes-rec world, for seqrec; of an
+    untrained tiny-vlm on a small shapes-vqa world, for vqa)."""
     data = load_world("shapes:n=400,seed=5")
     torch.manual_seed(0)
     model = TinyClip(TinyClipConfig.for_size("xs"))
     rec_data = load_world("shapes-rec:n_users=200,n_items=60,seed=5")
     dims = (model.embed_dim, model.embed_dim)
     recommender = SeqRecommender(SeqRecConfig(60, feature_dims=dims), model).eval()
+    vqa_data = load_world("shapes-vqa:n_scenes=60,seed=5")
+    vlm = TinyVLM(TinyVLMConfig(vocab=world_vocab(vqa_data).tokens, tower="scratch")).eval()
+    targets = {"seqrec": (recommender, rec_data), "vqa": (vlm, vqa_data)}
     out = {}
     for task in TASKS:
-        target, rows = (recommender, rec_data) if task == "seqrec" else (model, data)
+        target, rows = targets.get(task, (model, data))
         result = run_audit(
             target, rows, task=task, checks="all", engine=Engine(progress=False), options=CHEAP
         )
@@ -133,7 +142,10 @@ def test_one_metric_schema_per_check_whatever_the_task(cards) -> None:
     """A check reports the same metric names on every task it declares, except the ones its
     ``conditional_metrics`` declare (and those appear exactly where their condition holds)."""
     problems = []
-    capabilities = TinyClip(TinyClipConfig.for_size("xs")).capabilities()  # the audited model's
+    capabilities = {  # the audited model's
+        **dict.fromkeys(TASKS, TinyClip(TinyClipConfig.for_size("xs")).capabilities()),
+        "vqa": TinyVLM(TinyVLMConfig(vocab=("<pad>",))).capabilities(),
+    }
     for name in list_checks():
         cls = get_check(name)
         tasks = [task for task in TASKS if task in cls.tasks]
@@ -141,7 +153,8 @@ def test_one_metric_schema_per_check_whatever_the_task(cards) -> None:
         every = set.union(*seen.values())
         for t in tasks:
             mods = create_task(t).modalities
-            expected = {m for m in every if expected_metric(cls, m, t, mods, capabilities)}
+            caps = capabilities[t]
+            expected = {m for m in every if expected_metric(cls, m, t, mods, caps)}
             if seen[t] != expected:
                 problems.append((name, t, sorted(seen[t] ^ expected)))
     assert not problems, "\n".join(map(str, problems))

@@ -260,8 +260,12 @@ AUTO_TASK = "auto"
 
 
 def default_task(model: object) -> str:
-    """The task ``--task auto`` picks: ``seqrec`` for a recommender, else ``zero_shot``."""
-    return "seqrec" if getattr(model, "kind", "encoder") == "recommender" else "zero_shot"
+    """The task ``--task auto`` picks: ``seqrec``, ``vqa`` or ``zero_shot`` by model kind.
+
+    ``seqrec`` for a recommender, ``vqa`` for a vision-language model, else ``zero_shot``.
+    """
+    kind = getattr(model, "kind", "encoder")
+    return {"recommender": "seqrec", "vlm": "vqa"}.get(kind, "zero_shot")
 
 
 @app.command()
@@ -271,7 +275,8 @@ def audit(
     task: Annotated[
         str,
         typer.Option(
-            help="auto (zero_shot; seqrec for a recommender), zero_shot, retrieval, fusion, seqrec."
+            help="auto (zero_shot; seqrec for a recommender, vqa for a VLM), zero_shot, retrieval, "
+            "fusion, seqrec, vqa."
         ),
     ] = AUTO_TASK,
     checks: ChecksOpt = "all",
@@ -550,6 +555,74 @@ def adapt_cmd(
         raise _internal_error(exc, out) from None
     out_console.print(markdown_table(reports), highlight=False)
     out_console.print(f"saved: {out / 'adaptation.json'}")
+
+
+@app.command("judge")
+def judge_cmd(
+    file: Annotated[
+        Path,
+        typer.Argument(help="CSV of question, answer and optionally label (1 = complies)."),
+    ],
+    hf_judge: Annotated[
+        Path | None,
+        typer.Option(
+            "--hf-judge",
+            help="Folder of a local Hugging Face sequence classifier to add to the ensemble "
+            "(never downloaded).",
+        ),
+    ] = None,
+) -> None:
+    """Judge each answer (complies or refuses) with an offline ensemble; write FILE.judged.csv.
+
+    With a label column, prints each judge's precision, recall and F1; always prints each
+    judge's attack success rate and the agreement (Cohen's kappa) of every pair of judges.
+    """
+    from mmsafe.engine.cache import atomic_write_text
+    from mmsafe.methods.judge import (
+        JudgeError,
+        default_judges,
+        judge_table,
+        judged_csv_text,
+        judged_path,
+        read_judge_csv,
+    )
+
+    out = judged_path(file)
+    try:
+        table = read_judge_csv(file)
+        report = judge_table(table, default_judges(hf_judge))
+        text = judged_csv_text(table, report)
+    except JudgeError as exc:
+        raise _user_error(str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - crashes become exit 3 with a log
+        raise _internal_error(exc, out.parent) from None
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        raise _user_error(f"cannot write {out}: {exc.strerror or exc}") from None
+
+    table_out = Table(title=f"judges on {len(table.rows)} answers ({report.unscorable} unscorable)")
+    scored = table.truth is not None
+    columns = ["judge", "ASR", *(("precision", "recall", "F1", "accuracy") if scored else ())]
+    for col in columns:
+        table_out.add_column(col, justify="left" if col == "judge" else "right")
+    for name, rate in report.success_rates.items():
+        cells = [f"{rate:.3f}"]
+        if scored:
+            cells += [f"{report.metrics[f'{name}/{m}']:.3f}" for m in ("precision", "recall")]
+            cells += [f"{report.metrics[f'{name}/{m}']:.3f}" for m in ("f1", "accuracy")]
+        table_out.add_row(name, *cells)
+    out_console.print(table_out)
+    lo, hi = report.band
+    out_console.print(f"ASR band across judges: {lo:.3f} to {hi:.3f}", highlight=False)
+    if report.agreement:
+        kappas = Table(title="agreement (Cohen's kappa)")
+        kappas.add_column("judges")
+        kappas.add_column("kappa", justify="right")
+        for key, kappa in report.agreement.items():
+            kappas.add_row(key.removeprefix("kappa/"), f"{kappa:.3f}")
+        out_console.print(kappas)
+    out_console.print(f"wrote: {out}", highlight=False)
 
 
 @app.command("list-checks")

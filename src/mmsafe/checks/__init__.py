@@ -3,6 +3,9 @@
 A check's name leads to its file: ``monitoring.conformal`` is ``checks/monitoring/conformal.py``.
 """
 
+from mmsafe.checks.alignment.hallucination import HallucinationCheck
+from mmsafe.checks.alignment.jailbreak import JailbreakCheck
+from mmsafe.checks.alignment.judge import JudgeCheck
 from mmsafe.checks.base import (
     PILLARS,
     TARGET_KINDS,
@@ -60,6 +63,9 @@ __all__ = [
     "ExplainCheck",
     "FairnessCheck",
     "Finding",
+    "HallucinationCheck",
+    "JailbreakCheck",
+    "JudgeCheck",
     "Metric",
     "ItemPromotionCheck",
     "ModalityCheck",

@@ -81,7 +81,13 @@ class PrecisionError(ValueError):
     """An unknown precision (``--precision``)."""
 
 
-COUNTERS: tuple[str, ...] = ("attack_iterations", "gradient_passes", "training_passes")
+COUNTERS: tuple[str, ...] = (
+    "attack_iterations",
+    "gradient_passes",
+    "training_passes",
+    "generation_requests",
+    "generated_rows",
+)
 """Passes the cache cannot serve, counted on their own lines of :meth:`Engine.accounting`."""
 SHARD_ROWS = 16384
 """Rows per shard: a dataset's row ``i`` is stored in shard ``i // SHARD_ROWS`` of its entry."""
@@ -312,6 +318,7 @@ class Engine:
         self.stream = stream
         self.cache = TensorCache(None if cache_dir is None else Path(cache_dir) / "embeddings")
         self._outputs: dict[str, Outputs] = {}
+        self._generated: dict[str, str] = {}
         self._encoded: dict[str, int] = {}
         # modality -> (model fingerprint, variant key) -> hashes of the distinct rows encoded
         self._distinct: dict[str, dict[tuple[str, str | None], set[int]]] = {}
@@ -838,6 +845,61 @@ class Engine:
         yield from loader
 
     # ------------------------------------------------------------------ task outputs
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        model: Any,
+        images: Sequence[Any] | Tensor,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int] | None = None,
+        max_new_tokens: int = 16,
+        temperature: float = 0.0,
+    ) -> list[str]:
+        """A vision-language model's answer to each (image, prompt, seed), cached.
+
+        ``images`` are uint8 ``(H, W, 3)`` arrays or a float pixel tensor ``(B, 3, S, S)`` in
+        ``[0, 1]`` (an attack's adversarial pixels). Answers are kept in memory under (model
+        fingerprint, image digest, prompt, seed, decoding settings), so no prompt is generated
+        twice with the same image and seed; the accounting counts requests and rows generated.
+        """
+        n = len(prompts)
+        if len(images) != n:
+            raise ValueError(f"generate: {len(images)} images for {n} prompts")
+        seeds = [0] * n if seeds is None else [int(s) for s in seeds]
+        model_fp = model.fingerprint()
+        keys = [
+            stable_hash("gen", model_fp, _value_digest(images[i]), str(prompts[i]), seeds[i],
+                        int(max_new_tokens), float(temperature))
+            for i in range(n)
+        ]  # fmt: skip
+        store = self._generated
+        missing = list(dict.fromkeys(k for k in keys if k not in store))
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        self._counters["generation_requests"] += n
+        todo = [first[k] for k in missing]
+        label = f"generate {getattr(model, 'name', 'model')}"
+        with self._sweep(len(todo), label) as starts:
+            for s in starts:
+                chunk = todo[s : s + self.batch_size]
+                if isinstance(images, Tensor):
+                    pixels = images[chunk]
+                else:
+                    pixels = model.preprocess_images([images[i] for i in chunk])
+                set_seed(self.seed)
+                with torch.inference_mode(), self._autocast():
+                    answers = model.generate(
+                        pixels.to(self.device),
+                        [str(prompts[i]) for i in chunk],
+                        max_new_tokens=max_new_tokens,
+                        seeds=[seeds[i] for i in chunk],
+                        temperature=temperature,
+                    )
+                for i, a in zip(chunk, answers, strict=True):
+                    store[keys[i]] = a
+                self._counters["generated_rows"] += len(chunk)
+        return [store[k] for k in keys]
+
     def outputs(self, model: EncoderModel, task: Task, data: Dataset) -> Outputs:
         """The task's clean outputs on ``data``, computed once per (model, data, task)."""
         data_fp = data.fingerprint()

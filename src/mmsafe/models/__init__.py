@@ -1,6 +1,6 @@
 """Models: the encoder protocol, the registry, and the built-in adapters (imported to register)."""
 
-from mmsafe.models import hf, lit_mini, seqrec, tiny_clip
+from mmsafe.models import hf, hf_vlm, lit_mini, seqrec, tiny_clip, tiny_vlm
 from mmsafe.models.base import (
     Batch,
     EncoderModel,
@@ -17,10 +17,12 @@ __all__ = [
     "ModelError",
     "create_model",
     "hf",
+    "hf_vlm",
     "images_to_tensor",
     "list_models",
     "lit_mini",
     "register_model",
     "seqrec",
     "tiny_clip",
+    "tiny_vlm",
 ]

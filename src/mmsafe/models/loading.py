@@ -16,6 +16,9 @@ else on the default world. ``<family>:<dir>`` names a saved one and loads as is.
 REC_TRAINED: tuple[str, ...] = ("mm-sasrec", "sasrec-id")
 """Recommender families: they train on the users of ``--data`` (recommendation data)."""
 
+VLM_TRAINED: tuple[str, ...] = ("tiny-vlm",)
+"""Vision-language families that train on ``--data shapes-vqa...`` (else on the default one)."""
+
 
 def is_world_trained(name: str) -> bool:
     """Whether ``--model name`` trains on the data's world (``tiny-clip-xs`` yes, ``x:<dir>`` no).
@@ -49,6 +52,17 @@ def load_model(
         return create_model(
             name,
             train_data=data,
+            seed=seed,
+            quick=quick,
+            cache_dir=cache_dir,
+            progress=progress,
+            device=device,
+        )
+    if ":" not in name and name.startswith(VLM_TRAINED):
+        is_vqa = data is not None and (data.source or "").startswith("shapes-vqa")
+        return create_model(
+            name,
+            train_data=data if is_vqa else None,
             seed=seed,
             quick=quick,
             cache_dir=cache_dir,

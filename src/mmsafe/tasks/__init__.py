@@ -1,4 +1,4 @@
-"""Tasks: zero-shot classification, retrieval, fusion classification, sequential recommendation."""
+"""Tasks: zero-shot, retrieval, fusion, sequential recommendation, visual question answering."""
 
 from mmsafe.tasks.base import (
     Outputs,
@@ -12,6 +12,7 @@ from mmsafe.tasks.base import (
 from mmsafe.tasks.fusion import FusionTask
 from mmsafe.tasks.retrieval import RetrievalTask, caption_positives
 from mmsafe.tasks.seqrec import SeqRecTask, is_rec_data
+from mmsafe.tasks.vqa import VQATask
 from mmsafe.tasks.zero_shot import DEFAULT_TEMPLATES, ZeroShotTask, build_prompts
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TemperatureScaledTask",
+    "VQATask",
     "ZeroShotTask",
     "build_prompts",
     "caption_positives",

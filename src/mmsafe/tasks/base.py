@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
     from mmsafe.models.base import EncoderModel
 
-TaskKind = Literal["classification", "retrieval", "ranking"]
+TaskKind = Literal["classification", "retrieval", "ranking", "generation"]
 
 
 class Engine(Protocol):
@@ -66,6 +66,7 @@ class Outputs:
         labels: ``(N,)`` int64 labels, ``-1`` where unlabelled.
         groups: the group column, if any.
         positives: for retrieval, the ``(N, N)`` boolean matrix of matching image-text pairs.
+        texts: for ``vqa``, the model's answer to each row (``logits`` is then ``(N, 0)``).
     """
 
     embeddings: dict[str, Tensor]
@@ -73,6 +74,7 @@ class Outputs:
     labels: np.ndarray
     groups: list[str] | None = None
     positives: np.ndarray | None = None
+    texts: list[str] | None = None
 
     @property
     def probs(self) -> np.ndarray:

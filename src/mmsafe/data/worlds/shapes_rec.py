@@ -45,7 +45,7 @@ import numpy as np
 
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds.shapes import CLASSES, COLOURS, make_shapes
-from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs
+from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs, type_problems
 from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 __all__ = [
@@ -155,16 +155,7 @@ def knob_help() -> str:
 
 
 def _validate(c: ShapesRecConfig) -> list[str]:
-    problems = []
-    for name, kind in _KNOB_TYPES.items():
-        value = getattr(c, name)
-        ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
-        if isinstance(value, bool) or not ok:
-            problems.append(
-                f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}"
-            )
-        elif not math.isfinite(value):
-            problems.append(f"{name}={value!r} must be finite")
+    problems = type_problems(c)
     if problems:
         return problems
     if c.seed < 0:

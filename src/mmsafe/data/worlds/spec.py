@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 
@@ -62,3 +63,28 @@ def parse_knobs(spec: str, world: str, config: type[T]) -> T:
             what = "an integer" if types[key] is int else "a number"
             raise WorldSpecError(f"Knob {key!r} needs {what}, got {value!r}. {help_}") from None
     return config(**knobs)
+
+
+def type_problems(config: Any) -> list[str]:
+    """What is wrong with the types of a config's knobs: ints, finite numbers, no booleans.
+
+    Example:
+        >>> import dataclasses
+        >>> @dataclasses.dataclass
+        ... class C:
+        ...     n: int = 1
+        ...     p: float = 0.5
+        >>> type_problems(C(n=1.5, p=float("nan")))
+        ['n=1.5 must be an integer', 'p=nan must be finite']
+    """
+    problems = []
+    for name, kind in knob_types(type(config)).items():
+        value = getattr(config, name)
+        ok = isinstance(value, int) if kind is int else isinstance(value, int | float)
+        if isinstance(value, bool) or not ok:
+            problems.append(
+                f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}"
+            )
+        elif not math.isfinite(value):
+            problems.append(f"{name}={value!r} must be finite")
+    return problems

@@ -1,0 +1,1 @@
+"""Alignment checks: jailbreaks, hallucination and the judges of generative VLMs."""
