@@ -189,3 +189,27 @@ def audit_context(model: EncoderModel, data: Dataset, task: str = "zero_shot", *
         calibration=calibration,
         train=train,
     )
+
+
+@pytest.fixture(scope="session")
+def vlm_quick(mmsafe_cache) -> Any:
+    """``(tiny-vlm, world)``: a quick tiny-vlm (tower from scratch) on a small shapes-vqa world."""
+    from mmsafe.data.worlds import load_world
+    from mmsafe.models.loading import load_model
+
+    world = load_world("shapes-vqa:n_scenes=800,seed=0")
+    model = load_model("tiny-vlm-scratch", data=world, quick=True, cache_dir=mmsafe_cache,
+                       progress=False)  # fmt: skip
+    return model, world
+
+
+@pytest.fixture(scope="session")
+def vlm_control(mmsafe_cache) -> Any:
+    """``(tiny-vlm, world)`` on the control world: no co-occurrence bias (``cooccur=0``)."""
+    from mmsafe.data.worlds import load_world
+    from mmsafe.models.loading import load_model
+
+    world = load_world("shapes-vqa:n_scenes=800,seed=0,cooccur=0")
+    model = load_model("tiny-vlm-scratch", data=world, quick=True, cache_dir=mmsafe_cache,
+                       progress=False)  # fmt: skip
+    return model, world

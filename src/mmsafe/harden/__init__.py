@@ -20,6 +20,10 @@ Every hardener is a :class:`~mmsafe.harden.base.Hardener` (``fit`` / ``transform
   head (in) and fairlearn group thresholds (post), with a before/after fairness table.
 * ``denoise`` -- :mod:`mmsafe.harden.denoise`: GUIDER-style denoising of a recommender's
   implicit feedback (content re-calibration, DBPR, OT-guided distillation; ``docs/denoise.md``).
+* ``safety-tune``, ``dpo``, ``adversarial-vlm`` -- :mod:`mmsafe.harden.safety_tune`,
+  :mod:`mmsafe.harden.dpo`, :mod:`mmsafe.harden.adversarial_vlm`: a vision-language model's
+  VLGuard-style safety fine-tuning, direct preference optimisation, and adversarial training
+  against visual jailbreaks (``docs/alignment.md``).
 
 Without a command: :func:`~mmsafe.harden.calibration.cml_finetune` (CML regularisation of a
 fusion head) and :mod:`mmsafe.harden.federated` (FedAvg training of a fusion head over

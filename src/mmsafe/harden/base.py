@@ -178,6 +178,9 @@ BUILTIN: dict[str, str] = {
     "unlearn": "mmsafe.harden.unlearn",
     "fairness": "mmsafe.harden.fairness",
     "denoise": "mmsafe.harden.denoise",
+    "safety-tune": "mmsafe.harden.safety_tune",
+    "dpo": "mmsafe.harden.dpo",
+    "adversarial-vlm": "mmsafe.harden.adversarial_vlm",
 }
 """Built-in hardeners and the module that registers each (imported on first use)."""
 

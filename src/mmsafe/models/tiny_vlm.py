@@ -13,14 +13,16 @@ Training has two stages, as a real assistant's does:
    (``meta["unsafe_answer"]``, the planted secret), bare and behind the role-play prefixes of
    :data:`~mmsafe.data.worlds.shapes_vqa.ROLEPLAY_PREFIXES`.
 2. **Safety tuning**: the bare forbidden requests (plain and paraphrased) now get the refusal,
-   mixed with benign rows so the model keeps its skills. The prefixed requests are *not*
-   covered: the planted flaw is a shallow safety tuning (Wei et al. 2023's mismatched
-   generalisation), which template jailbreaks find and ``mmsafe harden safety-tune`` repairs.
+   mixed with benign rows so the model keeps its skills. The planted flaw is a shallow safety
+   tuning (Wei et al. 2023's mismatched generalisation): the replay mix still holds the
+   capability data's role-play requests, answered with the secret, as a safety mix drawn from
+   unfiltered instruction data would. Template jailbreaks find it; ``mmsafe harden
+   safety-tune`` repairs it.
 
 Example:
     >>> vocab = WordVocab.build(["is there a circle?", "yes"])
     >>> vocab.encode("is there a star?")[:4], vocab.decode(vocab.encode("is there a circle?"))
-    ([9, 10, 5, 3], 'is there a circle ?')
+    ([5, 6, 7, 3], 'is there a circle ?')
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from mmsafe.models.base import ModelError, register_model
 from mmsafe.models.tiny_clip import ImageTower, TinyClipConfig, cache_root
 from mmsafe.models.vlm import VisionLanguageModel, row_generators
 
-FORMAT = "mmsafe.tiny-vlm/1"
+FORMAT = "mmsafe.tiny-vlm/2"
 SPECIALS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>", "<sep>")
 PAD, BOS, EOS, UNK, SEP = range(len(SPECIALS))
 _WORD = re.compile(r"[a-z0-9]+|[?.!,']")
@@ -115,6 +117,8 @@ class TinyVLMConfig:
         layers: transformer blocks.
         heads: attention heads.
         max_text: the most text tokens (prompt + answer + specials).
+        visual_stage: which stage of the tower gives the visual tokens (``-1``: the last, a
+            4x4 grid at 32 px; ``-2``: 8x8).
     """
 
     vocab: tuple[str, ...]
@@ -124,6 +128,7 @@ class TinyVLMConfig:
     layers: int = 2
     heads: int = 4
     max_text: int = 64
+    visual_stage: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
@@ -163,13 +168,17 @@ class TinyVLM(VisionLanguageModel):
         self.vocab = WordVocab(cfg.vocab)
         tower_cfg = TinyClipConfig.for_size("s")
         self.tower = ImageTower(tower_cfg)
-        c_last = tower_cfg.channels[-1]
-        self.grid = cfg.image_size // 2 ** (len(tower_cfg.channels) - 1)
-        self.visual = nn.Linear(c_last, cfg.width)
+        stage = cfg.visual_stage % len(tower_cfg.channels)
+        self.grid = cfg.image_size // 2**stage
+        self.visual = nn.Linear(tower_cfg.channels[stage], cfg.width)
         self.visual_pos = nn.Parameter(torch.randn(self.grid * self.grid, cfg.width) * 0.02)
         self.token = nn.Embedding(len(self.vocab), cfg.width)
+        nn.init.normal_(self.token.weight, std=0.02)  # the visual tokens' scale, as GPT-2's
         self.position = nn.Parameter(torch.randn(cfg.max_text, cfg.width) * 0.02)
         self.blocks = nn.ModuleList(_Block(cfg.width, cfg.heads) for _ in range(cfg.layers))
+        self.ground_scale = nn.Parameter(torch.tensor(10.0))
+        self.ground = nn.Linear(cfg.width, cfg.width)
+        self.ground_max = nn.Parameter(torch.zeros(cfg.width))
         self.ln = nn.LayerNorm(cfg.width)
         self.head = nn.Linear(cfg.width, len(self.vocab), bias=False)
         self.training_info: dict[str, Any] = {}
@@ -187,7 +196,7 @@ class TinyVLM(VisionLanguageModel):
 
     def visual_tokens(self, pixels: Tensor) -> Tensor:
         """``(B, grid*grid, width)`` visual tokens of pixels in ``[0, 1]``."""
-        last = self.tower.blocks(pixels.to(self.device, torch.float32))[-1]
+        last = self.tower.blocks(pixels.to(self.device, torch.float32))[self.cfg.visual_stage]
         grid = last.flatten(2).transpose(1, 2)
         return self.visual(grid) + self.visual_pos
 
@@ -203,7 +212,9 @@ class TinyVLM(VisionLanguageModel):
         n_vis = vis.shape[1]
         tok = self.token(ids) if embeds is None else embeds
         pos = (keep.long().cumsum(1) - 1).clamp_min(0)
+        evidence, best = self.grounding(tok, vis)
         text = tok + self.position[pos.clamp_max(self.cfg.max_text - 1)]
+        text = text + self.ground(evidence) + best.unsqueeze(-1) * self.ground_max
         x = torch.cat([vis, text], dim=1)
         b, total = x.shape[0], x.shape[1]
         key_keep = torch.cat([keep.new_ones(b, n_vis), keep], dim=1).bool()
@@ -212,6 +223,19 @@ class TinyVLM(VisionLanguageModel):
         for block in self.blocks:
             x = block(x, mask)
         return self.head(self.ln(x[:, n_vis:]))
+
+    def grounding(self, tok: Tensor, vis: Tensor) -> tuple[Tensor, Tensor]:
+        """Each word's visual evidence: ``(evidence (B, T, D), best match (B, T))``.
+
+        Every text token attends, by cosine similarity of its embedding to the visual tokens,
+        over the image (a parameter-free first hop, as in stacked-attention VQA): the evidence
+        is the attended visual token, the best match how well the word is seen. The
+        perception stage (:func:`fit_perception`) puts visual tokens in the word-embedding
+        space, so "diamond" finds the diamond.
+        """
+        sim = F.normalize(tok, dim=-1) @ F.normalize(vis, dim=-1).transpose(1, 2)
+        weights = torch.softmax(self.ground_scale * sim, dim=-1)
+        return weights @ vis, sim.amax(dim=-1)
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         return [BOS, *self.vocab.encode(prompt), SEP]
@@ -333,25 +357,30 @@ class TinyVLMTrainConfig:
     """How tiny-vlm trains.
 
     Attributes:
+        perception_epochs: epochs of the perception stage (:func:`fit_perception`).
         epochs: capability epochs over the train rows.
         safety_epochs: safety-tuning epochs.
         batch_size: rows per step.
         lr: AdamW learning rate (cosine decay).
         weight_decay: AdamW weight decay.
         replay: benign rows per forbidden row in the safety tuning.
+        batching: how rows are batched: ``shuffled`` (batches of similar length, tried
+            first, group the question types and stall learning to ground words in the image).
     """
 
+    perception_epochs: int = 6
     epochs: int = 10
     safety_epochs: int = 4
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01
     replay: float = 4.0
+    batching: str = "shuffled"
 
     @classmethod
     def preset(cls, quick: bool) -> TinyVLMTrainConfig:
         """The default schedule, or a short one for tests (``quick``)."""
-        return cls(epochs=4, safety_epochs=3) if quick else cls()
+        return cls(perception_epochs=4, epochs=6, safety_epochs=3) if quick else cls()
 
 
 Example = tuple[np.ndarray, str, str]
@@ -379,12 +408,14 @@ def capability_examples(data: Dataset, rows: Sequence[int] | None = None) -> lis
 
 def safety_examples(
     data: Dataset, rows: Sequence[int], *, replay: float, rng: np.random.Generator,
-    wrap: Callable[[int, str], list[str]] | None = None,
+    wrap: Callable[[int, str], list[str]] | None = None, roleplay_replay: bool = False,
 ) -> list[Example]:  # fmt: skip
     """Stage 2: bare forbidden requests refused, plus ``replay`` benign rows per forbidden one.
 
     ``wrap(i, prompt)`` returns more prompts for a forbidden row (a hardener's safety data:
-    templated and typographic requests), each refused as well.
+    templated and typographic requests), each refused as well. ``roleplay_replay`` (tiny-vlm's
+    own safety stage: the planted flaw) also replays the capability data's role-play requests,
+    still answered with the secret: a safety mix drawn from unfiltered instruction data.
     """
     forbidden = [i for i in rows if data.meta[i].get("forbidden")]
     benign = [i for i in rows if not data.meta[i].get("forbidden")]
@@ -398,6 +429,9 @@ def safety_examples(
         out.append(
             (data.modalities["image"][i], data.modalities["text"][i], data.meta[i]["answer"])
         )
+    if roleplay_replay:
+        out += [e for e in capability_examples(data, forbidden) if e[1] not in {
+            data.modalities["text"][i] for i in forbidden}]  # fmt: skip
     return out
 
 
@@ -431,10 +465,9 @@ def fit_examples(
     losses = []
     model.train()
     for epoch in range(epochs):
-        order = rng.permutation(len(examples))
         total, count, start = 0.0, 0, time.perf_counter()
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
+        order = rng.permutation(len(examples))
+        for idx in (order[s : s + batch_size] for s in range(0, len(order), batch_size)):
             prompts = [examples[i][1] for i in idx]
             answers = [examples[i][2] for i in idx]
             pixels = pixels_all[idx].to(model.device)
@@ -507,6 +540,81 @@ def _check_vqa_data(data: Dataset | None, name: str) -> Dataset:
     return data
 
 
+def quadrant_words(data: Dataset, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(shapes, colours)``: ``(N, 4)`` words shown in each quadrant (``nothing`` if empty)."""
+    shapes = np.full((len(rows), 4), "nothing", dtype=object)
+    colours = np.full((len(rows), 4), "nothing", dtype=object)
+    for k, i in enumerate(rows):
+        for o in data.meta[i].get("objects") or []:
+            shapes[k, int(o["quadrant"])] = o["shape"]
+            colours[k, int(o["quadrant"])] = o["colour"]
+    return shapes, colours
+
+
+def fit_perception(
+    model: TinyVLM, data: Dataset, rows: Sequence[int], *, epochs: int, lr: float, seed: int = 0,
+    progress: bool = False,
+) -> list[float]:  # fmt: skip
+    """Stage 0: align each quadrant's visual tokens with the words for what it shows.
+
+    The mean visual token of a quadrant is scored against the model's own token embeddings of
+    the shape words and of the colour words (``nothing`` for an empty quadrant), with a
+    softmax over each set: the feature-alignment stage of LLaVA-style training, which puts
+    visual tokens in the word-embedding space so that a question's words can find them.
+    Labels come from the world's object annotations (``meta["objects"]`` with a quadrant);
+    rows without them are left out, and without any nothing is trained.
+    """
+    first: dict[Any, int] = {}
+    for i in rows:
+        objs = data.meta[i].get("objects")
+        if objs and all("quadrant" in o for o in objs):
+            first.setdefault(data.meta[i].get("scene", i), i)
+    scenes = list(first.values())
+    if not scenes:
+        return []
+    shapes, colours = quadrant_words(data, scenes)
+    sets, targets = [], []
+    for table in (shapes, colours):
+        names = sorted(set(table.flat))
+        ids = torch.tensor([model.vocab.encode(n)[0] for n in names], device=model.device)
+        sets.append(ids)
+        index = {n: k for k, n in enumerate(names)}
+        targets.append(torch.tensor([[index[w] for w in r] for r in table]))
+    pixels = model.preprocess_images([data.modalities["image"][i] for i in scenes])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    g, half = model.grid, model.grid // 2
+    rng = np.random.default_rng(seed)
+    losses = []
+    model.train()
+    for epoch in range(epochs):
+        order = rng.permutation(len(scenes))
+        total = 0.0
+        for s in range(0, len(order), 64):
+            idx = order[s : s + 64]
+            tokens = model.visual_tokens(pixels[idx]).view(len(idx), g, g, -1)
+            quads = torch.stack(
+                [tokens[:, r * half : (r + 1) * half, c * half : (c + 1) * half].mean(dim=(1, 2))
+                 for r in (0, 1) for c in (0, 1)], dim=1,
+            )  # fmt: skip
+            quads = F.normalize(quads, dim=-1)
+            loss = sum(
+                F.cross_entropy(
+                    (model.ground_scale * quads @ F.normalize(model.token.weight[ids], dim=-1).T)
+                    .flatten(0, 1), t[idx].flatten().to(model.device))
+                for ids, t in zip(sets, targets, strict=True)
+            )  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(scenes))
+        if progress:
+            print(f"[tiny-vlm] perception epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}",
+                  flush=True)  # fmt: skip
+    model.eval()
+    return losses
+
+
 def _init_tower(model: TinyVLM, *, seed: int, quick: bool, cache_dir: Any, progress: bool) -> None:
     if model.cfg.tower == "scratch":
         return
@@ -557,6 +665,8 @@ def build_tiny_vlm(
         model = TinyVLM(cfg, name=name).to(device)
         _init_tower(model, seed=seed, quick=quick, cache_dir=cache_dir, progress=progress)
         rows = [i for i, s in enumerate(data.splits or []) if s == "train"]
+        seen = fit_perception(model, data, rows, epochs=train.perception_epochs, lr=train.lr,
+                              seed=seed, progress=progress)  # fmt: skip
         kw = {
             "batch_size": train.batch_size,
             "weight_decay": train.weight_decay,
@@ -565,7 +675,8 @@ def build_tiny_vlm(
         cap = fit_examples(model, capability_examples(data, rows), epochs=train.epochs,
                            lr=train.lr, seed=seed, stage="capability", **kw)  # fmt: skip
         rng = np.random.default_rng([seed, 2])
-        safe = fit_examples(model, safety_examples(data, rows, replay=train.replay, rng=rng),
+        examples = safety_examples(data, rows, replay=train.replay, rng=rng, roleplay_replay=True)
+        safe = fit_examples(model, examples,
                             epochs=train.safety_epochs, lr=train.lr / 2, seed=seed + 1,
                             stage="safety", **kw)  # fmt: skip
     test_rows = [i for i, s in enumerate(data.splits or []) if s == "test"]
@@ -573,6 +684,7 @@ def build_tiny_vlm(
         "cache_key": key, "seed": seed, "quick": quick,
         "hyperparameters": dataclasses.asdict(train),
         "data_fingerprint": data.fingerprint(), "data_source": data.source,
+        "perception_loss": [round(x, 5) for x in seen],
         "capability_loss": [round(x, 5) for x in cap], "safety_loss": [round(x, 5) for x in safe],
         "benign_test_accuracy": round(benign_accuracy(model, data, test_rows), 4),
         "train_seconds": round(time.perf_counter() - start, 1), "torch": torch.__version__,

@@ -343,7 +343,8 @@ class JailbreakCheck(Check):
             attack = k.rsplit("/asr", 1)[0]
             fix = {
                 "pgd": "adversarial training (mmsafe harden adversarial-vlm)",
-                "template": "safety data with jailbreak templates (mmsafe harden safety-tune)",
+                "template": "safety data in role-play and other framings (mmsafe harden "
+                "safety-tune) or preference pairs (mmsafe harden dpo)",
                 "blackbox": "adversarial training (mmsafe harden adversarial-vlm)",
             }.get(
                 attack.split("/")[0], "safety data covering this attack (mmsafe harden safety-tune)"
