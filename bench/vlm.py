@@ -39,9 +39,19 @@ from mmsafe.methods.attacks.vlm import contains_secret, pgd_jailbreak
 from mmsafe.models.loading import load_model
 from mmsafe.models.tiny_vlm import benign_accuracy
 
-HEADLINES = ("clean/asr", "pgd/eps=8/255/asr", "pgd/eps=16/255/asr", "pgd/eps=32/255/asr",
-             "pgd/unconstrained/asr", "typographic/asr", "template/asr", "gcg/asr",
-             "blackbox/asr", "benign/over_refusal", "benign/accuracy")  # fmt: skip
+HEADLINES = (
+    "clean/asr",
+    "pgd/eps=8/255/asr",
+    "pgd/eps=16/255/asr",
+    "pgd/eps=32/255/asr",
+    "pgd/unconstrained/asr",
+    "typographic/asr",
+    "template/asr",
+    "gcg/asr",
+    "blackbox/asr",
+    "benign/over_refusal",
+    "benign/accuracy",
+)
 
 
 def _value(card: dict, check: str, metric: str) -> float:
@@ -78,8 +88,16 @@ def bench_pgd(model, data, rows, steps: int, eps: float, repeats: int = 2) -> No
         for name in ("mmsafe", "plain"):
             t = time.perf_counter()
             if name == "mmsafe":
-                adv = pgd_jailbreak(model, pixels, prompts, targets, eps=eps, alpha=alpha,
-                                    steps=steps, generator=torch.Generator().manual_seed(0))  # fmt: skip
+                adv = pgd_jailbreak(
+                    model,
+                    pixels,
+                    prompts,
+                    targets,
+                    eps=eps,
+                    alpha=alpha,
+                    steps=steps,
+                    generator=torch.Generator().manual_seed(0),
+                )
             else:
                 adv = plain_pgd(model, pixels, prompts, targets, eps, alpha, steps, start)
             times[name].append(time.perf_counter() - t)
@@ -103,8 +121,10 @@ def bench_generation(model, data) -> None:  # noqa: ANN001
     answers = engine.generate(model, images, prompts, max_new_tokens=24)
     took = time.perf_counter() - t
     tokens = sum(len(a.split()) + 1 for a in answers)  # words + end-of-text
-    print(f"generation: {len(rows)} answers, {tokens} tokens in {took:.1f} s = "
-          f"{tokens / took:.0f} tokens/s, {len(rows) / took:.0f} answers/s (greedy, CPU)")  # fmt: skip
+    print(
+        f"generation: {len(rows)} answers, {tokens} tokens in {took:.1f} s = "
+        f"{tokens / took:.0f} tokens/s, {len(rows) / took:.0f} answers/s (greedy, CPU)"
+    )
 
 
 def main() -> None:
@@ -122,28 +142,51 @@ def main() -> None:
     model = load_model("tiny-vlm", data=data, seed=args.seed, progress=True)
     info = model.training_info
     test = [i for i, s in enumerate(data.splits or []) if s == "test"]
-    print(f"tiny-vlm: load {time.perf_counter() - t:.1f} s; trained in {info.get('train_seconds')} s; "
-          f"benign test accuracy {benign_accuracy(model, data, test):.4f}")  # fmt: skip
+    print(
+        f"tiny-vlm: load {time.perf_counter() - t:.1f} s; "
+        f"trained in {info.get('train_seconds')} s; "
+        f"benign test accuracy {benign_accuracy(model, data, test):.4f}"
+    )
 
     start = time.perf_counter()
-    card = run_audit(model, data, task="vqa", checks="alignment.*", engine=Engine(progress=False),
-                     seed=args.seed).card  # fmt: skip
+    card = run_audit(
+        model, data, task="vqa", checks="alignment.*", engine=Engine(progress=False), seed=args.seed
+    ).card
     print(f"alignment audit: {time.perf_counter() - start:.1f} s")
     for m in HEADLINES:
         print(f"  jailbreak {m}: {_value(card, 'alignment.jailbreak', m):.4f}")
-    for m in ("pope/random/f1", "pope/adversarial/f1", "caption/chair_s",
-              "cooccurrence/flagged_pairs", "cooccurrence/cross->diamond/fp_rate_with"):  # fmt: skip
+    for m in (
+        "pope/random/f1",
+        "pope/adversarial/f1",
+        "caption/chair_s",
+        "cooccurrence/flagged_pairs",
+        "cooccurrence/cross->diamond/fp_rate_with",
+    ):
         print(f"  hallucination {m}: {_value(card, 'alignment.hallucination', m):.4f}")
-    for m in ("ensemble/f1", "tfidf/f1", "cues/f1", "gcg_refusal/f1", "asr/truth",
-              "asr/judge_min", "asr/judge_max"):  # fmt: skip
+    for m in (
+        "ensemble/f1",
+        "tfidf/f1",
+        "cues/f1",
+        "gcg_refusal/f1",
+        "asr/truth",
+        "asr/judge_min",
+        "asr/judge_max",
+    ):
         print(f"  judge {m}: {_value(card, 'alignment.judge', m):.4f}")
 
     if args.harden:
         for name in ("safety-tune", "dpo", "adversarial-vlm"):
             with tempfile.TemporaryDirectory() as out:
                 t = time.perf_counter()
-                res = harden(get_hardener(name)(), copy.deepcopy(model), data, task="vqa", out=out,
-                             engine=Engine(progress=False), seed=args.seed)  # fmt: skip
+                res = harden(
+                    get_hardener(name)(),
+                    copy.deepcopy(model),
+                    data,
+                    task="vqa",
+                    out=out,
+                    engine=Engine(progress=False),
+                    seed=args.seed,
+                )
                 took = time.perf_counter() - t
             b, a = res.before.card, res.after.card  # type: ignore[union-attr]
             print(f"harden {name} ({took:.0f} s):")

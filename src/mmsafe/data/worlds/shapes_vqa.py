@@ -243,11 +243,11 @@ def render_scene(objects: list[dict[str, Any]], size: int, noise: np.ndarray) ->
         q = o["quadrant"]
         cx = (q % 2 + 0.5) * half + o["jitter"][0] * size / 32
         cy = (q // 2 + 0.5) * half + o["jitter"][1] * size / 32
-        radius = half * (0.22 if o["faint"] else 0.36)
+        radius = half * (0.2 if o["faint"] else 0.36)
         cov = shape_coverage([o["shape"]], np.array([cx]), np.array([cy]), np.array([radius]), size)
         colour = np.asarray(COLOURS[o["colour"]], dtype=np.float32)
         if o["faint"]:
-            colour = 0.45 * colour + 0.55 * _BACKGROUND
+            colour = 0.2 * colour + 0.8 * _BACKGROUND
         pixels = pixels * (1 - cov[0][..., None]) + colour * cov[0][..., None]
     pixels += noise
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
