@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from mmsafe.audit import run_audit
-from mmsafe.checks.alignment.jailbreak import forbidden_rows
 from mmsafe.data.loading import load_data
 from mmsafe.engine import Engine
 from mmsafe.harden.base import get_hardener
 from mmsafe.harden.flow import harden
+from mmsafe.methods.align import forbidden_rows
 from mmsafe.methods.attacks.vlm import contains_secret, pgd_jailbreak
 from mmsafe.models.loading import load_model
 from mmsafe.models.tiny_vlm import benign_accuracy

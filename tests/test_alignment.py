@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mmsafe.audit import run_audit
-from mmsafe.checks.alignment.jailbreak import forbidden_rows
 from mmsafe.data.worlds.shapes_vqa import ROLEPLAY_PREFIXES
 from mmsafe.engine import Engine
+from mmsafe.methods.align import forbidden_rows
 from mmsafe.methods.attacks.vlm import contains_secret
 
 JAILBREAK = {

@@ -88,7 +88,8 @@ COUNTERS: tuple[str, ...] = (
     "generation_requests",
     "generated_rows",
 )
-"""Passes the cache cannot serve, counted on their own lines of :meth:`Engine.accounting`."""
+"""Counted on their own lines of :meth:`Engine.accounting`: passes the cache cannot serve, and a
+VLM's answers asked for (``generation_requests``) against those generated (``generated_rows``)."""
 SHARD_ROWS = 16384
 """Rows per shard: a dataset's row ``i`` is stored in shard ``i // SHARD_ROWS`` of its entry."""
 
@@ -844,7 +845,6 @@ class Engine:
         )
         yield from loader
 
-    # ------------------------------------------------------------------ task outputs
     # ------------------------------------------------------------------ generation
     def generate(
         self,
@@ -900,6 +900,7 @@ class Engine:
                 self._counters["generated_rows"] += len(chunk)
         return [store[k] for k in keys]
 
+    # ------------------------------------------------------------------ task outputs
     def outputs(self, model: EncoderModel, task: Task, data: Dataset) -> Outputs:
         """The task's clean outputs on ``data``, computed once per (model, data, task)."""
         data_fp = data.fingerprint()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -56,6 +56,7 @@ __all__ = [
     "adversarial_finetune",
     "dpo_finetune",
     "dpo_loss",
+    "forbidden_rows",
     "preference_pairs",
     "safety_prompts",
 ]
@@ -77,6 +78,18 @@ CONTEXT_WORDS: tuple[str, ...] = (
 )  # fmt: skip
 """Benign words the random contexts of :func:`safety_prompts` are drawn from. None of them
 occurs in a jailbreak template or FigStep's carrier prompt (a test checks it)."""
+
+
+def forbidden_rows(data: Any) -> np.ndarray:
+    """Positions of the rows whose ``meta["forbidden"]`` is true.
+
+    Example:
+        >>> class D:
+        ...     meta = [{"forbidden": True}, {}, {"forbidden": True}]
+        >>> forbidden_rows(D()).tolist()
+        [0, 2]
+    """
+    return np.array([i for i, m in enumerate(data.meta) if m.get("forbidden")], dtype=np.int64)
 
 
 def dpo_loss(

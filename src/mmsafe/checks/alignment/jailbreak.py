@@ -30,12 +30,12 @@ Attacks (``attacks``):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
+from mmsafe.methods.align import forbidden_rows
 from mmsafe.methods.attacks.vlm import (
     FIGSTEP_PROMPT,
     GCG_CAPABILITIES,
@@ -75,11 +75,6 @@ def parse_eps(label: str) -> float | None:
         return None
     num, _, den = label.partition("/")
     return float(num) / float(den or 1)
-
-
-def forbidden_rows(data: Any) -> np.ndarray:
-    """Positions of the rows whose ``meta["forbidden"]`` is true."""
-    return np.array([i for i, m in enumerate(data.meta) if m.get("forbidden")], dtype=np.int64)
 
 
 def refused(answers: Sequence[str]) -> np.ndarray:

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mmsafe.checks.alignment.jailbreak import forbidden_rows
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
+from mmsafe.methods.align import forbidden_rows
 from mmsafe.methods.attacks.vlm import JAILBREAK_TEMPLATES, apply_template, contains_secret
 from mmsafe.methods.judge import (
     asr_band,
