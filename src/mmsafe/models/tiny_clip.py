@@ -219,9 +219,11 @@ class _Block(nn.Module):
         )
 
     def forward(self, x: Tensor, keep: Tensor) -> Tensor:
+        """``keep``: ``(B, L)`` real keys, or a ``(B, L, L)`` query-by-key mask (causal)."""
         b, length, w = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        mask = keep[:, None, None, :] if keep.dim() == 2 else keep[:, None]
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.out(attn.transpose(1, 2).reshape(b, length, w))
         return x + self.mlp(self.ln2(x))
 

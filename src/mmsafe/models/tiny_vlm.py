@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from mmsafe.data.dataset import Dataset
 from mmsafe.models.base import ModelError, register_model
-from mmsafe.models.tiny_clip import ImageTower, TinyClipConfig, cache_root
+from mmsafe.models.tiny_clip import ImageTower, TinyClipConfig, _Block, cache_root
 from mmsafe.models.vlm import VisionLanguageModel, row_generators
 
 FORMAT = "mmsafe.tiny-vlm/2"
@@ -139,24 +139,6 @@ class TinyVLMConfig:
         """Inverse of :meth:`to_dict`."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: tuple(v) if k == "vocab" else v for k, v in d.items() if k in names})
-
-
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.mlp = nn.Sequential(
-            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
-        )
-
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        b, length, w = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(b, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
-        x = x + self.out(attn.transpose(1, 2).reshape(b, length, w))
-        return x + self.mlp(self.ln2(x))
 
 
 class TinyVLM(VisionLanguageModel):
