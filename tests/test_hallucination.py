@@ -509,6 +509,34 @@ def test_cooccurrence_row_values_match_fisher_by_hand() -> None:
     assert r["ci_with"] == pytest.approx(wilson_interval(3, 4))
 
 
+def test_cooccurrence_reference_separates_learnt_pairs_from_confusions() -> None:
+    """The same biased answers are flagged only where the training scenes pair cross with
+    diamond; with independent training scenes the excess is a confusion, not a flag."""
+    rng = np.random.default_rng(7)
+    present, probed = _exhaustive_probes(_random_scenes(rng, 200))
+    said = _answers(rng, present, probed, biased=True)
+    independent = [set(s) for s in _random_scenes(np.random.default_rng(8), 400)]
+    paired = [s | {DIAMOND} if CROSS in s else s for s in independent]
+    control = {(r["a"], r["b"]): r for r in
+               cooccurrence_hallucination(present, probed, said, reference=independent)}
+    planted = {(r["a"], r["b"]): r for r in
+               cooccurrence_hallucination(present, probed, said, reference=paired)}  # fmt: skip
+    assert control[(CROSS, DIAMOND)]["confused"] and not control[(CROSS, DIAMOND)]["flagged"]
+    assert planted[(CROSS, DIAMOND)]["flagged"] and planted[(CROSS, DIAMOND)]["lift"] > 1.5
+    # the lift and its test by hand
+    has_a = np.array([CROSS in s for s in paired])
+    has_b = np.array([DIAMOND in s for s in paired])
+    both = int((has_a & has_b).sum())
+    assert planted[(CROSS, DIAMOND)]["lift"] == pytest.approx(
+        both * len(paired) / (has_a.sum() * has_b.sum())
+    )
+    table = [[both, int((has_a & ~has_b).sum())], [int((~has_a & has_b).sum()),
+             int((~has_a & ~has_b).sum())]]  # fmt: skip
+    p = stats.fisher_exact(table, alternative="greater").pvalue
+    assert planted[(CROSS, DIAMOND)]["p_cooccur"] >= p - 1e-12  # Holm never lowers a p-value
+    assert not any(r["flagged"] for r in control.values())
+
+
 def test_cooccurrence_skips_uncomparable_pairs_and_validates() -> None:
     # every absent-diamond probe shows a cross: nothing to compare against
     assert cooccurrence_hallucination([{"cross"}] * 3, ["diamond"] * 3, [1, 1, 0]) == []

@@ -260,12 +260,13 @@ AUTO_TASK = "auto"
 
 
 def default_task(model: object) -> str:
-    """The task ``--task auto`` picks: ``seqrec``, ``vqa`` or ``zero_shot`` by model kind.
+    """The task ``--task auto`` picks by model kind.
 
-    ``seqrec`` for a recommender, ``vqa`` for a vision-language model, else ``zero_shot``.
+    ``seqrec`` for a recommender, ``vqa`` for a vision-language model, ``t2i`` for a
+    text-to-image generator, else ``zero_shot``.
     """
     kind = getattr(model, "kind", "encoder")
-    return {"recommender": "seqrec", "vlm": "vqa"}.get(kind, "zero_shot")
+    return {"recommender": "seqrec", "vlm": "vqa", "generator": "t2i"}.get(kind, "zero_shot")
 
 
 @app.command()
@@ -275,8 +276,8 @@ def audit(
     task: Annotated[
         str,
         typer.Option(
-            help="auto (zero_shot; seqrec for a recommender, vqa for a VLM), zero_shot, retrieval, "
-            "fusion, seqrec, vqa."
+            help="auto (zero_shot; seqrec for a recommender, vqa for a VLM, t2i for a generator), "
+            "zero_shot, retrieval, fusion, seqrec, vqa, t2i."
         ),
     ] = AUTO_TASK,
     checks: ChecksOpt = "all",

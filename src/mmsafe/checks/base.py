@@ -34,7 +34,7 @@ PILLARS: tuple[str, ...] = (
     "controllability",
     "efficiency",
 )
-TARGET_KINDS: tuple[str, ...] = ("encoder", "recommender", "vlm")
+TARGET_KINDS: tuple[str, ...] = ("encoder", "recommender", "vlm", "generator")
 """The kinds of model a check can declare (``Check.kinds``); new kinds add entries."""
 MODALITIES: tuple[str, ...] = ("image", "text")
 """Modality names a check may list in ``requires``: the data and the task must both have them."""

@@ -87,9 +87,13 @@ COUNTERS: tuple[str, ...] = (
     "training_passes",
     "generation_requests",
     "generated_rows",
+    "image_requests",
+    "generated_images",
 )
-"""Counted on their own lines of :meth:`Engine.accounting`: passes the cache cannot serve, and a
-VLM's answers asked for (``generation_requests``) against those generated (``generated_rows``)."""
+"""Counted on their own lines of :meth:`Engine.accounting`: passes the cache cannot serve, a
+VLM's answers asked for (``generation_requests``) against those generated (``generated_rows``),
+and a generator's images asked for (``image_requests``) against those drawn
+(``generated_images``)."""
 SHARD_ROWS = 16384
 """Rows per shard: a dataset's row ``i`` is stored in shard ``i // SHARD_ROWS`` of its entry."""
 
@@ -320,6 +324,7 @@ class Engine:
         self.cache = TensorCache(None if cache_dir is None else Path(cache_dir) / "embeddings")
         self._outputs: dict[str, Outputs] = {}
         self._generated: dict[str, str] = {}
+        self._images: dict[str, Tensor] = {}
         self._encoded: dict[str, int] = {}
         # modality -> (model fingerprint, variant key) -> hashes of the distinct rows encoded
         self._distinct: dict[str, dict[tuple[str, str | None], set[int]]] = {}
@@ -899,6 +904,56 @@ class Engine:
                     store[keys[i]] = a
                 self._counters["generated_rows"] += len(chunk)
         return [store[k] for k in keys]
+
+    def generate_images(
+        self,
+        model: Any,
+        prompts: Sequence[str],
+        *,
+        seeds: Sequence[int] | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """A text-to-image generator's image for each (prompt, seed), cached.
+
+        Images are kept in memory under (model fingerprint, prompt, seed, steps, guidance), so
+        no prompt is drawn twice with the same seed; the accounting counts requests
+        (``image_requests``) and images drawn (``generated_images``). Seeds default to 0.
+
+        Returns:
+            ``(N, 3, S, S)`` float images in ``[0, 1]`` (CPU).
+        """
+        n = len(prompts)
+        seeds = [0] * n if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"generate_images: {len(seeds)} seeds for {n} prompts")
+        model_fp = model.fingerprint()
+        keys = [
+            stable_hash("img", model_fp, str(prompts[i]), seeds[i], steps, guidance)
+            for i in range(n)
+        ]
+        store = self._images
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}
+        todo = [first[k] for k in dict.fromkeys(k for k in keys if k not in store)]
+        self._counters["image_requests"] += n
+        label = f"generate {getattr(model, 'name', 'model')}"
+        with self._sweep(len(todo), label) as starts:
+            for s in starts:
+                chunk = todo[s : s + self.batch_size]
+                with torch.inference_mode(), self._autocast():
+                    images = model.generate(
+                        [str(prompts[i]) for i in chunk],
+                        [seeds[i] for i in chunk],
+                        steps=steps,
+                        guidance=guidance,
+                    )
+                for i, img in zip(chunk, images.float().cpu(), strict=True):
+                    store[keys[i]] = img
+                self._counters["generated_images"] += len(chunk)
+        if not keys:
+            side = int(model.image_size)
+            return torch.zeros(0, 3, side, side)
+        return torch.stack([store[k] for k in keys])
 
     # ------------------------------------------------------------------ task outputs
     def outputs(self, model: EncoderModel, task: Task, data: Dataset) -> Outputs:

@@ -603,12 +603,25 @@ def holm(p_values: Any) -> np.ndarray:
     return adjusted
 
 
+def _cooccurrence_test(reference: list[set[str]], a: str, b: str) -> tuple[float, float]:
+    """``(lift, one-sided Fisher p)`` of ``a`` and ``b`` appearing together in ``reference``."""
+    has_a = np.array([a in s for s in reference], dtype=bool)
+    has_b = np.array([b in s for s in reference], dtype=bool)
+    both = int((has_a & has_b).sum())
+    expected = has_a.sum() * has_b.sum() / max(len(reference), 1)
+    table = [[both, int((has_a & ~has_b).sum())], [int((~has_a & has_b).sum()),
+             int((~has_a & ~has_b).sum())]]  # fmt: skip
+    p = float(stats.fisher_exact(table, alternative="greater").pvalue)
+    return (both / expected if expected > 0 else 0.0), min(p, 1.0)
+
+
 def cooccurrence_hallucination(
     present_sets: Sequence[Collection[str]],
     probe_objects: Sequence[str],
     said_yes: Any,
     *,
     alpha: float = 0.05,
+    reference: Sequence[Collection[str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Test every (present ``a``, absent ``b``) pair for co-occurrence-driven false "yes".
 
@@ -622,17 +635,28 @@ def cooccurrence_hallucination(
     ``n_with = 0`` or ``n_without = 0`` cannot be compared and are left out. Unscorable answers
     (-1) are not yes.
 
+    An excess of false "yes" alone may be a visual confusion (a faint diamond looks like a
+    circle) rather than a learnt co-occurrence. With ``reference`` (the objects of each
+    *training* image), a second one-sided Fisher test asks whether ``a`` and ``b`` appear
+    together in it more often than independence predicts (``lift`` is the observed over the
+    expected count); those p-values are Holm-adjusted too (``p_cooccur``), and a pair is
+    ``flagged`` only when both tests reject. ``confused`` marks the excess alone.
+
     Args:
         present_sets: per probe, the objects its image shows.
         probe_objects: per probe, the object asked about.
         said_yes: per probe, the answer: bools, or :func:`parse_yes_no` scores (1 is yes).
         alpha: family-wise significance level of the flags.
+        reference: per training image, its objects; without it a pair is flagged on the
+            false-"yes" excess alone.
 
     Returns:
         One dict per tested pair, most significant first (ties by ``a``, ``b``): ``a``, ``b``,
         ``fp_rate_with``, ``fp_rate_without``, ``n_with``, ``n_without``, ``fp_with``,
         ``fp_without``, ``ci_with`` / ``ci_without`` (95% Wilson intervals of the two rates),
-        ``p_value``, ``p_adjusted`` and ``flagged`` (``p_adjusted <= alpha``).
+        ``p_value``, ``p_adjusted``, ``confused`` (``p_adjusted <= alpha``) and ``flagged``
+        (``confused``, and with ``reference`` also ``p_cooccur <= alpha``); with ``reference``
+        also ``lift`` and ``p_cooccur``.
 
     Raises:
         ValueError: mismatched lengths, bad answers or a bad ``alpha``.
@@ -689,5 +713,12 @@ def cooccurrence_hallucination(
     adjusted = holm([r["p_value"] for r in rows])
     for r, q in zip(rows, adjusted, strict=True):
         r["p_adjusted"] = float(q)
-        r["flagged"] = bool(q <= alpha)
+        r["confused"] = r["flagged"] = bool(q <= alpha)
+    if reference is not None and rows:
+        ref = [set(s) for s in reference]
+        for r in rows:
+            r["lift"], r["p_cooccur"] = _cooccurrence_test(ref, r["a"], r["b"])
+        for r, q in zip(rows, holm([r["p_cooccur"] for r in rows]), strict=True):
+            r["p_cooccur"] = float(q)
+            r["flagged"] = bool(r["confused"] and q <= alpha)
     return sorted(rows, key=lambda r: (r["p_value"], r["a"], r["b"]))

@@ -1,4 +1,4 @@
-"""Tasks: zero-shot, retrieval, fusion, sequential recommendation, visual question answering."""
+"""Tasks: zero-shot, retrieval, fusion, sequential recommendation, VQA, text-to-image."""
 
 from mmsafe.tasks.base import (
     Outputs,
@@ -12,6 +12,7 @@ from mmsafe.tasks.base import (
 from mmsafe.tasks.fusion import FusionTask
 from mmsafe.tasks.retrieval import RetrievalTask, caption_positives
 from mmsafe.tasks.seqrec import SeqRecTask, is_rec_data
+from mmsafe.tasks.t2i import TextToImageTask, row_seed
 from mmsafe.tasks.vqa import VQATask
 from mmsafe.tasks.zero_shot import DEFAULT_TEMPLATES, ZeroShotTask, build_prompts
 
@@ -24,6 +25,7 @@ __all__ = [
     "Task",
     "TaskError",
     "TemperatureScaledTask",
+    "TextToImageTask",
     "VQATask",
     "ZeroShotTask",
     "build_prompts",
@@ -32,4 +34,5 @@ __all__ = [
     "is_rec_data",
     "list_tasks",
     "register_task",
+    "row_seed",
 ]

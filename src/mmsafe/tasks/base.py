@@ -67,6 +67,7 @@ class Outputs:
         groups: the group column, if any.
         positives: for retrieval, the ``(N, N)`` boolean matrix of matching image-text pairs.
         texts: for ``vqa``, the model's answer to each row (``logits`` is then ``(N, 0)``).
+        images: for ``t2i``, the generator's ``(N, 3, S, S)`` image for each row's prompt.
     """
 
     embeddings: dict[str, Tensor]
@@ -75,6 +76,7 @@ class Outputs:
     groups: list[str] | None = None
     positives: np.ndarray | None = None
     texts: list[str] | None = None
+    images: Tensor | None = None
 
     @property
     def probs(self) -> np.ndarray:

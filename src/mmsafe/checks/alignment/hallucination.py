@@ -11,8 +11,11 @@ whose ground-truth objects are ``meta["objects"]`` (dicts with a ``shape``, or o
   (``chair_s``) that name an object the scene does not show, for the caption prompt.
 * **Co-occurrence bias**: every absent object is probed on every scene; a (shown ``a``, absent
   ``b``) pair is flagged when "yes, there is a ``b``" is significantly more frequent on scenes
-  with ``a`` (one-sided Fisher exact tests, Holm-corrected). On shapes-vqa the planted pair is
-  (cross, diamond); the control world (``cooccur=0``) should flag none.
+  with ``a`` *and* ``a`` and ``b`` co-occur in the training split more than independence
+  predicts (two one-sided Fisher exact tests, each Holm-corrected). An excess of false "yes"
+  without that co-occurrence is a visual confusion, counted apart (``confused_pairs``). On
+  shapes-vqa the planted pair is (cross, diamond); the control world (``cooccur=0``) should flag
+  none.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class HallucinationCheck(Check):
         "chair_i": False,
         "chair_s": False,
         "flagged_pairs": False,
+        "confused_pairs": False,
         "fp_rate_with": False,
     }
 
@@ -138,10 +142,13 @@ class HallucinationCheck(Check):
         answers = self._ask(ctx, [rows[k] for k, _ in exhaustive], asked)
         pairs = cooccurrence_hallucination(
             [set(objects[k]) for k, _ in exhaustive], [o for _, o in exhaustive],
-            [parse_yes_no(a) for a in answers], alpha=self.alpha,
+            [parse_yes_no(a) for a in answers], alpha=self.alpha, reference=reference,
         )  # fmt: skip
         flagged = [p for p in pairs if p["flagged"]]
         metrics["cooccurrence/flagged_pairs"] = Metric(float(len(flagged)))
+        metrics["cooccurrence/confused_pairs"] = Metric(
+            float(sum(p["confused"] and not p["flagged"] for p in pairs))
+        )
         for p in flagged:
             metrics[f"cooccurrence/{p['a']}->{p['b']}/fp_rate_with"] = Metric(
                 p["fp_rate_with"], tuple(p["ci_with"])
@@ -159,15 +166,16 @@ class HallucinationCheck(Check):
         limits = {
             "scenes": f"{len(rows)} scenes",
             "statistics": "from the train split" if reference is not objects else "from the scenes",
-            "flags": f"Fisher exact, Holm-corrected at alpha={self.alpha}",
+            "flags": f"Fisher exact, Holm-corrected at alpha={self.alpha}, on the answers and on "
+            "the co-occurrence statistics",
         }
         cols = ["a", "b", "fp_rate_with", "fp_rate_without", "n_with", "n_without", "p_adjusted",
-                "flagged"]  # fmt: skip
+                "lift", "p_cooccur", "flagged"]  # fmt: skip
         plots["cooccurrence"] = {
             "kind": "table",
             "title": "False 'yes' to an absent b, with and without a shown a (top 10 pairs)",
             "columns": cols,
-            "rows": [[_round(p[c]) for c in cols] for p in pairs[:10]],
+            "rows": [[_round(p.get(c, float("nan"))) for c in cols] for p in pairs[:10]],
         }
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots, limits=limits)
 
