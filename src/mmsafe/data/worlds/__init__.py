@@ -4,7 +4,8 @@
 (scikit-learn's bundled handwritten digits), the control without planted flaws; ``shapes-rec``
 is a synthetic sequential-recommendation world (users' item sequences over a shapes catalog);
 ``shapes-vqa`` holds scenes with questions and answers, a planted secret and a co-occurrence
-bias, for vision-language models.
+bias, for vision-language models; ``shapes-gen`` holds captioned images for text-to-image
+generators, with planted duplicates, a colour skew and a forbidden concept.
 
 A world is named by a spec string ``<world>[:knob=value,...]``, e.g. ``shapes`` or
 ``shapes:seed=7,spurious=0.9``; :func:`load_world` dispatches on the name before the colon.
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds.digits import load_digits_world
 from mmsafe.data.worlds.shapes import ShapesConfig, load_shapes, make_shapes, parse_world_spec
+from mmsafe.data.worlds.shapes_gen import ShapesGenConfig, load_shapes_gen, make_shapes_gen
 from mmsafe.data.worlds.shapes_rec import ShapesRecConfig, load_shapes_rec, make_shapes_rec
 from mmsafe.data.worlds.shapes_vqa import ShapesVQAConfig, load_shapes_vqa, make_shapes_vqa
 from mmsafe.data.worlds.spec import WorldSpecError
@@ -32,18 +34,21 @@ WORLDS: dict[str, Callable[[str], Dataset]] = {
     "digits": load_digits_world,
     "shapes-rec": load_shapes_rec,
     "shapes-vqa": load_shapes_vqa,
+    "shapes-gen": load_shapes_gen,
 }
 """World name -> loader taking the full spec string."""
 
 __all__ = [
     "WORLDS",
     "ShapesConfig",
+    "ShapesGenConfig",
     "ShapesRecConfig",
     "ShapesVQAConfig",
     "WorldSpecError",
     "is_world_spec",
     "load_world",
     "make_shapes",
+    "make_shapes_gen",
     "make_shapes_rec",
     "make_shapes_vqa",
     "parse_world_spec",
