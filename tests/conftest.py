@@ -213,3 +213,33 @@ def vlm_control(mmsafe_cache) -> Any:
     model = load_model("tiny-vlm-scratch", data=world, quick=True, cache_dir=mmsafe_cache,
                        progress=False)  # fmt: skip
     return model, world
+
+
+GEN_QUICK_WORLD = "shapes-gen:n_images=2000,seed=0"
+"""The planted shapes-gen world of the quick tiny-diffusion (default flaws: 4 duplicates)."""
+GEN_CONTROL_WORLD = "shapes-gen:n_images=2000,seed=0,dup=0,skew=0,forbidden=0"
+"""Its control: no duplicates, uniform colours, no star in training."""
+
+
+@pytest.fixture(scope="session")
+def gen_quick(mmsafe_cache) -> Any:
+    """``(tiny-diffusion, world)``: a quick tiny-diffusion on a small planted shapes-gen world."""
+    from mmsafe.data.worlds import load_world
+    from mmsafe.models.loading import load_model
+
+    world = load_world(GEN_QUICK_WORLD)
+    model = load_model("tiny-diffusion", data=world, quick=True, cache_dir=mmsafe_cache,
+                       progress=False)  # fmt: skip
+    return model, world
+
+
+@pytest.fixture(scope="session")
+def gen_control(mmsafe_cache) -> Any:
+    """``(tiny-diffusion, world)`` on the control world (``dup=0,skew=0,forbidden=0``)."""
+    from mmsafe.data.worlds import load_world
+    from mmsafe.models.loading import load_model
+
+    world = load_world(GEN_CONTROL_WORLD)
+    model = load_model("tiny-diffusion", data=world, quick=True, cache_dir=mmsafe_cache,
+                       progress=False)  # fmt: skip
+    return model, world

@@ -30,11 +30,13 @@ from mmsafe.data.worlds import load_world
 from mmsafe.engine import Engine
 from mmsafe.models.seqrec import SeqRecConfig, SeqRecommender
 from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+from mmsafe.models.tiny_diffusion import TinyDiffusion, TinyDiffusionConfig
+from mmsafe.models.tiny_diffusion import world_vocab as gen_vocab
 from mmsafe.models.tiny_vlm import TinyVLM, TinyVLMConfig, world_vocab
 from mmsafe.tasks import create_task
 
-TASKS = ("zero_shot", "fusion", "retrieval", "seqrec", "vqa")
-KIND_OF_TASK = {"seqrec": "recommender", "vqa": "vlm"}  # every other task audits an encoder
+TASKS = ("zero_shot", "fusion", "retrieval", "seqrec", "vqa", "t2i")
+KIND_OF_TASK = {"seqrec": "recommender", "vqa": "vlm", "t2i": "generator"}  # else an encoder
 
 # Small budgets: the contract is under test here, not the science (each check's own tests
 # and bench/ hold the figures).
@@ -78,6 +80,15 @@ CHEAP = {
                             "gcg_steps": 1, "gcg_rows": 2, "queries": 4, "n_boot": 50},
     "alignment.hallucination": {"max_scenes": 12, "n_boot": 50},
     "alignment.judge": {"max_rows": 6, "templates": ["dan", "prefix_injection"]},
+    "generative.bias": {"n_per_prompt": 2, "n_boot": 50},
+    "generative.fidelity": {"max_rows": 24, "n_boot": 50},
+    "generative.memorization": {"n_per_caption": 1, "max_captions": 6, "descriptor_steps": 2,
+                                "k": 5},
+    "generative.provenance": {"max_rows": 40, "alpha": 0.2},
+    "generative.quality": {"max_rows": 40, "n_boot": 20},
+    "generative.safety": {"n_per_prompt": 1, "budget": 4, "n_eval_seeds": 2, "n_boot": 50},
+    "generative.watermark": {"methods": ["dwtDctSvd", "treeRing"], "max_rows": 4,
+                             "transforms": {"jpeg": [50]}, "n_boot": 20},
 }  # fmt: skip
 
 
@@ -94,7 +105,12 @@ def cards() -> dict[str, dict]:
     recommender = SeqRecommender(SeqRecConfig(60, feature_dims=dims), model).eval()
     vqa_data = load_world("shapes-vqa:n_scenes=60,seed=5")
     vlm = TinyVLM(TinyVLMConfig(vocab=world_vocab(vqa_data).tokens, tower="scratch")).eval()
-    targets = {"seqrec": (recommender, rec_data), "vqa": (vlm, vqa_data)}
+    gen_data = load_world("shapes-gen:n_images=200,seed=5")
+    torch.manual_seed(0)
+    generator = TinyDiffusion(TinyDiffusionConfig(vocab=gen_vocab(gen_data).tokens,
+                                                  channels=(8, 16), steps=2)).eval()  # fmt: skip
+    targets = {"seqrec": (recommender, rec_data), "vqa": (vlm, vqa_data),
+               "t2i": (generator, gen_data)}  # fmt: skip
     out = {}
     for task in TASKS:
         target, rows = targets.get(task, (model, data))
@@ -145,6 +161,7 @@ def test_one_metric_schema_per_check_whatever_the_task(cards) -> None:
     capabilities = {  # the audited model's
         **dict.fromkeys(TASKS, TinyClip(TinyClipConfig.for_size("xs")).capabilities()),
         "vqa": TinyVLM(TinyVLMConfig(vocab=("<pad>",))).capabilities(),
+        "t2i": TinyDiffusion(TinyDiffusionConfig(vocab=("<pad>",))).capabilities(),
     }
     for name in list_checks():
         cls = get_check(name)

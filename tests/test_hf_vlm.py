@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers  # a core dependency: missing is a failure, not a skip
 
 from mmsafe.models import ModelError, create_model
 from mmsafe.models.hf_vlm import HFVisionLanguageModel, plain_prompt
-
-transformers = pytest.importorskip("transformers")
 
 SIDE, PATCH = 30, 10
 _PLAIN_WORDS = (

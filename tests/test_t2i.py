@@ -116,3 +116,43 @@ def test_t2i_task_rejects_other_models_and_data_without_prompts() -> None:
         task.check_data(images)
     with pytest.raises(TaskError, match="prepare"):
         task.draw(["a"], [0])
+
+
+def test_encoder_option_gives_clip_score_and_cmmd_through_the_engine() -> None:
+    """With ``encoder=...`` the fidelity check reports CLIPScore (= the formula on the engine's
+    embeddings) and the quality check CMMD; an untrained generator keeps this fast."""
+    from mmsafe.audit import run_audit
+    from mmsafe.checks.generative import judges
+    from mmsafe.data.worlds import load_world
+    from mmsafe.methods.generative.fidelity import clip_score
+    from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+    from mmsafe.models.tiny_diffusion import TinyDiffusion, TinyDiffusionConfig, world_vocab
+
+    world = load_world("shapes-gen:n_images=120,seed=3")
+    torch.manual_seed(0)
+    gen = TinyDiffusion(TinyDiffusionConfig(vocab=world_vocab(world).tokens, channels=(8, 16),
+                                            steps=2)).eval()  # fmt: skip
+    encoder = TinyClip(TinyClipConfig.for_size("xs")).eval()
+    engine = Engine(progress=False)
+    train = world.split("train")
+    judges._ENCODERS[("my-encoder", train.fingerprint(), str(engine.cache_dir))] = encoder
+    try:
+        card = run_audit(gen, world, task="t2i", checks="generative.fidelity,generative.quality",
+                         engine=engine, options={
+                             "generative.fidelity": {"encoder": "my-encoder", "n_boot": 20},
+                             "generative.quality": {"encoder": "my-encoder", "n_boot": 10}},
+                         ).card  # fmt: skip
+    finally:
+        judges._ENCODERS.clear()
+    fid = card["checks"]["generative.fidelity"]
+    assert fid["status"] == "ok", fid["reason"]
+    test = world.split("test")
+    images = engine.generate_images(gen, list(test.modalities["text"]),
+                                    seeds=[row_seed(i) for i in test.ids])  # fmt: skip
+    img = engine.embed_values(encoder, "image", judges.to_uint8(images))
+    txt = engine.embed_values(encoder, "text", list(test.modalities["text"]))
+    expected = float(np.mean(clip_score(img, txt)))
+    assert fid["metrics"]["clip_score"]["value"] == pytest.approx(expected, rel=1e-6)
+    quality = card["checks"]["generative.quality"]
+    assert quality["status"] == "ok", quality["reason"]
+    assert quality["metrics"]["cmmd"]["value"] >= 0

@@ -21,6 +21,13 @@ from mmsafe.checks.controllability.privacy import PrivacyCheck
 from mmsafe.checks.controllability.rec_fairness import RecFairnessCheck
 from mmsafe.checks.controllability.rec_privacy import RecPrivacyCheck
 from mmsafe.checks.efficiency.profile import EfficiencyCheck
+from mmsafe.checks.generative.bias import GenerativeBiasCheck
+from mmsafe.checks.generative.fidelity import GenerativeFidelityCheck
+from mmsafe.checks.generative.memorization import GenerativeMemorizationCheck
+from mmsafe.checks.generative.provenance import GenerativeProvenanceCheck
+from mmsafe.checks.generative.quality import GenerativeQualityCheck
+from mmsafe.checks.generative.safety import GenerativeSafetyCheck
+from mmsafe.checks.generative.watermark import GenerativeWatermarkCheck
 from mmsafe.checks.monitoring.anomaly import AnomalyCheck
 from mmsafe.checks.monitoring.calibration import CalibrationCheck
 from mmsafe.checks.monitoring.cold_start import ColdStartCheck
@@ -60,6 +67,13 @@ __all__ = [
     "CheckSelectionError",
     "ConformalCheck",
     "EfficiencyCheck",
+    "GenerativeBiasCheck",
+    "GenerativeFidelityCheck",
+    "GenerativeMemorizationCheck",
+    "GenerativeProvenanceCheck",
+    "GenerativeQualityCheck",
+    "GenerativeSafetyCheck",
+    "GenerativeWatermarkCheck",
     "ExplainCheck",
     "FairnessCheck",
     "Finding",

@@ -33,6 +33,7 @@ PILLARS: tuple[str, ...] = (
     "monitoring",
     "controllability",
     "efficiency",
+    "generative",
 )
 TARGET_KINDS: tuple[str, ...] = ("encoder", "recommender", "vlm", "generator")
 """The kinds of model a check can declare (``Check.kinds``); new kinds add entries."""

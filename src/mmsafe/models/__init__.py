@@ -1,6 +1,15 @@
 """Models: the encoder protocol, the registry, and the built-in adapters (imported to register)."""
 
-from mmsafe.models import hf, hf_vlm, lit_mini, seqrec, tiny_clip, tiny_vlm
+from mmsafe.models import (
+    diffusers_gen,
+    hf,
+    hf_vlm,
+    lit_mini,
+    seqrec,
+    tiny_clip,
+    tiny_diffusion,
+    tiny_vlm,
+)
 from mmsafe.models.base import (
     Batch,
     EncoderModel,
@@ -16,6 +25,7 @@ __all__ = [
     "EncoderModel",
     "ModelError",
     "create_model",
+    "diffusers_gen",
     "hf",
     "hf_vlm",
     "images_to_tensor",
@@ -24,5 +34,6 @@ __all__ = [
     "register_model",
     "seqrec",
     "tiny_clip",
+    "tiny_diffusion",
     "tiny_vlm",
 ]

@@ -19,6 +19,9 @@ REC_TRAINED: tuple[str, ...] = ("mm-sasrec", "sasrec-id")
 VLM_TRAINED: tuple[str, ...] = ("tiny-vlm",)
 """Vision-language families that train on ``--data shapes-vqa...`` (else on the default one)."""
 
+GEN_TRAINED: tuple[str, ...] = ("tiny-diffusion",)
+"""Text-to-image families that train on ``--data shapes-gen...`` (else on the default one)."""
+
 
 def is_world_trained(name: str) -> bool:
     """Whether ``--model name`` trains on the data's world (``tiny-clip-xs`` yes, ``x:<dir>`` no).
@@ -47,11 +50,24 @@ def load_model(
     the model of the default world (see :data:`WORLD_TRAINED`). ``tiny-clip:<dir>`` and
     ``lit-mini:<dir>`` load a saved one (e.g. hardened). Recommenders (``mm-sasrec``,
     ``mm-sasrec:<encoder>``, ``sasrec-id``) train on the users of ``data`` (cached).
+    ``tiny-vlm`` trains on ``--data shapes-vqa...`` and ``tiny-diffusion`` on
+    ``--data shapes-gen...`` (else on their default world); ``tiny-diffusion:<dir>`` loads one.
     """
     if name.startswith(REC_TRAINED):
         return create_model(
             name,
             train_data=data,
+            seed=seed,
+            quick=quick,
+            cache_dir=cache_dir,
+            progress=progress,
+            device=device,
+        )
+    if ":" not in name and name.startswith(GEN_TRAINED):
+        is_gen = data is not None and (data.source or "").startswith("shapes-gen")
+        return create_model(
+            name,
+            train_data=data if is_gen else None,
             seed=seed,
             quick=quick,
             cache_dir=cache_dir,

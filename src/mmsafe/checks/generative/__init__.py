@@ -1,0 +1,1 @@
+"""The ``generative`` pillar: checks of text-to-image generators (responsible generation)."""

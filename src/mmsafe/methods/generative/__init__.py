@@ -1,0 +1,1 @@
+"""Methods of the text-to-image generator checks (quality, memorization, ...)."""
