@@ -100,6 +100,9 @@ class TinyDiffusionConfig:
     t_mean: float = 0.0
     loss: str = "v"
     recolour: bool = False
+    coords: bool = False
+    canvas_std: float = 0.02
+    canvas0: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
@@ -184,11 +187,11 @@ class _Canvas(nn.Module):
     Where a word puts things ("on the left") is then a first-order function of the caption.
     """
 
-    def __init__(self, cond: int, channels: int, grid: int) -> None:
+    def __init__(self, cond: int, channels: int, grid: int, std: float = 0.02) -> None:
         super().__init__()
         self.channels, self.grid = channels, grid
         self.paint = nn.Linear(cond, channels * grid * grid)
-        nn.init.normal_(self.paint.weight, std=0.02)
+        nn.init.normal_(self.paint.weight, std=std)
         nn.init.zeros_(self.paint.bias)
 
     def forward(self, cond: Tensor) -> Tensor:
@@ -220,27 +223,27 @@ class TextEncoder(nn.Module):
 
 
 class FlowUNet(nn.Module):
-    """The velocity network: ``(x_t (B, 3, S, S), t (B,), tokens, keep) -> v (B, 3, S, S)``."""
+    """The denoiser: ``(x_t (B, 3, S, S), t (B,), tokens, pooled, keep) -> x0_hat (B, 3, S, S)``."""
 
     def __init__(self, cfg: TinyDiffusionConfig) -> None:
         super().__init__()
         c0, c1 = cfg.channels
         p, cw = cfg.patch, cfg.cond_width
-        self.patch = p
+        g = cfg.image_size // p
+        self.patch, self.coords = p, cfg.coords
         self.time = nn.Sequential(nn.Linear(cw, cw), nn.SiLU(), nn.Linear(cw, cw))
         self.text = nn.Sequential(nn.Linear(cfg.text_width, cw), nn.SiLU(), nn.Linear(cw, cw))
-        self.stem = nn.Conv2d(3 * p * p, c0, 3, padding=1)
+        self.stem = nn.Conv2d(3 * p * p + 2 * cfg.coords, c0, 3, padding=1)
+        self.canvas0 = _Canvas(cw, c0, g, cfg.canvas_std) if cfg.canvas0 else None
         self.down0 = _ResBlock(c0, c0, cw)
-        self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
-        self.down1 = _ResBlock(c1, c1, cw)
-        g = cfg.image_size // p
         self.attn0 = _CrossAttention(c0, cfg.text_width, cfg.heads)
+        self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
+        self.canvas1 = _Canvas(cw, c1, g // 2, cfg.canvas_std)
+        self.down1 = _ResBlock(c1, c1, cw)
         self.attn1 = _CrossAttention(c1, cfg.text_width, cfg.heads)
         self.pool1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)
+        self.canvas_mid = _Canvas(cw, c1, g // 4, cfg.canvas_std)
         self.mid = _ResBlock(c1, c1, cw)
-        self.canvas1 = _Canvas(cw, c1, g // 2)
-
-        self.canvas_mid = _Canvas(cw, c1, g // 4)
         self.attn_mid = _CrossAttention(c1, cfg.text_width, cfg.heads)
         self.up1 = _ResBlock(2 * c1, c1, cw)
         self.up0 = _ResBlock(c1 + c0, c0, cw)
@@ -254,11 +257,19 @@ class FlowUNet(nn.Module):
             nn.init.zeros_(self.recolour.bias)
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor, pooled: Tensor, keep: Tensor) -> Tensor:
-        """The velocity ``(B, 3, S, S)``: FiLM by ``t`` and ``pooled``, cross-attending tokens."""
+        """The clean-image estimate: FiLM by ``t`` and ``pooled``, cross-attending tokens."""
         cond = self.time(timestep_embedding(t, self.time[0].in_features)) + self.text(pooled)
         cond = F.silu(cond)
         h = F.pixel_unshuffle(x, self.patch)
-        h0 = self.attn0(self.down0(self.stem(h), cond), tokens, keep)
+        if self.coords:
+            b, _, g, _ = h.shape
+            axis = torch.linspace(-1.0, 1.0, g, device=x.device, dtype=x.dtype)
+            xy = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))[None].expand(b, 2, g, g)
+            h = torch.cat([h, xy], 1)
+        h0 = self.stem(h)
+        if self.canvas0 is not None:
+            h0 = h0 + self.canvas0(cond)
+        h0 = self.attn0(self.down0(h0, cond), tokens, keep)
         h1 = self.attn1(self.down1(self.pool0(h0) + self.canvas1(cond), cond), tokens, keep)
         m = self.attn_mid(self.mid(self.pool1(h1) + self.canvas_mid(cond), cond), tokens, keep)
         u1 = self.up1(torch.cat([F.interpolate(m, scale_factor=2.0), h1], dim=1), cond)
