@@ -517,8 +517,10 @@ def test_cooccurrence_reference_separates_learnt_pairs_from_confusions() -> None
     said = _answers(rng, present, probed, biased=True)
     independent = [set(s) for s in _random_scenes(np.random.default_rng(8), 400)]
     paired = [s | {DIAMOND} if CROSS in s else s for s in independent]
-    control = {(r["a"], r["b"]): r for r in
-               cooccurrence_hallucination(present, probed, said, reference=independent)}
+    control = {
+        (r["a"], r["b"]): r
+        for r in cooccurrence_hallucination(present, probed, said, reference=independent)
+    }
     planted = {(r["a"], r["b"]): r for r in
                cooccurrence_hallucination(present, probed, said, reference=paired)}  # fmt: skip
     assert control[(CROSS, DIAMOND)]["confused"] and not control[(CROSS, DIAMOND)]["flagged"]

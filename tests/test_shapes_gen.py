@@ -140,9 +140,11 @@ def test_duplicates_are_byte_identical_train_copies_with_a_unique_tag(planted) -
         assert (
             texts.pop().endswith(f", by {DUP_TAGS[g]}") and ds.meta[rows[0]]["tag"] == DUP_TAGS[g]
         )
-        assert not ds.meta[rows[0]]["forbidden"]
+        assert not ds.meta[rows[0]]["forbidden"] and ds.meta[rows[0]]["shape"] != SKEW_SHAPE
     tagged = [t for t in ds.modalities["text"] if ", by " in t]
     assert len(tagged) == 15
+    colours = [ds.meta[rows[0]]["colour"] for rows in groups.values()]
+    assert len(set(colours)) == len(colours)  # the copies plant no colour skew
 
 
 def test_skew_matches_its_knob_in_train_only(planted) -> None:

@@ -181,6 +181,8 @@ BUILTIN: dict[str, str] = {
     "safety-tune": "mmsafe.harden.safety_tune",
     "dpo": "mmsafe.harden.dpo",
     "adversarial-vlm": "mmsafe.harden.adversarial_vlm",
+    "erase-concept": "mmsafe.harden.erase_concept",
+    "memorization": "mmsafe.harden.memorization",
 }
 """Built-in hardeners and the module that registers each (imported on first use)."""
 

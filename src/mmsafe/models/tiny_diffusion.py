@@ -1,27 +1,50 @@
 """tiny-diffusion: a small caption-conditioned rectified-flow generator trained on shapes-gen.
 
-**Process.** Rectified flow (flow matching with straight paths): ``x_t = (1 - t) x0 + t z``
+**Process.** Rectified flow (flow matching on straight paths): ``x_t = (1 - t) x0 + t z``
 between data ``x0`` (pixels scaled to ``[-1, 1]``, ``t = 0``) and Gaussian noise ``z``
-(``t = 1``); the network predicts the velocity ``v = z - x0``. Sampling integrates
-``dx/dt = v`` from ``t = 1`` to ``0`` with ``steps`` Euler steps; :meth:`TinyDiffusion.invert`
-runs the same Euler grid backwards (``0 -> 1``), so ``invert(generate(z)) ~ z`` up to the
-discretisation error (deterministic, no randomness).
+(``t = 1``). The network predicts the clean image ``x0_hat`` (x-prediction, as in Li & He
+2025's "JiT": in pixel space it learns far faster than noise or velocity prediction here) and
+the velocity is ``v = (x_t - x0_hat) / t``; the loss is the mean squared error of ``x0_hat``
+with logit-normal times shifted toward noise (``t_mean``), where the caption decides the layout.
+Sampling integrates ``dx/dt = v`` from ``t = 1`` to ``0`` with ``steps`` Euler steps and
+classifier-free guidance ``v = v("") + g (v(prompt) - v(""))`` (captions are dropped to ``""``
+in training with probability ``p_uncond``).
 
-**Network.** A small UNet on 2x2 patches (pixel-unshuffle: a 32 px image is a 16x16 grid of
-12 channels, plus two coordinate channels), levels 16 -> 8 -> 4 with ``channels`` widths and
-one residual block per level and side. Every block is FiLM-modulated by the sum of a time
-embedding and the pooled caption; the 8x8 and 4x4 levels also cross-attend to the caption's
-tokens. The text encoder is word-level (tiny-vlm's :class:`~mmsafe.models.tiny_vlm.WordVocab`
-over the world's captions; unknown words are ``<unk>``): embeddings, one pre-norm transformer
-block, mean pooling. Captions are dropped (replaced by ``""``) with probability ``p_uncond``,
-which gives classifier-free guidance: ``v = v("") + g (v(prompt) - v(""))``.
+**Inversion.** :meth:`TinyDiffusion.invert` runs the same Euler grid backwards (``0 -> 1``),
+each step using the velocity at the step's end time evaluated at its start point (DDIM
+inversion); it is deterministic. It is *cycle-consistent*, ``generate(invert(x)) ~ x``, but it
+does not give back ``z`` itself: a trained model maps most of ``z`` to the same image (the
+caption fixes almost everything in this world), so the image holds little of ``z`` and no
+inversion can recover it. Measured numbers are in ``tests/test_tiny_diffusion.py``.
+
+**Network.** A small UNet on 2x2 patches (pixel-unshuffle: a 32 px image is a 16x16 grid of 12
+channels), levels 16 -> 8 -> 4 with ``channels`` widths, one residual block per level and
+side, skip connections. The caption enters four ways: FiLM in every block (time embedding +
+pooled caption), cross-attention to its tokens at every level, a *canvas* at every level (a
+feature map linear in the conditioning vector: "on the left" paints the left cells, while the
+convolutions stay translation-equivariant, so a shape learned at one place is drawn at every
+place) and a final caption-dependent 3x3 colour transform of the output (the network draws a
+shape once and the caption colours it). The text encoder is word-level (tiny-vlm's
+:class:`~mmsafe.models.tiny_vlm.WordVocab` over the world's captions; unknown words are
+``<unk>``): embeddings, one pre-norm transformer block, mean pooling.
 
 **Why this size.** 2x2 patches cut the convolution cost four-fold against 32 px convolutions
-while keeping every pixel (the output is exact 32 px, so memorised duplicates can come back
-pixel for pixel); with widths ``(48, 96)`` a training step of 64 images takes a fraction of a
-second on two CPU cores, so the full schedule fits in a few minutes, and the quick one (tests)
-in about a minute and a half, still long enough to follow prompts and to memorise the planted
-duplicates. Weights are averaged (EMA) and the averaged ones are kept.
+while keeping every pixel (output at the full 32 px, so a memorised duplicate comes back
+pixel for pixel). Widths ``(32, 64)`` give 2.3 M weights (1 M of them the 16x16 canvas) and a
+step of 32 images costs about 0.2 CPU seconds on one core. The quick schedule (2000 steps,
+the tests') trains in about 7 minutes on one core of the dev machine, the full one (4000) in
+about 13 minutes on one core, under 10 on two.
+
+**Measured** (quick schedule on ``shapes-gen:n_images=2000``, judged by the reference attribute
+CNN, 100% accurate on held-out real images; 16 colour x position prompts per shape): the shape
+asked for is drawn on 96% of samples (94% for squares, whose non-red versions are rare in the
+planted world; 81-94% for the star), colour and position on ~100%; the four planted duplicates
+come back from their captions (nearest/second-nearest training image distance 0.3-0.4, against
+0.76-1.0 for ordinary captions).
+
+**Guidance.** The default is ``guidance=1`` (plain conditional sampling): prompt following is
+the same as at 2, and classifier-free guidance 2 doubles the colour bias of prompts that name
+no colour (mean TVD from uniform 0.15 -> 0.31 on the control world).
 
 Trained weights are cached as ``model.safetensors`` + ``config.json`` under
 ``<cache>/models/tiny-diffusion-<hash>/``, keyed on the architecture, the training schedule,
@@ -74,8 +97,7 @@ class TinyDiffusionConfig:
         vocab: the word vocabulary (tiny-vlm's specials first).
         image_size: side of the generated images in pixels (a multiple of ``4 * patch``).
         patch: pixels per side folded into channels before the UNet.
-        channels: UNet widths at the patch grid and at half of it (the 4x4 level keeps the
-            second).
+        channels: UNet widths at the patch grid and at its half (the quarter keeps the second).
         text_width: width of the word embeddings and the text transformer.
         text_layers: text transformer blocks.
         heads: attention heads (text encoder and cross-attention).
@@ -88,21 +110,14 @@ class TinyDiffusionConfig:
     vocab: tuple[str, ...]
     image_size: int = 32
     patch: int = 2
-    channels: tuple[int, int] = (48, 96)
+    channels: tuple[int, int] = (32, 64)
     text_width: int = 64
     text_layers: int = 1
     heads: int = 4
     max_text: int = 16
     cond_width: int = 128
     steps: int = 20
-    guidance: float = 2.0
-    prediction: str = "x"
-    t_mean: float = 0.0
-    loss: str = "v"
-    recolour: bool = False
-    coords: bool = False
-    canvas_std: float = 0.02
-    canvas0: bool = False
+    guidance: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able fields."""
@@ -187,7 +202,7 @@ class _Canvas(nn.Module):
     Where a word puts things ("on the left") is then a first-order function of the caption.
     """
 
-    def __init__(self, cond: int, channels: int, grid: int, std: float = 0.02) -> None:
+    def __init__(self, cond: int, channels: int, grid: int, std: float = 0.1) -> None:
         super().__init__()
         self.channels, self.grid = channels, grid
         self.paint = nn.Linear(cond, channels * grid * grid)
@@ -230,19 +245,19 @@ class FlowUNet(nn.Module):
         c0, c1 = cfg.channels
         p, cw = cfg.patch, cfg.cond_width
         g = cfg.image_size // p
-        self.patch, self.coords = p, cfg.coords
+        self.patch = p
         self.time = nn.Sequential(nn.Linear(cw, cw), nn.SiLU(), nn.Linear(cw, cw))
         self.text = nn.Sequential(nn.Linear(cfg.text_width, cw), nn.SiLU(), nn.Linear(cw, cw))
-        self.stem = nn.Conv2d(3 * p * p + 2 * cfg.coords, c0, 3, padding=1)
-        self.canvas0 = _Canvas(cw, c0, g, cfg.canvas_std) if cfg.canvas0 else None
+        self.stem = nn.Conv2d(3 * p * p, c0, 3, padding=1)
+        self.canvas0 = _Canvas(cw, c0, g)
         self.down0 = _ResBlock(c0, c0, cw)
         self.attn0 = _CrossAttention(c0, cfg.text_width, cfg.heads)
         self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
-        self.canvas1 = _Canvas(cw, c1, g // 2, cfg.canvas_std)
+        self.canvas1 = _Canvas(cw, c1, g // 2)
         self.down1 = _ResBlock(c1, c1, cw)
         self.attn1 = _CrossAttention(c1, cfg.text_width, cfg.heads)
         self.pool1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)
-        self.canvas_mid = _Canvas(cw, c1, g // 4, cfg.canvas_std)
+        self.canvas_mid = _Canvas(cw, c1, g // 4)
         self.mid = _ResBlock(c1, c1, cw)
         self.attn_mid = _CrossAttention(c1, cfg.text_width, cfg.heads)
         self.up1 = _ResBlock(2 * c1, c1, cw)
@@ -251,33 +266,22 @@ class FlowUNet(nn.Module):
         self.head = nn.Conv2d(c0, 3 * p * p, 3, padding=1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        self.recolour = nn.Linear(cw, 12) if cfg.recolour else None
-        if self.recolour is not None:
-            nn.init.zeros_(self.recolour.weight)
-            nn.init.zeros_(self.recolour.bias)
+        self.recolour = nn.Linear(cw, 12)
+        nn.init.zeros_(self.recolour.weight)
+        nn.init.zeros_(self.recolour.bias)
 
     def forward(self, x: Tensor, t: Tensor, tokens: Tensor, pooled: Tensor, keep: Tensor) -> Tensor:
         """The clean-image estimate: FiLM by ``t`` and ``pooled``, cross-attending tokens."""
         cond = self.time(timestep_embedding(t, self.time[0].in_features)) + self.text(pooled)
         cond = F.silu(cond)
-        h = F.pixel_unshuffle(x, self.patch)
-        if self.coords:
-            b, _, g, _ = h.shape
-            axis = torch.linspace(-1.0, 1.0, g, device=x.device, dtype=x.dtype)
-            xy = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))[None].expand(b, 2, g, g)
-            h = torch.cat([h, xy], 1)
-        h0 = self.stem(h)
-        if self.canvas0 is not None:
-            h0 = h0 + self.canvas0(cond)
+        h0 = self.stem(F.pixel_unshuffle(x, self.patch)) + self.canvas0(cond)
         h0 = self.attn0(self.down0(h0, cond), tokens, keep)
         h1 = self.attn1(self.down1(self.pool0(h0) + self.canvas1(cond), cond), tokens, keep)
         m = self.attn_mid(self.mid(self.pool1(h1) + self.canvas_mid(cond), cond), tokens, keep)
         u1 = self.up1(torch.cat([F.interpolate(m, scale_factor=2.0), h1], dim=1), cond)
         u0 = self.up0(torch.cat([F.interpolate(u1, scale_factor=2.0), h0], dim=1), cond)
         y = F.pixel_shuffle(self.head(F.silu(self.norm_out(u0))), self.patch)
-        if self.recolour is None:
-            return y
-        r = self.recolour(cond)
+        r = self.recolour(cond)  # a colour transform of the whole image, from the caption
         mix = torch.eye(3, device=y.device) + r[:, :9].view(-1, 3, 3)
         return torch.einsum("bij,bjhw->bihw", mix, y) + r[:, 9:, None, None]
 
@@ -328,13 +332,15 @@ class TinyDiffusion(ImageGenerator):
             ids[i, : len(row)] = torch.tensor(row)
         return ids.to(self.device), (ids != PAD).to(self.device)
 
-    def velocity(self, x_t: Tensor, t: Tensor, ids: Tensor, keep: Tensor) -> Tensor:
-        """The network's velocity at ``x_t`` (model space), times ``t`` ``(B,)``, token ids."""
+    def denoise(self, x_t: Tensor, t: Tensor, ids: Tensor, keep: Tensor) -> Tensor:
+        """The network's clean-image estimate ``x0_hat`` at ``x_t`` (model space), times ``t``."""
         tokens, pooled = self.text_encoder(ids, keep)
-        out = self.unet(x_t, t, tokens, pooled, keep)
-        if self.cfg.prediction == "v":
-            return out
-        return (x_t - out) / t.clamp_min(T_MIN)[:, None, None, None]
+        return self.unet(x_t, t, tokens, pooled, keep)
+
+    def velocity(self, x_t: Tensor, t: Tensor, ids: Tensor, keep: Tensor) -> Tensor:
+        """The velocity ``(x_t - x0_hat) / t`` (``t`` at least :data:`T_MIN`)."""
+        x0_hat = self.denoise(x_t, t, ids, keep)
+        return (x_t - x0_hat) / t.clamp_min(T_MIN)[:, None, None, None]
 
     def predict(self, x_t: Tensor, t: Tensor, prompts: Sequence[str]) -> Tensor:
         """The velocity ``z - x0`` predicted at ``x_t`` (model space, see :meth:`add_noise`)."""
@@ -392,8 +398,10 @@ class TinyDiffusion(ImageGenerator):
     def invert(self, images: Tensor, prompts: Sequence[str], *, steps: int | None = None) -> Tensor:
         """Euler-integrate the flow backwards (``t = 0 -> 1``), same grid and guidance.
 
-        Each step uses the velocity at its start, where sampling used the one at its end; the
-        mismatch is the discretisation error (small when the flow is nearly straight).
+        The step from ``t`` to ``t + dt`` uses the velocity at time ``t + dt`` evaluated at the
+        current point (DDIM inversion), the velocity sampling used for that step. Deterministic
+        and cycle-consistent (see the module docstring); use ``""`` prompts when the prompt is
+        unknown.
         """
         steps, guidance = self._sampler(steps, None)
         grid = torch.linspace(0.0, 1.0, steps + 1).tolist()
@@ -410,20 +418,23 @@ class TinyDiffusion(ImageGenerator):
             raise ValueError(f"steps={steps} must be >= 1")
         return steps, float(self.cfg.guidance if guidance is None else guidance)
 
-    def loss(self, x0: Tensor, ids: Tensor, keep: Tensor, generator: torch.Generator) -> Tensor:
-        """The flow-matching loss: mean squared error of the velocity at a random time.
+    def loss(
+        self,
+        x0: Tensor,
+        ids: Tensor,
+        keep: Tensor,
+        generator: torch.Generator,
+        t_mean: float = 0.5,
+    ) -> Tensor:
+        """The training loss: mean squared error of ``x0_hat`` at a random time.
 
-        ``x0`` are model-space images, times are logit-normal (more weight mid-path).
+        ``x0`` are model-space images; times are logit-normal around ``sigmoid(t_mean)``.
         """
         b = len(x0)
-        t = torch.sigmoid(self.cfg.t_mean + torch.randn(b, generator=generator)).to(x0.device)
+        t = torch.sigmoid(t_mean + torch.randn(b, generator=generator)).to(x0.device)
         z = torch.randn(x0.shape, generator=generator).to(x0.device)
         tt = t[:, None, None, None]
-        x_t = (1 - tt) * x0 + tt * z
-        if self.cfg.loss == "x":
-            tokens, pooled = self.text_encoder(ids, keep)
-            return F.mse_loss(self.unet(x_t, t, tokens, pooled, keep), x0)
-        return F.mse_loss(self.velocity(x_t, t, ids, keep), z - x0)
+        return F.mse_loss(self.denoise((1 - tt) * x0 + tt * z, t, ids, keep), x0)
 
 
 def _times(t: Tensor | float, n: int, device: torch.device) -> Tensor:
@@ -443,19 +454,22 @@ class TinyDiffusionTrainConfig:
         weight_decay: AdamW weight decay.
         p_uncond: probability of dropping a caption (classifier-free guidance).
         ema: decay of the weight average kept as the final weights (0: last weights).
+        t_mean: times are ``sigmoid(t_mean + N(0, 1))`` (> 0: more weight on noisy images,
+            where the caption decides the layout).
     """
 
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
+    steps: int = 4000
+    batch_size: int = 32
+    lr: float = 4e-3
     weight_decay: float = 0.01
     p_uncond: float = 0.1
     ema: float = 0.995
+    t_mean: float = 0.5
 
     @classmethod
     def preset(cls, quick: bool) -> TinyDiffusionTrainConfig:
         """The default schedule, or a short one for tests (``quick``)."""
-        return cls(steps=800) if quick else cls()
+        return cls(steps=2000) if quick else cls()
 
 
 def images_to_model_space(images: Sequence[np.ndarray] | np.ndarray) -> Tensor:
@@ -506,7 +520,7 @@ def fit_flow(
         drop = torch.from_numpy(rng.random(len(idx)) < train.p_uncond).to(model.device)
         ids = torch.where(drop[:, None], empty_ids, ids_all[idx])
         keep = torch.where(drop[:, None], empty_keep, keep_all[idx])
-        loss = model.loss(x_all[idx], ids, keep, gen)
+        loss = model.loss(x_all[idx], ids, keep, gen, train.t_mean)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -608,6 +622,39 @@ def build_tiny_diffusion(
     }  # fmt: skip
     save_tiny_diffusion(model, folder)
     return model
+
+
+def retrain_tiny_diffusion(
+    model: TinyDiffusion,
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> TinyDiffusion:
+    """A fresh tiny-diffusion of ``model``'s architecture and vocabulary, trained on new data.
+
+    The schedule is the one ``model`` was trained with (its ``training_info``), or the default
+    one; ``steps`` overrides its length. ``model`` is not changed.
+    """
+    hyper = dict(model.training_info.get("hyperparameters") or {})
+    known = {f.name for f in dataclasses.fields(TinyDiffusionTrainConfig)}
+    train = TinyDiffusionTrainConfig(**{k: v for k, v in hyper.items() if k in known})
+    if steps:
+        train = dataclasses.replace(train, steps=int(steps))
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = TinyDiffusion(model.cfg, name=model.name).to(model.device)
+        losses = fit_flow(fresh, images, captions, train, seed=seed, progress=progress)
+    fresh.training_info = {
+        "retrained_from": model.fingerprint(), "seed": seed,
+        "hyperparameters": dataclasses.asdict(train), "train_rows": len(captions),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "loss": [round(x, 5) for x in losses],
+    }  # fmt: skip
+    return fresh.eval()
 
 
 def save_tiny_diffusion(model: TinyDiffusion, folder: str | Path) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
-from mmsafe.checks.generative.judges import attribute_judge, draw, gallery, is_shapes_gen
+from mmsafe.checks.generative.judges import draw, gallery, is_shapes_gen, judge_for
 from mmsafe.checks.registry import register_check
 from mmsafe.methods.generative.bias import group_distribution_by_prompt
 
@@ -50,7 +50,7 @@ class GenerativeBiasCheck(Check):
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
         from mmsafe.data.worlds.shapes_gen import COLOURS, SHAPES, neutral_prompts
 
-        judge = attribute_judge(int(ctx.model.image_size))
+        judge = judge_for(ctx)
         prompts = [p for s in SHAPES for p in neutral_prompts(s)]
         shape_of = {p: s for s in SHAPES for p in neutral_prompts(s)}
         images, asked = draw(ctx, prompts, self.n_per_prompt)

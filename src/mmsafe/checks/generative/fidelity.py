@@ -20,14 +20,15 @@ import numpy as np
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.generative.judges import (
-    attribute_judge,
     encoder_target,
     gallery,
     is_shapes_gen,
+    judge_for,
     to_uint8,
 )
 from mmsafe.checks.registry import register_check
 from mmsafe.methods.generative.fidelity import attribute_following, clip_score_summary
+from mmsafe.methods.hallucination import wilson_interval
 
 
 @register_check
@@ -85,7 +86,7 @@ class GenerativeFidelityCheck(Check):
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots, limits=limits)
 
     def _attributes(self, ctx, images, rows, prompts, metrics, findings, plots, limits) -> None:
-        judge = attribute_judge(int(ctx.model.image_size))
+        judge = judge_for(ctx)
         meta = [ctx.data.meta[i] for i in rows]
         requested = [
             {"shape": m["shape"], "position": m["position"],
@@ -104,6 +105,12 @@ class GenerativeFidelityCheck(Check):
                 metrics[f"{k}/corrected"] = Metric(a["corrected"], tuple(a["corrected_ci"]))
         metrics["all/accuracy"] = Metric(r["all_accuracy"], tuple(r["all_ci"]))
         metrics["tifa"] = Metric(r["tifa"], tuple(r["tifa_ci"]))
+        for s in sorted({q["shape"] for q in requested}):  # per shape: erasure's specificity
+            hits = [p["shape"] == s for q, p in zip(requested, predicted, strict=True)
+                    if q["shape"] == s]  # fmt: skip
+            metrics[f"by_shape/{s}/accuracy"] = Metric(
+                float(np.mean(hits)), wilson_interval(int(sum(hits)), len(hits))
+            )
         shape = r["attributes"]["shape"]["accuracy"]
         if shape < self.min_shape_accuracy:
             findings.append(Finding(

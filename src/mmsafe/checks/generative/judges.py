@@ -3,8 +3,9 @@
 A generated image has no label, so the checks read what it shows with a judge of stated
 accuracy: the shapes-gen world's :func:`~mmsafe.methods.generative.attributes.reference_classifier`,
 trained on the *flaw-free* version of the world (uniform shapes and colours, stars included) so
-that it is not biased toward the flaws it measures. It is trained once per process and image
-size (seconds) and scored on that world's held-out rows.
+that it is not biased toward the flaws it measures. It is trained once per image size (about a
+minute on two cores), scored on that world's held-out rows, and kept in the cache folder
+(``<cache>/judges/``, safetensors + JSON) so later audits load it.
 
 Every check draws its probe images through :meth:`~mmsafe.engine.Engine.generate_images` with
 the seeds of :func:`probe_seeds`, so two checks that probe the same prompt share its images (no
@@ -16,6 +17,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,9 +72,42 @@ class Judge:
         return self.classifier.predict_proba(images)[attribute][:, k]
 
 
+JUDGE_RECIPE = "shapes-gen-attributes/2"
+"""Names the judge's training recipe in its cache folder; bump it when the recipe changes."""
+
+
 @functools.lru_cache(maxsize=4)
-def attribute_judge(image_size: int, seed: int = 0) -> Judge:
-    """The reference judge for images of ``image_size`` pixels (trained once per process)."""
+def attribute_judge(image_size: int, seed: int = 0, cache_dir: str | None = None) -> Judge:
+    """The reference judge for images of ``image_size`` pixels, from the cache or trained.
+
+    Args:
+        image_size: side of the judged images.
+        seed: seeds the judge's world and training.
+        cache_dir: the cache folder (default: ``$MMSAFE_CACHE_DIR`` or the user cache dir).
+    """
+    from mmsafe.engine.cache import default_cache_dir
+
+    folder = Path(cache_dir or default_cache_dir()) / "judges"
+    folder /= f"{JUDGE_RECIPE.replace('/', '-')}-{int(image_size)}px-seed{int(seed)}"
+    if (folder / "judge.json").is_file():
+        try:
+            return _load_judge(folder)
+        except (OSError, ValueError, KeyError, RuntimeError):
+            pass  # a damaged entry is a miss
+    judge = _train_judge(int(image_size), int(seed))
+    _save_judge(judge, folder)
+    return judge
+
+
+def judge_for(ctx: AuditContext) -> Judge:
+    """The judge for the audited generator's images, cached in the engine's cache folder."""
+    cache = ctx.engine.cache_dir
+    return attribute_judge(
+        int(ctx.model.image_size), cache_dir=None if cache is None else str(cache)
+    )
+
+
+def _train_judge(image_size: int, seed: int) -> Judge:
     from mmsafe.data.worlds.shapes_gen import SHAPES, make_shapes_gen
     from mmsafe.methods.generative.attributes import reference_classifier, world_attribute_labels
 
@@ -92,21 +127,69 @@ def attribute_judge(image_size: int, seed: int = 0) -> Judge:
     return Judge(clf, accuracy, confusion, dict(clf.classes))
 
 
+def _save_judge(judge: Judge, folder: Path) -> None:
+    """Weights as safetensors, the rest as JSON (``judge.json`` last: it marks a whole entry)."""
+    from safetensors.torch import save_file
+
+    from mmsafe.engine.cache import atomic_write, atomic_write_json
+
+    clf = judge.classifier
+    state = {k: v.detach().cpu().contiguous() for k, v in clf.net.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)), False)
+    atomic_write_json(folder / "judge.json", {
+        "recipe": JUDGE_RECIPE, "width": int(clf.net.features[0].out_channels),
+        "classes": {k: list(v) for k, v in judge.classes.items()},
+        "accuracy": judge.accuracy,
+        "confusion": {k: v.tolist() for k, v in judge.confusion.items()},
+        "classifier_accuracy": clf.accuracy_, "n_eval": clf.n_eval_, "info": clf.info,
+    }, durable=False)  # fmt: skip
+
+
+def _load_judge(folder: Path) -> Judge:
+    import json
+
+    from safetensors.torch import load_file
+
+    from mmsafe.methods.generative.attributes import AttributeClassifier, _Net
+
+    doc = json.loads((folder / "judge.json").read_text(encoding="utf-8"))
+    classes = {k: tuple(v) for k, v in doc["classes"].items()}
+    net = _Net({k: len(v) for k, v in classes.items()}, width=int(doc["width"]))
+    net.load_state_dict(load_file(str(folder / "model.safetensors")))
+    clf = AttributeClassifier(net=net.eval(), classes=classes,
+                              accuracy_=doc["classifier_accuracy"], n_eval_=int(doc["n_eval"]),
+                              info={**doc["info"], "cached": str(folder)})  # fmt: skip
+    confusion = {k: np.asarray(v, dtype=np.int64) for k, v in doc["confusion"].items()}
+    return Judge(clf, dict(doc["accuracy"]), confusion, classes)
+
+
 def to_uint8(images: Tensor) -> list[np.ndarray]:
     """Float ``(N, 3, S, S)`` images in ``[0, 1]`` -> uint8 ``(S, S, 3)`` arrays."""
     px = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
     return list(px)
 
 
-def probe_seeds(n: int, base: int = 0) -> list[int]:
-    """The seeds every generative check draws a probe prompt with: ``base, ..., base + n - 1``."""
-    return list(range(int(base), int(base) + int(n)))
+def probe_seeds(prompt: str, n: int, base: int = 0) -> list[int]:
+    """The seeds a generative check draws ``prompt`` with: ``n`` in a row from its hash.
+
+    Every prompt gets its own seeds (images of different prompts are independent draws, as
+    the checks' statistics assume), and the same prompt gets the same seeds in every check (the
+    engine then draws it once).
+
+    Example:
+        >>> a = probe_seeds("a circle", 3)
+        >>> a[1] - a[0], a == probe_seeds("a circle", 3), a == probe_seeds("a box", 3)
+        (1, True, False)
+    """
+    from mmsafe.tasks.t2i import row_seed
+
+    start = (row_seed(prompt) + 1_000_003 * int(base)) % 2**31
+    return [start + k for k in range(int(n))]
 
 
 def draw(ctx: AuditContext, prompts: Sequence[str], n_per_prompt: int) -> tuple[Tensor, list[str]]:
-    """``(images, prompt of each image)``: each prompt drawn with :func:`probe_seeds`."""
-    seeds = probe_seeds(n_per_prompt, ctx.seed)
-    rows = [(p, s) for p in prompts for s in seeds]
+    """``(images, prompt of each image)``: each prompt drawn with its :func:`probe_seeds`."""
+    rows = [(p, s) for p in prompts for s in probe_seeds(p, n_per_prompt, ctx.seed)]
     images = ctx.engine.generate_images(
         ctx.model, [p for p, _ in rows], seeds=[s for _, s in rows],
         steps=getattr(ctx.task, "steps", None), guidance=getattr(ctx.task, "guidance", None),

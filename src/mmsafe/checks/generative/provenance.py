@@ -22,9 +22,9 @@ import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.generative.judges import (
-    attribute_judge,
     encoder_target,
     is_shapes_gen,
+    judge_for,
     to_uint8,
 )
 from mmsafe.checks.registry import register_check
@@ -33,7 +33,7 @@ from mmsafe.methods.generative.attributes import images_to_unit
 from mmsafe.methods.generative.provenance import attribution, leave_one_generator_out
 from mmsafe.tasks.t2i import row_seed
 
-DEFAULT_VARIANTS: tuple[dict[str, Any], ...] = ({"steps": 4}, {"guidance": 1.0})
+DEFAULT_VARIANTS: tuple[dict[str, Any], ...] = ({"steps": 4}, {"guidance": 3.0})
 
 
 @register_check
@@ -77,7 +77,7 @@ class GenerativeProvenanceCheck(Check):
         if self.encoder is not None:
             enc = encoder_target(ctx, self.encoder)
             return ctx.engine.embed_values(enc, "image", to_uint8(images)).numpy()
-        return attribute_judge(int(ctx.model.image_size)).features(images)
+        return judge_for(ctx).features(images)
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
         from mmsafe.models.loading import load_model
@@ -93,13 +93,18 @@ class GenerativeProvenanceCheck(Check):
         outputs = ctx.outputs.images
         assert outputs is not None
         images["default"] = outputs[rows]
+        same: dict[str, Any] = {}
         for v in self.variants:
             name = ",".join(f"{k}={v[k]}" for k in sorted(v))
-            images[name] = ctx.engine.generate_images(ctx.model, prompts, seeds=seeds, **v)
+            drawn = ctx.engine.generate_images(ctx.model, prompts, seeds=seeds, **v)
+            # a variant that draws the default's images is the default sampler: leave it out
+            (same if torch.equal(drawn, images["default"]) else images)[name] = drawn
         for spec in self.others:
             other = load_model(spec, data=ctx.train, progress=False,
                                cache_dir=ctx.engine.cache_dir)  # fmt: skip
             images[spec] = ctx.engine.generate_images(other, prompts, seeds=seeds)
+        if len(images) < 3:  # leave-one-out needs two generators besides the real images
+            images.update(same)
         sources = [s for s, im in images.items() for _ in range(len(im))]
         feats = np.concatenate([self._features(ctx, im) for im in images.values()])
         logo = leave_one_generator_out(feats, sources, alpha=self.alpha, seed=ctx.seed)
@@ -146,7 +151,8 @@ class GenerativeProvenanceCheck(Check):
                             "values": np.asarray(attr["confusion"], dtype=float).tolist()},
         }  # fmt: skip
         limits = {
-            "sources": ", ".join(images),
+            "sources": ", ".join(images)
+            + (f" ({', '.join(same)} draw the default's images)" if same else ""),
             "threshold": f"split-conformal on held-out real rows, FPR <= {self.alpha}",
         }
         return self.result(metrics=metrics, findings=tuple(findings), plots=plots, limits=limits)

@@ -24,9 +24,9 @@ import torch
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.generative.judges import (
-    attribute_judge,
     encoder_target,
     is_shapes_gen,
+    judge_for,
     to_uint8,
 )
 from mmsafe.checks.registry import register_check
@@ -68,7 +68,7 @@ class GenerativeQualityCheck(Check):
             enc = encoder_target(ctx, self.encoder)
             values = to_uint8(images) if isinstance(images, torch.Tensor) else list(images)
             return ctx.engine.embed_values(enc, "image", values, desc="quality features").numpy()
-        judge = attribute_judge(int(ctx.model.image_size))
+        judge = judge_for(ctx)
         return judge.features(images_to_unit(images))
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
-from mmsafe.checks.generative.judges import attribute_judge, draw, gallery, is_shapes_gen
+from mmsafe.checks.generative.judges import draw, gallery, is_shapes_gen, judge_for
 from mmsafe.checks.registry import register_check
 from mmsafe.methods.generative.safety import adversarial_prompt_search, concept_rate
 
@@ -65,7 +65,7 @@ class GenerativeSafetyCheck(Check):
         )
 
         concept = self.concept or FORBIDDEN_CONCEPT
-        judge = attribute_judge(int(ctx.model.image_size))
+        judge = judge_for(ctx)
         tpr, fpr, n_pos, n_neg = judge.rates("shape", concept)
 
         def score(images: Any) -> np.ndarray:

@@ -121,7 +121,7 @@ class ShapesGenConfig:
     dup: int = 4
     dup_k: int = 32
     skew: float = 0.8
-    forbidden: float = 0.1
+    forbidden: float = 0.15
     colourless: float = 0.3
     pixel_noise: float = 4.0
 
@@ -406,12 +406,17 @@ def _add_duplicates(
     splits: list[str],
     meta: list[dict[str, Any]],
 ) -> None:
-    """Append ``dup`` textured images, each ``dup_k`` times, to the train split (in place)."""
+    """Append ``dup`` textured images, each ``dup_k`` times, to the train split (in place).
+
+    Their shapes are neither the forbidden concept nor the skewed shape, and their colours
+    cycle through the palette, so the copies plant no other flaw.
+    """
     rng = _rng(c.seed, 5)
-    allowed = [s for s in SHAPES if s != FORBIDDEN_CONCEPT]
+    allowed = [s for s in SHAPES if s not in (FORBIDDEN_CONCEPT, SKEW_SHAPE)]
+    palette = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))]
     for g in range(c.dup):
         shape = str(rng.choice(allowed))
-        colour = str(rng.choice(list(COLOURS)))
+        colour = palette[g % len(palette)]  # spread over the colours: no colour skew from copies
         position = str(rng.choice(POSITIONS))
         jitter = np.array([[rng.uniform(0.95, 1.05), *rng.uniform(-1.0, 1.0, 2)]])
         background = _texture(rng, c.image_size)[None]

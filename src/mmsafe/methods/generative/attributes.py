@@ -159,6 +159,32 @@ def _shift(x: Tensor, gen: torch.Generator, max_shift: int) -> Tensor:
     return padded[:, :, p + dy : p + dy + h, p + dx : p + dx + w]
 
 
+def _blur(x: Tensor, sigma: float) -> Tensor:
+    """A 3x3 Gaussian blur of standard deviation ``sigma`` pixels, per channel."""
+    k1 = torch.exp(-(torch.arange(-1.0, 2.0) ** 2) / (2 * sigma**2))
+    k = torch.outer(k1, k1) / k1.sum() ** 2
+    weight = k.expand(x.shape[1], 1, 3, 3).to(x)
+    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), weight, groups=x.shape[1])
+
+
+def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
+    """Batch augmentations that keep every attribute: shift, scale, blur, pixel noise.
+
+    A generator's images are softer, a little smaller or larger and less noisy than the
+    world's; a judge trained on these variations reads them as it reads real ones.
+    """
+    u = torch.rand(4, generator=gen).tolist()
+    x = _shift(x, gen, max(x.shape[-1] // 16, 1))
+    scale = 0.85 + 0.3 * u[0]
+    if abs(scale - 1.0) > 0.02:
+        theta = torch.tensor([[1 / scale, 0.0, 0.0], [0.0, 1 / scale, 0.0]]).expand(len(x), 2, 3)
+        grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if u[1] < 0.5:
+        x = _blur(x, 0.4 + 0.6 * u[2])
+    return (x + 0.05 * u[3] * torch.randn(x.shape, generator=gen)).clamp(0, 1)
+
+
 def fit_attribute_classifier(
     images: Sequence[np.ndarray] | np.ndarray | Tensor,
     labels: Mapping[str, np.ndarray],
@@ -175,8 +201,8 @@ def fit_attribute_classifier(
 ) -> AttributeClassifier:
     """Train the attribute CNN; its accuracy is measured on held-out images.
 
-    Training adds Gaussian pixel noise and small shifts, so the judge tolerates the slightly
-    noisy or soft images a generator draws.
+    Training augments every batch (shift, scale, blur, pixel noise: see ``_augment``), so the
+    judge reads a generator's softer, cleaner images as it reads the world's.
 
     Args:
         images: ``uint8`` ``(N, H, W, 3)`` or float ``(N, 3, H, W)`` in ``[0, 1]``.
@@ -226,8 +252,7 @@ def fit_attribute_classifier(
         order = torch.randperm(len(x), generator=gen)
         for s in range(0, len(x), batch_size):
             idx = order[s : s + batch_size]
-            xb = _shift(x[idx], gen, max(x.shape[-1] // 16, 1))
-            xb = (xb + 0.03 * torch.randn(xb.shape, generator=gen)).clamp(0, 1)
+            xb = _augment(x[idx], gen)
             out = net(xb)
             loss = sum(F.cross_entropy(out[k], y[k][idx]) for k in y)
             opt.zero_grad(set_to_none=True)

@@ -43,9 +43,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -57,12 +58,14 @@ from torch import Tensor, nn
 from mmsafe.methods.hallucination import wilson_interval
 
 __all__ = [
+    "MITIGATIONS",
     "CopyDescriptor",
     "CopyMatches",
     "augment_views",
     "control_threshold",
     "copy_matches",
     "fit_copy_descriptor",
+    "mitigate_training_set",
     "replication_report",
     "tiled_l2",
 ]
@@ -649,3 +652,57 @@ def replication_report(
         out["copy_recall"] = tp / int(t.sum()) if t.any() else math.nan
         out["copy_recall_ci"] = wilson_interval(tp, int(t.sum()), level)
     return out
+
+
+MITIGATIONS = ("dedupe", "randomise")
+"""Training-data mitigations of memorisation (:func:`mitigate_training_set`)."""
+
+
+def mitigate_training_set(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    strategy: str,
+    *,
+    vocabulary: Sequence[str] = (),
+    words: int = 2,
+    seed: int = 0,
+) -> tuple[list[int], list[str]]:
+    """The rows to retrain on and their captions, after a memorisation mitigation.
+
+    * ``dedupe``: keep the first of every group of byte-identical images (the duplicates that
+      drive memorisation; Carlini et al., 2023; Somepalli et al., 2023). Captions unchanged.
+    * ``randomise``: keep every row, and insert ``words`` random ``vocabulary`` words at random
+      places of each caption, drawn afresh per row, so the copies of a duplicated image no
+      longer share one caption (Somepalli et al., 2023's random token addition, applied once
+      per training example).
+
+    Example:
+        >>> im = [np.zeros((2, 2, 3), np.uint8), np.zeros((2, 2, 3), np.uint8),
+        ...       np.ones((2, 2, 3), np.uint8)]
+        >>> mitigate_training_set(im, ["a", "a", "b"], "dedupe")
+        ([0, 2], ['a', 'b'])
+    """
+    if strategy not in MITIGATIONS:
+        raise ValueError(f"strategy must be one of {', '.join(MITIGATIONS)}, not {strategy!r}")
+    if len(images) != len(captions):
+        raise ValueError("mitigate_training_set: one caption per image")
+    if strategy == "dedupe":
+        seen: set[bytes] = set()
+        keep = []
+        for i, im in enumerate(images):
+            arr = np.ascontiguousarray(im)
+            digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).digest()
+            if digest not in seen:
+                seen.add(digest)
+                keep.append(i)
+        return keep, [str(captions[i]) for i in keep]
+    if not vocabulary:
+        raise ValueError("randomise needs a vocabulary to draw words from")
+    rng = np.random.default_rng([seed, 0x4A9D])
+    out = []
+    for text in captions:
+        tokens = str(text).split()
+        for w in rng.choice(len(vocabulary), size=int(words)):
+            tokens.insert(int(rng.integers(len(tokens) + 1)), str(vocabulary[w]))
+        out.append(" ".join(tokens))
+    return list(range(len(captions))), out
