@@ -1,5 +1,6 @@
 """The generative checks on a quick tiny-diffusion: each finds its planted flaw, and the control
-world (no duplicates, uniform colours, no star in training) raises none of them."""
+world (no duplicates, uniform colours, no star in training) raises none of them (the control
+model's own colour preferences aside: see the bias tests)."""
 
 from __future__ import annotations
 

@@ -137,7 +137,7 @@ def _save_judge(judge: Judge, folder: Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in clf.net.state_dict().items()}
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, str(tmp)), False)
     atomic_write_json(folder / "judge.json", {
-        "recipe": JUDGE_RECIPE, "width": int(clf.net.features[0].out_channels),
+        "recipe": JUDGE_RECIPE, "width": clf.width,
         "classes": {k: list(v) for k, v in judge.classes.items()},
         "accuracy": judge.accuracy,
         "confusion": {k: v.tolist() for k, v in judge.confusion.items()},
@@ -150,15 +150,15 @@ def _load_judge(folder: Path) -> Judge:
 
     from safetensors.torch import load_file
 
-    from mmsafe.methods.generative.attributes import AttributeClassifier, _Net
+    from mmsafe.methods.generative.attributes import AttributeClassifier
 
     doc = json.loads((folder / "judge.json").read_text(encoding="utf-8"))
     classes = {k: tuple(v) for k, v in doc["classes"].items()}
-    net = _Net({k: len(v) for k, v in classes.items()}, width=int(doc["width"]))
-    net.load_state_dict(load_file(str(folder / "model.safetensors")))
-    clf = AttributeClassifier(net=net.eval(), classes=classes,
-                              accuracy_=doc["classifier_accuracy"], n_eval_=int(doc["n_eval"]),
-                              info={**doc["info"], "cached": str(folder)})  # fmt: skip
+    clf = AttributeClassifier.from_state(
+        load_file(str(folder / "model.safetensors")), classes, int(doc["width"]),
+        accuracy_=doc["classifier_accuracy"], n_eval_=int(doc["n_eval"]),
+        info={**doc["info"], "cached": str(folder)},
+    )  # fmt: skip
     confusion = {k: np.asarray(v, dtype=np.int64) for k, v in doc["confusion"].items()}
     return Judge(clf, dict(doc["accuracy"]), confusion, classes)
 

@@ -104,6 +104,25 @@ class AttributeClassifier:
     n_eval_: int = 0
     info: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def width(self) -> int:
+        """Channels of the CNN's first convolution (what :meth:`from_state` needs back)."""
+        return int(self.net.features[0].out_channels)
+
+    @classmethod
+    def from_state(
+        cls,
+        state: Mapping[str, Tensor],
+        classes: Mapping[str, Sequence[str]],
+        width: int,
+        **fields: Any,
+    ) -> AttributeClassifier:
+        """Rebuild a fitted classifier from its CNN weights (e.g. read from safetensors)."""
+        names = {k: tuple(v) for k, v in classes.items()}
+        net = _Net({k: len(v) for k, v in names.items()}, width=int(width))
+        net.load_state_dict(dict(state))
+        return cls(net=net.eval(), classes=names, **fields)
+
     def predict_proba(
         self, images: Sequence[np.ndarray] | np.ndarray | Tensor, batch_size: int = 256
     ) -> dict[str, np.ndarray]:
