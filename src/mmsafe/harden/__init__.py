@@ -24,6 +24,10 @@ Every hardener is a :class:`~mmsafe.harden.base.Hardener` (``fit`` / ``transform
   :mod:`mmsafe.harden.dpo`, :mod:`mmsafe.harden.adversarial_vlm`: a vision-language model's
   VLGuard-style safety fine-tuning, direct preference optimisation, and adversarial training
   against visual jailbreaks (``docs/alignment.md``).
+* ``erase-concept``, ``memorization`` -- :mod:`mmsafe.harden.erase_concept`,
+  :mod:`mmsafe.harden.memorization` (on :class:`~mmsafe.harden.generator.TinyDiffusionHardener`):
+  ESD concept erasure and dedupe/randomise-then-retrain of a tiny-diffusion
+  (``docs/generative.md``).
 
 Without a command: :func:`~mmsafe.harden.calibration.cml_finetune` (CML regularisation of a
 fusion head) and :mod:`mmsafe.harden.federated` (FedAvg training of a fusion head over

@@ -16,12 +16,12 @@ and image quality on the other prompts. Load a saved model back with
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsafe.harden.base import Hardened, Hardener, HardenError, register_hardener
+from mmsafe.harden.base import HardenError, register_hardener
+from mmsafe.harden.generator import TinyDiffusionHardener
 from mmsafe.methods.generative.erasure import concept_prompts, erase_concept
-from mmsafe.models.tiny_diffusion import TinyDiffusion, save_tiny_diffusion
+from mmsafe.models.tiny_diffusion import TinyDiffusion
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
@@ -50,7 +50,7 @@ def _holdout(concept: str) -> list[str]:
 
 
 @register_hardener
-class EraseConceptHardener(Hardener):
+class EraseConceptHardener(TinyDiffusionHardener):
     """``mmsafe harden erase-concept``: ESD fine-tuning so the generator stops drawing a concept.
 
     Args:
@@ -73,10 +73,8 @@ class EraseConceptHardener(Hardener):
 
     name = "erase-concept"
     description = "ESD concept erasure of a tiny-diffusion (the re-audit probes paraphrases)."
-    tasks = ("t2i",)
-    default_task = "t2i"
     checks = "generative.safety,generative.fidelity,generative.quality"
-    artifact = "model"
+    verb = "fine-tunes"
 
     def __init__(
         self,
@@ -107,30 +105,23 @@ class EraseConceptHardener(Hardener):
 
         return self.concept or FORBIDDEN_CONCEPT
 
+    def problems(self) -> list[str]:  # noqa: D102
+        out = [f"{k} must be >= 1" for k in ("steps", "batch_size", "images")
+               if getattr(self, k) < 1]  # fmt: skip
+        out += [f"{k} must be > 0" for k in ("lr", "eta") if not getattr(self, k) > 0]
+        out += ["preserve must be >= 0"] if self.preserve < 0 else []
+        if self.train not in TRAINABLE:
+            out.append(f"train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
+        return out
+
     def validate(self, model: EncoderModel, task: Task, data: Dataset) -> None:
         """Raise :class:`HardenError` unless the model, task, options and captions suit."""
-        cmd = f"`mmsafe harden {self.name}`"
-        if task.name not in self.tasks:
-            raise HardenError(f"{cmd} needs --task t2i, not {task.name!r}.")
-        if not isinstance(model, TinyDiffusion):
-            raise HardenError(
-                f"{cmd} fine-tunes a tiny-diffusion (a generator whose weights it can train and "
-                f"save), but {getattr(model, 'name', type(model).__name__)!r} is a "
-                f"{type(model).__name__}. Pass --model tiny-diffusion (or tiny-diffusion:<dir>)."
-            )
-        problems = [f"{k} must be >= 1" for k in ("steps", "batch_size", "images")
-                    if getattr(self, k) < 1]  # fmt: skip
-        problems += [f"{k} must be > 0" for k in ("lr", "eta") if not getattr(self, k) > 0]
-        problems += ["preserve must be >= 0"] if self.preserve < 0 else []
-        if self.train not in TRAINABLE:
-            problems.append(f"train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
-        if problems:
-            raise HardenError(f"{cmd}: {'; '.join(problems)}.")
+        super().validate(model, task, data)
         if not self._prompts(data)[0]:
             raise HardenError(
-                f"{cmd} erases the concept {self._concept()!r} from the train captions that "
-                f"name it, but {data.name!r} has none. Pass --concept with a word of the "
-                "captions, or data whose 'train' split shows the concept."
+                f"`mmsafe harden {self.name}` erases the concept {self._concept()!r} from the "
+                f"train captions that name it, but {data.name!r} has none. Pass --concept with "
+                "a word of the captions, or data whose 'train' split shows the concept."
             )
 
     def _prompts(self, data: Dataset) -> tuple[list[str], list[str]]:
@@ -166,25 +157,11 @@ class EraseConceptHardener(Hardener):
                          "held_out": len(_holdout(self._concept()))}  # fmt: skip
         return self
 
-    def _fitted(self) -> TinyDiffusion:
-        if self.model_ is None:
-            raise RuntimeError(f"{type(self).__name__}.fit() must run first.")
-        return self.model_
-
-    def transform(self, model: EncoderModel, task: Task) -> Hardened:
-        """The erased model, on the same task."""
-        return Hardened(self._fitted(), task)  # type: ignore[arg-type]
-
     def summary(self) -> dict[str, Any]:
         """The concept, the prompt counts and the loss at the start and the end."""
         self._fitted()
         return {"concept": self._concept(), **self.prompts_,
                 "first_loss": self.losses_[0], "final_loss": self.losses_[-1]}  # fmt: skip
-
-    def save(self, path: Path) -> Path:
-        """Write the erased model (safetensors + config.json) to the folder ``path``."""
-        save_tiny_diffusion(self._fitted(), path)
-        return Path(path)
 
     def audit_options(self) -> dict[str, dict[str, Any]]:
         """The safety re-audit probes this hardener's concept."""

@@ -12,16 +12,12 @@ scratch with its own architecture, vocabulary and schedule
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmsafe.harden.base import Hardened, Hardener, HardenError, register_hardener
+from mmsafe.harden.base import HardenError, register_hardener
+from mmsafe.harden.generator import TinyDiffusionHardener
 from mmsafe.methods.generative.memorization import MITIGATIONS, mitigate_training_set
-from mmsafe.models.tiny_diffusion import (
-    TinyDiffusion,
-    retrain_tiny_diffusion,
-    save_tiny_diffusion,
-)
+from mmsafe.models.tiny_diffusion import TinyDiffusion, retrain_tiny_diffusion
 
 if TYPE_CHECKING:
     from mmsafe.data.dataset import Dataset
@@ -33,7 +29,7 @@ __all__ = ["MemorizationHardener"]
 
 
 @register_hardener
-class MemorizationHardener(Hardener):
+class MemorizationHardener(TinyDiffusionHardener):
     """``mmsafe harden memorization``: dedupe or randomise the captions, then retrain.
 
     Args:
@@ -49,10 +45,8 @@ class MemorizationHardener(Hardener):
 
     name = "memorization"
     description = "Dedupe or randomise the training captions, retrain, re-audit memorisation."
-    tasks = ("t2i",)
-    default_task = "t2i"
     checks = "generative.memorization,generative.quality"
-    artifact = "model"
+    verb = "retrains"
 
     def __init__(self, *, strategy: str = "dedupe", words: int = 2, steps: int = 0) -> None:
         self.strategy = strategy
@@ -61,30 +55,22 @@ class MemorizationHardener(Hardener):
         self.model_: TinyDiffusion | None = None
         self.rows_: dict[str, int] = {}
 
+    def problems(self) -> list[str]:  # noqa: D102
+        out = []
+        if self.strategy not in MITIGATIONS:
+            out.append(f"strategy must be one of {', '.join(MITIGATIONS)}, not {self.strategy!r}")
+        out += ["words must be >= 1"] if self.words < 1 else []
+        out += ["steps must be >= 0"] if self.steps < 0 else []
+        return out
+
     def validate(self, model: EncoderModel, task: Task, data: Dataset) -> None:
         """Raise :class:`HardenError` unless the model, task, options and data suit."""
-        cmd = f"`mmsafe harden {self.name}`"
-        if task.name not in self.tasks:
-            raise HardenError(f"{cmd} needs --task t2i, not {task.name!r}.")
-        if not isinstance(model, TinyDiffusion):
-            raise HardenError(
-                f"{cmd} retrains a tiny-diffusion (a generator it can train and save), but "
-                f"{getattr(model, 'name', type(model).__name__)!r} is a {type(model).__name__}. "
-                "Pass --model tiny-diffusion (or tiny-diffusion:<dir>)."
-            )
-        problems = []
-        if self.strategy not in MITIGATIONS:
-            problems.append(f"strategy must be one of {', '.join(MITIGATIONS)}, "
-                            f"not {self.strategy!r}")  # fmt: skip
-        problems += ["words must be >= 1"] if self.words < 1 else []
-        problems += ["steps must be >= 0"] if self.steps < 0 else []
-        if problems:
-            raise HardenError(f"{cmd}: {'; '.join(problems)}.")
+        super().validate(model, task, data)
         if not {"image", "text"} <= set(data.modalities) or not self._train_rows(data):
             raise HardenError(
-                f"{cmd} retrains on the captioned images of the 'train' split, but "
-                f"{data.name!r} has none. Pass data with image and text columns and a 'split' "
-                "column with 'train' rows."
+                f"`mmsafe harden {self.name}` retrains on the captioned images of the 'train' "
+                f"split, but {data.name!r} has none. Pass data with image and text columns and "
+                "a 'split' column with 'train' rows."
             )
 
     @staticmethod
@@ -110,15 +96,6 @@ class MemorizationHardener(Hardener):
         self.rows_ = {"before": len(rows), "after": len(keep)}
         return self
 
-    def _fitted(self) -> TinyDiffusion:
-        if self.model_ is None:
-            raise RuntimeError(f"{type(self).__name__}.fit() must run first.")
-        return self.model_
-
-    def transform(self, model: EncoderModel, task: Task) -> Hardened:
-        """The retrained model, on the same task."""
-        return Hardened(self._fitted(), task)  # type: ignore[arg-type]
-
     def summary(self) -> dict[str, Any]:
         """The strategy, the training rows before and after, and the training time."""
         info = self._fitted().training_info
@@ -128,8 +105,3 @@ class MemorizationHardener(Hardener):
             "rows_after": self.rows_["after"],
             "train_seconds": info["train_seconds"],
         }
-
-    def save(self, path: Path) -> Path:
-        """Write the retrained model (safetensors + config.json) to the folder ``path``."""
-        save_tiny_diffusion(self._fitted(), path)
-        return Path(path)
