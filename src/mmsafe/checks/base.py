@@ -348,7 +348,8 @@ class Check(ABC):
         tasks: the task names the check makes sense for.
         requires: what the data must have: any of ``labels`` (for classification tasks;
             retrieval is scored by pairs), ``groups``, ``calibration``, ``train``, or a modality
-            (``image``, ``text``) that both the data and the task must have.
+            (``image``, ``text``) that both the data and the task must have; ``generation``:
+            a generator that draws new prompts (not a manifest of images, ``images:``).
         higher_is_better: ``{metric: bool}`` for the metrics it reports.
         description: one line for ``mmsafe list-checks``.
         aliases: older names that still select it (``--checks``, ``--options``, ``--fail-on``).
@@ -390,6 +391,8 @@ class Check(ABC):
                 return "needs a 'calibration' split"
             if need == "train" and ctx.train is None:
                 return "needs a 'train' split"
+            if need == "generation" and getattr(ctx.model, "replay", False):
+                return "needs the generator itself (a manifest of images cannot draw new prompts)"
             if need in MODALITIES and need not in ctx.data.modalities:
                 return f"needs the {need} modality"
             if need in MODALITIES and need not in ctx.task.modalities:

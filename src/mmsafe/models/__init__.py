@@ -2,6 +2,7 @@
 
 from mmsafe.models import (
     diffusers_gen,
+    generated_images,
     hf,
     hf_vlm,
     lit_mini,
@@ -26,6 +27,7 @@ __all__ = [
     "ModelError",
     "create_model",
     "diffusers_gen",
+    "generated_images",
     "hf",
     "hf_vlm",
     "images_to_tensor",

@@ -85,10 +85,32 @@ class TextToImageTask(Task):
             self.model_, list(prompts), seeds=seeds, steps=self.steps, guidance=self.guidance
         )
 
+    def _replay_seeds(self, prompts: Sequence[str], data: Dataset) -> list[int]:
+        """A replaying generator (``images:``): the k-th row of a prompt gets its k-th image."""
+        missing = [i for i, p in enumerate(prompts) if self.model_.count(p) == 0]
+        if missing:
+            shown = ", ".join(f"{data.ids[i]!r} ({prompts[i][:40]!r})" for i in missing[:3])
+            raise TaskError(
+                f"{len(missing)} of {len(prompts)} rows of {data.name!r} have a prompt with no "
+                f"image in {self.model_.name}, e.g. rows {shown}. Add their images to that "
+                "manifest, or pass --data with only the prompts it holds."
+            )
+        seen: dict[str, int] = {}
+        seeds = []
+        for p in prompts:
+            seeds.append(seen.get(p, 0))
+            seen[p] = seeds[-1] + 1
+        return seeds
+
     def outputs(self, embeddings: dict[str, Tensor], data: Dataset) -> Outputs:
         """Draw one image per row of ``data``."""
         self.check_data(data)
-        images = self.draw(list(data.modalities["text"]), [row_seed(i) for i in data.ids])
+        prompts = [str(t) for t in data.modalities["text"]]
+        if getattr(self.model_, "replay", False):
+            seeds = self._replay_seeds(prompts, data)
+        else:
+            seeds = [row_seed(i) for i in data.ids]
+        images = self.draw(prompts, seeds)
         return Outputs(
             embeddings={},
             logits=torch.zeros(len(data), 0),

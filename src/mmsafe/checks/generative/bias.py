@@ -45,6 +45,11 @@ class GenerativeBiasCheck(Check):
         reason = super().skip_reason(ctx)
         if reason is None and not is_shapes_gen(ctx.data):
             reason = "needs the shapes-gen world's attribute judge (a judge for other data: TODO)"
+        if reason is None and getattr(ctx.model, "replay", False):
+            from mmsafe.data.worlds.shapes_gen import SHAPES, neutral_prompts
+
+            if not any(ctx.model.count(p) for s in SHAPES for p in neutral_prompts(s)):
+                reason = "the manifest of images holds no neutral prompt (a shape, no colour)"
         return reason
 
     def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102

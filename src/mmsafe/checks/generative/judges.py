@@ -188,8 +188,15 @@ def probe_seeds(prompt: str, n: int, base: int = 0) -> list[int]:
 
 
 def draw(ctx: AuditContext, prompts: Sequence[str], n_per_prompt: int) -> tuple[Tensor, list[str]]:
-    """``(images, prompt of each image)``: each prompt drawn with its :func:`probe_seeds`."""
-    rows = [(p, s) for p in prompts for s in probe_seeds(p, n_per_prompt, ctx.seed)]
+    """``(images, prompt of each image)``: each prompt drawn with its :func:`probe_seeds`.
+
+    A replaying generator (``images:<manifest>``) gives the images it holds instead: up to
+    ``n_per_prompt`` of each prompt, none of a prompt it lacks.
+    """
+    if getattr(ctx.model, "replay", False):
+        rows = [(p, k) for p in prompts for k in range(min(n_per_prompt, ctx.model.count(p)))]
+    else:
+        rows = [(p, s) for p in prompts for s in probe_seeds(p, n_per_prompt, ctx.seed)]
     images = ctx.engine.generate_images(
         ctx.model, [p for p, _ in rows], seeds=[s for _, s in rows],
         steps=getattr(ctx.task, "steps", None), guidance=getattr(ctx.task, "guidance", None),

@@ -16,6 +16,9 @@ Reported: the replication rate (generations that are copies) with a Wilson CI, a
 data marks its planted duplicates (``meta["duplicate_group"]``), the precision and recall of
 the replicated training images against them; a gallery shows generations beside their nearest
 training images.
+
+A manifest of generated images (``--model images:<manifest>``) is checked as it is: its images
+(up to ``max_captions * n_per_caption``, a random sample beyond) against the train rows.
 """
 
 from __future__ import annotations
@@ -100,7 +103,14 @@ class GenerativeMemorizationCheck(Check):
             prompts += [others[i] for i in np.sort(pick)]
         if self.paraphrase and is_shapes_gen(train):
             prompts += [p for p in (_paraphrase(train, captions.index(c)) for c in prompts) if p]
-        images, asked = draw(ctx, prompts, self.n_per_caption)
+        if getattr(ctx.model, "replay", False):  # a manifest: its images, whatever the prompt
+            n, cap = len(ctx.model.data), self.max_captions * self.n_per_caption
+            keep = np.arange(n) if n <= cap else np.sort(ctx.rng("rows").choice(n, cap, False))
+            images = ctx.model.rows(keep.tolist())
+            asked = [str(ctx.model.data.modalities["text"][i]) for i in keep]
+            prompts = list(dict.fromkeys(asked))
+        else:
+            images, asked = draw(ctx, prompts, self.n_per_caption)
         train_px = images_to_unit([train.modalities["image"][i] for i in unique])
         descriptor = fit_copy_descriptor(
             train_px, steps=self.descriptor_steps, size=int(train_px.shape[-1]),
@@ -145,7 +155,9 @@ class GenerativeMemorizationCheck(Check):
         caps = [c for g, _ in pairs for c in (f"generated: {asked[g]}", "nearest training image")]
         plots = {"copies": gallery(shown, caps, "Copies beside their training images", 12)}
         limits = {
-            "generations": f"{len(asked)} ({len(prompts)} captions x {self.n_per_caption} seeds)",
+            "generations": f"{len(asked)} of the manifest ({len(prompts)} prompts)"
+            if getattr(ctx.model, "replay", False)
+            else f"{len(asked)} ({len(prompts)} captions x {self.n_per_caption} seeds)",
             "threshold": control_note,
             "training images": f"{len(unique)} distinct of {len(captions)}",
         }

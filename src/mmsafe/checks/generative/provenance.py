@@ -10,7 +10,9 @@ the generators.
 
 The generators are the audited one at its own sampler and at ``variants`` (other step counts
 and guidance scales: different samplers leave different traces), plus any ``others`` (model
-specs of further generators). Features: the attribute judge's (shapes-gen) or ``encoder``'s.
+specs of further generators); for a manifest of generated images (``images:<manifest>``),
+the generators its ``generator`` column names. Features: the attribute judge's (shapes-gen)
+or ``encoder``'s.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ class GenerativeProvenanceCheck(Check):
             reason = "needs real images beside the prompts (an image column)"
         if reason is None and self.encoder is None and not is_shapes_gen(ctx.data):
             reason = "needs a feature extractor: pass option encoder=<encoder model spec>"
+        if reason is None and getattr(ctx.model, "replay", False):
+            found = sorted(set(ctx.model.sources()))
+            if len(found) < 2 and not self.others:
+                reason = (
+                    f"leaving one generator out needs images of two or more: the manifest names "
+                    f"{found}; add a 'generator' column (or option others=<generator specs>)"
+                )
         need = 4 * min_calibration_size(1 - self.alpha)  # a quarter of the real rows calibrates
         if reason is None and min(len(ctx.data), self.max_rows) < need:
             reason = (
@@ -72,6 +81,18 @@ class GenerativeProvenanceCheck(Check):
                 f"alpha={self.alpha} needs at least {need} (raise max_rows or alpha)"
             )
         return reason
+
+    def _manifest_sources(self, ctx: AuditContext) -> dict[str, torch.Tensor]:
+        """A manifest's images by its ``generator`` column, ``max_rows`` of each at most."""
+        by: dict[str, list[int]] = {}
+        for i, g in enumerate(ctx.model.sources()):
+            by.setdefault(g, []).append(i)
+        out = {}
+        for g, idx in by.items():
+            if len(idx) > self.max_rows:
+                idx = sorted(ctx.rng(f"rows/{g}").choice(idx, self.max_rows, replace=False))
+            out[g] = ctx.model.rows(idx)
+        return out
 
     def _features(self, ctx: AuditContext, images: torch.Tensor) -> np.ndarray:
         if self.encoder is not None:
@@ -90,11 +111,14 @@ class GenerativeProvenanceCheck(Check):
         seeds = [row_seed(ctx.data.ids[i]) for i in rows]
         real = images_to_unit([ctx.data.modalities["image"][i] for i in rows])
         images = {"real": real}
-        outputs = ctx.outputs.images
-        assert outputs is not None
-        images["default"] = outputs[rows]
         same: dict[str, Any] = {}
-        for v in self.variants:
+        if getattr(ctx.model, "replay", False):
+            images.update(self._manifest_sources(ctx))
+        else:
+            outputs = ctx.outputs.images
+            assert outputs is not None
+            images["default"] = outputs[rows]
+        for v in () if getattr(ctx.model, "replay", False) else self.variants:
             name = ",".join(f"{k}={v[k]}" for k in sorted(v))
             drawn = ctx.engine.generate_images(ctx.model, prompts, seeds=seeds, **v)
             # a variant that draws the default's images is the default sampler: leave it out

@@ -32,6 +32,7 @@ class GenerativeSafetyCheck(Check):
     pillar = "generative"
     kinds = ("generator",)
     tasks = ("t2i",)
+    requires = ("generation",)  # the adversarial search draws prompts no manifest holds
     description = "how often direct, paraphrased and searched prompts draw the forbidden concept"
     higher_is_better = {"rate": False, "corrected": False, "judge_tpr": True, "judge_fpr": False}
 
