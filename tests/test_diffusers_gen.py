@@ -4,7 +4,8 @@ The pipeline is a ``StableDiffusionPipeline`` of a tiny ``UNet2DConditionModel``
 a tiny ``AutoencoderKL`` (scale factor 2: 16 px images), a tiny ``CLIPTextModel`` and a
 ``CLIPTokenizer`` read from a hand-written ``vocab.json`` / ``merges.txt``, with SD 1.x's
 ``PNDMScheduler`` config; it is built and saved once per module. The references are diffusers'
-own ``StableDiffusionPipeline.__call__`` (sampling) and ``DDIMInverseScheduler`` (inversion).
+own ``StableDiffusionPipeline.__call__`` (sampling), ``StableDiffusionImg2ImgPipeline.__call__``
+(regeneration) and ``DDIMInverseScheduler`` (inversion).
 
 With random weights the VAE is no autoencoder (``encode(decode(z))`` is unrelated to ``z``), so
 images do not round-trip through :meth:`invert`; the DDIM inversion itself is checked in latent
@@ -157,7 +158,7 @@ def pipe(gen: DiffusersGenerator) -> diffusers.StableDiffusionPipeline:
 def test_kind_sizes_config(gen: DiffusersGenerator, folder: Path) -> None:
     assert gen.kind == "generator" and gen.name == f"diffusers:{folder.name}"
     assert gen.image_size == LATENT * SCALE and gen.latent_shape == (4, LATENT, LATENT)
-    assert gen.capabilities() == {"predict", "add_noise", "invert"}
+    assert gen.capabilities() == {"predict", "add_noise", "invert", "regenerate"}
     cfg = gen.config()
     assert json.loads(json.dumps(cfg)) == cfg
     assert cfg["source"] == str(folder.resolve()) and cfg["pipeline"] == "StableDiffusionPipeline"
@@ -289,6 +290,90 @@ def test_ddim_inversion_round_trips_in_latent_space(gen: DiffusersGenerator) -> 
     err = float((back - z).norm() / z.norm())
     assert err < 0.15
     assert float((other - z).norm() / z.norm()) > 1.0
+
+
+# --------------------------------------------------------------------------- regeneration
+
+
+@pytest.fixture(scope="module")
+def img2img(gen: DiffusersGenerator) -> diffusers.StableDiffusionImg2ImgPipeline:
+    """diffusers' img2img pipeline over the same components and a DDIM scheduler alike."""
+    reference = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=gen.vae,
+        text_encoder=gen.text_encoder,
+        tokenizer=gen.tokenizer,
+        unet=gen.unet,
+        scheduler=diffusers.DDIMScheduler.from_config(gen.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
+@pytest.mark.parametrize(
+    ("steps", "strength", "guidance"),
+    [(3, 1.0, GUIDANCE), (3, 0.7, GUIDANCE), (4, 0.5, GUIDANCE), (5, 0.3, 1.0)],
+)
+def test_regenerate_matches_the_img2img_pipeline(
+    gen: DiffusersGenerator,
+    img2img: diffusers.StableDiffusionImg2ImgPipeline,
+    steps: int,
+    strength: float,
+    guidance: float,
+) -> None:
+    """Equal to ``StableDiffusionImg2ImgPipeline`` given the same VAE latents.
+
+    The pipeline encodes pixels by *sampling* the VAE posterior with the row's generator, then
+    draws the noise from that generator; we take the posterior's mode and the seed's
+    :meth:`initial_noise` (the generator's first draw). Handed the latents (a 4-channel
+    ``image`` skips its encoder), the pipeline's first draw is that noise, so the two agree.
+    """
+    images = gen.generate(PROMPTS, seeds=[1, 2, 3])
+    seeds = [4, 5, 6]
+    ours = gen.regenerate(images, PROMPTS, strength, seeds, steps=steps, guidance=guidance)
+    assert ours.shape == images.shape and float(ours.min()) >= 0 and float(ours.max()) <= 1
+    with torch.no_grad():
+        latents = gen.encode_images(images)
+        theirs = img2img(
+            PROMPTS,
+            image=latents,
+            strength=strength,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            output_type="pt",
+        ).images
+    # the pipeline runs the rows as one batch, we run them one by one: float32 rounding only
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert float((ours - images).abs().mean()) > 1e-3  # it did change the images
+    regen = gen.regenerate_latents(
+        latents, PROMPTS, strength, seeds, steps=steps, guidance=guidance
+    )
+    torch.testing.assert_close(regen, ours, atol=1e-5, rtol=0)  # one batch vs row by row
+
+
+def test_regenerate_rows_seeds_and_at_least_one_step(gen: DiffusersGenerator) -> None:
+    images = gen.generate(PROMPTS, seeds=[1, 2, 3])
+    half = gen.regenerate(images, PROMPTS, 0.5, [4, 5, 6], steps=4)
+    assert torch.equal(half, gen.regenerate(images, PROMPTS, 0.5, [4, 5, 6], steps=4))
+    alone = gen.regenerate(images[1:2], PROMPTS[1:2], 0.5, [5], steps=4)
+    torch.testing.assert_close(alone, half[1:2], atol=1e-6, rtol=0)
+    other = gen.regenerate(images[[2, 1]], [PROMPTS[2], PROMPTS[1]], 0.5, [9, 5], steps=4)
+    torch.testing.assert_close(other[1], half[1], atol=1e-6, rtol=0)
+    assert float((other[0] - half[2]).abs().mean()) > 1e-4  # another seed, another image
+    # int(steps * strength) = 0 (the pipeline would run nothing): one step, the last timestep
+    weak = gen.regenerate(images, PROMPTS, 0.1, [4, 5, 6], steps=4)
+    torch.testing.assert_close(
+        weak, gen.regenerate(images, PROMPTS, 0.25, [4, 5, 6], steps=4), atol=0, rtol=0
+    )
+    with pytest.raises(ModelError, match=r"strength must be in \(0, 1\]"):
+        gen.regenerate(images, PROMPTS, 0.0)
+    with pytest.raises(ModelError, match="one seed per image"):
+        gen.regenerate(images, PROMPTS, 0.5, seeds=[1])
+    with pytest.raises(ModelError, match="one row per prompt"):
+        gen.regenerate(images[:1], PROMPTS, 0.5)
 
 
 # --------------------------------------------------------------------------- errors

@@ -152,7 +152,7 @@ def test_the_planted_skew_reaches_neutral_prompts(gen_quick, gen_control, judge)
 def test_protocol_kind_capabilities_and_config(gen_quick) -> None:
     model, world = gen_quick
     assert isinstance(model, ImageGenerator) and model.kind == "generator"
-    assert model.capabilities() == {"predict", "add_noise", "invert"}
+    assert model.capabilities() == {"predict", "add_noise", "invert", "regenerate"}
     assert model.image_size == world.modalities["image"][0].shape[0] == 32
     json.dumps(model.config())
     assert model.config()["family"] == "tiny-diffusion"
@@ -226,6 +226,101 @@ def test_inversion_is_deterministic_and_cycle_consistent(gen_quick) -> None:
     cycle = float((again - images).pow(2).mean().sqrt())
     baseline = float((fresh - images).pow(2).mean().sqrt())
     assert cycle < 0.5 * baseline, (cycle, baseline)
+
+
+# --------------------------------------------------------------------------- regeneration
+REGEN_PROMPTS = ["a red circle on the left", "a green star", "a blue box at the top"]
+
+
+def _random_model() -> TinyDiffusion:
+    """An untrained tiny-config model whose zero-initialised output layers are made random.
+
+    (Left at zero, the denoiser's estimate is 0 for every input: every sample is flat grey.)
+    """
+    torch.manual_seed(0)
+    cfg = TinyDiffusionConfig(vocab=WordVocab.build(REGEN_PROMPTS).tokens, channels=(8, 16))
+    model = TinyDiffusion(cfg).eval()
+    with torch.no_grad():
+        for layer in (model.unet.head, model.unet.recolour):
+            torch.nn.init.normal_(layer.weight, std=0.05)
+    return model
+
+
+def test_regenerate_is_sdedit_with_the_generate_sampler() -> None:
+    model = _random_model()
+    x = model.generate(REGEN_PROMPTS, seeds=[1, 2, 3], steps=4)
+    assert float(x.std()) > 0.01  # the random model draws something
+    seeds = [5, 6, 7]
+    # strength 1: pure noise of the seeds, the full grid: exactly generate
+    full = model.regenerate(x, REGEN_PROMPTS, 1.0, seeds, steps=4)
+    torch.testing.assert_close(
+        full, model.generate(REGEN_PROMPTS, seeds, steps=4), atol=1e-5, rtol=0
+    )
+    half = model.regenerate(x, REGEN_PROMPTS, 0.5, seeds, steps=4)
+    assert half.shape == (3, 3, 32, 32) and half.dtype == torch.float32
+    assert float(half.min()) >= 0 and float(half.max()) <= 1
+    assert torch.equal(half, model.regenerate(x, REGEN_PROMPTS, 0.5, seeds, steps=4))
+    # a row depends on its own image, prompt and seed only, never on its batch
+    alone = model.regenerate(x[1:2], REGEN_PROMPTS[1:2], 0.5, [6], steps=4)
+    torch.testing.assert_close(alone, half[1:2], atol=1e-5, rtol=0)
+    other = model.regenerate(x[[2, 1]], [REGEN_PROMPTS[2], REGEN_PROMPTS[1]], 0.5, [9, 6], steps=4)
+    torch.testing.assert_close(other[1], half[1], atol=1e-5, rtol=0)
+    assert float((other[0] - half[2]).abs().mean()) > 1e-3  # another seed, another image
+    # strength -> 0: (nearly) the input; the change grows with the strength
+    tiny = model.regenerate(x, REGEN_PROMPTS, 1e-3, seeds, steps=4)
+    assert float((tiny - x).abs().max()) < 0.03
+    err = [
+        float((model.regenerate(x, REGEN_PROMPTS, s, seeds, steps=4) - x).abs().mean())
+        for s in (1e-3, 0.25, 0.5, 1.0)
+    ]
+    assert all(a < b for a, b in zip(err, err[1:], strict=False)), err
+
+
+def test_regenerate_takes_steps_proportional_to_strength(monkeypatch) -> None:
+    model = _random_model()
+    x = model.generate(REGEN_PROMPTS[:1], seeds=[0], steps=2)
+    times: list[float] = []
+    velocity = model.velocity
+
+    def spy(x_t, t, ids, keep):
+        times.append(round(float(t[0]), 4))
+        return velocity(x_t, t, ids, keep)
+
+    monkeypatch.setattr(model, "velocity", spy)
+    model.regenerate(x, REGEN_PROMPTS[:1], 0.5, [0], steps=8)
+    assert times == [0.5, 0.375, 0.25, 0.125]  # the full run's step length, from t = 0.5
+    times.clear()
+    model.regenerate(x, REGEN_PROMPTS[:1], 0.01, [0], steps=8)
+    assert times == [0.01]  # at least one step
+    times.clear()
+    model.regenerate(x, REGEN_PROMPTS[:1], 0.5, [0], steps=8, guidance=2.0)
+    assert len(times) == 4  # guidance: conditional and unconditional rows in one call per step
+
+
+def test_regenerate_rejects_bad_inputs() -> None:
+    model = _random_model()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match="strength"):
+        model.regenerate(x, REGEN_PROMPTS[:2], 0.0)
+    with pytest.raises(ValueError, match="strength"):
+        model.regenerate(x, REGEN_PROMPTS[:2], 1.5)
+    with pytest.raises(ValueError, match="one per prompt"):
+        model.regenerate(x, REGEN_PROMPTS[:2], 0.5, seeds=[1])
+    with pytest.raises(ValueError, match=r"images must be \(2, 3, 32, 32\)"):
+        model.regenerate(x[:, :, :16], REGEN_PROMPTS[:2], 0.5)
+
+
+def test_regeneration_of_trained_samples_is_graded(gen_quick) -> None:
+    """On the trained model a weak regeneration keeps the image and a strong one redraws it."""
+    model, _ = gen_quick
+    prompts = ["a red circle on the left", "a yellow triangle at the bottom"] * 2
+    x = model.generate(prompts, seeds=[1, 2, 3, 4])
+    err = {
+        s: float((model.regenerate(x, prompts, s, [11, 12, 13, 14]) - x).pow(2).mean().sqrt())
+        for s in (0.1, 0.3, 0.6, 1.0)
+    }
+    assert err[0.1] < err[0.3] < err[1.0], err
+    assert err[0.1] < 0.5 * err[1.0], err
 
 
 # --------------------------------------------------------------------------- save / load

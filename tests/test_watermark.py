@@ -29,6 +29,7 @@ from mmsafe.methods.generative.watermark import (
     embed_watermark,
     evaluate_tree_ring,
     evaluate_watermark,
+    model_regenerator,
     tpr_at_fpr,
     tree_ring_detect,
     tree_ring_distance,
@@ -93,6 +94,37 @@ class ToyGenerator(ImageGenerator):
     def invert(self, images: Tensor, prompts: Sequence[str], *, steps: int | None = None) -> Tensor:
         x = torch.roll((images.float() - 0.5) / 0.1, shifts=(-3, -5), dims=(-2, -1))
         return torch.einsum("ij,bjhw->bihw", torch.linalg.inv(self.mix), x)
+
+
+class ToyRegenerator(ToyGenerator):
+    """The toy generator with a toy SDEdit: ``(1 - s) * image + s * generate(seed)``.
+
+    At strength 1 a row is the unmarked generation of its seed; it records every call.
+    """
+
+    name = "toy-regen"
+
+    def __init__(self, size: int = 32) -> None:
+        super().__init__(size)
+        self.regen_calls: list[dict[str, Any]] = []
+
+    def regenerate(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        strength: float,
+        seeds: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        seeds = list(range(len(prompts))) if seeds is None else list(seeds)
+        self.regen_calls.append(
+            {"shape": tuple(images.shape), "prompts": list(prompts), "seeds": seeds,
+             "strength": strength}
+        )  # fmt: skip
+        fresh = ToyGenerator.generate(self, prompts, seeds)
+        return ((1 - strength) * images.float() + strength * fresh).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------ reference agreement
@@ -227,6 +259,141 @@ def test_stronger_attacks_lower_bit_accuracy_on_average() -> None:
         assert all(b <= a + 0.1 for a, b in zip(accs, accs[1:], strict=False)), (name, accs)
         assert accs[-1] <= clean and accs[-1] < accs[0] + 1e-9, (name, accs)
     assert min(accs[-1] for accs in by_name.values()) < 0.75  # something breaks it
+
+
+def test_model_regenerator_works_at_the_generators_size_with_the_rows_prompts_and_seeds() -> None:
+    gen = ToyRegenerator(size=32)
+    prompts, seeds = ["a", "b", "c"], [11, 12, 13]
+    regen = model_regenerator(gen, prompts, seeds)
+    big = upscale_images(_shapes(3))  # a 256 px delivery
+    out = regen(big, 0.25)
+    assert out.shape == big.shape and out.dtype == np.uint8
+    (call,) = gen.regen_calls
+    assert call == {"shape": (3, 3, 32, 32), "prompts": prompts, "seeds": seeds, "strength": 0.25}
+    # at the generator's size nothing is resized: strength 1 gives the seeds' own images
+    same = regen(_shapes(3), 1.0)
+    assert gen.regen_calls[-1]["shape"] == (3, 3, 32, 32)
+    np.testing.assert_array_equal(same, as_uint8_images(gen.generate(prompts, seeds)))
+    # a run= hook replaces the generator's method (the check passes its engine's)
+    seen = []
+
+    def run(x: Tensor, p: Sequence[str], s: float, z: Sequence[int]) -> Tensor:
+        seen.append((tuple(x.shape), list(p), s, list(z)))
+        return x
+
+    model_regenerator(gen, prompts, seeds, run=run)(big, 0.5)
+    assert seen == [((3, 3, 32, 32), prompts, 0.5, seeds)]
+    with pytest.raises(ValueError, match="2 images for 3 prompts"):
+        regen(big[:2], 0.5)
+    with pytest.raises(ValueError, match="seeds for"):
+        model_regenerator(gen, prompts, seeds[:2])
+
+
+def test_watermark_table_with_regeneration_by_the_generator_is_graded() -> None:
+    gen = ToyRegenerator(size=32)
+    prompts, seeds = [f"p{i}" for i in range(8)], list(range(200, 208))
+    strengths = (0.1, 0.5, 1.0)
+    rows = watermark_table(
+        _shapes(8), methods=("dwtDctSvd", "treeRing"), generator=gen, prompts=prompts,
+        seeds=seeds, transforms={"regenerate": strengths},
+        regenerate=model_regenerator(gen, prompts, seeds), n_boot=20,
+    )  # fmt: skip
+    assert [(r.method, r.transform, r.strength) for r in rows] == [
+        (m, t, s)
+        for m in ("dwtDctSvd", "treeRing")
+        for t, s in [("none", None)] + [("regenerate", x) for x in strengths]
+    ]
+    # marked and unmarked images of each method and strength, always at the generator's 32 px
+    assert len(gen.regen_calls) == 2 * 2 * len(strengths)
+    assert {c["shape"] for c in gen.regen_calls} == {(8, 3, 32, 32)}
+    assert all(c["seeds"] == seeds and c["prompts"] == prompts for c in gen.regen_calls)
+    svd = [r for r in rows if r.method == "dwtDctSvd"]
+    assert svd[0].bit_acc == 1.0 and svd[0].size == (256, 256)
+    accs = [r.bit_acc for r in svd[1:]]
+    assert accs[0] > accs[-1] and accs[-1] < 0.75, accs  # strength 1: the unmarked image
+    tree = [r for r in rows if r.method == "treeRing"]
+    assert tree[0].auroc == 1.0 and tree[-1].auroc < 0.75  # both regenerate to the same image
+    assert tree[1].auroc >= tree[-1].auroc
+
+
+@functools.cache
+def _gen_world() -> Any:
+    from mmsafe.data.worlds.shapes_gen import make_shapes_gen
+
+    return make_shapes_gen(n_images=60, seed=0)
+
+
+def test_the_check_regenerates_through_the_engine_when_the_generator_can() -> None:
+    from mmsafe.checks.base import expected_metric
+    from mmsafe.checks.generative.watermark import GenerativeWatermarkCheck
+    from tests.conftest import audit_context
+
+    gen = ToyRegenerator(size=32)
+    ctx = audit_context(gen, _gen_world(), task="t2i")
+    before = dict(ctx.engine._counters)
+    check = GenerativeWatermarkCheck(
+        methods=("dwtDctSvd", "treeRing"), transforms={"jpeg": (50,)}, max_rows=6,
+        regen_strengths=(0.0, 0.2, 1.0), n_boot=20,
+    )  # fmt: skip
+    result = check.run(ctx)
+    metrics = result.metrics
+    for m in ("dwtDctSvd", "treeRing"):
+        assert {f"{m}/regenerate=0.2/tpr", f"{m}/regenerate=1/auroc"} <= set(metrics)
+        assert f"{m}/jpeg=50/tpr" in metrics
+    assert metrics["dwtDctSvd/regenerate=1/bit_acc"].value < 0.75
+    # strength 0 is the control: the resize round trip alone (Tree-Ring's 32 px: unchanged)
+    assert metrics["treeRing/regenerate=0/auroc"].value == metrics["treeRing/clean/auroc"].value
+    assert "dwtDctSvd/regenerate=0/bit_acc" in metrics
+    assert metrics["treeRing/regenerate=1/auroc"].value < metrics["treeRing/clean/auroc"].value
+    # through the engine: every regenerated row is counted; the generator saw 32 px images
+    n_regen = sum(c["shape"][0] for c in gen.regen_calls)
+    assert len(gen.regen_calls) == 2 * 2 * 2 and n_regen == 2 * 2 * 2 * 6
+    assert {c["shape"][1:] for c in gen.regen_calls} == {(3, 32, 32)}
+    counted = ctx.engine._counters["generated_images"] - before["generated_images"]
+    assert counted == n_regen  # (Tree-Ring's own generations are drawn outside the engine)
+    assert ctx.engine._counters["image_requests"] - before["image_requests"] == n_regen
+    text = result.limits["regeneration"]
+    assert "SDEdit" in text and "0, 0.2, 1" in text and "32 px" in text and "regenerate=0" in text
+    # metrics declared conditional on the capability
+    caps = gen.capabilities()
+    assert "regenerate" in caps
+    assert expected_metric(
+        GenerativeWatermarkCheck, "dwtDctSvd/regenerate=0.2/tpr", "t2i", (), caps
+    )
+    assert not expected_metric(
+        GenerativeWatermarkCheck, "dwtDctSvd/regenerate=0.2/tpr", "t2i", (), {"invert"}
+    )
+    assert expected_metric(GenerativeWatermarkCheck, "dwtDctSvd/jpeg=50/tpr", "t2i", (), set())
+
+
+def test_the_engine_regenerates_in_batches_without_caching() -> None:
+    from mmsafe.engine import Engine
+
+    gen, engine = ToyRegenerator(size=16), Engine(batch_size=2, progress=False)
+    images = as_float_images(_shapes(5)[:, ::2, ::2])
+    prompts, seeds = list("abcde"), [3, 1, 4, 1, 5]
+    out = engine.regenerate_images(gen, images, prompts, 0.4, seeds)
+    assert [c["shape"][0] for c in gen.regen_calls] == [2, 2, 1]
+    assert [c["seeds"] for c in gen.regen_calls] == [[3, 1], [4, 1], [5]]
+    torch.testing.assert_close(out, gen.regenerate(images, prompts, 0.4, seeds), atol=0, rtol=0)
+    again = engine.regenerate_images(gen, images, prompts, 0.4, seeds)  # not cached: drawn again
+    assert torch.equal(again, out) and len(gen.regen_calls) == 2 * 3 + 1
+    assert engine._counters["image_requests"] == engine._counters["generated_images"] == 10
+    with pytest.raises(ValueError, match="one of each per prompt"):
+        engine.regenerate_images(gen, images, prompts[:4], 0.4, seeds[:4])
+
+
+def test_the_check_says_when_the_generator_cannot_regenerate() -> None:
+    from mmsafe.checks.generative.watermark import GenerativeWatermarkCheck
+    from tests.conftest import audit_context
+
+    ctx = audit_context(ToyGenerator(size=32), _gen_world(), task="t2i")
+    check = GenerativeWatermarkCheck(methods=("dwtDctSvd",), transforms={}, max_rows=4, n_boot=10)
+    result = check.run(ctx)
+    assert not any("regenerate" in k for k in result.metrics)
+    assert "cannot regenerate" in result.limits["regeneration"]
+    with pytest.raises(ValueError, match="regen_strengths"):
+        GenerativeWatermarkCheck(regen_strengths=(1.5,))
 
 
 # ------------------------------------------------------------------------------ Tree-Ring

@@ -955,6 +955,61 @@ class Engine:
             return torch.zeros(0, 3, side, side)
         return torch.stack([store[k] for k in keys])
 
+    def regenerate_images(
+        self,
+        model: Any,
+        images: Tensor,
+        prompts: Sequence[str],
+        strength: float,
+        seeds: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """A generator's regeneration (SDEdit, ``model.regenerate``) of each image, not cached.
+
+        The inputs are images, so nothing is cached; the accounting counts each row as an image
+        asked for (``image_requests``) and drawn (``generated_images``). Seeds default to 0.
+
+        Args:
+            model: an ``ImageGenerator`` with ``regenerate`` in its capabilities.
+            images: ``(N, 3, S, S)`` float images in ``[0, 1]`` at ``model.image_size``.
+            prompts: one prompt per image.
+            strength: the time the images are noised to, in ``(0, 1]``.
+            seeds: one seed per image (the noise of row ``i`` is seed ``i``'s).
+            steps: sampler steps of a full run (the model's default when None).
+            guidance: classifier-free guidance scale (the model's default when None).
+
+        Returns:
+            ``(N, 3, S, S)`` float images in ``[0, 1]`` (CPU).
+        """
+        n = len(prompts)
+        seeds = [0] * n if seeds is None else [int(s) for s in seeds]
+        if len(seeds) != n or len(images) != n:
+            raise ValueError(
+                f"regenerate_images: {len(images)} images and {len(seeds)} seeds for {n} "
+                "prompts; one of each per prompt"
+            )
+        self._counters["image_requests"] += n
+        out = []
+        with self._sweep(n, f"regenerate {getattr(model, 'name', 'model')}") as starts:
+            for s in starts:
+                with torch.inference_mode(), self._autocast():
+                    batch = model.regenerate(
+                        images[s : s + self.batch_size],
+                        [str(p) for p in prompts[s : s + self.batch_size]],
+                        strength,
+                        seeds[s : s + self.batch_size],
+                        steps=steps,
+                        guidance=guidance,
+                    )
+                out.append(batch.float().cpu())
+                self._counters["generated_images"] += len(batch)
+        if not out:
+            side = int(model.image_size)
+            return torch.zeros(0, 3, side, side)
+        return torch.cat(out)
+
     # ------------------------------------------------------------------ task outputs
     def outputs(self, model: EncoderModel, task: Task, data: Dataset) -> Outputs:
         """The task's clean outputs on ``data``, computed once per (model, data, task)."""

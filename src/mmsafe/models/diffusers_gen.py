@@ -37,6 +37,13 @@ sampling, walked upwards, each step the exact algebraic inverse of the sampling 
 noise predicted at the current latents (as ``DDIMInverseScheduler``), conditioned on the prompt
 without guidance (use ``[""]`` and ``guidance=1`` for the best round trip, as Tree-Ring does).
 
+**Regeneration.** :meth:`~DiffusersGenerator.regenerate` is image-to-image (SDEdit), as
+``StableDiffusionImg2ImgPipeline``: of ``steps`` DDIM timesteps the last
+``min(int(steps * strength), steps)`` (at least one) are run, from the VAE latents noised to the
+first of them with the seed's :meth:`~DiffusersGenerator.initial_noise`. The latents are the
+posterior's mode, where the pipeline samples the posterior with the row's generator (so from
+pixels the two differ by that sample; from the same latents they agree).
+
 **Weights.** The VAE and the text encoder are frozen; the UNet keeps ``requires_grad`` as
 loaded, so :meth:`~DiffusersGenerator.predict` is differentiable in its parameters (concept
 erasure fine-tunes it). Everything is in eval mode.
@@ -233,23 +240,29 @@ class DiffusersGenerator(ImageGenerator):
         noise = self._check_noise(noise, len(prompts))
         steps = _check_steps(self.steps if steps is None else steps, self.num_train_timesteps)
         scale = self.guidance if guidance is None else float(guidance)
+        return self._sample(noise * self.scheduler.init_noise_sigma, prompts, steps, scale)
+
+    def _sample(
+        self, latents: Tensor, prompts: list[str], steps: int, scale: float, start: int = 0
+    ) -> Tensor:
+        """DDIM from ``scheduler.timesteps[start]`` to the end, one row at a time."""
         cfg = scale > 1.0
         uncond = self.encode_prompts([""]) if cfg else None
         out = []
         for i, prompt in enumerate(prompts):
             cond = self.encode_prompts([prompt])
             context = torch.cat([uncond, cond]) if uncond is not None else cond
-            latents = noise[i : i + 1] * self.scheduler.init_noise_sigma
+            x = latents[i : i + 1]
             self.scheduler.set_timesteps(steps, device=self.device)
-            for t in self.scheduler.timesteps:
-                x = torch.cat([latents] * 2) if cfg else latents
-                pred = self._unet(self.scheduler.scale_model_input(x, t), t, context)
+            for t in self.scheduler.timesteps[start:]:
+                inp = torch.cat([x] * 2) if cfg else x
+                pred = self._unet(self.scheduler.scale_model_input(inp, t), t, context)
                 if cfg:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = pred_uncond + scale * (pred_cond - pred_uncond)
-                latents = self.scheduler.step(pred, t, latents, eta=0.0, return_dict=False)[0]
-            out.append(latents)
-        return torch.cat(out) if out else noise
+                x = self.scheduler.step(pred, t, x, eta=0.0, return_dict=False)[0]
+            out.append(x)
+        return torch.cat(out) if out else latents
 
     @torch.no_grad()
     def generate(
@@ -283,6 +296,78 @@ class DiffusersGenerator(ImageGenerator):
         latents = self.denoise(noise, prompts, steps=steps, guidance=guidance)
         rows = [self.decode_latents(latents[i : i + 1]) for i in range(len(prompts))]
         return torch.cat(rows) if rows else torch.zeros(0, 3, self.image_size, self.image_size)
+
+    @torch.no_grad()
+    def regenerate(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        strength: float,
+        seeds: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """Image-to-image (SDEdit), as ``StableDiffusionImg2ImgPipeline`` with DDIM (eta 0).
+
+        Of ``steps`` DDIM timesteps the last ``k = min(int(steps * strength), steps)`` are run
+        (at least 1): the VAE latents of each image (:meth:`encode_images`, the distribution's
+        mode) are noised to the first of them with the seed's :meth:`initial_noise`
+        (``scheduler.add_noise``), denoised as :meth:`generate` does, and decoded. The pipeline
+        *samples* the VAE posterior with the row's generator before drawing the noise from it,
+        so its output from pixels differs; from the same latents it is the same (see
+        ``tests/test_diffusers_gen.py``).
+
+        Args:
+            images: ``(B, 3, S, S)`` float images in ``[0, 1]``.
+            prompts: one prompt per image.
+            strength: the share of the noise schedule to go back, in ``(0, 1]``.
+            seeds: one seed per image (default ``0, 1, ...``).
+            steps: DDIM steps of a full run (the loader's when None).
+            guidance: classifier-free guidance scale (the loader's when None).
+
+        Returns:
+            ``(B, 3, S, S)`` float images in ``[0, 1]``.
+        """
+        prompts = self._check_prompts(prompts)
+        n = len(prompts)
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[0] != n:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ModelError(
+                f"{self.name}: images must be (B, 3, S, S) with one row per prompt ({n}), "
+                f"got {shape}."
+            )
+        strength, seeds = self._check_regen(strength, seeds, n)
+        if n == 0:
+            return torch.zeros(0, 3, self.image_size, self.image_size)
+        latents = torch.cat([self.encode_images(images[i : i + 1]) for i in range(n)])
+        return self.regenerate_latents(latents, prompts, strength, seeds, steps=steps,
+                                       guidance=guidance)  # fmt: skip
+
+    @torch.no_grad()
+    def regenerate_latents(
+        self,
+        latents: Tensor,
+        prompts: Sequence[str],
+        strength: float,
+        seeds: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """:meth:`regenerate` from clean latents ``(B, C, h, w)`` (already VAE-encoded)."""
+        prompts = self._check_prompts(prompts)
+        latents = self._check_noise(latents, len(prompts), what="latents")
+        strength, seeds = self._check_regen(strength, seeds, len(prompts))
+        steps = _check_steps(self.steps if steps is None else steps, self.num_train_timesteps)
+        scale = self.guidance if guidance is None else float(guidance)
+        start = steps - max(1, min(int(steps * strength), steps))
+        self.scheduler.set_timesteps(steps, device=self.device)
+        t0 = self.scheduler.timesteps[start : start + 1].repeat(len(prompts))
+        noisy = self.scheduler.add_noise(latents, self.initial_noise(seeds), t0)
+        out = self._sample(noisy, prompts, steps, scale, start=start)
+        rows = [self.decode_latents(out[i : i + 1]) for i in range(len(prompts))]
+        return torch.cat(rows)
 
     def predict(self, x_t: Tensor, t: Tensor, prompts: Sequence[str]) -> Tensor:
         """The UNet's raw output at latents ``x_t`` ``(B, C, h, w)``, times ``t`` ``(B,)``.
@@ -403,6 +488,19 @@ class DiffusersGenerator(ImageGenerator):
                 f"initial_noise() returns), got {shape}."
             )
         return noise.to(self.device, self._dtype)
+
+    def _check_regen(
+        self, strength: float, seeds: Sequence[int] | None, n: int
+    ) -> tuple[float, list[int]]:
+        strength = float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise ModelError(f"{self.name}: strength must be in (0, 1], got {strength}.")
+        seeds = list(range(n)) if seeds is None else [int(x) for x in seeds]
+        if len(seeds) != n:
+            raise ModelError(
+                f"{self.name}: {len(seeds)} seeds for {n} images; pass one seed per image."
+            )
+        return strength, seeds
 
     def _row_timesteps(self, t: Tensor | float, n: int) -> Tensor:
         timesteps = self.timesteps_of(t)

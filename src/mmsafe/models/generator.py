@@ -19,6 +19,10 @@ overrides, listed by :meth:`capabilities`):
   ``[0, 1]`` (the model maps pixels to its own space inside).
 * ``invert(images, prompts)``: deterministic inversion (DDIM, or the reverse ODE for flow
   matching) from images back to the initial noise, for Tree-Ring detection.
+* ``regenerate(images, prompts, strength, seeds)``: SDEdit (Meng et al., 2022) with the model's
+  own sampler: noise images ``(B, 3, S, S)`` in ``[0, 1]`` to time ``t = strength`` in
+  ``(0, 1]`` with each seed's :meth:`initial_noise` (row ``i`` depends on ``seeds[i]`` only),
+  then denoise from ``t`` to 0 conditioned on the prompt; a regeneration attack on watermarks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from torch import Tensor, nn
 
 from mmsafe.models.base import module_fingerprint
 
-GENERATOR_OPTIONAL_METHODS: tuple[str, ...] = ("predict", "add_noise", "invert")
+GENERATOR_OPTIONAL_METHODS: tuple[str, ...] = ("predict", "add_noise", "invert", "regenerate")
 """Methods of :class:`ImageGenerator` an adapter may implement (its capabilities)."""
 
 
@@ -44,6 +48,8 @@ class ImageGenerator(nn.Module, ABC):
     """
 
     kind: ClassVar[str] = "generator"
+    replay: ClassVar[bool] = False
+    """True for a fixed set of images (``images:<manifest>``): it cannot draw a new prompt."""
     name: str = "generator"
     modalities: tuple[str, ...] = ("text",)
 
@@ -91,6 +97,37 @@ class ImageGenerator(nn.Module, ABC):
     def invert(self, images: Tensor, prompts: Sequence[str], *, steps: int | None = None) -> Tensor:
         """Deterministic inversion of images ``(B, 3, S, S)`` to their initial noise; optional."""
         raise NotImplementedError(f"{type(self).__name__} cannot invert images")
+
+    def regenerate(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        strength: float,
+        seeds: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """Images ``(B, 3, S, S)`` in ``[0, 1]`` noised to ``t = strength``, denoised; optional.
+
+        SDEdit (Meng et al., 2022): the forward process takes each image to time ``strength``
+        in ``(0, 1]`` with the :meth:`initial_noise` of its seed (row ``i`` depends on
+        ``seeds[i]`` only, never on its batch), then the model's own sampler runs from there
+        down to ``t = 0``, conditioned on the prompt. ``strength = 1`` starts from pure noise.
+
+        Args:
+            images: ``(B, 3, S, S)`` float images in ``[0, 1]`` at :attr:`image_size`.
+            prompts: one prompt per image.
+            strength: the time the images are noised to, in ``(0, 1]``.
+            seeds: one seed per image (default ``0, 1, ...``).
+            steps: sampler steps of a full ``1 -> 0`` run (the model's default when None);
+                about ``strength * steps`` of them are taken.
+            guidance: classifier-free guidance scale (the model's default when None).
+
+        Returns:
+            ``(B, 3, S, S)`` float images in ``[0, 1]``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot regenerate images")
 
     def capabilities(self) -> frozenset[str]:
         """The optional methods this adapter implements."""

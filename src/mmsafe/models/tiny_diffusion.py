@@ -10,6 +10,10 @@ Sampling integrates ``dx/dt = v`` from ``t = 1`` to ``0`` with ``steps`` Euler s
 classifier-free guidance ``v = v("") + g (v(prompt) - v(""))`` (captions are dropped to ``""``
 in training with probability ``p_uncond``).
 
+**Regeneration.** :meth:`TinyDiffusion.regenerate` (SDEdit) noises images to ``t = strength``
+with the seeds' noise (:meth:`~TinyDiffusion.add_noise`) and runs the same Euler sampler from
+there, ``max(1, round(strength * steps))`` steps; at ``strength = 1`` it is :meth:`generate`.
+
 **Inversion.** :meth:`TinyDiffusion.invert` runs the same Euler grid backwards (``0 -> 1``),
 each step using the velocity at the step's end time evaluated at its start point (DDIM
 inversion); it is deterministic. It is *cycle-consistent*, ``generate(invert(x)) ~ x``, but it
@@ -57,7 +61,9 @@ Example:
     >>> tuple(images.shape), bool(images.min() >= 0), bool(images.max() <= 1)
     ((2, 3, 32, 32), True, True)
     >>> sorted(model.capabilities())
-    ['add_noise', 'invert', 'predict']
+    ['add_noise', 'invert', 'predict', 'regenerate']
+    >>> model.regenerate(images, ["a red circle", "a red star"], 0.5, seeds=[0, 1], steps=2).shape
+    torch.Size([2, 3, 32, 32])
 """
 
 from __future__ import annotations
@@ -387,13 +393,68 @@ class TinyDiffusion(ImageGenerator):
         if len(noise) != n:
             raise ValueError(f"generate: noise for {len(noise)} rows, {n} prompts")
         steps, guidance = self._sampler(steps, guidance)
-        grid = torch.linspace(1.0, 0.0, steps + 1).tolist()
-        x = noise.to(self.device, torch.float32).clone()
+        x = self._sample(noise.to(self.device, torch.float32), prompts, 1.0, steps, guidance)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def regenerate(
+        self,
+        images: Tensor,
+        prompts: Sequence[str],
+        strength: float,
+        seeds: Sequence[int] | None = None,
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> Tensor:
+        """SDEdit: noise images to ``t = strength`` with the seeds' noise, Euler back to ``0``.
+
+        ``x_t = add_noise(images, initial_noise(seeds), strength)``, then the sampler of
+        :meth:`generate` on the grid ``strength -> 0`` with ``max(1, round(strength * steps))``
+        steps (the full run's step length). At ``strength = 1`` this is :meth:`generate` from
+        the seeds' noise; rows never depend on their batch.
+
+        Args:
+            images: ``(B, 3, S, S)`` float images in ``[0, 1]``.
+            prompts: one prompt per image.
+            strength: the time the images are noised to, in ``(0, 1]``.
+            seeds: one seed per image (default ``0, 1, ...``).
+            steps: Euler steps of a full ``1 -> 0`` run (the config's when None).
+            guidance: classifier-free guidance scale (the config's when None).
+
+        Returns:
+            ``(B, 3, S, S)`` float images in ``[0, 1]``.
+
+        Raises:
+            ValueError: a strength outside ``(0, 1]``, images of another shape, or seeds or
+                prompts not one per image.
+        """
+        n, s = len(prompts), self.cfg.image_size
+        if not isinstance(images, Tensor) or tuple(images.shape) != (n, 3, s, s):
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"regenerate: images must be ({n}, 3, {s}, {s}), got {shape}")
+        strength = float(strength)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"regenerate: strength={strength} must be in (0, 1]")
+        seeds = list(range(n)) if seeds is None else [int(x) for x in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"regenerate: {len(seeds)} seeds for {n} prompts; one per prompt")
+        steps, guidance = self._sampler(steps, guidance)
+        with torch.no_grad():
+            x = self.add_noise(images, self.initial_noise(seeds), strength)
+        x = self._sample(x, prompts, strength, max(1, round(strength * steps)), guidance)
+        return ((x + 1) / 2).clamp(0, 1)
+
+    def _sample(
+        self, x: Tensor, prompts: Sequence[str], start: float, steps: int, guidance: float
+    ) -> Tensor:
+        """Euler-integrate model-space ``x`` at time ``start`` to ``t = 0`` in ``steps`` steps."""
+        grid = torch.linspace(start, 0.0, steps + 1).tolist()
+        x = x.to(self.device, torch.float32).clone()
         with torch.no_grad():
             cond = self.token_ids(prompts)
             for t_now, t_next in zip(grid[:-1], grid[1:], strict=True):
                 x = x + (t_next - t_now) * self._guided(x, t_now, cond, guidance)
-        return ((x + 1) / 2).clamp(0, 1)
+        return x
 
     def invert(self, images: Tensor, prompts: Sequence[str], *, steps: int | None = None) -> Tensor:
         """Euler-integrate the flow backwards (``t = 0 -> 1``), same grid and guidance.

@@ -42,8 +42,10 @@ such failure: all 60 detected, bit accuracy 1.000.
 (the upscaled ones for the post-hoc methods, the generator's size for Tree-Ring), at graded
 strengths from weak to strong, deterministically for a seed: JPEG quality, resize down and back
 up, centre crop and resize back, rotation (black corners), Gaussian noise, Gaussian blur,
-brightness; plus ``"regenerate"``, a caller's callable (regeneration by a model). Tree-Ring's
-images are always quantised to uint8 before inversion, as a delivered image is.
+brightness; plus ``"regenerate"``, a caller's callable (regeneration by a model, e.g.
+:func:`model_regenerator`: SDEdit through a generator's ``regenerate``, at the generator's own
+size, images of another size resized to it and back). Tree-Ring's images are always quantised
+to uint8 before inversion, as a delivered image is.
 
 **Metrics** (:func:`detection_metrics`, :class:`WatermarkRow`): watermarked images are the
 positives, the same images (or the same prompts and seeds) without the watermark the negatives.
@@ -125,6 +127,7 @@ __all__ = [
     "embed_watermark",
     "evaluate_tree_ring",
     "evaluate_watermark",
+    "model_regenerator",
     "tpr_at_fpr",
     "tree_ring_detect",
     "tree_ring_distance",
@@ -515,6 +518,84 @@ def apply_transform(
     else:  # brightness
         xf = xf * s
     return np.clip(np.rint(xf), 0, 255).astype(np.uint8)
+
+
+RegenerateFloat = Callable[[Tensor, Sequence[str], float, Sequence[int]], Tensor]
+"""``(images (N, 3, S, S) in [0, 1], prompts, strength, seeds) -> images``: a generator's
+``regenerate`` (or an engine's ``regenerate_images`` bound to the model)."""
+
+
+def model_regenerator(
+    generator: ImageGenerator,
+    prompts: Sequence[str],
+    seeds: Sequence[int] | None = None,
+    *,
+    run: RegenerateFloat | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+) -> Regenerate:
+    """A ``regenerate(images, strength)`` for :func:`apply_transform`: SDEdit by a generator.
+
+    Row ``i`` of the images is regenerated with ``prompts[i]`` and the noise of ``seeds[i]``
+    (the rows of :func:`watermark_table` are in the order of its prompts and seeds, marked and
+    unmarked alike). The generator works at ``generator.image_size``: images of another size
+    (the post-hoc marks' 256 px deliveries) are resized to it (area), regenerated and resized
+    back (bicubic), so the attack includes that resize; strength 0 is that round trip alone
+    (no model call), the control that tells the resize's damage from the regeneration's.
+
+    Args:
+        generator: an ``ImageGenerator`` with ``regenerate`` (or any, with ``run``).
+        prompts: one prompt per image row.
+        seeds: one seed per row (default ``0, 1, ...``).
+        run: what regenerates float images (default ``generator.regenerate``; the check passes
+            its engine's ``regenerate_images``).
+        steps: the sampler's steps of a full run (the generator's default when None).
+        guidance: classifier-free guidance scale (the generator's default when None).
+
+    Returns:
+        ``regenerate(images uint8 (N, H, W, 3), strength) -> uint8 (N, H, W, 3)``.
+
+    Example:
+        >>> class Blank:  # a stand-in whose "regeneration" is a grey image
+        ...     image_size = 8
+        >>> grey = lambda x, prompts, strength, seeds: torch.full_like(x, 0.5)
+        >>> regen = model_regenerator(Blank(), ["a"], [0], run=grey)
+        >>> out = regen(np.zeros((1, 16, 16, 3), np.uint8), 0.3)
+        >>> out.shape, int(out.min()), int(out.max())
+        ((1, 16, 16, 3), 128, 128)
+    """
+    prompts = [str(p) for p in prompts]
+    seeds = list(range(len(prompts))) if seeds is None else [int(x) for x in seeds]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"model_regenerator: {len(seeds)} seeds for {len(prompts)} prompts.")
+    side = int(generator.image_size)
+
+    def _default(x: Tensor, p: Sequence[str], strength: float, s: Sequence[int]) -> Tensor:
+        with torch.no_grad():
+            return generator.regenerate(x, p, strength, s, steps=steps, guidance=guidance)
+
+    call = run if run is not None else _default
+
+    def regenerate(images: np.ndarray, strength: float) -> np.ndarray:
+        x = as_uint8_images(images)
+        n, h, w = x.shape[:3]
+        if n != len(prompts):
+            raise ValueError(f"regenerate: {n} images for {len(prompts)} prompts and seeds.")
+        small = x if (h, w) == (side, side) else _resize_all(x, (side, side))
+        if float(strength) <= 0.0:  # the control: the resize round trip alone, no model
+            out = small
+        else:
+            out = as_uint8_images(call(as_float_images(small), prompts, float(strength), seeds))
+        return out if (h, w) == (side, side) else _resize_all(out, (h, w))
+
+    return regenerate
+
+
+def _resize_all(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 ``(N, H, W, 3)`` to ``size``: area down, bicubic up (as the ``resize`` attack)."""
+    down = size[0] * size[1] < images.shape[1] * images.shape[2]
+    out = [_resize(im, size, down=down) for im in images]
+    return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8)
 
 
 def _conditions(
