@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= mmsafe-report
 
-.PHONY: demo test lint bench clean venv pretrained
+.PHONY: demo test lint bench clean venv pretrained browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,17 @@ pretrained: $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/mmsafe demo --out $(OUT)
 
-test: $(STAMP)
+# The browser tests (tests/test_browser.py) load the card in headless Chromium: Debian's package,
+# installed here when missing and this machine can (root and apt); otherwise they fail and say how.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; } ; } || \
+	  echo "mmsafe: could not install chromium; the browser tests will fail (apt-get install chromium)"
+
+test: $(STAMP) browser
 	$(BIN)/python -m ruff check src tests bench
 	$(BIN)/python -m pytest -q
 

@@ -353,3 +353,131 @@ def test_token_highlights_escape_every_string_and_colour_by_sign():
     assert "&quot;quoted&quot;" in html
     assert "rgba(204,51,51,0.80)" in html and "rgba(52,101,164,0.40)" in html
     assert html.count("<span") == 3 and "nan" not in html
+
+
+# ------------------------------------------------------------------ the overview (issue 17)
+def _tags(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    """Every start tag of the page and its attributes, as a browser's parser sees them."""
+    from html.parser import HTMLParser
+
+    seen: list[tuple[str, dict[str, str | None]]] = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            seen.append((tag, dict(attrs)))
+
+    P().feed(html)
+    return seen
+
+
+def _overview_card():
+    finding = lambda sev, msg: {  # noqa: E731
+        "severity": sev,
+        "message": msg,
+        "evidence": {},
+        "remediation": f"fix {msg}",
+    }
+    card = _card(**{
+        "robustness.adversarial": {**_check(**{"linf/fgsm/eps=0.003922/robust_accuracy": 0.4}),
+                                   "pillar": "robustness",
+                                   "findings": [finding("medium", "fgsm hurts")]},
+        "monitoring.calibration": {**_check(ece=0.2), "findings": [finding("low", "a bit off")]},
+        "monitoring.ood": _check(auroc=0.7),
+        "alignment.jailbreak": {**_check("skipped"), "pillar": "alignment"},
+        "controllability.privacy": {**_check(auc=0.9), "pillar": "controllability",
+                                    "findings": [finding("high", "members leak")]},
+    })  # fmt: skip
+    card["gates"] = [{"gate": "monitoring.ood.auroc<0.8", "failed": True, "value": 0.7,
+                      "message": "monitoring.ood.auroc<0.8: FAILED (0.7)"}]  # fmt: skip
+    return card
+
+
+def test_overview_leads_with_verdicts_top_findings_and_every_check():
+    html = render_html(_overview_card())
+    overview = html[html.index('id="overview"') : html.index('id="pillar-')]
+    verdicts = re.findall(r'class="verdict v-(\w+)">\w+</span></td>\s*<td><a href="#pillar-(\w+)"',
+                          overview)  # fmt: skip
+    assert verdicts == [("warn", "robustness"), ("skipped", "alignment"), ("fail", "monitoring"),
+                        ("fail", "controllability")]  # fmt: skip
+    for name in _overview_card()["checks"]:
+        assert f'href="#check-{name.replace(".", "-")}"' in overview, name
+    # top findings: high before medium before low, each with its remediation
+    top = overview[overview.index("Top findings") :]
+    order = [top.index(m) for m in ("members leak", "fgsm hurts", "a bit off")]
+    assert order == sorted(order) and "What to do: fix members leak" in overview
+    assert overview.index("Top findings") < html.index('id="pillar-')
+    assert "monitoring.ood.auroc&lt;0.8: FAILED" in overview  # the gate is the reason
+
+
+def test_check_details_are_collapsed_with_readable_metric_names():
+    card = _overview_card()
+    card["checks"]["monitoring.ood"]["metrics"] = {
+        f"m{i}": {"value": i / 10, "ci": None} for i in range(20)
+    }
+    card["checks"]["monitoring.ood"]["plots"] = {
+        "t": {"kind": "table", "columns": ["a"], "rows": [[i] for i in range(40)]},
+        "b": {"kind": "bar", "labels": ["x"], "values": [0.5], "caption": "read me like this"},
+    }
+    html = render_html(card)
+    tags = _tags(html)
+    details = [a.get("id") for t, a in tags if t == "details" and "check" in (a.get("class") or "")]
+    assert set(card["checks"]) <= {d.removeprefix("check-").replace("-", ".") for d in details
+                                   if d}  # fmt: skip
+    assert not any("open" in a for t, a in tags if t == "details")  # all collapsed
+    assert "ε=1/255" in html and 'title="linf/fgsm/eps=0.003922/robust_accuracy"' in html
+    assert "5 more metrics" in html and "25 more rows" in html
+    figures = html.count("<figure>") - html.count('class="gallery"')
+    assert figures == html.count("<figcaption>") >= 2 and "read me like this" in html
+
+
+def test_the_page_is_self_contained_with_a_csp_and_no_live_content():
+    evil = '<img src=x onerror="alert(1)"><script>alert(2)</script>'
+    card = _overview_card()
+    card["checks"]["monitoring.ood"]["findings"] = [
+        {"severity": "high", "message": evil, "evidence": {}, "remediation": evil}
+    ]
+    card["checks"]["monitoring.ood"]["plots"] = {
+        "g": {"kind": "images", "title": evil, "items": [{"png": "iVBO", "caption": evil}]}
+    }
+    html = render_html(card)
+    tags = _tags(html)
+    assert not [t for t, _ in tags if t in ("script", "iframe", "object", "embed", "link")]
+    assert not [a for _, a in tags if any(k.startswith("on") for k in a)]
+    urls = [v for _, a in tags for k, v in a.items() if k in ("src", "href") and v]
+    assert urls and all(u.startswith(("#", "data:image/png;base64,")) for u in urls), urls
+    (csp,) = [a["content"] for t, a in tags if a.get("http-equiv") == "Content-Security-Policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp
+    assert "@media print" in html
+
+
+def test_a_baseline_card_adds_the_before_after_delta():
+    before = _overview_card()
+    after = _overview_card()
+    after["checks"]["monitoring.calibration"]["metrics"]["ece"]["value"] = 0.05  # better
+    after["checks"]["monitoring.ood"]["metrics"]["auroc"]["value"] = 0.6  # worse
+    html = render_html(after, baseline=before)
+    text = " ".join(re.sub(r"<[^>]+>", "", html).split())
+    assert "Before and after" in html and "2 metrics changed (1 better, 1 worse)" in text
+    rows = re.findall(r'<td title="([^"]+)">.*?class="num (better|worse)"', html, re.S)
+    assert rows[:2] == [("monitoring.ood.auroc", "worse"), ("monitoring.calibration.ece", "better")]
+    assert "Before and after" not in render_html(after)
+
+
+def test_pillar_reasons_lead_with_the_worst_cause():
+    from mmsafe.report.overview import pillar_verdicts
+
+    f = lambda sev, m: {"severity": sev, "message": m, "evidence": {}, "remediation": ""}  # noqa: E731
+    card = _card(**{
+        "monitoring.a": {**_check(x=1.0), "findings": [f("medium", "med"), f("low", "low")]},
+        "monitoring.b": {**_check("failed"), "reason": "boom"},
+        "monitoring.c": {**_check(x=1.0), "findings": [f("high", "hi")]},
+    })  # fmt: skip
+    (v,) = pillar_verdicts(card)
+    assert v.verdict == "fail" and v.reasons == (
+        "monitoring.c: hi", "monitoring.a: med", "monitoring.b crashed: boom"
+    )  # fmt: skip
+    card["checks"].pop("monitoring.c")
+    assert pillar_verdicts(card)[0].verdict == "warn"
+    card["checks"]["monitoring.a"]["findings"] = [f("low", "low")]
+    card["checks"].pop("monitoring.b")
+    assert pillar_verdicts(card)[0].verdict == "pass"

@@ -74,13 +74,16 @@ def harden(
     artifact = hardener.save(out / hardener.artifact)
     hardened = hardener.transform(model, task)
     after = run_audit(hardened.model, data, task=hardened.task, out=out / "after", **audit)
-    if hardener.annotate(after.card):
+    annotated = hardener.annotate(after.card)
+    if annotated:
         from mmsafe.report.card import validate_card
-        from mmsafe.report.html import write_html
 
         validate_card(after.card)
         atomic_write_json(out / "after" / "card.json", after.card)
-        write_html(after.card, out / "after" / "index.html")
+    if annotated or before is not None:  # the after page shows the delta against before
+        from mmsafe.report.html import write_html
+
+        write_html(after.card, out / "after" / "index.html", baseline=before and before.card)
     return HardenResult(before, after, artifact, hardener.summary())
 
 

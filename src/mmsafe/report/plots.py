@@ -201,14 +201,58 @@ def line_svg(spec: Mapping[str, Any]) -> str:
     return _svg(body, spec.get("title", ""))
 
 
+TABLE_ROWS_SHOWN = 15
+"""Rows a table shows before the rest collapse behind a "show more" toggle."""
+
+
 def table_html(spec: Mapping[str, Any]) -> str:
-    """A small HTML table ``{"columns": [...], "rows": [[...], ...]}`` with every cell escaped."""
-    head = "".join(f"<th>{_e(c)}</th>" for c in spec["columns"])
-    body = "".join(
+    """A small HTML table ``{"columns": [...], "rows": [[...], ...]}`` with every cell escaped.
+
+    Rows past :data:`TABLE_ROWS_SHOWN` are collapsed into a ``<details>`` below the table.
+
+    Example:
+        >>> html = table_html({"columns": ["a"], "rows": [[i] for i in range(20)]})
+        >>> html.count("<tr>"), "5 more rows" in html
+        (22, True)
+    """
+    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in spec["columns"]) + "</tr>"
+    rows = [
         "<tr>" + "".join(f"<td>{_e(_cell(v))}</td>" for v in row) + "</tr>" for row in spec["rows"]
-    )
+    ]
     title = f"<caption>{_e(spec.get('title', ''))}</caption>" if spec.get("title") else ""
-    return f'<table class="examples">{title}<tr>{head}</tr>{body}</table>'
+    shown, rest = rows[:TABLE_ROWS_SHOWN], rows[TABLE_ROWS_SHOWN:]
+    html = f'<table class="examples">{title}{head}{"".join(shown)}</table>'
+    if rest:
+        html += (
+            f"<details><summary>{len(rest)} more rows</summary>"
+            f'<table class="examples">{head}{"".join(rest)}</table></details>'
+        )
+    return html
+
+
+CAPTIONS: dict[str, str] = {
+    "table": "Rows as the check reported them; the first rows are shown, the rest fold away.",
+    "reliability": "Accuracy per confidence bin against the dashed diagonal: bins below it are "
+    "over-confident, above it under-confident; the strip counts the rows per bin.",
+    "bar": "One bar per item: compare heights (the axis says which way is better).",
+    "heatmap": "Each cell's colour and number give its value; rows and columns name what is "
+    "compared.",
+    "line": "Each line is one series across the x axis: look for where it rises or falls.",
+    "images": "Thumbnails of the cases the check points at, captioned with what it found.",
+    "tokens": "Words are tinted by their attribution: red pushes toward the prediction, blue "
+    "away from it.",
+}
+"""How to read each plot kind, in one line (a spec's own ``caption`` takes precedence)."""
+
+
+def plot_caption(spec: Mapping[str, Any]) -> str:
+    """The one-line "how to read it" caption of a plot spec.
+
+    Example:
+        >>> plot_caption({"kind": "bar"})[:10], plot_caption({"kind": "bar", "caption": "x"})
+        ('One bar pe', 'x')
+    """
+    return str(spec.get("caption") or CAPTIONS.get(str(spec.get("kind")), ""))
 
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
