@@ -2,10 +2,17 @@
 
 Exit codes of ``audit`` and ``demo``: 0 ok; 1 a ``--fail-on`` gate failed; 2 user error (bad
 input, bad flag); 3 internal error, with a pointer to the log file.
+
+After ``audit``, ``demo`` and ``harden`` the terminal summary (:func:`_summary`) leads with a
+verdict per pillar and the top findings, and fits 80 columns. ``--json`` prints the card as
+JSON on stdout and nothing else (progress and the summary go to stderr); ``--quiet`` prints
+nothing on stdout (but the JSON of ``--json``): errors and failed gates go to stderr, and the
+exit code is unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import traceback
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 from mmsafe import __version__
@@ -68,41 +76,157 @@ def _internal_error(exc: BaseException, out: Path) -> typer.Exit:
     return typer.Exit(3)
 
 
-def _summary(card: dict, out: Path | None) -> None:
-    table = Table(title=f"mmsafe safety card — {card['model']['name']} on {card['data']['name']}")
-    table.add_column("check")
-    table.add_column("pillar")
-    table.add_column("status")
-    table.add_column("metrics")
-    table.add_column("findings", justify="right")
-    colour = {"ok": "green", "skipped": "yellow", "failed": "red"}
+_VERDICT_STYLE = {"fail": "bold red", "warn": "bold yellow", "pass": "bold green", "skipped": "dim"}
+_VERDICT_WORD = {"fail": "FAIL", "warn": "WARN", "pass": "PASS", "skipped": "SKIP"}
+_STATUS_STYLE = {"ok": "green", "skipped": "yellow", "failed": "red"}
+_SEVERITY_STYLE = {"high": "bold red", "medium": "yellow", "low": "cyan", "info": "dim"}
+TOP_FINDINGS = 5
+"""How many findings the terminal summary lists under "Top findings"."""
+
+
+def _block(console: Console, text: Text, indent: int = 0) -> None:
+    """Print ``text`` wrapped to the console's width, every line indented by ``indent``.
+
+    ``text`` is a :class:`~rich.text.Text`, never markup: user strings (check names, messages,
+    paths) are printed literally, brackets included. Words longer than a line are folded, never
+    cut off.
+    """
+    pad = Text(" " * indent)
+    for line in text.wrap(console, max(console.width - indent, 1), overflow="fold"):
+        line.rstrip()
+        console.print(pad + line, highlight=False, crop=False, soft_wrap=True)
+
+
+def _number(value: float) -> str:
+    """A metric value for the summary: 3 decimals, or 4 significant digits when large."""
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.4g}"
+
+
+def _first_metric(metrics: dict) -> str:
+    """The first metric with a value, as ``label value [lo, hi]``, and how many more there are."""
+    from mmsafe.report.overview import metric_label
+
+    shown = [(k, v) for k, v in metrics.items() if v.get("value") is not None]
+    if not shown:
+        return ""
+    key, m = shown[0]
+    text = f"{metric_label(key)} {_number(m['value'])}"
+    ci = m.get("ci")
+    if ci and None not in ci:
+        text += f" [{_number(ci[0])}, {_number(ci[1])}]"
+    if len(shown) > 1:
+        text += f" (+{len(shown) - 1} more)"
+    return text
+
+
+def _counts(counts: dict[str, int]) -> str:
+    """``3 checks: 2 ok, 1 skipped``."""
+    n = sum(counts.values())
+    parts = [f"{counts[s]} {s}" for s in ("ok", "failed", "skipped") if counts.get(s)]
+    parts += [f"{v} {s}" for s, v in counts.items() if s not in ("ok", "failed", "skipped")]
+    return f"{n} check{'s' if n != 1 else ''}: {', '.join(parts)}"
+
+
+def _summary(card: dict, out: Path | None, console: Console | None = None) -> None:
+    """The terminal summary of a card: readable at 80 columns, never a truncated check name.
+
+    First a verdict per pillar (see :mod:`mmsafe.report.overview`), then the top findings with
+    their remediation, then one entry per check (status and name on one line, the first metric
+    or the skip reason below), the gates, skipped rows and where the report is.
+
+    Args:
+        card: The card dict (as written to ``card.json``).
+        out: The report folder (``None``: no paths are printed).
+        console: Where to print (default: stdout).
+    """
+    from mmsafe.report.overview import pillar_verdicts, top_findings
+
+    console = console or out_console
+    _block(
+        console,
+        Text(f"mmsafe safety card — {card['model']['name']} on {card['data']['name']}", "bold"),
+    )
+    verdicts = pillar_verdicts(card)
+    width = max((len(v.pillar) for v in verdicts), default=0)
+    for v in verdicts:
+        line = Text.assemble(
+            (f"{_VERDICT_WORD[v.verdict]:<4}", _VERDICT_STYLE[v.verdict]),
+            f"  {v.pillar:<{width}}  ",
+            (f"({_counts(dict(v.counts))})", "dim"),
+        )
+        _block(console, line)
+        if v.verdict in ("fail", "warn") and v.reasons:
+            more = f" (+{len(v.reasons) - 1} more)" if len(v.reasons) > 1 else ""
+            _block(console, Text(v.reasons[0] + more, "dim"), indent=6)
+
+    n_findings = sum(len(c.get("findings", [])) for c in card["checks"].values())
+    top = top_findings(card, TOP_FINDINGS)
+    if top:
+        console.print()
+        of = f" ({len(top)} of {n_findings})" if n_findings > len(top) else ""
+        _block(console, Text(f"Top findings{of}", "bold"))
+        for f in top:
+            sev = f["severity"]
+            _block(
+                console, Text.assemble((f"{sev:<8}", _SEVERITY_STYLE.get(sev, "")), f["check"]), 2
+            )
+            _block(console, Text(f["message"]), indent=10)
+            if f.get("remediation"):
+                _block(console, Text(f"→ {f['remediation']}", "dim"), indent=10)
+
+    console.print()
+    _block(console, Text("Checks", "bold"))
     for name, c in card["checks"].items():
-        metrics = ", ".join(
-            f"{k} {v['value']:.3f}" + (f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v["ci"] else "")
-            for k, v in list(c["metrics"].items())[:2]
-            if v["value"] is not None
-        )
-        serious = sum(f["severity"] in ("high", "medium") for f in c["findings"])
-        table.add_row(
-            name,
-            c["pillar"],
-            f"[{colour[c['status']]}]{c['status']}[/]",
-            metrics if c["status"] == "ok" else (c["reason"] or ""),
-            f"{len(c['findings'])} ({serious} serious)" if c["findings"] else "0",
-        )
-    out_console.print(table)
-    for c_name, c in card["checks"].items():
-        for f in c["findings"]:
-            if f["severity"] in ("high", "medium"):
-                out_console.print(f"[bold]{f['severity']}[/bold] {c_name}: {f['message']}")
+        status = c["status"]
+        _block(console, Text.assemble((f"{status:<9}", _STATUS_STYLE.get(status, "")), name), 2)
+        detail = _first_metric(c.get("metrics", {})) if status == "ok" else c.get("reason") or ""
+        findings = c.get("findings", [])
+        if findings:
+            serious = sum(f["severity"] in ("high", "medium") for f in findings)
+            count = f"{len(findings)} finding{'s' if len(findings) != 1 else ''}"
+            count += f" ({serious} serious)" if serious else ""
+            detail = f"{detail} · {count}" if detail else count
+        if detail:
+            _block(console, Text(detail, "dim"), indent=11)
+
+    gates = card.get("gates", []) or []
     skipped = card["data"]["skipped"]["count"]
+    if gates or skipped or out is not None:
+        console.print()
+    for g in gates:
+        _block(console, Text(f"gate {g['message']}", "red" if g["failed"] else "green"))
     if skipped:
-        out_console.print(f"[yellow]{skipped} invalid rows were skipped (listed in the card).")
-    for g in card.get("gates", []):
-        style = "red" if g["failed"] else "green"
-        out_console.print(f"[{style}]gate {g['message']}[/{style}]")
+        _block(
+            console, Text(f"{skipped} invalid rows were skipped (listed in the card).", "yellow")
+        )
     if out is not None:
-        out_console.print(f"Report: {out / 'index.html'}   JSON: {out / 'card.json'}")
+        _block(console, Text(f"Report: {out / 'index.html'}"))
+        _block(console, Text(f"JSON:   {out / 'card.json'}"))
+
+
+def _progress_console(*, quiet: bool, json_out: bool) -> Console:
+    """Where an audit's progress lines go: nowhere with ``--quiet``, stderr with ``--json``."""
+    if quiet:
+        return Console(quiet=True)
+    return err_console if json_out else out_console
+
+
+def _report(card: dict, out: Path | None, *, quiet: bool, json_out: bool) -> None:
+    """What a finished audit prints, by ``--quiet`` and ``--json``.
+
+    * default: the summary on stdout;
+    * ``--json``: the card as JSON on stdout (exactly what ``card.json`` holds), the summary on
+      stderr;
+    * ``--quiet``: nothing on stdout except the JSON of ``--json``; failed gates on stderr.
+    """
+    if json_out:
+        click.echo(json.dumps(card, indent=2, allow_nan=False))
+    if not quiet:
+        _summary(card, out, console=err_console if json_out else out_console)
+        return
+    for g in card.get("gates", []) or []:
+        if g["failed"]:
+            _block(err_console, Text(f"gate {g['message']}", "red"))
 
 
 def _audit(
@@ -125,6 +249,8 @@ def _audit(
     workers: int | None = None,
     backend: str = "local",
     precision: str = "fp32",
+    quiet: bool = False,
+    json_out: bool = False,
 ) -> None:
     from mmsafe.audit import run_audit
     from mmsafe.checks import CheckSelectionError, select_checks
@@ -161,6 +287,7 @@ def _audit(
             workers=None if backend == "ray" else workers,
             backend=create_backend(backend, workers),
             precision=precision,
+            progress=not quiet,
         )
         encoder = load_model(
             model,
@@ -169,6 +296,7 @@ def _audit(
             seed=seed,
             device=str(engine.device),
             cache_dir=cache,
+            progress=not quiet,
         )
         task_obj = task_obj or create_task(default_task(encoder))
         result = run_audit(
@@ -182,7 +310,7 @@ def _audit(
             gates=gates,
             resume=resume,
             options=check_options,
-            console=out_console,
+            console=_progress_console(quiet=quiet, json_out=json_out),
         )
     except user_errors as exc:
         raise _user_error(str(exc)) from None
@@ -194,7 +322,7 @@ def _audit(
         raise typer.Exit(130) from None
     except Exception as exc:  # noqa: BLE001 - the one place that turns crashes into exit 3
         raise _internal_error(exc, out) from None
-    _summary(result.card, out)
+    _report(result.card, out, quiet=quiet, json_out=json_out)
     if result.exit_code == 3:
         err_console.print(f"[red]Some checks failed internally; see {out / 'mmsafe.log'}.")
     raise typer.Exit(result.exit_code)
@@ -250,6 +378,23 @@ BackendOpt = Annotated[
     str,
     typer.Option(help="Where forward passes run: local, or ray (a local Ray cluster's workers)."),
 ]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="Print nothing on stdout (no progress, no summary); errors and failed gates go to "
+        "stderr and the exit code says how it went.",
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print the card as JSON on stdout and nothing else; progress and the summary go to "
+        "stderr (none with --quiet).",
+    ),
+]
 CacheOpt = Annotated[
     Path | None,
     typer.Option(help="Cache folder (default: $MMSAFE_CACHE_DIR or the user cache dir)."),
@@ -298,6 +443,8 @@ def audit(
     workers: WorkersOpt = None,
     backend: BackendOpt = "local",
     precision: PrecisionOpt = "fp32",
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
     options: Annotated[
         str | None,
         typer.Option(
@@ -327,6 +474,8 @@ def audit(
         workers=workers,
         backend=backend,
         precision=precision,
+        quiet=quiet,
+        json_out=json_out,
     )
 
 
@@ -339,6 +488,8 @@ def demo(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     cache_dir: CacheOpt = None,
+    quiet: QuietOpt = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """The full audit of the embedded default: tiny-clip on the planted-flaw shapes world.
 
@@ -360,6 +511,8 @@ def demo(
         resume=True,
         cache_dir=cache_dir,
         classes=None,
+        quiet=quiet,
+        json_out=json_out,
     )
 
 
@@ -426,6 +579,8 @@ def _harden_command(name: str) -> click.Command:
             ("seed", SeedOpt, 0),
             ("quick", QuickOpt, False),
             ("cache_dir", CacheOpt, None),
+            ("quiet", QuietOpt, False),
+            ("json_out", JsonOpt, False),
         )
     ]
     for opt, p in cls.options().items():
@@ -456,6 +611,7 @@ def _harden_command(name: str) -> click.Command:
                 ) from None
         common = {k: kwargs.pop(k) for k in ("model", "data", "task", "out", "device", "seed")}
         _harden(name, quick=kwargs.pop("quick"), cache_dir=kwargs.pop("cache_dir"),
+                quiet=kwargs.pop("quiet"), json_out=kwargs.pop("json_out"),
                 options=kwargs, **common)  # fmt: skip
 
     command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
@@ -478,6 +634,8 @@ def _harden(
     quick: bool,
     cache_dir: Path | None,
     options: dict[str, object],
+    quiet: bool = False,
+    json_out: bool = False,
 ) -> None:
     from mmsafe.data.loading import load_data
     from mmsafe.engine import DeviceError, Engine, default_cache_dir
@@ -492,10 +650,11 @@ def _harden(
         task_obj = create_task(task)
         dataset = load_data(data)
         cache = cache_dir or default_cache_dir()
-        engine = Engine(device=device, cache_dir=cache, seed=seed)
+        engine = Engine(device=device, cache_dir=cache, seed=seed, progress=not quiet)
         encoder = load_model(
-            model, data=dataset, quick=quick, seed=seed, device=str(engine.device), cache_dir=cache
-        )
+            model, data=dataset, quick=quick, seed=seed, device=str(engine.device),
+            cache_dir=cache, progress=not quiet,
+        )  # fmt: skip
         result = harden(
             hardener, encoder, dataset, task=task_obj, out=out, engine=engine, seed=seed
         )
@@ -503,13 +662,20 @@ def _harden(
         raise _user_error(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - crashes become exit 3 with a log
         raise _internal_error(exc, out) from None
+    if json_out:  # the card of the hardened model, as written to after/card.json
+        click.echo(json.dumps(result.after.card, indent=2, allow_nan=False))
+    if quiet:
+        return
+    console = err_console if json_out else out_console
     summary = ", ".join(f"{k} {v:.4g}" for k, v in result.summary.items())
-    out_console.print(f"[bold]{kind}[/bold]: {summary}")
-    out_console.print(f"saved: {result.artifact}")
+    _block(console, Text.assemble((kind, "bold"), f": {summary}"))
+    _block(console, Text(f"saved: {result.artifact}"))
     if result.before is not None:
-        _print_deltas(result.before.card, result.after.card, f"{kind}: before → after")
+        _print_deltas(
+            result.before.card, result.after.card, f"{kind}: before → after", console=console
+        )
     else:
-        _summary(result.after.card, out / "after")
+        _summary(result.after.card, out / "after", console=console)
 
 
 @app.command("adapt")
@@ -661,7 +827,7 @@ def list_models_cmd(
     out_console.print(table)
 
 
-def _print_deltas(before: dict, after: dict, title: str) -> None:
+def _print_deltas(before: dict, after: dict, title: str, console: Console | None = None) -> None:
     from mmsafe.report.compare import compare_cards
 
     table = Table(title=title)
@@ -670,7 +836,7 @@ def _print_deltas(before: dict, after: dict, title: str) -> None:
     for d in compare_cards(before, after):
         mark = {True: "[green]better[/]", False: "[red]worse[/]", None: ""}[d.improved]
         table.add_row(d.metric, f"{d.before:.4g}", f"{d.after:.4g}", f"{d.delta:+.4g}", mark)
-    out_console.print(table)
+    (console or out_console).print(table)
 
 
 @app.command()
