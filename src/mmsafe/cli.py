@@ -846,15 +846,19 @@ def compare(
 ) -> None:
     """Before/after deltas of every metric two cards share (e.g. after hardening)."""
     from mmsafe.report.card import load_card
+    from mmsafe.report.compare import CardFormatError
 
     cards = []
     for p in (before, after):
         path = p / "card.json" if p.is_dir() else p
         try:
             cards.append(load_card(path))
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise _user_error(f"cannot read the card {path}: {exc}") from None
-    _print_deltas(cards[0], cards[1], f"{before} → {after}")
+    try:
+        _print_deltas(cards[0], cards[1], f"{before} → {after}")
+    except CardFormatError as exc:
+        raise _user_error(f"cannot compare {before} and {after}: {exc}") from None
 
 
 def _version(value: bool) -> None:

@@ -140,12 +140,23 @@ def parse_check_options(text: str) -> dict[str, dict[str, Any]]:
             text = path.read_text(encoding="utf-8")
         except OSError as err:
             raise CheckSelectionError(f"{source}: cannot read it ({err.strerror}).") from None
+        except UnicodeDecodeError as err:
+            raise CheckSelectionError(
+                f"{source}: not UTF-8 text ({err.reason}); save it as UTF-8."
+            ) from None
+    example = 'Write e.g. \'{"robustness.adversarial": {"steps": 20}}\'.'
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise CheckSelectionError(
             f"{source}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}). "
-            'Write e.g. \'{"robustness.adversarial": {"steps": 20}}\'.'
+            + example
+        ) from None
+    except ValueError as err:  # an integer of more than 4300 digits
+        raise CheckSelectionError(f"{source}: not valid JSON ({err}). {example}") from None
+    except RecursionError:
+        raise CheckSelectionError(
+            f"{source}: not valid JSON (nested too deeply). {example}"
         ) from None
     if not isinstance(doc, dict) or not all(isinstance(v, dict) for v in doc.values()):
         raise CheckSelectionError(

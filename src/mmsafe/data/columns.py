@@ -133,9 +133,19 @@ class Computed(LazyColumn):
 def decode_image(path: str | Path) -> np.ndarray:
     """An image file as an RGB ``uint8`` array ``(H, W, 3)``, EXIF orientation applied.
 
-    Raises PIL's errors (``UnidentifiedImageError``, ``OSError``...) for a file it cannot read.
+    Raises PIL's errors (``UnidentifiedImageError``, ``OSError``...) for a file it cannot read,
+    and ``Image.DecompressionBombError`` for an image of more than ``Image.MAX_IMAGE_PIXELS``
+    pixels (PIL itself only warns up to twice that, after which decoding would allocate
+    gigabytes), before any pixel is decoded.
     """
     with Image.open(path) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and im.width * im.height > limit:
+            raise Image.DecompressionBombError(
+                f"image of {im.width}x{im.height} = {im.width * im.height} pixels, over the "
+                f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?); "
+                "downscale it"
+            )
         return np.array(ImageOps.exif_transpose(im).convert("RGB"), dtype=np.uint8)
 
 

@@ -244,6 +244,11 @@ def _load_image(value: Any, manifest_dir: Path) -> tuple[str, bytes]:
         raise InvalidValue(f"URLs are not supported (mmsafe reads local files only): {text}")
     path = Path(text)
     full = path if path.is_absolute() else manifest_dir / path
+    if full.is_symlink() and not full.exists():
+        raise InvalidValue(
+            f"broken or looping symbolic link: {text}; point it at an image file, or give the "
+            "file's own path"
+        )
     if not full.exists():
         where = "" if path.is_absolute() else f" (looked in {manifest_dir})"
         raise InvalidValue(f"file not found: {text}{where}")
@@ -352,8 +357,12 @@ def _read_jsonl(path: Path) -> list[_RawRow]:
             reason = f"malformed JSON line: {exc.msg} (column {exc.colno})"
             rows.append(_RawRow(number, {}, [Problem(number, ROW_FIELD, reason)]))
             continue
-        except ValueError as exc:  # raised by the duplicate-key hook
+        except ValueError as exc:  # the duplicate-key hook, or an integer of > 4300 digits
             rows.append(_RawRow(number, {}, [Problem(number, ROW_FIELD, f"malformed row: {exc}")]))
+            continue
+        except RecursionError:
+            reason = "malformed row: JSON nested too deeply (flatten the row's values)"
+            rows.append(_RawRow(number, {}, [Problem(number, ROW_FIELD, reason)]))
             continue
         if not isinstance(obj, dict):
             reason = f"malformed row: expected a JSON object per line, got {_json_type(obj)}"
@@ -374,7 +383,10 @@ def _iter_csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, list[st
                 start = reader.line_num + 1
         except csv.Error as exc:
             raise ManifestError(
-                path, message=f"{path}: unreadable CSV at line {reader.line_num}: {exc}"
+                path,
+                message=f"{path}: unreadable CSV at line {reader.line_num}: {exc}. Look there "
+                f"for an unclosed quote or a cell over {csv.field_size_limit()} characters "
+                "(keep long values in files the manifest points to).",
             ) from exc
         except UnicodeDecodeError as exc:
             raise ManifestError(
@@ -498,6 +510,12 @@ def _parse_meta(value: Any, from_csv: bool) -> dict[str, Any]:
             raise InvalidValue(
                 f"malformed JSON in the meta column: {exc.msg} (character {exc.pos + 1})"
             ) from exc
+        except ValueError as exc:  # an integer of more than 4300 digits
+            raise InvalidValue(f"malformed JSON in the meta column: {exc}") from exc
+        except RecursionError:
+            raise InvalidValue(
+                "malformed JSON in the meta column: nested too deeply (flatten it)"
+            ) from None
     if not isinstance(value, dict):
         raise InvalidValue(f"wrong type: meta must be a JSON object, got {_json_type(value)}")
     return value

@@ -75,6 +75,11 @@ def parse_gate(text: str) -> Gate:
         threshold = float(m["value"])
     except ValueError:
         raise GateSyntaxError(f"--fail-on {text!r}: {m['value']!r} is not a number.") from None
+    if not math.isfinite(threshold):
+        raise GateSyntaxError(
+            f"--fail-on {text!r}: the threshold must be a finite number, not {m['value']!r} (a "
+            "comparison with it never or always holds); write e.g. 'calibration.ece>0.05'."
+        )
     return Gate(m["target"], m["op"], threshold)
 
 

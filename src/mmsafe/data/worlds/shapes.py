@@ -60,7 +60,7 @@ import numpy as np
 
 from mmsafe.data.columns import LazyColumn
 from mmsafe.data.dataset import UNLABELLED, Dataset
-from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs
+from mmsafe.data.worlds.spec import MAX_INT_KNOB, WorldSpecError, knob_types, parse_knobs
 from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 WORLD_NAME = "shapes"
@@ -223,8 +223,11 @@ def _validate(c: ShapesConfig) -> list[str]:
     if problems:
         return problems
     for name in _KNOB_TYPES:
-        if not math.isfinite(getattr(c, name)):
+        value = getattr(c, name)
+        if isinstance(value, float) and not math.isfinite(value):  # ints are finite
             problems.append(f"{name} must be finite")
+        elif isinstance(value, int) and abs(value) > MAX_INT_KNOB:
+            problems.append(f"{name} is out of range (more than 18 digits)")
     if problems:
         return problems
     if c.seed < 0:

@@ -23,6 +23,9 @@ class WorldSpecError(ValueError):
 
 T = TypeVar("T")
 
+MAX_INT_KNOB = 10**18 - 1
+"""The largest magnitude an integer knob may have in a spec string (fits an int64)."""
+
 
 def knob_types(config: type) -> dict[str, type]:
     """``{knob: int | float}`` of a config dataclass whose fields are ints and floats."""
@@ -62,6 +65,11 @@ def parse_knobs(spec: str, world: str, config: type[T]) -> T:
         except ValueError:
             what = "an integer" if types[key] is int else "a number"
             raise WorldSpecError(f"Knob {key!r} needs {what}, got {value!r}. {help_}") from None
+        if types[key] is int and abs(knobs[key]) > MAX_INT_KNOB:
+            raise WorldSpecError(
+                f"Knob {key!r} is out of range: {value[:20]}{'...' if len(value) > 20 else ''} "
+                f"has more than 18 digits. {help_}"
+            )
     return config(**knobs)
 
 
@@ -85,6 +93,6 @@ def type_problems(config: Any) -> list[str]:
             problems.append(
                 f"{name}={value!r} must be {'an integer' if kind is int else 'a number'}"
             )
-        elif not math.isfinite(value):
+        elif isinstance(value, float) and not math.isfinite(value):  # ints are finite
             problems.append(f"{name}={value!r} must be finite")
     return problems
