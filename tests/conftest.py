@@ -221,8 +221,31 @@ GEN_CONTROL_WORLD = "shapes-gen:n_images=2000,seed=0,dup=0,skew=0,forbidden=0"
 """Its control: no duplicates, uniform colours, no star in training."""
 
 
+def _train_gen(spec: str, cache: str) -> None:
+    """Train (or find) the quick tiny-diffusion of world ``spec`` in ``cache``, on one core."""
+    import torch
+
+    from mmsafe.data.worlds import load_world
+    from mmsafe.models.loading import load_model
+
+    torch.set_num_threads(1)
+    load_model("tiny-diffusion", data=load_world(spec), quick=True, cache_dir=cache,
+               progress=False)  # fmt: skip
+
+
 @pytest.fixture(scope="session")
-def gen_quick(mmsafe_cache) -> Any:
+def gen_pretrained(mmsafe_cache) -> None:
+    """Both quick tiny-diffusions trained side by side, one core each (a small model gains
+    nothing from a second thread: this halves the wall time); the fixtures then load them."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        worlds = (GEN_QUICK_WORLD, GEN_CONTROL_WORLD)
+        pool.starmap(_train_gen, [(w, str(mmsafe_cache)) for w in worlds])
+
+
+@pytest.fixture(scope="session")
+def gen_quick(mmsafe_cache, gen_pretrained) -> Any:
     """``(tiny-diffusion, world)``: a quick tiny-diffusion on a small planted shapes-gen world."""
     from mmsafe.data.worlds import load_world
     from mmsafe.models.loading import load_model
@@ -234,7 +257,7 @@ def gen_quick(mmsafe_cache) -> Any:
 
 
 @pytest.fixture(scope="session")
-def gen_control(mmsafe_cache) -> Any:
+def gen_control(mmsafe_cache, gen_pretrained) -> Any:
     """``(tiny-diffusion, world)`` on the control world (``dup=0,skew=0,forbidden=0``)."""
     from mmsafe.data.worlds import load_world
     from mmsafe.models.loading import load_model
