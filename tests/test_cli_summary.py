@@ -290,3 +290,24 @@ def test_demo_and_harden_pass_quiet_and_json_through(monkeypatch, command):
     assert res.exit_code == 0, res.output
     assert seen["quiet"] is True and seen["json_out"] is True
     assert "options" not in seen or "quiet" not in seen["options"]
+
+
+def test_the_delta_listing_fits_80_columns_with_full_metric_keys():
+    long_metric = "linf/apgd_ce/eps=0.031373/robust_accuracy"
+    before = {"checks": {
+        "robustness.adversarial": {"status": "ok", "metrics": {long_metric: _metric(0.25)}},
+        "monitoring.calibration": {"status": "ok", "metrics": {"ece": _metric(0.2)}},
+    }}  # fmt: skip
+    after = json.loads(json.dumps(before))
+    after["checks"]["robustness.adversarial"]["metrics"][long_metric] = _metric(0.5)
+    after["checks"]["monitoring.calibration"]["metrics"]["ece"] = _metric(0.3)
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    cli._print_deltas(before, after, "a [b] → c", console=console)
+    lines = console.export_text().splitlines()
+    _assert_fits(lines)
+    text = "".join(line.strip() for line in lines)  # a folded key joins back whole
+    assert f"robustness.adversarial.{long_metric}" in text and "a [b] → c" in lines[0]
+    assert "0.25 → 0.5 (+0.25) better" in text and "0.2 → 0.3 (+0.1) worse" in text
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    cli._print_deltas({"checks": {}}, {"checks": {}}, "t", console=console)
+    assert "No metric is reported by both cards." in console.export_text()

@@ -828,15 +828,24 @@ def list_models_cmd(
 
 
 def _print_deltas(before: dict, after: dict, title: str, console: Console | None = None) -> None:
+    """Every metric both cards report: its full key, then ``before -> after (delta) verdict``.
+
+    Two lines per metric, wrapped to the console's width: a key is never truncated (it is the
+    ``--fail-on`` path), and the numbers never wrap into a column.
+    """
     from mmsafe.report.compare import compare_cards
 
-    table = Table(title=title)
-    for col in ("metric", "before", "after", "delta", ""):
-        table.add_column(col, justify="right" if col in ("before", "after", "delta") else "left")
-    for d in compare_cards(before, after):
-        mark = {True: "[green]better[/]", False: "[red]worse[/]", None: ""}[d.improved]
-        table.add_row(d.metric, f"{d.before:.4g}", f"{d.after:.4g}", f"{d.delta:+.4g}", mark)
-    (console or out_console).print(table)
+    console = console or out_console
+    deltas = compare_cards(before, after)
+    _block(console, Text(title, "bold"))
+    if not deltas:
+        _block(console, Text("No metric is reported by both cards.", "dim"), indent=2)
+    for d in deltas:
+        verdict = {True: ("better", "green"), False: ("worse", "red"), None: ("", "")}
+        word, style = verdict[d.improved]
+        _block(console, Text(d.metric), indent=2)
+        line = Text(f"{d.before:.4g} → {d.after:.4g} ({d.delta:+.4g}) ", "dim")
+        _block(console, line + Text(word, style), indent=6)
 
 
 @app.command()
