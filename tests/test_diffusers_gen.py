@@ -18,6 +18,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import diffusers  # a core dependency: missing is a failure, not a skip
 import pytest
@@ -138,7 +139,12 @@ def gen(folder: Path) -> DiffusersGenerator:
 @pytest.fixture(scope="module")
 def pipe(gen: DiffusersGenerator) -> diffusers.StableDiffusionPipeline:
     """diffusers' own pipeline over the same components and a DDIM scheduler of the same config."""
-    reference = diffusers.StableDiffusionPipeline(
+    return _reference(diffusers.StableDiffusionPipeline, gen)
+
+
+def _reference(cls: Any, gen: DiffusersGenerator) -> Any:
+    """A diffusers pipeline ``cls`` over ``gen``'s components and a DDIM scheduler alike."""
+    reference = cls(
         vae=gen.vae,
         text_encoder=gen.text_encoder,
         tokenizer=gen.tokenizer,
@@ -298,18 +304,7 @@ def test_ddim_inversion_round_trips_in_latent_space(gen: DiffusersGenerator) -> 
 @pytest.fixture(scope="module")
 def img2img(gen: DiffusersGenerator) -> diffusers.StableDiffusionImg2ImgPipeline:
     """diffusers' img2img pipeline over the same components and a DDIM scheduler alike."""
-    reference = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=gen.vae,
-        text_encoder=gen.text_encoder,
-        tokenizer=gen.tokenizer,
-        unet=gen.unet,
-        scheduler=diffusers.DDIMScheduler.from_config(gen.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    reference.set_progress_bar_config(disable=True)
-    return reference
+    return _reference(diffusers.StableDiffusionImg2ImgPipeline, gen)
 
 
 @pytest.mark.parametrize(
