@@ -685,16 +685,27 @@ def adapt_cmd(
     method: Annotated[
         str,
         typer.Option(
-            "--method", help="Comma-separated: full, lora, adapter, iisan, iisan-versa, momef."
+            "--method",
+            help="Comma-separated: full, lora, adapter, iisan, iisan-versa, momef, crossan.",
         ),
     ] = "full,lora,adapter,iisan",
+    towers: Annotated[
+        str | None,
+        typer.Option(
+            "--towers",
+            help="crossan's frozen towers, comma-separated MODALITY[@MODEL] (no @MODEL: "
+            "--model's), e.g. image,text,image@lit-mini,text@lit-mini (four towers of two "
+            "encoders). Default: --model's image and text.",
+        ),
+    ] = None,
     objective: Annotated[
         str,
         typer.Option(
             "--objective",
             help="classification (fusion, accuracy), retrieval (contrastive fine-tuning, "
-            "R@1/R@5; no momef) or seqrec (a SASRec over each method's item representation, "
-            "on recommendation data such as shapes-rec; leave-one-out NDCG@10/HR@10).",
+            "R@1/R@5; no momef, crossan) or seqrec (a SASRec over each method's item "
+            "representation, on recommendation data such as shapes-rec; leave-one-out "
+            "NDCG@10/HR@10).",
         ),
     ] = "classification",
     epochs: Annotated[int, typer.Option(help="Training epochs per method.", min=1)] = 3,
@@ -714,7 +725,7 @@ def adapt_cmd(
             model, QUICK_WORLD if quick and data == "shapes" else data, method,
             objective=objective, epochs=epochs, batch_size=batch_size, seed=seed,
             device=device, out=out,
-            cache_dir=cache_dir, quick=quick,
+            cache_dir=cache_dir, quick=quick, towers=towers,
         )  # fmt: skip
     except (*_loading_errors(), AdaptError, DeviceError) as exc:
         raise _user_error(str(exc)) from None

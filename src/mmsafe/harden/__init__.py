@@ -16,6 +16,8 @@ Every hardener is a :class:`~mmsafe.harden.base.Hardener` (``fit`` / ``transform
 * ``dp-clip`` -- :mod:`mmsafe.harden.dp_clip`: DP-CLIP contrastive fine-tuning of tiny-clip.
 * ``unlearn`` -- :mod:`mmsafe.harden.unlearn`: forget training rows of a fusion head
   (MultiDelete, gradient ascent), checked against retraining from scratch.
+* ``unlearn-rec`` -- :mod:`mmsafe.harden.unlearn_rec`: forget users' interactions in a sequential
+  recommender (NegGrad+), checked against retraining from scratch.
 * ``fairness`` -- :mod:`mmsafe.harden.fairness`: group norming (pre), an adversarial fusion
   head (in) and fairlearn group thresholds (post), with a before/after fairness table.
 * ``denoise`` -- :mod:`mmsafe.harden.denoise`: GUIDER-style denoising of a recommender's

@@ -176,6 +176,7 @@ BUILTIN: dict[str, str] = {
     "dp": "mmsafe.harden.dp",
     "dp-clip": "mmsafe.harden.dp_clip",
     "unlearn": "mmsafe.harden.unlearn",
+    "unlearn-rec": "mmsafe.harden.unlearn_rec",
     "fairness": "mmsafe.harden.fairness",
     "denoise": "mmsafe.harden.denoise",
     "safety-tune": "mmsafe.harden.safety_tune",

@@ -869,6 +869,11 @@ class UnlearnHardener(Hardener):
             raise HardenError(
                 f"Unknown unlearning method {self.method!r}; use one of {', '.join(METHODS)}."
             )
+        if getattr(model, "kind", "encoder") == "recommender":
+            raise HardenError(
+                "`mmsafe harden unlearn` forgets rows of a fusion head; to forget users of a "
+                "recommender, use `mmsafe harden unlearn-rec`."
+            )
         super().validate(model, task, data)
         if isinstance(self.forget, str | Path):
             read_forget_ids(self.forget, data)  # a bad line fails before any audit runs

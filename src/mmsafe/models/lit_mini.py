@@ -325,6 +325,18 @@ class LitMini(EncoderModel):
             return self.text.layer_states(batch["input_ids"], batch["attention_mask"])
         raise ModelError(f"{self.name}: bad batch for modality {modality!r}; use preprocess()")
 
+    def tower_blocks(self) -> dict[str, list[nn.Module]]:
+        """The blocks whose outputs :meth:`hidden_states` returns, in order, per tower.
+
+        Image: the MobileNetV2 blocks of ``cfg.image_blocks`` (``features[3]``, ``[6]``,
+        ``[13]``, ``[18]``: inverted-residual stages at strides 4/8/16, the 1x1 head conv).
+        Text: MiniLM's 6 BERT layers. Adaptation reads them (adapter hooks, side-network taps).
+        """
+        return {
+            "image": [self.image.features[b] for b in self.cfg.image_blocks],
+            "text": list(self.text.bert.encoder.layer),
+        }
+
     def train_shadow(self, data: Any, *, seed: int, quick: bool | None = True,
                      size: str | None = None, recipe: Any = None) -> LitMini:  # fmt: skip
         """A lit-mini with fresh heads trained on ``data`` (the frozen towers are shared).

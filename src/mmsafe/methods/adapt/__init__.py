@@ -11,12 +11,14 @@ Objectives (``objective=``):
   (``shapes-rec``): each method gives the item representation (the towers' image and title
   embeddings fused by a linear layer for ``full``/``lora``/``adapter``; the side networks over the
   item's cached hidden states, fused by the inter-modal side network, for ``iisan``/
-  ``iisan-versa``; MOMEF's fused vector for ``momef``), a SASRec reads the histories, and every
+  ``iisan-versa``; MOMEF's fused vector for ``momef`` and ``crossan``), a SASRec reads the
+  histories, and every
   position predicts the next item with a softmax over the batch's unique items. Leave-one-out:
   quality is the test NDCG@10 under full ranking, history excluded
   (:mod:`~mmsafe.methods.adapt.seqrec`).
 
-Methods (``method=``):
+Methods (``method=``; a model's towers are found by :func:`tower_layers`: a model may name its
+blocks with ``tower_blocks()``, as lit-mini does for its MobileNetV2 stages and MiniLM layers):
 
 - ``full``: full fine-tuning of both towers and a linear head over the concatenated embeddings.
 - ``lora``: LoRA (via ``peft``) on every linear and convolution layer of both towers; the towers'
@@ -39,7 +41,15 @@ Methods (``method=``):
 - ``momef``: per-modality side networks fused by a mixture of modality experts, after CROSSAN's
   MOMEF (Fu et al., arXiv 2504.10307). **A reconstruction**: the paper's fusion formula is not
   pinned down (:class:`MOMEFHead`). It takes any number of modalities; :func:`adapt` feeds it
-  image and text, :func:`train_side_head` any cached per-modality features. Classification only.
+  image and text, :func:`train_side_head` any cached per-modality features. Classification and
+  seqrec.
+- ``crossan``: CROSSAN (Fu et al., arXiv 2504.10307) over **any number of frozen towers, from
+  one encoder or several** (``towers=``: the audited model's image and text plus, e.g.,
+  lit-mini's: four towers; :mod:`~mmsafe.methods.adapt.crossan`). One decoupled intra side
+  network per tower, a cross-modal side network that mixes the towers at each aligned tap,
+  and MOMEF over the towers' and the cross-modal states (:class:`CROSSANHead`). **A
+  reconstruction**: the paper gives no equations we could check and no code. Every encoder's
+  hidden states are cached once; training runs no backbone. Classification and seqrec.
 
 For ``retrieval``, ``full``/``lora``/``adapter`` train the towers (or their LoRA factors or
 adapters) with the contrastive loss; ``iisan``/``iisan-versa`` train only the *intra-modal* side
@@ -58,6 +68,7 @@ trainable parameters and the objective's quality metric (:attr:`AdaptReport.accu
 Layout: :mod:`~mmsafe.methods.adapt.options` (methods, objectives, defaults),
 :mod:`~mmsafe.methods.adapt.layers` (tower layers, pooling, taps, inputs),
 :mod:`~mmsafe.methods.adapt.side` (the side networks and their feature cache),
+:mod:`~mmsafe.methods.adapt.crossan` (CROSSAN's towers and their features),
 :mod:`~mmsafe.methods.adapt.modules` (heads over an encoder, adapters),
 :mod:`~mmsafe.methods.adapt.train` (the training loop, :func:`adapt`),
 :mod:`~mmsafe.methods.adapt.seqrec` (the ``seqrec`` objective),
@@ -66,13 +77,24 @@ Layout: :mod:`~mmsafe.methods.adapt.options` (methods, objectives, defaults),
 :mod:`~mmsafe.methods.adapt.command` (``mmsafe adapt``). Import from the package.
 """
 
-from mmsafe.methods.adapt.command import AdaptError, adapt_command, parse_methods
+from mmsafe.methods.adapt.command import (
+    AdaptError,
+    adapt_command,
+    check_supported,
+    parse_methods,
+    unsupported_methods,
+)
 from mmsafe.methods.adapt.compare import (
     compare_methods,
     comparison_table,
     default_methods,
     markdown_table,
     with_tpme,
+)
+from mmsafe.methods.adapt.crossan import (
+    TowerFeatures,
+    crossan_taps,
+    parse_towers,
 )
 from mmsafe.methods.adapt.layers import (
     group_taps,
@@ -101,6 +123,7 @@ from mmsafe.methods.adapt.options import (
     SEQREC_KS,
     SEQREC_METHODS,
     SIDE_METHODS,
+    TOWER_BLOCK_METHODS,
     Method,
     Objective,
 )
@@ -119,6 +142,7 @@ from mmsafe.methods.adapt.seqrec import (
 )
 from mmsafe.methods.adapt.side import (
     SANB,
+    CROSSANHead,
     FeatureCache,
     Gate,
     IISANHead,
@@ -143,9 +167,11 @@ __all__ = [
     "SEQREC_KS",
     "SEQREC_METHODS",
     "SIDE_METHODS",
+    "TOWER_BLOCK_METHODS",
     "AdaptError",
     "AdaptReport",
     "Adapted",
+    "CROSSANHead",
     "BottleneckAdapter",
     "EncoderClassifier",
     "FeatureCache",
@@ -159,11 +185,14 @@ __all__ = [
     "RetrievalEncoder",
     "SeqRecAdapter",
     "SideRetrievalHead",
+    "TowerFeatures",
     "adapt",
     "adapt_command",
     "add_adapters",
+    "check_supported",
     "compare_methods",
     "comparison_table",
+    "crossan_taps",
     "default_methods",
     "group_taps",
     "intra_modal",
@@ -173,6 +202,7 @@ __all__ = [
     "lora_targets",
     "markdown_table",
     "parse_methods",
+    "parse_towers",
     "pool_hidden",
     "preprocess_all",
     "ranking_scores",
@@ -183,6 +213,7 @@ __all__ = [
     "tapped_features",
     "tower_layers",
     "train_side_head",
+    "unsupported_methods",
     "weights_mib",
     "with_tpme",
     "zero_shot_retrieval",

@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mmsafe.methods.adapt.compare import compare_methods, default_methods, markdown_table
-from mmsafe.methods.adapt.options import METHODS, OBJECTIVES, RETRIEVAL_METHODS, SEQREC_METHODS
+from mmsafe.methods.adapt.crossan import check_towers, parse_towers, tower_name
+from mmsafe.methods.adapt.options import (
+    METHODS,
+    OBJECTIVES,
+    RETRIEVAL_METHODS,
+    SEQREC_METHODS,
+    TOWER_BLOCK_METHODS,
+    AdaptError,
+)
 from mmsafe.methods.adapt.report import AdaptReport
-
-
-class AdaptError(ValueError):
-    """``mmsafe adapt`` cannot run as asked (unknown method, data without splits)."""
 
 
 def parse_methods(spec: str | Sequence[str], objective: str = "classification") -> list[str]:
@@ -24,7 +29,7 @@ def parse_methods(spec: str | Sequence[str], objective: str = "classification") 
         >>> parse_methods("iisan,momef", objective="retrieval")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        mmsafe.methods.adapt.command.AdaptError: Method(s) ['momef'] do not support retrieval; ...
+        mmsafe.methods.adapt.options.AdaptError: Method(s) ['momef'] do not support retrieval; ...
     """
     if objective not in OBJECTIVES:
         raise AdaptError(f"Unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}.")
@@ -48,6 +53,50 @@ def parse_methods(spec: str | Sequence[str], objective: str = "classification") 
     return list(dict.fromkeys(methods))
 
 
+def unsupported_methods(model: Any, methods: Sequence[str]) -> dict[str, str]:
+    """``{method: why}`` for the methods that cannot reach ``model``'s towers.
+
+    ``adapter`` and the side methods need the tower blocks (``tower_blocks()`` or a known
+    layout) and ``hidden_states``; ``lora`` needs linear or dense convolution layers in the
+    towers; every method needs an encoder (``kind == "encoder"``).
+
+    Example:
+        >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
+        >>> unsupported_methods(TinyClip(TinyClipConfig.for_size("xs")), list(METHODS))
+        {}
+    """
+    from mmsafe.methods.adapt.layers import lora_targets, tower_layers
+
+    name = str(getattr(model, "name", type(model).__name__))
+    kind = getattr(model, "kind", "encoder")
+    if kind != "encoder":
+        return dict.fromkeys(methods, f"{name} is a {kind}, not a dual encoder")
+    out: dict[str, str] = {}
+    blocks: str | None = None
+    try:
+        tower_layers(model)
+    except AdaptError:
+        blocks = f"{name} names no tower blocks (no tower_blocks() and no known layout)"
+    if blocks is None and not callable(getattr(model, "hidden_states", None)):
+        blocks = f"{name} has no hidden_states"
+    for m in methods:
+        if m in TOWER_BLOCK_METHODS and blocks is not None:
+            out[m] = blocks
+        elif m == "lora" and not lora_targets(model):
+            out[m] = f"{name} has no linear or dense convolution layer in its towers"
+    return out
+
+
+def check_supported(model: Any, methods: Sequence[str]) -> None:
+    """Raise :class:`AdaptError` naming each method ``model`` does not support, and why."""
+    bad = unsupported_methods(model, methods)
+    if bad:
+        why = "; ".join(f"{m}: {r}" for m, r in bad.items())
+        ok = [m for m in methods if m not in bad]
+        hint = f" Methods that can run: {', '.join(ok)}." if ok else ""
+        raise AdaptError(f"Cannot adapt this model with {sorted(bad)} ({why}).{hint}")
+
+
 def adapt_command(
     model: str = "tiny-clip",
     data: str = "shapes",
@@ -61,6 +110,7 @@ def adapt_command(
     out: str | Path | None = None,
     cache_dir: str | Path | None = None,
     quick: bool = False,
+    towers: str | Sequence[str] | None = None,
 ) -> list[AdaptReport]:
     """What ``mmsafe adapt`` runs: load model and data, compare methods, write the results.
 
@@ -71,10 +121,16 @@ def adapt_command(
     are cached (memory-mapped) under ``<cache_dir>/iisan/``. With ``out``, writes
     ``adaptation.json`` and ``adaptation.md`` there.
 
+    ``towers`` (``crossan`` only): ``"MODALITY[@MODEL],..."``, the frozen towers crossan adapts;
+    a tower without ``@MODEL`` is ``model``'s, another model is loaded as ``model`` is (e.g.
+    ``image,text,image@lit-mini,text@lit-mini``: four towers of two encoders). Default: the
+    model's image and text towers.
+
     Raises:
         AdaptError: an unknown method or objective, a method the objective does not support,
             data without ``train`` and ``test`` splits (classification, retrieval), or data
-            that is (seqrec) or is not (the others) recommendation data.
+            that is (seqrec) or is not (the others) recommendation data, ``towers`` without
+            ``crossan``, a bad tower, or a model whose towers a method cannot reach.
         DeviceError: the device is not available.
     """
     from mmsafe.data.loading import load_data
@@ -86,6 +142,11 @@ def adapt_command(
     if objective not in OBJECTIVES:
         raise AdaptError(f"Unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}.")
     chosen = parse_methods(default_methods(objective) if methods is None else methods, objective)
+    tower_spec = None
+    if towers is not None:
+        if "crossan" not in chosen:
+            raise AdaptError("--towers chooses crossan's towers; add crossan to --method.")
+        tower_spec = parse_towers(towers)
     dev = resolve_device(device)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     ds = load_data(data)
@@ -112,6 +173,21 @@ def adapt_command(
             model, data=ds, quick=quick, seed=seed, device=str(dev), cache_dir=cache,
             progress=False,
         )  # fmt: skip
+    check_supported(enc, chosen)
+    tower_map = None
+    if tower_spec is not None:
+        loaded: dict[str, Any] = {}
+        for _, spec in tower_spec:
+            if spec is not None and spec not in loaded:
+                kw = {} if objective == "seqrec" else {"data": ds}
+                loaded[spec] = load_model(spec, quick=quick, seed=seed, device=str(dev),
+                                          cache_dir=cache, progress=False, **kw)  # fmt: skip
+                check_supported(loaded[spec], ["crossan"])
+        tower_map = {
+            tower_name(m, spec): (enc if spec is None else loaded[spec], m)
+            for m, spec in tower_spec
+        }
+        check_towers(tower_map)
     reports = compare_methods(
         enc,
         train,
@@ -123,6 +199,7 @@ def adapt_command(
         seed=seed,
         device=str(dev),
         cache_dir=cache,
+        **({} if tower_map is None else {"towers": tower_map}),
     )
     if out is not None:
         folder = Path(out)
@@ -131,6 +208,7 @@ def adapt_command(
             "model": model,
             "data": data,
             "objective": objective,
+            "towers": None if tower_spec is None else [tower_name(m, t) for m, t in tower_spec],
             "device": str(dev),
             "reports": [r.to_dict() for r in reports],
         }

@@ -44,11 +44,16 @@ def compare_methods(
         test: evaluation rows.
         methods: the methods to compare; ``None``: every method of the objective
             (:data:`METHODS`, or :data:`RETRIEVAL_METHODS` for ``objective="retrieval"``).
-        **kwargs: passed to :func:`adapt` (``objective``, ``epochs``, ``batch_size``, ...).
+        **kwargs: passed to :func:`adapt` (``objective``, ``epochs``, ``batch_size``, ...;
+            ``towers`` to ``crossan`` only).
     """
     if methods is None:
         methods = default_methods(kwargs.get("objective", "classification"))
-    reports = [adapt(model, train, test, m, **kwargs).report for m in methods]
+    others = {k: v for k, v in kwargs.items() if k != "towers"}  # towers: crossan's alone
+    reports = [
+        adapt(model, train, test, m, **(kwargs if m == "crossan" else others)).report
+        for m in methods
+    ]
     return with_tpme(reports)
 
 

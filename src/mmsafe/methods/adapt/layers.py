@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mmsafe.data.dataset import Dataset
-from mmsafe.methods.adapt.options import MODALITIES
+from mmsafe.methods.adapt.options import MODALITIES, AdaptError
 
 # --------------------------------------------------------------------------- tower layers
 
@@ -19,14 +19,23 @@ from mmsafe.methods.adapt.options import MODALITIES
 def tower_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
     """The blocks of each tower whose outputs are the per-layer hidden states.
 
-    Supports tiny-clip (CNN stages, transformer blocks) and Hugging Face CLIP / SigLIP (encoder
-    layers).
+    A model names them itself with a ``tower_blocks()`` method (``{modality: [block]}``, the
+    blocks whose outputs its ``hidden_states`` returns, in order: lit-mini's MobileNetV2 stages
+    and MiniLM layers). Otherwise: tiny-clip (CNN stages, transformer blocks) and Hugging Face
+    CLIP / SigLIP (encoder layers).
+
+    Raises:
+        AdaptError: the model names no tower blocks and has no known layout (a user error:
+            ``mmsafe adapt`` exits 2).
 
     Example:
         >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
         >>> {k: len(v) for k, v in tower_layers(TinyClip(TinyClipConfig.for_size("m"))).items()}
         {'image': 4, 'text': 3}
     """
+    declared = getattr(model, "tower_blocks", None)
+    if callable(declared):
+        return {str(m): list(blocks) for m, blocks in declared().items()}
     inner = getattr(model, "model", None)
     if isinstance(inner, nn.Module) and hasattr(inner, "vision_model"):
         return {
@@ -36,11 +45,18 @@ def tower_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
     image, text = getattr(model, "image", None), getattr(model, "text", None)
     if hasattr(image, "stages") and hasattr(text, "layers"):
         return {"image": list(image.stages), "text": list(text.layers)}
-    raise ValueError(f"Cannot find the tower blocks of a {type(model).__name__}.")
+    raise AdaptError(
+        f"Cannot find the tower blocks of a {type(model).__name__} (it has no tower_blocks() "
+        "and no known layout), so adapters and side networks cannot reach its layers."
+    )
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """Names of the linear and convolution layers inside the towers (LoRA targets).
+    """Names of the linear and dense convolution layers inside the towers (LoRA targets).
+
+    Grouped (depthwise) convolutions are left out: LoRA's low-rank update of a convolution
+    needs ``groups == 1`` (``peft`` refuses a rank not divisible by the groups), and a
+    depthwise filter has too few weights per channel to need one.
 
     Example:
         >>> from mmsafe.models.tiny_clip import TinyClip, TinyClipConfig
@@ -53,7 +69,8 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [
         name
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear | nn.Conv2d) and name.startswith(prefixes)
+        if (isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1))
+        and name.startswith(prefixes)
     ]
 
 
@@ -133,7 +150,7 @@ def _hidden_list(model: Any, modality: str, batch: Any) -> list[Tensor]:
 def _has_layers(model: Any) -> bool:
     try:
         tower_layers(model)
-    except ValueError:
+    except AdaptError:
         return False
     return True
 

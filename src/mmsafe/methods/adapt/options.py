@@ -4,12 +4,23 @@ from __future__ import annotations
 
 from typing import Literal
 
-Method = Literal["full", "lora", "adapter", "iisan", "iisan-versa", "momef"]
-METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa", "momef")
+
+class AdaptError(ValueError):
+    """``mmsafe adapt`` cannot run as asked: a user error (exit 2).
+
+    An unknown method, data without splits, a model whose towers a method cannot reach.
+    """
+
+
+Method = Literal["full", "lora", "adapter", "iisan", "iisan-versa", "momef", "crossan"]
+METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa", "momef", "crossan")
 """The adaptation methods :func:`adapt` implements."""
 
-SIDE_METHODS: tuple[str, ...] = ("iisan", "iisan-versa", "momef")
+SIDE_METHODS: tuple[str, ...] = ("iisan", "iisan-versa", "momef", "crossan")
 """The decoupled methods: frozen backbones, side networks over cached hidden states."""
+
+TOWER_BLOCK_METHODS: tuple[str, ...] = ("adapter", *SIDE_METHODS)
+"""The methods that need a model's tower blocks (``tower_blocks()`` or a known layout)."""
 
 DEFAULT_LR: dict[str, float] = {
     "full": 3e-4,
@@ -18,6 +29,7 @@ DEFAULT_LR: dict[str, float] = {
     "iisan": 2e-3,
     "iisan-versa": 2e-3,
     "momef": 2e-3,
+    "crossan": 2e-3,
 }
 """AdamW learning rate per method (when ``lr`` is not given)."""
 
@@ -30,8 +42,8 @@ OBJECTIVES: tuple[str, ...] = ("classification", "retrieval", "seqrec")
 """The downstream tasks :func:`adapt` trains for."""
 
 RETRIEVAL_METHODS: tuple[str, ...] = ("full", "lora", "adapter", "iisan", "iisan-versa")
-"""The methods that support ``objective="retrieval"`` (MOMEF fuses the modalities into one
-vector, so it is not a dual encoder)."""
+"""The methods that support ``objective="retrieval"`` (MOMEF and CROSSAN fuse the modalities into
+one vector, so they are not dual encoders)."""
 
 RETRIEVAL_KS: tuple[int, ...] = (1, 5)
 """Recall cut-offs :func:`adapt` reports for ``objective="retrieval"``."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from mmsafe.methods.adapt.layers import _batch_of, lora_targets
 from mmsafe.methods.adapt.modules import add_adapters
-from mmsafe.methods.adapt.side import IISANHead, IISANVersaHead, MOMEFHead
+from mmsafe.methods.adapt.side import CROSSANHead, IISANHead, IISANVersaHead, MOMEFHead
 
 
 def weights_mib(module: nn.Module) -> float:
@@ -53,7 +53,9 @@ def tower_module(
     encoder = copy.deepcopy(model).to(dev)
     extra: dict[str, Any] = {}
     adapters = None
-    if method == "lora":
+    if method == "full":  # a model may lock its towers (lit-mini): full fine-tuning unlocks them
+        encoder.requires_grad_(True)
+    elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
         targets = lora_targets(encoder)
@@ -71,8 +73,10 @@ def tower_module(
 
 def side_head(
     method: str, dims: Mapping[str, Sequence[int]], num_classes: int, width: int, bottleneck: int
-) -> IISANHead | MOMEFHead:
+) -> IISANHead | MOMEFHead | CROSSANHead:
     """The side head of an IISAN-family method."""
+    if method == "crossan":
+        return CROSSANHead(dims, num_classes, width=width, bottleneck=bottleneck)
     if method == "iisan":
         return IISANHead(dims, num_classes, width=width, bottleneck=bottleneck)
     if method == "iisan-versa":

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mmsafe.data.dataset import Dataset
+from mmsafe.methods.adapt.crossan import crossan_extra, crossan_weights
 from mmsafe.methods.adapt.layers import (
     _batch_of,
     _tapped_batch,
@@ -203,12 +204,14 @@ def adapt_seqrec(
     groups: int | Mapping[str, int] | None,
     report: Callable[..., AdaptReport],
     config: SeqRecConfig | None = None,
+    towers: Mapping[str, tuple[Any, str]] | None = None,
 ) -> Adapted:
     """Train ``method``'s item representation and a SASRec on ``train``'s users; rank the test.
 
     ``test`` (``None``: ``train``) holds the users to evaluate: each one's whole ``sequence`` is
     the history, its label the target. ``report`` builds the :class:`AdaptReport` (the caller's,
-    so every objective reports alike).
+    so every objective reports alike). ``towers``: crossan's ``{name: (encoder, modality)}``
+    (default: ``model``'s image and text towers).
     """
     from mmsafe.methods.adapt.parts import cache_key, tower_module, weights_mib
     from mmsafe.methods.efficiency import count_parameters, peak_memory
@@ -232,7 +235,28 @@ def adapt_seqrec(
     backbone_ids: set[int] = set()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if method in SIDE_METHODS:
+        if method == "crossan":
+            from mmsafe.methods.adapt.crossan import (
+                TowerFeatures,
+                check_towers,
+                crossan_taps,
+                own_towers,
+            )
+            from mmsafe.methods.adapt.parts import side_head
+
+            spec = dict(towers) if towers else own_towers(model)
+            check_towers(spec)
+            taps = crossan_taps(spec, max_taps, groups)
+            tower_feats = TowerFeatures(
+                spec, catalog, taps, cache=cache, cache_dir=cache_dir, device=dev
+            )
+            backbone = nn.ModuleList(tower_feats.encoders)
+            items = side_head(method, tower_feats.dims(), cfg.hidden, side_width, side_bottleneck)
+            lookup = tower_feats.batch
+            extra.update(taps=taps, cached=cache, side_width=side_width, towers=crossan_extra(spec),
+                         cache_dir=None if cache_dir is None else str(cache_dir),
+                         cache_hit=tower_feats.cache_hit)  # fmt: skip
+        elif method in SIDE_METHODS:
             from mmsafe.methods.adapt.parts import side_head
             from mmsafe.methods.adapt.side import FeatureCache
 
@@ -327,13 +351,17 @@ def adapt_seqrec(
     extra["item_trainable_params"] = count_parameters(items).trainable
     extra["user_model_params"] = count_parameters(net.sasrec).total
     total = counts.total
+    cache_seconds = 0.0 if features is None else features.seconds
     if method in SIDE_METHODS:
         total += count_parameters(backbone).total
         gates = getattr(items, "gates", {})
         extra["gates"] = {s: [round(float(g().detach()), 4) for g in gs] for s, gs in gates.items()}
+    if method == "crossan":
+        cache_seconds = tower_feats.seconds
+        extra.update(crossan_weights(items, lookup, n_items))
     rep = report(
         method, times, losses, peak, counts.trainable, total, metrics,
-        cache_seconds=0.0 if features is None else features.seconds, extra=extra,
+        cache_seconds=cache_seconds, extra=extra,
         backbone_mib=weights_mib(backbone),
     )  # fmt: skip
     return Adapted(net, rep, lambda data: net.scores(sequences_of(data), table))

@@ -1,4 +1,4 @@
-"""Decoupled side networks (IISAN, IISAN-Versa, MOMEF) and the cache of their inputs."""
+"""Decoupled side networks (IISAN, IISAN-Versa, MOMEF, CROSSAN) and the cache of their inputs."""
 
 from __future__ import annotations
 
@@ -73,12 +73,73 @@ def intra_modal(
         >>> intra_modal(p, s["x"], g["x"], [torch.ones(2, 3), torch.ones(2, 5)]).shape
         torch.Size([2, 4])
     """
+    return gated_recurrence(sanb, gates, [pk(f) for pk, f in zip(proj, feats, strict=True)])
+
+
+def gated_recurrence(sanb: nn.ModuleList, gates: nn.ModuleList, xs: Sequence[Tensor]) -> Tensor:
+    """``h = SANB_k(g_k * x_k + (1 - g_k) * h)`` over already projected taps ``xs``, ``h_0 = 0``.
+
+    Example:
+        >>> s, g = side_blocks({"x": 3}, 4, 2)
+        >>> gated_recurrence(s["x"], g["x"], [torch.ones(2, 4)] * 3).shape
+        torch.Size([2, 4])
+    """
     h: Tensor | None = None
-    for pk, sk, gk, f in zip(proj, sanb, gates, feats, strict=True):
-        g, x = gk(), pk(f)
+    for sk, gk, x in zip(sanb, gates, xs, strict=True):
+        g = gk()
         h = sk(g * x if h is None else g * x + (1 - g) * h)
     assert h is not None
     return h
+
+
+def cross_modal(sanb: Sequence[nn.Module], mix: Tensor, xs: Sequence[Sequence[Tensor]]) -> Tensor:
+    """CROSSAN's cross-modal side network over ``M`` towers (reconstruction).
+
+    ``h = SANB_k(h + sum_m a_km * X_m[k])`` from ``h = 0``, with ``a_k = softmax(mix[k])`` a
+    learnable mixture of the towers at tap ``k``. With two towers this is IISAN's inter-modal
+    network (``a_k = (g, 1 - g)``). ``xs[m]`` are tower ``m``'s projected taps, aligned on
+    their last ``len(sanb)`` taps.
+
+    Args:
+        sanb: one SANB per aligned tap.
+        mix: ``(len(sanb), M)`` mixture logits.
+        xs: ``M`` lists of ``(B, width)`` projected taps.
+
+    Example:
+        >>> blocks = [SANB(4, 2), SANB(4, 2)]
+        >>> xs = [[torch.ones(3, 4)] * 2, [torch.zeros(3, 4)] * 3, [torch.ones(3, 4)] * 2]
+        >>> cross_modal(blocks, torch.zeros(2, 3), xs).shape
+        torch.Size([3, 4])
+    """
+    n = len(sanb)
+    aligned = [list(x)[len(x) - n :] for x in xs]
+    weights = torch.softmax(mix, dim=-1)
+    h: Tensor | None = None
+    for k, block in enumerate(sanb):
+        mixed = sum(weights[k, m] * aligned[m][k] for m in range(len(aligned)))
+        assert isinstance(mixed, Tensor)
+        h = block(mixed if h is None else h + mixed)
+    assert h is not None
+    return h
+
+
+def expert_mixture(
+    states: Sequence[Tensor], experts: Sequence[nn.Module], router: nn.Module
+) -> tuple[Tensor, Tensor]:
+    """MOMEF's fusion: ``(sum_e w_e * E_e(h_e), w)`` with ``w = softmax(router([h_1; ...]))``.
+
+    Example:
+        >>> router = nn.Linear(8, 2)
+        >>> nn.init.zeros_(router.weight); nn.init.zeros_(router.bias)  # doctest: +ELLIPSIS
+        Parameter...
+        >>> fused, w = expert_mixture([torch.ones(1, 4), -torch.ones(1, 4)],
+        ...                           [nn.Identity(), nn.Identity()], router)
+        >>> fused.tolist(), w.tolist()
+        ([[0.0, 0.0, 0.0, 0.0]], [[0.5, 0.5]])
+    """
+    w = torch.softmax(router(torch.cat(list(states), dim=-1)), dim=-1)
+    out = torch.stack([e(h) for e, h in zip(experts, states, strict=True)], dim=1)
+    return (w.unsqueeze(-1) * out).sum(dim=1), w
 
 
 class IISANHead(nn.Module):
@@ -280,6 +341,106 @@ class MOMEFHead(nn.Module):
         w = self._weights(states)
         experts = torch.stack([self.experts[m](states[m]) for m in self.modalities], dim=1)
         return self.classifier(self.norm((w.unsqueeze(-1) * experts).sum(dim=1)))
+
+
+def _expert(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+    )
+
+
+class CROSSANHead(nn.Module):
+    r"""CROSSAN over any number of frozen towers (**a reconstruction**).
+
+    CROSSAN (Fu et al., arXiv 2504.10307) adapts more than two multimodal foundation models at
+    once with fully decoupled side adapters, learns across the modalities in a cross-modal side
+    network, and fuses with a Mixture of Modality Expert Fusion (MOMEF). No code is public and
+    the paper leaves the exact equations open, so this reconstruction extends IISAN's side
+    networks from two towers to ``M`` (each tower's taps projected to ``width`` by a LayerNorm +
+    linear map: ``X_m[k]``)::
+
+        h_m = SANB_m[k](g_m[k] * X_m[k] + (1 - g_m[k]) * h_m)      one intra side net per tower
+        h_X = SANB_X[k](h_X + sum_m a_km X_m[k]), a_k = softmax(A[k])   cross-modal side net
+        w   = softmax(W_g LayerNorm([h_1; ...; h_M; h_X]))          MOMEF gate, M + 1 experts
+        out = Linear(LayerNorm(sum_e w_e E_e(h_e)))                 E_e: expert MLP
+
+    The cross-modal network runs over the last ``min_m n_m`` taps of every tower (towers of
+    different depths aligned as IISAN-Versa aligns two). ``A`` and ``W_g`` start at zero:
+    every tower weighs ``1 / M`` in the cross-modal mixture and every expert ``1 / (M + 1)`` in
+    the fusion. With two towers the cross-modal network is IISAN's inter-modal one; what
+    CROSSAN adds over :class:`MOMEFHead` is that network as an expert of its own.
+
+    Args:
+        dims: ``{tower: [D_k]}``: any number of towers (two or more for cross-modal learning),
+            each with any number of taps.
+        num_classes: outputs (classes, or the item width ``H`` for seqrec).
+        width: side-network and expert width.
+        bottleneck: SANB bottleneck.
+
+    Example:
+        >>> dims = {"image": [8, 8], "text": [4, 4, 4], "image@lit-mini": [6, 6]}
+        >>> head = CROSSANHead(dims, 3, width=8)
+        >>> feats = {t: [torch.ones(2, d) for d in ds] for t, ds in dims.items()}
+        >>> head(feats).shape, len(head.side_networks()), len(head.cross)
+        (torch.Size([2, 3]), 3, 2)
+        >>> [round(w, 4) for w in head.gate_weights(feats)[0].tolist()]
+        [0.25, 0.25, 0.25, 0.25]
+    """
+
+    CROSS = "cross-modal"
+    """The name of the cross-modal expert in :attr:`experts_order`."""
+
+    def __init__(
+        self,
+        dims: Mapping[str, Sequence[int]],
+        num_classes: int,
+        width: int = 64,
+        bottleneck: int = 32,
+    ) -> None:
+        super().__init__()
+        if len(dims) < 2 or not all(dims.values()):
+            raise ValueError("CROSSAN needs two or more towers, each with at least one tap.")
+        if self.CROSS in dims:
+            raise ValueError(f"{self.CROSS!r} names CROSSAN's cross-modal expert, not a tower.")
+        self.towers: tuple[str, ...] = tuple(dims)
+        self.experts_order: tuple[str, ...] = (*self.towers, self.CROSS)
+        self.proj = tap_projections(dims, width)
+        self.sanb, self.gates = side_blocks(
+            {m: len(ds) for m, ds in dims.items()}, width, bottleneck
+        )
+        n = min(len(ds) for ds in dims.values())
+        self.cross = nn.ModuleList(SANB(width, bottleneck) for _ in range(n))
+        self.mix = nn.Parameter(torch.zeros(n, len(self.towers)))
+        self.experts = nn.ModuleList(_expert(width) for _ in self.experts_order)
+        e = len(self.experts_order)
+        self.router = nn.Sequential(nn.LayerNorm(e * width), nn.Linear(e * width, e))
+        nn.init.zeros_(self.router[1].weight)
+        nn.init.zeros_(self.router[1].bias)
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Linear(width, num_classes)
+        self.width = width
+
+    def side_networks(self) -> dict[str, nn.ModuleList]:
+        """``{tower: its intra side network's SANBs}`` (one decoupled side network per tower)."""
+        return {m: self.sanb[m] for m in self.towers}
+
+    def states(self, feats: Mapping[str, Sequence[Tensor]]) -> list[Tensor]:
+        """``[h_1, ..., h_M, h_X]``: every tower's side state, then the cross-modal state."""
+        x = {m: [p(f) for p, f in zip(self.proj[m], feats[m], strict=True)] for m in self.towers}
+        own = [gated_recurrence(self.sanb[m], self.gates[m], x[m]) for m in self.towers]
+        return [*own, cross_modal(self.cross, self.mix, [x[m] for m in self.towers])]
+
+    def gate_weights(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:
+        """``(B, M + 1)`` MOMEF expert weights, columns in :attr:`experts_order`."""
+        return expert_mixture(self.states(feats), list(self.experts), self.router)[1]
+
+    def tower_mixture(self) -> Tensor:
+        """``(n, M)`` the cross-modal network's tower weights per aligned tap (rows sum to 1)."""
+        return torch.softmax(self.mix, dim=-1)
+
+    def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:  # noqa: D102
+        fused, _ = expert_mixture(self.states(feats), list(self.experts), self.router)
+        return self.classifier(self.norm(fused))
 
 
 class SideRetrievalHead(nn.Module):

@@ -34,6 +34,7 @@ from mmsafe.methods.adapt.options import (
     RETRIEVAL_METHODS,
     SEQREC_METHODS,
     SIDE_METHODS,
+    AdaptError,
 )
 from mmsafe.methods.adapt.parts import cache_key as _key
 from mmsafe.methods.adapt.parts import side_head as _side_head
@@ -145,16 +146,18 @@ def adapt(
     max_taps: int = 6,
     groups: int | Mapping[str, int] | None = None,
     threads: int | None = 1,
+    towers: Mapping[str, tuple[Any, str]] | None = None,
 ) -> Adapted:
     """Adapt ``model`` to ``objective`` on ``train`` and evaluate on ``test``.
 
     ``model`` itself is never modified: ``full``, ``lora`` and ``adapter`` train a deep copy;
-    ``iisan``, ``iisan-versa`` and ``momef`` only read the model's hidden states without
-    gradient, in eval mode.
+    ``iisan``, ``iisan-versa``, ``momef`` and ``crossan`` only read the model's hidden states
+    without gradient, in eval mode.
 
     Args:
         model: an :class:`~mmsafe.models.base.EncoderModel` with image and text towers that
-            expose ``hidden_states`` (tiny-clip, Hugging Face CLIP).
+            expose ``hidden_states`` (tiny-clip, lit-mini, Hugging Face CLIP; another model
+            names its blocks with ``tower_blocks()``).
         train: rows to train on. Classification drops rows labelled ``-1``; retrieval uses
             every (image, caption) pair (it needs no label).
         test: rows to evaluate, filtered the same way. Retrieval ranks every test caption for
@@ -183,13 +186,18 @@ def adapt(
         side_bottleneck: SANB bottleneck.
         max_taps: side methods: at most this many tapped layers per tower (the default group
             count, capped by the shallower tower's depth).
-        groups: ``iisan-versa`` and ``momef``: the group layer-dropping count, one for every
-            tower or ``{"image": G_I, "text": G_T}`` (:func:`group_taps`); ``None`` uses
+        groups: ``iisan-versa``, ``momef`` and ``crossan``: the group layer-dropping count, one
+            for every tower or ``{"image": G_I, "text": G_T}`` (crossan: ``{tower: G}``;
+            :func:`group_taps`); ``None`` uses
             ``min(max_taps, depth of each tower)`` as ``iisan`` does. Other methods ignore it
             (as they ignore ``lora_r``), so :func:`compare_methods` can pass it to all.
         threads: torch intra-op threads while adapting (restored afterwards); ``None`` leaves
             torch's setting. One by default: these small models gain little from more, and on a
             busy CPU an oversubscribed thread pool made the same epoch 5-20x slower (measured).
+        towers: ``crossan`` only: ``{name: (encoder, modality)}``, the frozen towers to adapt,
+            from ``model`` and other encoders (:mod:`~mmsafe.methods.adapt.crossan`); ``None``:
+            ``model``'s image and text towers. Classification reads the towers' features of the
+            same rows of ``train`` and ``test``, so every encoder must take those rows.
 
     Returns:
         The trained classifier (classification) or retrieval encoder (retrieval: see
@@ -197,6 +205,8 @@ def adapt(
 
     Raises:
         ValueError: an unknown method or objective, ``momef`` with retrieval, or no rows.
+        AdaptError: ``towers`` with a method other than ``crossan``, or a model whose tower
+            blocks a method cannot reach (a :class:`ValueError` too).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}.")
@@ -211,13 +221,15 @@ def adapt(
         raise ValueError(f"method {method!r} does not support seqrec.")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"Need epochs >= 1 and batch_size >= 1, got {epochs}, {batch_size}.")
+    if towers is not None and method != "crossan":
+        raise AdaptError(f"towers are crossan's; method {method!r} adapts the model's own.")
     with _threads(threads):
         return _adapt(
             model, train, test, method, objective=objective, epochs=epochs,
             batch_size=batch_size, lr=lr, seed=seed, device=device, cache=cache,
             cache_dir=cache_dir, lora_r=lora_r, adapter_bottleneck=adapter_bottleneck,
             side_width=side_width, side_bottleneck=side_bottleneck, max_taps=max_taps,
-            groups=groups,
+            groups=groups, towers=towers,
         )  # fmt: skip
 
 
@@ -354,6 +366,7 @@ def _adapt(
     side_bottleneck: int,
     max_taps: int,
     groups: int | Mapping[str, int] | None,
+    towers: Mapping[str, tuple[Any, str]] | None = None,
 ) -> Adapted:
     lr = DEFAULT_LR[method] if lr is None else lr
     dev = torch.device(device)
@@ -368,9 +381,15 @@ def _adapt(
             dev=dev, cache=cache, cache_dir=cache_dir, lora_r=lora_r,
             adapter_bottleneck=adapter_bottleneck, side_width=side_width,
             side_bottleneck=side_bottleneck, max_taps=max_taps, groups=groups,
-            report=seqrec_report,
+            report=seqrec_report, towers=towers,
         )  # fmt: skip
     task = _Task.of(objective, train, test)
+    if method == "crossan":
+        return _adapt_crossan(
+            model, task, towers, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+            dev=dev, cache=cache, cache_dir=cache_dir, width=side_width,
+            bottleneck=side_bottleneck, max_taps=max_taps, groups=groups,
+        )  # fmt: skip
     inputs = preprocess_all(model, task.train)
     test_inputs = preprocess_all(model, task.test)
     if method in SIDE_METHODS:
@@ -526,6 +545,83 @@ def _adapt_side(
         backbone_mib=weights_mib(model),
     )  # fmt: skip
     return _adapted(head, report, task, lambda data: outputs_of(preprocess_all(model, data)))
+
+
+def _adapt_crossan(
+    model: Any,
+    task: _Task,
+    towers: Mapping[str, tuple[Any, str]] | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    dev: torch.device,
+    cache: bool,
+    cache_dir: str | Path | None,
+    width: int,
+    bottleneck: int,
+    max_taps: int,
+    groups: int | Mapping[str, int] | None,
+) -> Adapted:
+    """CROSSAN for classification: the towers' features of the train rows (cached) and test."""
+    from mmsafe.methods.adapt.crossan import (
+        TowerFeatures,
+        check_towers,
+        crossan_extra,
+        crossan_taps,
+        crossan_weights,
+        own_towers,
+    )
+
+    if task.retrieval:
+        raise AdaptError("crossan fuses the towers into one vector: it does not do retrieval.")
+    spec = dict(towers) if towers else own_towers(model)
+    check_towers(spec)
+    taps = crossan_taps(spec, max_taps, groups)
+    train_feats = TowerFeatures(
+        spec, task.train, taps, cache=cache, cache_dir=cache_dir, device=dev
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = _side_head("crossan", train_feats.dims(), task.num_classes, width, bottleneck)
+        head = head.to(dev)
+
+    def forward(idx: Tensor) -> Any:
+        return head(train_feats.batch(idx))
+
+    params = list(head.parameters())
+    (times, losses), peak = peak_memory(
+        lambda: _train(
+            task.loss(forward, head, dev), params, len(task.train), epochs=epochs,
+            batch_size=batch_size, lr=lr, seed=seed, set_train=head.train,
+        ),
+        dev,
+    )  # fmt: skip
+
+    def outputs_of(data: Dataset) -> Tensor:
+        feats = TowerFeatures(spec, data, taps, cache=True, cache_dir=None, device=dev)
+        return task.outputs(head, lambda idx: head(feats.batch(idx)), len(data))
+
+    test_feats = TowerFeatures(spec, task.test, taps, cache=True, cache_dir=None, device=dev)
+    metrics = task.metrics(task.outputs(head, lambda i: head(test_feats.batch(i)), len(task.test)))
+    backbone = nn.ModuleList(train_feats.encoders)
+    extra: dict[str, Any] = {
+        "taps": taps,
+        "towers": crossan_extra(spec),
+        "cached": cache,
+        "cache_dir": None if cache_dir is None else str(cache_dir),
+        "side_width": width,
+        "gates": {s: [round(float(g().detach()), 4) for g in gs] for s, gs in head.gates.items()},
+        **crossan_weights(head, test_feats.batch, len(task.test)),
+    }
+    counts = count_parameters(head)
+    report = _report(
+        "crossan", task, times, losses, peak, counts.trainable,
+        count_parameters(backbone).total + counts.total, metrics,
+        cache_seconds=train_feats.seconds, extra=extra, backbone_mib=weights_mib(backbone),
+    )  # fmt: skip
+    return _adapted(head, report, task, outputs_of)
 
 
 def train_side_head(
