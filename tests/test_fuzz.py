@@ -31,7 +31,7 @@ from mmsafe.data.worlds.shapes import parse_world_spec
 from mmsafe.data.worlds.shapes_gen import parse_shapes_gen_spec
 from mmsafe.data.worlds.shapes_rec import parse_shapes_rec_spec
 from mmsafe.data.worlds.shapes_vqa import parse_shapes_vqa_spec
-from mmsafe.data.worlds.spec import knob_types
+from mmsafe.data.worlds.spec import MAX_LAZY_ROWS, knob_types
 from mmsafe.report.compare import CardFormatError, Delta, compare_cards
 from mmsafe.report.gates import Gate, GateOutcome, GateSyntaxError, evaluate_gates, parse_gate
 
@@ -156,6 +156,7 @@ world_specs = st.builds(
 @given(world_specs)
 @example("shapes:n=" + "1" * 400)  # was OverflowError (n * train_frac), exit 3
 @example("shapes-rec:seed=" + "1" * 400)  # was OverflowError (math.isfinite of a huge int)
+@example("shapes:n=100000000000")  # was a MemoryError (745 GiB), exit 3
 def test_fuzz_world_spec(spec: str) -> None:
     name = spec.strip().partition(":")[0].strip()
     try:
@@ -163,6 +164,9 @@ def test_fuzz_world_spec(spec: str) -> None:
             config = PARSERS[name](spec)  # validates every knob; generates nothing
             assert is_world_spec(spec)
             assert all(abs(v) < 10**18 for v in vars(config).values() if isinstance(v, int))
+            # a valid spec never asks for more rows than a generated world holds
+            sizes = [getattr(config, k, 0) for k in ("n", "n_users", "n_images", "n_scenes")]
+            assert max(sizes) <= MAX_LAZY_ROWS
         elif name not in WORLDS:
             load_world(spec)  # an unknown world fails before any generation
             raise AssertionError(f"load_world accepted an unknown world: {spec!r}")

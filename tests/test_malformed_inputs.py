@@ -268,6 +268,14 @@ CASES: dict[str, tuple[Builder, tuple[str, ...]]] = {
         lambda t: _text_rows(t, {"id": "a", "text": "t", "split": ["train"]}),
         (ROW1, "field 'split'", "split must be a string"),
     ),
+    "nul_byte_in_text": (
+        lambda t: _raw(t, "m.csv", b"id,text,label\na,hello\x00world,x\nb,ok,y\n"),
+        (ROW1, "field 'text'", "NUL byte"),
+    ),
+    "split_near_miss": (
+        lambda t: _text_rows(t, {"id": "a", "text": "t", "split": "Test"}),
+        (ROW1, "field 'split'", "unknown split 'Test': did you mean 'test'?"),
+    ),
     "no_modality_column": (
         lambda t: _text_rows(t, {"id": "a", "caption": "t"}),
         ("no modality column", "image, text"),
@@ -338,6 +346,10 @@ CASES: dict[str, tuple[Builder, tuple[str, ...]]] = {
     "world_knob_400_digits": (  # was an OverflowError: exit 3
         lambda t: ["--data", "shapes:n=" + "1" * 400],
         ("Knob 'n' is out of range",),
+    ),
+    "world_too_large": (  # was a MemoryError for shapes (745 GiB): exit 3
+        lambda t: ["--data", "shapes-rec:n_users=5000000"],
+        ("n_users=5000000 is more than 1,000,000 rows", "use a manifest"),
     ),
     "world_knob_malformed_pair": (
         lambda t: ["--data", "shapes:n"],

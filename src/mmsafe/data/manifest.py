@@ -224,6 +224,11 @@ def _load_text(value: Any, manifest_dir: Path) -> str:
         raise InvalidValue(f"wrong type: text must be a string, got {_json_type(value)}")
     if not value.strip():
         raise InvalidValue("empty text")
+    if "\x00" in value:
+        raise InvalidValue(
+            "the text holds a NUL byte: the file is binary or in another encoding (UTF-16?); "
+            "save the manifest as UTF-8 text"
+        )
     return value
 
 
@@ -487,15 +492,38 @@ def _parse_label_token(value: Any, from_csv: bool) -> str | int | None:
     return text
 
 
+SPLIT_NAMES: tuple[str, ...] = ("train", "calibration", "test")
+"""The split names mmsafe reads (fitting, calibration, evaluation). Other names are kept but
+unused; a near miss of one of these (``Train``, ``tset``, ``calib``) is an error."""
+
+
 def _parse_tag(value: Any, name: str) -> str:
-    """A ``group`` or ``split`` cell: a string (integers are accepted and turned into strings)."""
+    """A ``group`` or ``split`` cell: a string (integers are accepted and turned into strings).
+
+    Example:
+        >>> _parse_tag(" train ", "split"), _parse_tag("holdout", "split")
+        ('train', 'holdout')
+        >>> _parse_tag("Test", "split")
+        Traceback (most recent call last):
+        ...
+        mmsafe.data.manifest.InvalidValue: unknown split 'Test': did you mean 'test'? ...
+    """
     if value is None:
         return ""
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
         raise InvalidValue(f"wrong type: {name} must be a string, got {_json_type(value)}")
-    return value.strip()
+    text = value.strip()
+    if name == "split" and text and text not in SPLIT_NAMES:
+        near = [s for s in SPLIT_NAMES if text.lower() in (s, s[:5])]
+        near = near or difflib.get_close_matches(text.lower(), SPLIT_NAMES, n=1, cutoff=0.75)
+        if near:
+            raise InvalidValue(
+                f"unknown split {text!r}: did you mean {near[0]!r}? mmsafe reads the splits "
+                f"{', '.join(SPLIT_NAMES)} (lower case); a row in any other split is not used"
+            )
+    return text
 
 
 def _parse_meta(value: Any, from_csv: bool) -> dict[str, Any]:

@@ -60,7 +60,14 @@ import numpy as np
 
 from mmsafe.data.columns import LazyColumn
 from mmsafe.data.dataset import UNLABELLED, Dataset
-from mmsafe.data.worlds.spec import MAX_INT_KNOB, WorldSpecError, knob_types, parse_knobs
+from mmsafe.data.worlds.spec import (
+    MAX_INT_KNOB,
+    MAX_LAZY_ROWS,
+    WorldSpecError,
+    knob_types,
+    parse_knobs,
+    size_problem,
+)
 from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 WORLD_NAME = "shapes"
@@ -248,6 +255,9 @@ def _validate(c: ShapesConfig) -> list[str]:
         problems.append("train_frac and calibration_frac must be in (0, 1)")
     elif c.train_frac + c.calibration_frac >= 1:
         problems.append("train_frac + calibration_frac must be < 1 (the rest is the test split)")
+    if problems:
+        return problems
+    problems += size_problem("n", c.n, MAX_LAZY_ROWS)
     if problems:
         return problems
     n_train, n_cal, n_test = c.split_sizes()

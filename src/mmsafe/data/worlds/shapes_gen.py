@@ -46,7 +46,14 @@ import numpy as np
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds.shapes import COLOURS as _ALL_COLOURS
 from mmsafe.data.worlds.shapes import shape_coverage
-from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs, type_problems
+from mmsafe.data.worlds.spec import (
+    MAX_EAGER_ROWS,
+    WorldSpecError,
+    knob_types,
+    parse_knobs,
+    size_problem,
+    type_problems,
+)
 from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 WORLD_NAME = "shapes-gen"
@@ -155,6 +162,7 @@ def _validate(c: ShapesGenConfig) -> list[str]:
         problems.append(f"seed={c.seed} must be >= 0")
     if c.n_images < 1:
         problems.append(f"n_images={c.n_images} must be >= 1")
+    problems += size_problem("n_images", c.n_images, MAX_EAGER_ROWS)
     if not 16 <= c.image_size <= 256:
         problems.append(f"image_size={c.image_size} must be in [16, 256]")
     if not 0 <= c.dup <= len(DUP_TAGS):

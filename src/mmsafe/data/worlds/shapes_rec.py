@@ -45,7 +45,14 @@ import numpy as np
 
 from mmsafe.data.dataset import Dataset
 from mmsafe.data.worlds.shapes import CLASSES, COLOURS, make_shapes
-from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs, type_problems
+from mmsafe.data.worlds.spec import (
+    MAX_EAGER_ROWS,
+    WorldSpecError,
+    knob_types,
+    parse_knobs,
+    size_problem,
+    type_problems,
+)
 from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 __all__ = [
@@ -164,6 +171,7 @@ def _validate(c: ShapesRecConfig) -> list[str]:
         problems.append(f"n_items={c.n_items} must be in [10, 100000]")
     if c.n_users < 1:
         problems.append(f"n_users={c.n_users} must be >= 1")
+    problems += size_problem("n_users", c.n_users, MAX_EAGER_ROWS)
     if c.min_len < 3:
         problems.append(f"min_len={c.min_len} must be >= 3 (a label and a sequence of >= 2)")
     if c.max_len < c.min_len:

@@ -49,7 +49,14 @@ import numpy as np
 
 from mmsafe.data.dataset import UNLABELLED, Dataset
 from mmsafe.data.worlds.shapes import COLOURS, shape_coverage
-from mmsafe.data.worlds.spec import WorldSpecError, knob_types, parse_knobs, type_problems
+from mmsafe.data.worlds.spec import (
+    MAX_EAGER_ROWS,
+    WorldSpecError,
+    knob_types,
+    parse_knobs,
+    size_problem,
+    type_problems,
+)
 from mmsafe.data.worlds.spec import knob_help as _knob_help
 
 WORLD_NAME = "shapes-vqa"
@@ -151,6 +158,7 @@ def _validate(c: ShapesVQAConfig) -> list[str]:
         problems.append(f"seed={c.seed} must be >= 0")
     if c.n_scenes < 1:
         problems.append(f"n_scenes={c.n_scenes} must be >= 1")
+    problems += size_problem("n_scenes", c.n_scenes, MAX_EAGER_ROWS)
     if not 24 <= c.image_size <= 256:
         problems.append(f"image_size={c.image_size} must be in [24, 256]")
     if not 1 <= c.max_objects <= len(QUADRANTS):

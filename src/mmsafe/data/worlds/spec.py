@@ -26,6 +26,24 @@ T = TypeVar("T")
 MAX_INT_KNOB = 10**18 - 1
 """The largest magnitude an integer knob may have in a spec string (fits an int64)."""
 
+MAX_EAGER_ROWS = 1_000_000
+"""The most rows (images, scenes, users) a world rendered whole in memory may have."""
+MAX_LAZY_ROWS = 10_000_000
+"""The most rows of a ``shapes`` world (rendered on demand; its metadata is ~300 bytes a row)."""
+
+
+def size_problem(name: str, value: int, limit: int) -> list[str]:
+    """``[why]`` when a world's row count ``value`` exceeds ``limit``, else ``[]``.
+
+    Example:
+        >>> size_problem("n_users", 10**9, MAX_EAGER_ROWS)  # doctest: +ELLIPSIS
+        ['n_users=1000000000 is more than 1,000,000 rows, ... use a manifest (--data <file>) for larger data']
+    """
+    if value <= limit:
+        return []
+    return [f"{name}={value} is more than {limit:,} rows, more than this generated world holds "
+            "in memory; use a manifest (--data <file>) for larger data"]  # fmt: skip
+
 
 def knob_types(config: type) -> dict[str, type]:
     """``{knob: int | float}`` of a config dataclass whose fields are ints and floats."""
