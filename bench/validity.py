@@ -18,7 +18,9 @@ ground-truth part of the spurious rule is the one of its test):
   ranked first, and >= 80% of that slice's rows share one (class, background) combination that is
   a rare one (``spurious_aligned`` False) -- tests/test_slices.py:257-277. Control:
   ``spurious=0``, with its own tiny-clip (the flaw lives in the training split); same rule.
-* ``label_noise``: no registered check detects label noise; reported as such, never run.
+* ``label_noise`` -> ``monitoring.label_noise``. Detected / false alarm: a finding (the flagged
+  share's CI lower bound above the check's 3%). Control ``label_noise=0``, audited with the
+  flawed world's model (the check fits its own probability model on the frozen embeddings).
 * ``ood`` -> ``monitoring.ood``. Detected: no "hard to tell apart" finding, i.e. headline AUROC
   >= the check's ``auroc_threshold`` (0.8). Control ``ood=0``: the check skips (no OOD rows), so
   false alarms are not applicable. Also recorded: the test's weaker rule, energy AUROC CI above
@@ -71,7 +73,7 @@ from mmsafe.tasks.base import TemperatureScaledTask
 BASE = "shapes:n=900"
 FLAWS: dict[str, str] = {  # flaw -> check
     "spurious": "monitoring.slices",
-    "label_noise": "(none)",
+    "label_noise": "monitoring.label_noise",
     "ood": "monitoring.ood",
     "defects": "monitoring.anomaly",
     "duplicates": "controllability.privacy",
@@ -185,6 +187,19 @@ def duplicates_rule(model: Any, data: Dataset, engine: Engine) -> Outcome:
     }
 
 
+def label_noise_rule(model: Any, data: Dataset, engine: Engine) -> Outcome:
+    """A finding: the flagged share's CI lower bound above the check's medium share."""
+    result = audit(model, data, "monitoring.label_noise", engine)
+    if (out := skipped(result)) is not None:
+        return out
+    return {
+        "flag": bool(result.findings),
+        "status": "ok",
+        "flagged_share": round(result.metrics["flagged_share"].value, 4),
+        "estimated_noise_rate": round(result.metrics["estimated_noise_rate"].value, 4),
+    }
+
+
 def modality_rule(model: Any, data: Dataset, engine: Engine, flawed: bool) -> Outcome:
     """Flawed: a medium/high "Over-reliance on text" finding; control: any "Over-reliance"."""
     result = audit(model, data, "robustness.modality", engine, task="fusion")
@@ -238,6 +253,10 @@ def run_world(seed: int, flaws: list[str]) -> dict[str, dict[str, Outcome]]:
         "spurious": (
             lambda: spurious_rule(model, base, engine),
             lambda: _spurious_control(seed),
+        ),
+        "label_noise": (
+            lambda: label_noise_rule(model, base, engine),
+            lambda: label_noise_rule(model, world(seed, "label_noise=0"), engine),
         ),
         "ood": (
             lambda: ood_rule(model, base, engine),
@@ -293,9 +312,6 @@ def table(results: dict[int, dict[str, Any]], flaws: list[str], seconds: float) 
         "|---|---|---|---|---|",
     ]
     for flaw in flaws:
-        if flaw == "label_noise":
-            lines.append("| (none registered) | label_noise | no check | no check | - |")
-            continue
         flawed = [r["flaws"][flaw]["flawed"] for r in results.values()]
         control = [r["flaws"][flaw]["control"] for r in results.values()]
         lines.append(

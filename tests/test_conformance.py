@@ -59,6 +59,7 @@ CHEAP = {
     "monitoring.conformal": {"n_boot": 50, "shifts": ["gaussian_noise"]},
     "monitoring.ood": {"n_boot": 50},
     "monitoring.slices": {"n_slices": 4},
+    "monitoring.label_noise": {"n_boot": 50, "folds": 3},
     "monitoring.uncertainty": {"n_passes": 2, "n_boot": 50},
     "controllability.explain": {"max_rows": 24, "ig_rows": 2, "ig_steps": 4, "deletion_steps": 4,
                                 "random_orders": 1, "gallery": 1, "text_rows": 2, "text_steps": 4,

@@ -32,6 +32,7 @@ from mmsafe.checks.monitoring.anomaly import AnomalyCheck
 from mmsafe.checks.monitoring.calibration import CalibrationCheck
 from mmsafe.checks.monitoring.cold_start import ColdStartCheck
 from mmsafe.checks.monitoring.conformal import ConformalCheck
+from mmsafe.checks.monitoring.label_noise import LabelNoiseCheck
 from mmsafe.checks.monitoring.ood import OODCheck
 from mmsafe.checks.monitoring.slices import SlicesCheck
 from mmsafe.checks.monitoring.uncertainty import UncertaintyCheck
@@ -80,6 +81,7 @@ __all__ = [
     "HallucinationCheck",
     "JailbreakCheck",
     "JudgeCheck",
+    "LabelNoiseCheck",
     "Metric",
     "ItemPromotionCheck",
     "ModalityCheck",
