@@ -2,12 +2,14 @@
 
 :class:`DenoiseHardener` flags the training interactions its content model calls noisy
 (:func:`mmsafe.methods.denoise.clean_probabilities`), then retrains the recommender afresh on
-the same histories with the flagged interactions filtered out and the others weighted by their
-clean probability: a weighted full softmax by default, or the denoised BPR loss
+the same histories with the flagged interactions imputed (replaced by their topic's most
+clicked item; or filtered out, ``flagged="drop"``) and the others weighted by their clean
+probability: a weighted full softmax by default, or the denoised BPR loss
 (:func:`~mmsafe.methods.denoise.dbpr_loss`, ``loss="dbpr"``), plus an optional OT-guided
 distillation term (:func:`~mmsafe.methods.denoise.ot_distillation_loss`, ``ot_weight``). With
-``clean_histories`` the after-audit also scores the users' histories without their flagged
-interactions. The defaults are what measured best on shapes-rec (``docs/denoise.md``)::
+``clean_histories`` the after-audit also scores the users' histories with their flagged
+interactions imputed or left out, as in training. The defaults are what measured best on
+shapes-rec (``docs/denoise.md``)::
 
     from mmsafe.harden.denoise import DenoiseHardener
     from mmsafe.harden.flow import harden
@@ -53,12 +55,22 @@ __all__ = ["DenoiseHardener", "DenoisedHistoryTask", "fit_denoised", "noise_reco
 class DenoisedHistoryTask(SeqRecTask):
     """``seqrec`` over histories with the flagged interactions left out (users by id).
 
-    Users the flags do not know are scored on their histories as they are.
+    With ``substitutes`` (per user, an item per position), a flagged interaction is replaced
+    by its substitute instead of left out. Users the flags do not know are scored on their
+    histories as they are.
     """
 
-    def __init__(self, flagged: Mapping[str, np.ndarray], batch_size: int = 512) -> None:
+    def __init__(
+        self,
+        flagged: Mapping[str, np.ndarray],
+        batch_size: int = 512,
+        substitutes: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         super().__init__(batch_size=batch_size)
         self.flagged = {k: np.asarray(v, dtype=bool) for k, v in flagged.items()}
+        self.substitutes: dict[str, np.ndarray] | None = None
+        if substitutes is not None:
+            self.substitutes = {k: np.asarray(v, dtype=np.int64) for k, v in substitutes.items()}
 
     def params(self) -> dict[str, Any]:  # noqa: D102
         n = int(sum(int(v.sum()) for v in self.flagged.values()))
@@ -66,17 +78,36 @@ class DenoisedHistoryTask(SeqRecTask):
 
     def outputs(self, embeddings: dict[str, Any], data: Dataset) -> Any:  # noqa: D102
         self.check_data(data)
-        seqs = _filtered(data, self.flagged)
+        seqs = _filtered(data, self.flagged, self.substitutes)
         return _score(self, data, seqs)
 
 
-def _filtered(data: Dataset, flagged: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def _filtered(
+    data: Dataset,
+    flagged: Mapping[str, np.ndarray],
+    substitutes: Mapping[str, np.ndarray] | None = None,
+) -> list[np.ndarray]:
     out = []
     for uid, s in zip(data.ids, data.modalities["sequence"], strict=True):
         s = np.asarray(s, dtype=np.int64)
         f = flagged.get(uid)
-        out.append(s[~f] if f is not None and len(f) == len(s) and (~f).any() else s)
+        sub = None if substitutes is None else substitutes.get(uid)
+        if f is None or len(f) != len(s):
+            out.append(s)
+        elif sub is not None and len(sub) == len(s):
+            out.append(np.where(f, sub, s))
+        else:
+            out.append(s[~f] if (~f).any() else s)
     return out
+
+
+def _by_user(self: DenoiseHardener) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+    """The flags, and the substitutes when flagged interactions are imputed, by user id."""
+    assert self.flagged_ is not None
+    flags = dict(zip(self.ids_, self.flagged_, strict=True))
+    if self.flagged != "impute" or self.substitutes_ is None:
+        return flags, None
+    return flags, dict(zip(self.ids_, self.substitutes_, strict=True))
 
 
 def _score(task: SeqRecTask, data: Dataset, seqs: list[np.ndarray]) -> Any:
@@ -107,29 +138,46 @@ def fit_denoised(
     negatives: int = 64,
     ot_weight: float = 0.1,
     ot_sample: int = 256,
+    flagged: str = "drop",
+    substitutes: Sequence[np.ndarray] | None = None,
+    imputed_weight: float = 1.0,
 ) -> dict[str, Any]:
     """Train ``model`` on the full ``sequences`` less their last item, denoised by ``clean``.
 
-    Interactions whose clean probability is below ``threshold`` are filtered out of the
-    training sequences (as inputs and as targets); the others weigh their clean probability in
-    the loss: ``dbpr`` (:func:`~mmsafe.methods.denoise.dbpr_loss`, ``negatives`` uniformly
-    sampled items that occur in training) or ``softmax`` (the weighted full softmax of
-    :func:`mmsafe.models.seqrec.fit_seqrec`), plus ``ot_weight`` times the OT distillation term
-    between the states and their targets' content representations (on ``ot_sample`` positions
-    of each batch: mini-batch OT). Each history's last item is the validation target (after
-    the filtered history) and picks the best epoch by NDCG@10, as in
+    Interactions whose clean probability is below ``threshold`` are, by ``flagged``: ``drop``,
+    filtered out of the training sequences (as inputs and as targets); ``weight``, kept and
+    weighted like the others; ``impute``, replaced by their ``substitutes`` (the item a misclick
+    most likely replaced), weighing ``imputed_weight`` as targets (0: inputs only). The others
+    weigh their clean probability in the loss: ``dbpr`` (:func:`~mmsafe.methods.denoise.dbpr_loss`,
+    ``negatives`` uniformly sampled items that occur in training) or ``softmax`` (the weighted
+    full softmax of :func:`mmsafe.models.seqrec.fit_seqrec`), plus ``ot_weight`` times the OT
+    distillation term between the states and their targets' content representations (on
+    ``ot_sample`` positions of each batch: mini-batch OT). Each history's last item is the
+    validation target (after the denoised history) and picks the best epoch by NDCG@10, as in
     :func:`~mmsafe.models.seqrec.fit_seqrec`.
     """
     from mmsafe.models.seqrec import ModelError, pad_histories, validation_ndcg
 
     if loss not in ("dbpr", "softmax"):
         raise HardenError(f"--loss must be dbpr or softmax, not {loss!r}")
+    if flagged not in ("drop", "weight", "impute"):
+        raise HardenError(f"--flagged must be drop, weight or impute, not {flagged!r}")
+    if flagged == "impute" and substitutes is None:
+        raise HardenError("--flagged impute needs substitutes (the topic HMM's: --states > 0)")
     seqs, weights, val_targets = [], [], []
-    for s, p in zip(sequences, clean, strict=True):
+    for i, (s, p) in enumerate(zip(sequences, clean, strict=True)):
         s, p = np.asarray(s, dtype=np.int64), np.asarray(p, dtype=np.float64)
-        keep = p[:-1] >= threshold
-        seqs.append(s[:-1][keep])
-        weights.append(p[:-1][keep])
+        low = p[:-1] < threshold
+        if flagged == "drop":
+            seqs.append(s[:-1][~low])
+            weights.append(p[:-1][~low])
+        elif flagged == "weight":
+            seqs.append(s[:-1])
+            weights.append(p[:-1])
+        else:
+            assert substitutes is not None
+            seqs.append(np.where(low, np.asarray(substitutes[i])[:-1], s[:-1]))
+            weights.append(np.where(low, imputed_weight, p[:-1]))
         val_targets.append(s[-1])
     val = np.asarray(val_targets, dtype=np.int64)
     usable = [i for i, s in enumerate(seqs) if len(s) >= 2]
@@ -227,16 +275,26 @@ class DenoiseHardener(Hardener):
     """GUIDER-style denoising: flag misclicks from item content, retrain on the rest.
 
     Each interaction of each user's history gets a clean probability from the items' content
-    (re-calibration: a content transition model and the user's own taste against a uniform
-    misclick, its noise share fitted by EM); those below ``threshold`` are flagged and filtered
-    out, the rest weighted, and the recommender is retrained from scratch on the same histories
-    with the flags as weights (optionally DBPR and OT-guided distillation).
+    (re-calibration: the item similarity is re-calibrated by co-occurrence and by the items'
+    sequence neighbours; an item-level transition model and a topic HMM each weigh a clean
+    click against a uniform misclick, their noise shares fitted by EM); those below the
+    threshold are flagged and filtered out, the rest weighted, and the recommender is retrained
+    from scratch on the same histories with the flags as weights (optionally DBPR and
+    OT-guided distillation).
 
     Args:
-        threshold: interactions whose clean probability is below it are flagged noisy.
+        threshold: interactions whose clean probability is below it are flagged noisy; 0 (the
+            default) takes the threshold that maximises the F1 expected under the posteriors
+            themselves (:func:`~mmsafe.methods.denoise.expected_f1_threshold`), no label read.
         k: content neighbours pooled per item (about a topic's size).
         follow: weight of the content transition against the user's taste in the clean model.
         calibrate: weight of the co-occurrence similarity in the re-calibrated item similarity.
+        transitions: weight of the sequence-neighbour profiles in the item similarity.
+        states: topics of the HMM (0 switches it off: the item-level model alone).
+        flagged: what retraining does with a flagged interaction: impute (the default: replace
+            it by the most clicked item of the topic the HMM puts it in), drop (filter it out)
+            or weight (keep it, weighted by its clean probability like the others).
+        imputed_weight: the weight of an imputed click as a next-item target (0: an input only).
         loss: softmax (weighted full softmax, the default: it measured better) or dbpr
             (denoised BPR over sampled negatives).
         negatives: sampled negatives per interaction (dbpr).
@@ -245,7 +303,8 @@ class DenoiseHardener(Hardener):
 
     Attributes:
         clean_: per user, each interaction's clean probability.
-        flagged_: per user, the interactions flagged noisy (``clean_ < threshold``).
+        flagged_: per user, the interactions flagged noisy (``clean_ < threshold_``).
+        threshold_: the threshold used (``threshold``, or the expected-F1 one when 0).
         model_: the retrained recommender.
         quality_: precision, recall and F1 of ``flagged_`` against the data's planted noise
             (``meta[u]["noisy"]``), when the data has it.
@@ -265,10 +324,14 @@ class DenoiseHardener(Hardener):
     def __init__(
         self,
         *,
-        threshold: float = 0.9,
+        threshold: float = 0.0,
         k: int = 5,
         follow: float = 0.8,
         calibrate: float = 0.5,
+        transitions: float = 0.5,
+        states: int = 30,
+        flagged: str = "impute",
+        imputed_weight: float = 1.0,
         loss: str = "softmax",
         negatives: int = 64,
         ot_weight: float = 0.0,
@@ -278,7 +341,10 @@ class DenoiseHardener(Hardener):
         self.k = k
         self.follow = follow
         self.calibrate = calibrate
-        self.calibrate = calibrate
+        self.transitions = transitions
+        self.states = states
+        self.flagged = flagged
+        self.imputed_weight = imputed_weight
         self.loss = loss
         self.negatives = negatives
         self.ot_weight = ot_weight
@@ -289,6 +355,8 @@ class DenoiseHardener(Hardener):
         self.model_: SeqRecommender | None = None
         self.quality_: dict[str, float] | None = None
         self.noise_share_: float | None = None
+        self.threshold_: float | None = None
+        self.substitutes_: list[np.ndarray] | None = None
         self.training_: dict[str, Any] = {}
 
     def validate(self, model: Any, task: Task, data: Dataset) -> None:  # noqa: D102
@@ -304,8 +372,19 @@ class DenoiseHardener(Hardener):
                               "shapes-rec (or iisan:<folder>, mmrec:<folder>).")  # fmt: skip
         if self.loss not in ("dbpr", "softmax"):
             raise HardenError(f"--loss must be dbpr or softmax, not {self.loss!r}.")
-        if not 0 < self.threshold < 1:
-            raise HardenError(f"--threshold must be in (0, 1), not {self.threshold}.")
+        if not 0 <= self.threshold < 1:
+            raise HardenError(f"--threshold must be in [0, 1) (0: automatic), not "
+                              f"{self.threshold}.")  # fmt: skip
+        if not 0 <= self.transitions <= 1 or not 0 <= self.calibrate <= 1:
+            raise HardenError("--transitions and --calibrate must be in [0, 1].")
+        if self.states < 0:
+            raise HardenError(f"--states must be >= 0, not {self.states}.")
+        if self.flagged not in ("drop", "weight", "impute"):
+            raise HardenError(f"--flagged must be drop, weight or impute, not {self.flagged!r}.")
+        if not 0 <= self.imputed_weight <= 1:
+            raise HardenError(f"--imputed-weight must be in [0, 1], not {self.imputed_weight}.")
+        if self.flagged == "impute" and self.states == 0:
+            raise HardenError("--flagged impute needs the topic HMM: --states > 0.")
 
     def flag(self, model: SeqRecommender, data: Dataset, engine: Engine) -> list[np.ndarray]:
         """Fit the clean probabilities (``clean_``) and flags (``flagged_``) only."""
@@ -313,11 +392,13 @@ class DenoiseHardener(Hardener):
         features = model.item_features(engine, data.catalog)
         seqs = [np.asarray(s, dtype=np.int64) for s in data.modalities["sequence"]]
         feats = [f.detach().cpu().numpy() for f in features.values()]
-        clean, info = clean_probabilities(
-            seqs, feats, k=self.k, follow=self.follow, calibrate=self.calibrate
-        )
+        clean, info = clean_probabilities(seqs, feats, k=self.k, follow=self.follow,
+                                          calibrate=self.calibrate, transitions=self.transitions,
+                                          states=self.states)  # fmt: skip
+        self.threshold_ = float(self.threshold or info["threshold"])
+        self.substitutes_ = info.get("substitutes")
         self.clean_ = clean
-        self.flagged_ = [p < self.threshold for p in clean]
+        self.flagged_ = [p < self.threshold_ for p in clean]
         self.ids_ = list(data.ids)
         self.noise_share_ = float(info["noise_share"])
         truth = [m.get("noisy") if isinstance(m, Mapping) else None for m in (data.meta or [])]
@@ -341,8 +422,10 @@ class DenoiseHardener(Hardener):
             student = student.to(model.device)
             recipe = _recipe(model)
             stats = fit_denoised(student, features, seqs, self.clean_, recipe, seed=seed,
-                                 threshold=self.threshold, loss=self.loss,
-                                 negatives=self.negatives, ot_weight=self.ot_weight)  # fmt: skip
+                                 threshold=float(self.threshold_ or 0.0), loss=self.loss,
+                                 negatives=self.negatives, ot_weight=self.ot_weight,
+                                 flagged=self.flagged, substitutes=self.substitutes_,
+                                 imputed_weight=self.imputed_weight)  # fmt: skip
         student.training_info = {
             "seed": seed,
             "denoise": self.get_params(),
@@ -362,8 +445,8 @@ class DenoiseHardener(Hardener):
         student = self._fitted()
         assert self.flagged_ is not None
         if self.clean_histories:
-            flags = dict(zip(self.ids_, self.flagged_, strict=True))
-            return Hardened(student, DenoisedHistoryTask(flags))
+            flags, subs = _by_user(self)
+            return Hardened(student, DenoisedHistoryTask(flags, substitutes=subs))
         return Hardened(student, SeqRecTask())
 
     def summary(self) -> dict[str, Any]:  # noqa: D102
@@ -374,6 +457,7 @@ class DenoiseHardener(Hardener):
             "flagged": int(flat.sum()),
             "flagged_share": float(flat.mean()) if len(flat) else 0.0,
             "estimated_noise_share": float(self.noise_share_ or 0.0),
+            "threshold": float(self.threshold_ or 0.0),
             "validation_ndcg@10": float(self.training_.get("validation_ndcg@10", 0.0)),
         }
         if self.quality_ is not None:
@@ -453,7 +537,7 @@ def noise_recovery(
     hardener = DenoiseHardener(**options).fit(plain, SeqRecTask(), noisy, engine, seed=seed)
     assert hardener.flagged_ is not None and hardener.model_ is not None
     raw = [np.asarray(s, dtype=np.int64) for s in noisy.modalities["sequence"]]
-    denoised = (_filtered(noisy, dict(zip(hardener.ids_, hardener.flagged_, strict=True)))
+    denoised = (_filtered(noisy, *_by_user(hardener))
                 if hardener.clean_histories else raw)  # fmt: skip
     a = _ndcg10(plain, engine, noisy, raw)
     b = _ndcg10(hardener.model_, engine, noisy, denoised)
