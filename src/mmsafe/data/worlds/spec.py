@@ -37,7 +37,7 @@ def size_problem(name: str, value: int, limit: int) -> list[str]:
 
     Example:
         >>> size_problem("n_users", 10**9, MAX_EAGER_ROWS)  # doctest: +ELLIPSIS
-        ['n_users=1000000000 is more than 1,000,000 rows, ... use a manifest (--data <file>) for larger data']
+        ['n_users=1000000000 is more than 1,000,000 rows, ... for larger data']
     """
     if value <= limit:
         return []
