@@ -38,8 +38,9 @@ ground-truth part of the spurious rule is the one of its test):
 * ``miscalibration`` -> ``monitoring.calibration``. The flaw is the model's logits x5
   (``TemperatureScaledTask(task, 0.2)``, tests/test_harden_calibration.py:126-135), the control
   the plain model. Detected: an "overconfident" finding (ECE > the check's 0.05); false alarm:
-  any calibration finding. Caveat: the plain quick tiny-clip is itself overconfident (ECE
-  0.16-0.26 on seeds 0-2), so this control is not a clean one.
+  any calibration finding. The control is the plain model with the temperature fitted on the
+  world's calibration split (``mmsafe harden calibration``'s fit): the plain quick tiny-clip is
+  itself overconfident (ECE 0.16-0.26 on seeds 0-2), so it would not be a clean control.
 
 Differences from the tests' worlds: the slices test trains one model (``shapes:n=900,
 train_defects=0``, seed 0) and evaluates it on 20 worlds of ``n=1500,label_noise=0``; the anomaly
@@ -85,6 +86,10 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "robustness.modality": {"n_boot": 200},
     "controllability.privacy": {"n_boot": 200},
 }
+CLEAN_EVAL = "ood=0,defects=0,label_noise=0"
+"""The calibration control's world: the same images and model, with no row that is out of
+distribution, defective or mislabelled (each would move the evaluated rows away from the
+calibration rows the temperature is fitted on)."""
 Outcome = dict[str, Any]  # {"flag": bool | None, "status": str, ...details}
 
 
@@ -219,9 +224,22 @@ def modality_rule(model: Any, data: Dataset, engine: Engine, flawed: bool) -> Ou
     }
 
 
+def fitted_temperature(model: Any, data: Dataset, engine: Engine) -> float:
+    """The temperature fitted on ``data``'s calibration split (what ``harden calibration`` does)."""
+    from mmsafe.harden.calibration import fit_temperature
+
+    _, calibration, train = evaluation_splits(data)
+    task = create_task("zero_shot")
+    task.prepare(model, engine, data.classes, fit_data=train)
+    out = engine.outputs(model, task, calibration)
+    return float(fit_temperature(out.logits, out.labels).temperature_)
+
+
 def calibration_rule(model: Any, data: Dataset, engine: Engine, flawed: bool) -> Outcome:
-    """Flawed (logits x5): an "overconfident" finding; control: any calibration finding."""
-    task: Any = TemperatureScaledTask(create_task("zero_shot"), 0.2) if flawed else "zero_shot"
+    """Flawed (logits x5): an "overconfident" finding; control (the plain model with the
+    temperature fitted on the calibration split): any calibration finding."""
+    temperature = 0.2 if flawed else fitted_temperature(model, data, engine)
+    task: Any = TemperatureScaledTask(create_task("zero_shot"), temperature)
     result = audit(model, data, "monitoring.calibration", engine, task=task)
     if (out := skipped(result)) is not None:
         return out
@@ -235,6 +253,7 @@ def calibration_rule(model: Any, data: Dataset, engine: Engine, flawed: bool) ->
         "status": "ok",
         "ece": round(result.metrics["ece"].value, 3),
         "kind": kinds[0] + "confident" if kinds else "within threshold",
+        "temperature": round(temperature, 3),
     }
 
 
@@ -276,7 +295,7 @@ def run_world(seed: int, flaws: list[str]) -> dict[str, dict[str, Outcome]]:
         ),
         "miscalibration": (
             lambda: calibration_rule(model, base, engine, True),
-            lambda: calibration_rule(model, base, engine, False),
+            lambda: calibration_rule(model, world(seed, CLEAN_EVAL), engine, False),
         ),
     }
     for flaw in flaws:

@@ -633,3 +633,24 @@ def test_grouped_mean_ci_overall_equals_mean_ci_and_groups_are_sensible():
         assert lo <= v[g == k].mean() <= hi
         assert hi - lo < 0.25
     assert all(math.isnan(x) for x in per[3])  # a group with no row
+
+
+def test_ece_null_quantile_holds_its_level_on_calibrated_models_and_has_power():
+    """On a calibrated model (labels drawn from its own probabilities) ECE exceeds the null 95%
+    quantile about 5% of the time; an overconfident one (logits x 3) nearly always."""
+    from mmsafe.metrics import ece_null_quantile, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    alarms, power, draws = 0, 0, 200
+    for i in range(draws):
+        logits = rng.normal(scale=2.0, size=(180, 5))
+        probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        y = np.array([rng.choice(5, p=p) for p in probs])
+        null = ece_null_quantile(probs, seed=i)
+        alarms += expected_calibration_error(probs, y) > null
+        sharp = np.exp(3 * logits) / np.exp(3 * logits).sum(1, keepdims=True)
+        power += expected_calibration_error(sharp, y) > ece_null_quantile(sharp, seed=i)
+    # the top-label correctness is exactly Bernoulli(conf) here, so the level is 5%: a
+    # binomial(200, 0.05) count exceeds 20 with probability < 0.1%
+    assert alarms <= 20
+    assert power >= 0.95 * draws
