@@ -183,10 +183,13 @@ def test_quality_of_a_trained_generator_beats_an_untrained_one(planted, gen_quic
     card = run_audit(untrained, world, task="t2i", checks="generative.quality",
                      engine=Engine(progress=False), options=OPTIONS).card  # fmt: skip
     trained_fid = _m(planted, "generative.quality", "fid")
-    assert trained_fid < _m(card, "generative.quality", "fid")
+    untrained_fid = _m(card, "generative.quality", "fid")
+    assert trained_fid < untrained_fid
     assert _m(planted, "generative.quality", "recall") > _m(card, "generative.quality", "recall")
-    # a perfect generator would sit near the real-vs-real floor; this one is above it
-    assert _m(planted, "generative.quality", "floor/fid") < trained_fid
+    # real against real images is far closer than noise is; the floor compares the calibration
+    # split with the evaluated one, whose planted flaws differ, so a trained generator may fall
+    # on either side of it (measured: 90.6 against a floor of 124.6 in one CI run)
+    assert 0 < _m(planted, "generative.quality", "floor/fid") < untrained_fid
     for name in ("precision", "recall", "coverage"):
         assert 0 <= _m(planted, "generative.quality", name) <= 1
 

@@ -42,7 +42,7 @@ def test_every_zero_shot_check_runs_on_lit_mini(card) -> None:
         else:
             assert entry["status"] == "ok", (name, entry["reason"])
     ok = {n for n, e in card["checks"].items() if e["status"] == "ok"}
-    assert len(ok) == 13
+    assert len(ok) == 14
 
 
 def test_zero_shot_accuracy_well_above_chance(card) -> None:
