@@ -14,7 +14,7 @@ from mmsafe.audit import run_audit
 from mmsafe.data.loading import load_data
 from mmsafe.engine import Engine
 from mmsafe.methods.label_noise import confident_joint, crossval_probs
-from tests.conftest import QUICK_WORLD_SPEC
+from tests.conftest import QUICK_WORLD_SPEC, make_colour_data
 
 CHECK = "monitoring.label_noise"
 
@@ -84,3 +84,13 @@ def test_clean_labels_are_the_control(shapes_quick):
     entry = _audit(model, clean)
     assert entry["metrics"]["flagged_share"]["value"] < 0.02
     assert not entry["findings"]
+
+
+def test_a_train_split_of_one_class_skips_and_says_why(toy_model):
+    data = make_colour_data()
+    train = np.array([s == "train" for s in data.splits])
+    data.labels[train] = 0  # every train label the same class: nothing to contrast
+    entry = _audit(toy_model, data)
+    assert entry["status"] == "skipped" and "two classes" in entry["reason"]
+    data.labels[np.flatnonzero(train)[:2]] = 1  # two rows of a second class: it runs
+    assert _audit(toy_model, data)["status"] == "ok"

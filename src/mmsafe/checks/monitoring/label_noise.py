@@ -13,6 +13,7 @@ import numpy as np
 
 from mmsafe.checks.base import AuditContext, Check, CheckResult, Finding, Metric
 from mmsafe.checks.registry import register_check
+from mmsafe.data.dataset import Dataset
 from mmsafe.methods.label_noise import confident_joint, crossval_probs
 from mmsafe.metrics import mean_ci
 
@@ -59,9 +60,22 @@ class LabelNoiseCheck(Check):
         self.n_examples = int(n_examples)
         self.n_boot = n_boot
 
-    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+    def _audited(self, ctx: AuditContext) -> tuple[Dataset, str]:
+        """The rows whose labels are audited, and how the card names them."""
         data = {"train": ctx.train, "calibration": ctx.calibration}.get(self.split) or ctx.data
-        source = f"the {self.split!r} split" if data is not ctx.data else "the evaluated rows"
+        return data, f"the {self.split!r} split" if data is not ctx.data else "the evaluated rows"
+
+    def skip_reason(self, ctx: AuditContext) -> str | None:  # noqa: D102
+        reason = super().skip_reason(ctx)
+        if reason is None:
+            data, source = self._audited(ctx)
+            labels = np.asarray(data.labels)[np.asarray(data.labelled, dtype=bool)]
+            if (np.bincount(labels, minlength=1) >= 2).sum() < 2:
+                reason = f"needs two or more labelled rows of each of two classes in {source}"
+        return reason
+
+    def run(self, ctx: AuditContext) -> CheckResult:  # noqa: D102
+        data, source = self._audited(ctx)
         keep = np.flatnonzero(data.labelled)
         rows = data.subset(keep)
         mods = [m for m in ctx.model.modalities if m in rows.modalities]
