@@ -123,6 +123,12 @@ def cross_modal(sanb: Sequence[nn.Module], mix: Tensor, xs: Sequence[Sequence[Te
     return h
 
 
+def _expert(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
+    )
+
+
 def expert_mixture(
     states: Sequence[Tensor], experts: Sequence[nn.Module], router: nn.Module
 ) -> tuple[Tensor, Tensor]:
@@ -306,14 +312,7 @@ class MOMEFHead(nn.Module):
         self.sanb, self.gates = side_blocks(
             {m: len(ds) for m, ds in dims.items()}, width, bottleneck
         )
-        self.experts = nn.ModuleDict(
-            {
-                m: nn.Sequential(
-                    nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
-                )
-                for m in dims
-            }
-        )
+        self.experts = nn.ModuleDict({m: _expert(width) for m in dims})
         n = len(self.modalities)
         self.router = nn.Sequential(nn.LayerNorm(n * width), nn.Linear(n * width, n))
         nn.init.zeros_(self.router[1].weight)
@@ -329,24 +328,17 @@ class MOMEFHead(nn.Module):
             for m in self.modalities
         }
 
-    def _weights(self, states: Mapping[str, Tensor]) -> Tensor:
-        return torch.softmax(self.router(torch.cat([states[m] for m in self.modalities], -1)), -1)
+    def _fuse(self, feats: Mapping[str, Sequence[Tensor]]) -> tuple[Tensor, Tensor]:
+        states = self.side_states(feats)
+        experts = [self.experts[m] for m in self.modalities]
+        return expert_mixture([states[m] for m in self.modalities], experts, self.router)
 
     def gate_weights(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:
         """``(B, M)`` expert weights (rows sum to 1), columns in :attr:`modalities` order."""
-        return self._weights(self.side_states(feats))
+        return self._fuse(feats)[1]
 
     def forward(self, feats: Mapping[str, Sequence[Tensor]]) -> Tensor:  # noqa: D102
-        states = self.side_states(feats)
-        w = self._weights(states)
-        experts = torch.stack([self.experts[m](states[m]) for m in self.modalities], dim=1)
-        return self.classifier(self.norm((w.unsqueeze(-1) * experts).sum(dim=1)))
-
-
-def _expert(width: int) -> nn.Module:
-    return nn.Sequential(
-        nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width)
-    )
+        return self.classifier(self.norm(self._fuse(feats)[0]))
 
 
 class CROSSANHead(nn.Module):
